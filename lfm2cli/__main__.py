@@ -1,0 +1,3 @@
+from lfm2cli.cli import main
+
+main()

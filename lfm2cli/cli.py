@@ -1,0 +1,84 @@
+"""The `lfm2` command: a thin layer that parses options and calls library code.
+
+Command modules import only typer and the standard library at top level, so `lfm2 --help` never
+imports torch. `main()` is the one error boundary: known errors become one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from lfm2cli import __version__
+from lfm2cli.commands import register
+
+app = typer.Typer(
+    name="lfm2",
+    help="Run Liquid AI's LFM2 language models on your own machine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lfm2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """Run Liquid AI's LFM2 language models on your own machine."""
+
+
+register(app)
+
+
+def _fail(message: str, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main() -> None:
+    """Entry point: run the app and map known errors to one line on stderr."""
+    debug = os.environ.get("LFM2_DEBUG") == "1"
+    from lfm2cli.errors import Lfm2Error
+
+    try:
+        app()
+    except Lfm2Error as e:
+        if debug:
+            raise
+        _fail(str(e), e.exit_code)
+    except BrokenPipeError:
+        # the reader went away (`| head`): stop quietly, and keep Python from complaining at exit
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        except OSError:
+            pass
+        raise SystemExit(0) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("\ninterrupted\n")
+        raise SystemExit(130) from None
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory; try a smaller model, --dtype bfloat16 or --quantize int8", 1)
+    except Exception as e:  # the last line of defence: one line, never a traceback by default
+        if debug:
+            raise
+        _fail(f"{type(e).__name__}: {e} (run with LFM2_DEBUG=1 for the traceback)", 1)
+
+
+if __name__ == "__main__":
+    main()
