@@ -1,0 +1,79 @@
+"""The LFM2 causal LM, dense or MoE: embeddings, decoder layers, final norm, LM head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lfm2cli.config import Lfm2Config
+from lfm2cli.model.cache import HybridCache
+from lfm2cli.model.layers import MLP, DecoderLayer, RMSNorm, rope_cos_sin
+from lfm2cli.model.moe import SparseMoE
+
+
+class Lfm2Backbone(nn.Module):
+    """`model.*` in the checkpoint."""
+
+    def __init__(self, cfg: Lfm2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, SparseMoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.dense_ff_dim))
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.embedding_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class Lfm2ForCausalLM(nn.Module):
+    def __init__(self, cfg: Lfm2Config, own_head: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Lfm2Backbone(cfg)
+        # tied unless the checkpoint really carries its own head
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if own_head else None
+        self.inv_freq: torch.Tensor | None = None
+
+    def setup_runtime(self, device: torch.device) -> None:
+        """Create the tensors that are not in the checkpoint (RoPE frequencies) on the target device."""
+        d = self.config.head_dim
+        self.inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32,
+                                                                       device=device) / d))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def head_weight(self) -> torch.Tensor:
+        return self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+
+    def new_cache(self, capacity: int = 256, max_len: int | None = None) -> HybridCache:
+        cfg = self.config
+        conv = [i for i in range(cfg.num_hidden_layers) if not cfg.is_attention(i)]
+        return HybridCache(conv, cfg.attention_layers, cfg.hidden_size, cfg.conv_L_cache,
+                           cfg.num_key_value_heads, cfg.head_dim, max_len or cfg.max_position_embeddings,
+                           self.device, self.dtype, capacity)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+        """input_ids [1, T] -> float32 logits for the last position [1, V] (or [1, T, V] with all_logits).
+        With a cache, positions continue from `cache.pos` and the cache advances by T."""
+        if self.inv_freq is None:
+            self.setup_runtime(self.device)
+        t = input_ids.shape[1]
+        start = cache.pos if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)
+        rope = rope_cos_sin(self.inv_freq, start, t, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, rope, cache)
+        if cache is not None:
+            cache.advance(t)
+        if not all_logits:
+            x = x[:, -1:]
+        x = self.model.embedding_norm(x)
+        logits = torch.nn.functional.linear(x, self.head_weight()).float()
+        return logits if all_logits else logits[:, -1]
