@@ -17,3 +17,22 @@ def dense_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LFM2-MoE checkpoint (float32, single file)."""
     return make_checkpoint(tmp_path_factory.mktemp("moe"), moe=True)
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny dense checkpoint with a trained tokenizer and the LFM2 chat template: runs end to end."""
+    from tests.tiny_tokenizer import make_tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("chat"))
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_tokenizer import make_tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("chatmoe"), moe=True)
+    make_tokenizer(path)
+    return path

@@ -1,0 +1,108 @@
+"""`lfm2 generate`: one-shot generation that works in shell pipes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from lfm2cli.commands import options as o
+
+
+def _read_prompt(prompt: str | None) -> str:
+    """Piped stdin comes before the instruction (`cat notes | lfm2 generate -p "Summarise"`);
+    `--prompt -` reads the whole prompt from stdin."""
+    from lfm2cli.errors import UsageError
+
+    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    if prompt == "-":
+        if piped is None:
+            raise UsageError("--prompt - reads the prompt from stdin, but stdin is a terminal; pipe text in")
+        return piped
+    if piped and piped.strip():
+        return piped.rstrip("\n") + ("\n\n" + prompt if prompt else "")
+    if prompt is None:
+        raise UsageError("no prompt: pass --prompt TEXT or pipe text on stdin")
+    return prompt
+
+
+def generate(
+    model: str = o.MODEL,
+    prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt; '-' reads it from stdin."),
+    system: str = o.SYSTEM,
+    max_tokens: int = o.MAX_TOKENS,
+    temperature: float = o.TEMPERATURE,
+    top_k: int = o.TOP_K,
+    top_p: float = o.TOP_P,
+    min_p: float = o.MIN_P,
+    repetition_penalty: float = o.REPETITION_PENALTY,
+    seed: int = o.SEED,
+    stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable); it is not printed."),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, finish reason, stats."),
+    device: str = o.DEVICE,
+    dtype: str = o.DTYPE,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats on stderr."),
+    offline: bool = o.OFFLINE,
+    pull: bool = o.PULL,
+) -> None:
+    """Generate a reply to one prompt. Piped stdin is added before the prompt."""
+    params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    text = _read_prompt(prompt)
+    if not text.strip():
+        from lfm2cli.errors import UsageError
+
+        raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
+    from lfm2cli.hub import resolve_model
+
+    path = resolve_model(model, offline=offline, pull=pull, interactive=sys.stdin.isatty() and sys.stderr.isatty())
+    from lfm2cli.loading import load
+    from lfm2cli.textgen import TextRun, prompt_ids
+
+    lm = load(path, device=device, dtype=dtype)
+    run = TextRun(lm, prompt_ids(lm, text, system, raw), params, max_tokens, stops=stop or ())
+    tty = sys.stdout.isatty() and not json_out
+    interrupted = False
+    try:
+        if json_out:
+            run.run()
+        elif tty:
+            from rich.console import Console
+
+            from lfm2cli.render import make_stream
+
+            out = make_stream(Console(), plain=False)
+            try:
+                for piece in run.pieces():
+                    out.feed(piece)
+            except KeyboardInterrupt:
+                out.abort(None)
+                raise
+            out.finish()
+        else:
+            for piece in run.pieces():
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            if run.text and not run.text.endswith("\n"):
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+        run.stats.finish_reason = "interrupted"
+        if not tty and not json_out:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+    if json_out:
+        import json
+
+        print(json.dumps({"text": run.text, "finish_reason": run.stats.finish_reason, "model": str(path),
+                          "stats": run.stats.to_dict()}, ensure_ascii=False))
+    if verbose:
+        s = run.stats
+        sys.stderr.write(
+            f"{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated ({s.finish_reason}); "
+            f"prefill {s.prefill_tps:.1f} tok/s, decode {s.decode_tps:.1f} tok/s, first token {s.ttft_s:.2f} s, "
+            f"peak memory {s.peak_memory_bytes / 1e9:.2f} GB\n"
+        )
+    if interrupted:
+        raise typer.Exit(130)

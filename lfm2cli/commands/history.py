@@ -1,0 +1,236 @@
+"""`lfm2 history`: list, show, export, delete and search the conversations saved by `lfm2 chat`.
+
+Tables and rendered Markdown on a terminal; plain text (tab-separated lists) when piped, so the output
+can be fed to cut, grep and friends. Ids may be shortened to any unique prefix.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from lfm2cli.history import Conversation, HistoryStore, SearchHit
+
+history_app = typer.Typer(
+    help="Browse, export and delete saved chat conversations.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _open(must_exist: bool) -> HistoryStore | None:
+    """The store, or None when nothing was ever saved (reading should not create an empty database)."""
+    from lfm2cli.history import HistoryError, HistoryStore, history_path
+
+    path = history_path()
+    if not path.exists():
+        if must_exist:
+            raise HistoryError("no saved conversations yet; `lfm2 chat` saves them")
+        return None
+    return HistoryStore(path)
+
+
+def _get(conv_id: str) -> Conversation:
+    store = _open(must_exist=True)
+    assert store is not None
+    with store:
+        return store.get(conv_id)
+
+
+def _local(stamp: str) -> str:
+    """A stored UTC timestamp as local time, to the minute."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return stamp
+
+
+def _plain(text: str) -> str:
+    """One tab-free line, safe in tab-separated output."""
+    return " ".join(text.split())
+
+
+def _tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console()
+
+
+# ---------------------------------------------------------------- renderers (console passed in for tests)
+
+def render_list(console: Console, convs: list[Conversation]) -> None:
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("id", style="cyan", no_wrap=True)
+    table.add_column("updated", no_wrap=True)
+    table.add_column("model", overflow="fold")
+    table.add_column("msgs", justify="right")
+    table.add_column("title", overflow="ellipsis", no_wrap=True)
+    for c in convs:
+        table.add_row(c.id, _local(c.updated_at), c.model, str(c.message_count), c.display_title)
+    console.print(table)
+
+
+def render_conversation(console: Console, conv: Conversation) -> None:
+    from rich.markdown import Markdown
+    from rich.text import Text
+
+    console.print(Text(conv.display_title, style="bold"))
+    details = [conv.id, conv.model, _local(conv.updated_at)]
+    details += [f"{k}={v}" for k, v in conv.options.items()]
+    console.print(Text("  ·  ".join(details), style="dim"))
+    if conv.system:
+        console.print()
+        console.print(Text("system", style="bold magenta"))
+        console.print(Text(conv.system))
+    labels = {"user": ("you", "bold cyan"), "assistant": ("assistant", "bold green")}
+    for m in conv.messages:
+        label, style = labels.get(m.role, (m.role, "bold magenta"))
+        console.print()
+        console.print(Text(label, style=style))
+        # user text is shown as typed; replies are Markdown, which LFM2 writes a lot of
+        console.print(Markdown(m.content) if m.role == "assistant" else Text(m.content))
+        if m.finish_reason not in (None, "stop"):
+            console.print(Text(f"[{m.finish_reason}]", style="dim italic"))
+
+
+def render_hits(console: Console, hits: list[SearchHit], text: str) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("id", style="cyan", no_wrap=True)
+    table.add_column("in", no_wrap=True)
+    table.add_column("match")
+    for h in hits:
+        snippet = Text(h.snippet)
+        snippet.highlight_words([text], style="bold yellow", case_sensitive=False)
+        where = h.role if h.position is None else f"{h.role} #{h.position}"
+        table.add_row(h.conversation_id, where, snippet)
+    console.print(table)
+
+
+# ---------------------------------------------------------------- commands
+
+@history_app.command("list")
+def list_conversations(
+    limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many (0: all)."),
+) -> None:
+    """List saved conversations, most recently updated first."""
+    store = _open(must_exist=False)
+    convs: list[Any] = []
+    if store is not None:
+        with store:
+            convs = store.list(limit=limit)
+    if not convs:
+        sys.stderr.write("no saved conversations yet; `lfm2 chat` saves them\n")
+        return
+    if _tty():
+        render_list(_console(), convs)
+        return
+    for c in convs:
+        print("\t".join([c.id, c.updated_at, _plain(c.model), str(c.message_count), _plain(c.display_title)]))
+
+
+@history_app.command("show")
+def show(
+    conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
+) -> None:
+    """Show a conversation: rendered on a terminal, Markdown text when piped."""
+    from lfm2cli.history import to_markdown
+
+    conv = _get(conv_id)
+    if _tty():
+        render_conversation(_console(), conv)
+    else:
+        sys.stdout.write(to_markdown(conv))
+
+
+@history_app.command("export")
+def export(
+    conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
+    fmt: str = typer.Option("md", "--format", "-f", help="md (Markdown) or json."),
+    output: str = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+) -> None:
+    """Export a conversation as Markdown or JSON."""
+    from pathlib import Path
+
+    from lfm2cli.errors import Lfm2Error, UsageError
+    from lfm2cli.history import to_json, to_markdown
+
+    fmt = fmt.lower()
+    if fmt not in ("md", "markdown", "json"):
+        raise UsageError(f"unknown export format {fmt!r}; use --format md or --format json")
+    conv = _get(conv_id)
+    text = to_json(conv) if fmt == "json" else to_markdown(conv)
+    if output is None or output == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(output).expanduser().write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise Lfm2Error(f"cannot write {output}: {e.strerror or e}") from e
+    sys.stderr.write(f"wrote {output}\n")
+
+
+@history_app.command("rm")
+def rm(
+    conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking."),
+) -> None:
+    """Delete a conversation and all its messages."""
+    from lfm2cli.errors import UsageError
+
+    store = _open(must_exist=True)
+    assert store is not None
+    with store:
+        conv = store.get(conv_id)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageError("refusing to delete without confirmation (stdin is not a terminal); "
+                                 "pass --yes")
+            question = (f"Delete conversation {conv.id} ({conv.display_title!r}, "
+                        f"{conv.message_count} message{'' if conv.message_count == 1 else 's'})?")
+            if not typer.confirm(question, default=False, err=True):
+                sys.stderr.write("nothing deleted\n")
+                raise typer.Exit(1)
+        store.delete(conv.id)
+    sys.stderr.write(f"deleted {conv.id}\n")
+
+
+@history_app.command("search")
+def search(
+    text: str = typer.Argument(..., help="Text to look for (case-insensitive) in titles and messages."),
+    limit: int = typer.Option(100, "--limit", "-n", help="Show at most this many matches."),
+) -> None:
+    """Find conversations whose title or messages contain TEXT."""
+    from lfm2cli.errors import UsageError
+
+    if not text.strip():
+        raise UsageError("give some text to search for")
+    store = _open(must_exist=False)
+    hits: list[Any] = []
+    if store is not None:
+        with store:
+            hits = store.search(text, limit=limit)
+    if not hits:
+        sys.stderr.write(f"no conversation contains {text!r}\n")
+        return
+    if _tty():
+        render_hits(_console(), hits, text)
+        return
+    for h in hits:
+        print("\t".join([h.conversation_id, h.role if h.position is None else f"{h.role}#{h.position}",
+                         _plain(h.snippet)]))

@@ -1,0 +1,28 @@
+"""Options shared by `generate`, `chat` and `bench`, declared once so their names and help agree."""
+
+from __future__ import annotations
+
+import typer
+
+MODEL = typer.Argument(None, help="Checkpoint directory, hub repo id or alias (default: the smallest LFM2).",
+                       show_default=False)
+DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
+DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
+MAX_TOKENS = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens to generate.")
+SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
+TEMPERATURE = typer.Option(0.3, "--temperature", "-t", min=0.0, help="0 is greedy.")
+TOP_K = typer.Option(0, "--top-k", min=0, help="Keep the k likeliest tokens (0: off).")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off).")
+MIN_P = typer.Option(0.15, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the best one's chance.")
+REPETITION_PENALTY = typer.Option(1.05, "--repetition-penalty", min=0.0, help="1 is off.")
+SEED = typer.Option(None, "--seed", help="Random seed, for reproducible sampling.")
+OFFLINE = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
+PULL = typer.Option(False, "--pull", help="Download the model without asking if it is not cached.")
+
+
+def sampling_params(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
+                    seed: int | None):  # -> SamplingParams (imported lazily)
+    from lfm2cli.sampling import SamplingParams
+
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed).validate()

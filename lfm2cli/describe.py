@@ -1,0 +1,284 @@
+"""Describe a checkpoint directory without loading its weights: config, safetensors headers, tokenizer
+files and memory estimates. Pure Python (no torch), so `lfm2 info` is instant even for the biggest models.
+
+`describe()` returns a JSON-ready dict; `sections()` and `plain_lines()` turn it into human rows that
+the command prints as a rich table (terminal) or `key: value` lines (pipes).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lfm2cli.checkpoint import check_tensors, parameter_counts, read_all_headers
+from lfm2cli.config import Lfm2Config, load_config
+from lfm2cli.errors import CheckpointError
+
+BF16_BYTES = 2
+KV_TOKENS = 1000  # the KV-cache estimate is quoted per this many tokens
+MAX_SHARD_ROWS = 6  # more shards than this are summarised in one row
+TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # earlier files win
+
+
+def human_count(n: int | float) -> str:
+    """1_170_340_608 -> '1.17B'; small numbers stay exact."""
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            value = n / div
+            digits = 2 if value < 10 else 1 if value < 100 else 0
+            return f"{value:.{digits}f}{suffix}"
+    return f"{n:g}"
+
+
+def human_bytes(n: int | float) -> str:
+    """Decimal units, as the hub shows file sizes: 2_340_000_000 -> '2.34 GB'."""
+    for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= div:
+            value = n / div
+            digits = 2 if value < 10 else 1 if value < 100 else 0
+            return f"{value:.{digits}f} {unit}"
+    return f"{int(n)} B"
+
+
+def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
+    """Tokenizer side files are optional for `info`: a broken one is reported, not fatal."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{path.name} cannot be read ({e})")
+        return None
+    if not isinstance(data, dict):
+        problems.append(f"{path.name} is not a JSON object")
+        return None
+    return data
+
+
+def _token_text(value: Any) -> str | None:
+    """Special tokens are stored as plain strings or as serialised AddedToken dicts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _tokens(root: Path, cfg: Lfm2Config, problems: list[str]) -> dict[str, Any]:
+    files = {name: _read_json(root / name, problems) for name in TOKEN_FILES}
+    out: dict[str, Any] = {}
+    for kind in ("bos", "eos", "pad"):
+        out[f"{kind}_token"] = next(
+            (t for data in files.values() if data and (t := _token_text(data.get(f"{kind}_token")))), None)
+    out["bos_token_id"] = cfg.bos_token_id
+    out["eos_token_ids"] = list(cfg.eos_token_ids)
+    out["pad_token_id"] = cfg.pad_token_id
+    tok_cfg = files["tokenizer_config.json"] or {}
+    if (root / "chat_template.jinja").is_file():
+        source = "chat_template.jinja"
+    elif tok_cfg.get("chat_template"):
+        source = "tokenizer_config.json"
+    elif (root / "chat_template.json").is_file():
+        source = "chat_template.json"
+    else:
+        source = None
+    out["chat_template"] = source is not None
+    out["chat_template_source"] = source
+    out["tokenizer"] = (root / "tokenizer.json").is_file()
+    return out
+
+
+def _files(root: Path) -> list[dict[str, Any]]:
+    # stat() follows symlinks, so hub-cache snapshots (links into blobs/) report real sizes
+    return [{"name": p.name, "bytes": p.stat().st_size}
+            for p in sorted(root.iterdir()) if not p.name.startswith(".") and p.is_file()]
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Everything `lfm2 info` shows, as a JSON-ready dict. Reads only config, headers and small files.
+    Raises CheckpointError/ConfigError for a directory that is not a usable checkpoint."""
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    cfg = load_config(root)
+    headers = read_all_headers(root)
+    problems: list[str] = []
+    try:
+        check_tensors(cfg, headers, str(root))
+    except CheckpointError as e:
+        problems.append(str(e))
+    total, active = parameter_counts(cfg)
+
+    n = cfg.num_hidden_layers
+    attn = cfg.attention_layers
+    moe_layers = [i for i in range(n) if cfg.is_moe_layer(i)]
+    per_layer = [{"index": i, "mixer": "attention" if cfg.is_attention(i) else "conv",
+                  "ffn": "moe" if cfg.is_moe_layer(i) else "dense"} for i in range(n)]
+
+    dtypes: dict[str, int] = {}
+    stored = stored_active = 0
+    for t in headers.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+        size = t.end - t.start
+        stored += size
+        # a token reads k of the E experts of each MoE layer
+        if cfg.is_moe and ".experts." in t.name:
+            size = size * cfg.num_experts_per_tok // cfg.num_experts
+        stored_active += size
+    dtypes = dict(sorted(dtypes.items(), key=lambda kv: -kv[1]))
+
+    kv_per_token = len(attn) * 2 * cfg.num_key_value_heads * cfg.head_dim * BF16_BYTES
+    memory: dict[str, Any] = {
+        "weights_bf16_bytes": total * BF16_BYTES,
+        "weights_stored_bytes": stored,
+        "kv_cache_bf16_bytes_per_1000_tokens": kv_per_token * KV_TOKENS,
+        "kv_cache_bf16_bytes_full_context": kv_per_token * cfg.max_position_embeddings,
+        # a conv layer remembers its last kernel-1 inputs (hidden_size wide), as lfm2's HybridCache does
+        "conv_state_bf16_bytes": (n - len(attn)) * cfg.hidden_size * (cfg.conv_L_cache - 1) * BF16_BYTES,
+    }
+    if cfg.is_moe:
+        memory["active_weights_bf16_bytes_per_token"] = active * BF16_BYTES
+        memory["active_weights_stored_bytes_per_token"] = stored_active
+
+    ffn: dict[str, Any] = {"dense_ff_dim": cfg.dense_ff_dim}
+    if cfg.is_moe:
+        ffn.update(expert_ff_dim=cfg.moe_intermediate_size, experts=cfg.num_experts,
+                   experts_per_token=cfg.num_experts_per_tok, num_dense_layers=cfg.num_dense_layers)
+
+    files = _files(root)
+    return {
+        "path": str(root.resolve()),
+        "architecture": cfg.architecture,
+        "model_type": cfg.model_type,
+        "parameters": {"total": total, "active": active},
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "conv_kernel": cfg.conv_L_cache,
+        "tied_embeddings": cfg.tie_word_embeddings,
+        "dtypes": dtypes,
+        "config_dtype": cfg.torch_dtype,
+        "layers": {
+            "count": n,
+            "layout": "".join("A" if cfg.is_attention(i) else "C" for i in range(n)),
+            "ffn_layout": "".join("M" if cfg.is_moe_layer(i) else "D" for i in range(n)),
+            "conv": n - len(attn),
+            "attention": len(attn),
+            "dense": n - len(moe_layers),
+            "moe": len(moe_layers),
+            "per_layer": per_layer,
+        },
+        "attention": {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
+                      "head_dim": cfg.head_dim, "layers": attn},
+        "feed_forward": ffn,
+        "tokens": _tokens(root, cfg, problems),
+        "files": files,
+        "files_total_bytes": sum(f["bytes"] for f in files),
+        "memory": memory,
+        "problems": problems,
+    }
+
+
+def _dtypes_text(dtypes: dict[str, int]) -> str:
+    if len(dtypes) <= 1:
+        return ", ".join(dtypes) or "none"
+    total = sum(dtypes.values()) or 1
+    return ", ".join(f"{name} ({100 * count / total:.1f}%)" for name, count in dtypes.items())
+
+
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if float(v).is_integer() else f"{v:g}"
+
+
+def _token_text_row(text: str | None, ids: list[int]) -> str:
+    id_text = ", ".join(str(i) for i in ids)
+    if text is None:
+        return f"id {id_text}" if ids else "not set"
+    return f"{text} (id {id_text})" if ids else text
+
+
+def sections(desc: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The description as titled groups of (label, human-readable value) rows."""
+    p, lay, att, ffn, tok, mem = (desc["parameters"], desc["layers"], desc["attention"],
+                                  desc["feed_forward"], desc["tokens"], desc["memory"])
+    is_moe = desc["model_type"] == "lfm2_moe"
+    model = [
+        ("architecture", desc["architecture"]),
+        ("model type", desc["model_type"]),
+        ("path", desc["path"]),
+        ("parameters", f"{human_count(p['total'])} ({p['total']:,})"),
+        ("active per token", f"{human_count(p['active'])} ({p['active']:,})"),
+        ("hidden size", str(desc["hidden_size"])),
+        ("vocab size", f"{desc['vocab_size']:,}"),
+        ("context length", f"{desc['context_length']:,} tokens"),
+        ("rope theta", _number(desc["rope_theta"])),
+        ("tied embeddings", "yes" if desc["tied_embeddings"] else "no"),
+        ("dtype on disk", _dtypes_text(desc["dtypes"])),
+        ("check", "; ".join(desc["problems"]) or "ok"),
+    ]
+    layers = [
+        ("layers", f"{lay['count']} ({lay['conv']} conv, {lay['attention']} attention)"),
+        ("layout", f"{lay['layout']} (C conv, A attention)"),
+        ("conv kernel", str(desc["conv_kernel"])),
+    ]
+    if is_moe:
+        layers += [("feed-forward layout", f"{lay['ffn_layout']} (D dense, M MoE)"),
+                   ("feed-forward layers", f"{lay['dense']} dense, {lay['moe']} MoE")]
+    attention = [
+        ("attention heads", str(att["heads"])),
+        ("kv heads", str(att["kv_heads"])),
+        ("head dim", str(att["head_dim"])),
+        ("attention layers", ", ".join(str(i) for i in att["layers"]) or "none"),
+    ]
+    feed = [("dense width", str(ffn["dense_ff_dim"]))]
+    if is_moe:
+        feed += [("expert width", str(ffn["expert_ff_dim"])),
+                 ("experts", str(ffn["experts"])),
+                 ("experts per token", str(ffn["experts_per_token"])),
+                 ("dense layers", str(ffn["num_dense_layers"]))]
+    tokens = [
+        ("bos token", _token_text_row(tok["bos_token"], [] if tok["bos_token_id"] is None
+                                      else [tok["bos_token_id"]])),
+        ("eos token", _token_text_row(tok["eos_token"], tok["eos_token_ids"])),
+        ("pad token", _token_text_row(tok["pad_token"], [] if tok["pad_token_id"] is None
+                                      else [tok["pad_token_id"]])),
+        ("chat template", f"yes ({tok['chat_template_source']})" if tok["chat_template"] else "no"),
+        ("tokenizer.json", "yes" if tok["tokenizer"] else "no"),
+    ]
+    shards = [f for f in desc["files"] if f["name"].endswith(".safetensors")]
+    if len(shards) > MAX_SHARD_ROWS:  # one row for a long run of shards keeps the table readable
+        files = [(f["name"], human_bytes(f["bytes"])) for f in desc["files"] if f not in shards]
+        files.insert(0, (f"{len(shards)} safetensors shards", human_bytes(sum(f["bytes"] for f in shards))))
+    else:
+        files = [(f["name"], human_bytes(f["bytes"])) for f in desc["files"]]
+    files.append(("total", human_bytes(desc["files_total_bytes"])))
+    stored_as = _dtypes_text(desc["dtypes"]) if len(desc["dtypes"]) == 1 else "as stored"
+    memory = [
+        ("weights (bf16)", human_bytes(mem["weights_bf16_bytes"])),
+        (f"weights ({stored_as})", human_bytes(mem["weights_stored_bytes"])),
+    ]
+    if is_moe:
+        memory += [("weights read per token (bf16)", human_bytes(mem["active_weights_bf16_bytes_per_token"])),
+                   (f"weights read per token ({stored_as})",
+                    human_bytes(mem["active_weights_stored_bytes_per_token"]))]
+    memory += [
+        ("KV cache per 1,000 tokens (bf16)", human_bytes(mem["kv_cache_bf16_bytes_per_1000_tokens"])),
+        ("KV cache at full context (bf16)", human_bytes(mem["kv_cache_bf16_bytes_full_context"])),
+        ("conv state (bf16, fixed)", human_bytes(mem["conv_state_bf16_bytes"])),
+    ]
+    return [("Model", model), ("Layers", layers), ("Attention", attention), ("Feed-forward", feed),
+            ("Tokens", tokens), ("Files", files), ("Memory", memory)]
+
+
+def plain_lines(desc: dict[str, Any]) -> list[str]:
+    """`key: value` lines for pipes; file rows get a `file ` prefix so keys stay distinct."""
+    lines = []
+    for title, rows in sections(desc):
+        for label, value in rows:
+            key = label
+            if title == "Files":
+                key = "files total" if label == "total" else f"file {label}"
+            lines.append(f"{key}: {value}")
+    return lines

@@ -1,0 +1,46 @@
+"""Turn a stream of token ids into text as it is generated.
+
+Byte-level BPE tokens can end in the middle of a multi-byte UTF-8 character, and some decoders
+treat a token differently depending on what precedes it. So each step decodes a short window: the
+already-printed tokens just before the new ones give the context ("prefix"), and only the text the
+new tokens add is returned. While that text ends in U+FFFD (a character still incomplete) it is held
+back until the next token completes it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_REPLACEMENT = "\ufffd"
+
+
+class StreamingDetokenizer:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # only the window still needed: context + pending tokens
+        self._prefix = 0  # start of the context tokens in _ids
+        self._read = 0  # first token whose text has not been returned yet
+        self._prefix_text = ""  # decode(_ids[_prefix:_read]), cached
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated token; return the text that is now complete (possibly empty)."""
+        self._ids.append(int(token_id))
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT):
+            return ""  # nothing new yet, or a character still split across tokens
+        new = text[len(self._prefix_text):]
+        # The tokens just returned become the next context; older ones are no longer needed.
+        self._ids = self._ids[self._read:]
+        self._prefix, self._read = 0, len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+        return new
+
+    def flush(self) -> str:
+        """Text still held back at the end of generation (e.g. an incomplete character, as U+FFFD)."""
+        text = self._decode(self._ids[self._prefix:])
+        new = text[len(self._prefix_text):] if len(text) > len(self._prefix_text) else ""
+        self._ids, self._prefix, self._read, self._prefix_text = [], 0, 0, ""
+        return new

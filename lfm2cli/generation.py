@@ -1,0 +1,116 @@
+"""The generation loop: prefill (chunked), then decode, yielding token ids. It knows nothing about text
+or terminals; the caller turns ids into text and decides when to stop early."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lfm2cli.errors import GenerationError
+from lfm2cli.model import HybridCache, Lfm2ForCausalLM
+
+PREFILL_CHUNK = 512  # long prompts run in chunks so activations stay small
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # from the call to the first generated token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    peak_memory_bytes: int = 0
+    finish_reason: str | None = None  # stop, length or interrupted
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        # the first token comes from prefill; the rest each cost one decode step
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tps"] = round(self.prefill_tps, 2)
+        d["decode_tps"] = round(self.decode_tps, 2)
+        return d
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def prefill(model: Lfm2ForCausalLM, ids: Sequence[int], cache: HybridCache, chunk: int = PREFILL_CHUNK
+            ) -> torch.Tensor:
+    """Run new tokens through the model in chunks; returns the logits after the last one."""
+    tokens = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+    logits = None
+    for start in range(0, tokens.shape[1], chunk):
+        logits = model(tokens[:, start:start + chunk], cache)
+    assert logits is not None
+    return logits
+
+
+def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Callable[..., int], max_tokens: int,
+             eos_ids: Iterable[int] = (), cache: HybridCache | None = None,
+             context_ids: Sequence[int] | None = None, stats: GenerationStats | None = None,
+             prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
+    """Yield generated token ids (EOS is not yielded). With a cache, `prompt_ids` continue what the
+    cache already holds; `context_ids` are all ids so far, for the repetition penalty."""
+    stats = stats if stats is not None else GenerationStats()
+    cache = cache if cache is not None else model.new_cache()
+    limit = cache.max_len
+    if not prompt_ids:
+        raise GenerationError("the prompt is empty")
+    if cache.pos + len(prompt_ids) >= limit:
+        raise GenerationError(
+            f"the prompt needs {cache.pos + len(prompt_ids)} tokens but the model's context holds {limit}; "
+            "shorten it"
+        )
+    max_tokens = min(max_tokens, limit - cache.pos - len(prompt_ids))
+    eos = set(eos_ids)
+    history = list(context_ids) if context_ids is not None else list(prompt_ids)
+    seen = torch.empty(len(history) + max_tokens, dtype=torch.long, device=model.device)
+    seen[: len(history)] = torch.tensor(history, dtype=torch.long)
+    n_seen = len(history)
+    cache.reserve(cache.pos + len(prompt_ids) + max_tokens)
+    stats.prompt_tokens = len(prompt_ids)
+    t0 = time.perf_counter()
+    logits = prefill(model, prompt_ids, cache, prefill_chunk)
+    step = torch.empty(1, 1, dtype=torch.long, device=model.device)
+    t_decode = None
+    try:
+        for i in range(max_tokens):
+            tok = sampler(logits[0], seen[:n_seen])
+            now = time.perf_counter()
+            if i == 0:
+                stats.ttft_s = stats.prefill_s = now - t0
+                t_decode = now
+            if tok in eos:
+                stats.finish_reason = "stop"
+                return
+            stats.generated_tokens += 1
+            seen[n_seen] = tok
+            n_seen += 1
+            if t_decode is not None:
+                stats.decode_s = now - t_decode
+            yield tok
+            if i + 1 < max_tokens:
+                step[0, 0] = tok
+                logits = model(step, cache)
+        stats.finish_reason = "length"
+    finally:
+        if t_decode is not None:
+            stats.decode_s = time.perf_counter() - t_decode if stats.finish_reason is None else stats.decode_s
+        stats.peak_memory_bytes = peak_memory(model.device)

@@ -1,0 +1,510 @@
+"""Persistent chat history: one SQLite file (`data_dir()/history.db`) shared by every lfm2 process.
+
+Several chats may run at once, so the store uses WAL (readers never block the writer), a busy timeout,
+and short `BEGIN IMMEDIATE` write transactions; a message's position is computed inside the transaction
+that inserts it, so concurrent appends never collide. The schema is versioned with `PRAGMA user_version`
+and upgraded at open by an ordered list of migrations, all applied in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lfm2cli.errors import Lfm2Error
+from lfm2cli.paths import data_dir
+
+ROLES = ("system", "user", "assistant", "tool")
+FINISH_REASONS = ("stop", "length", "interrupted", "error")
+TITLE_CHARS = 60
+
+
+class HistoryError(Lfm2Error):
+    """The history database cannot be used, or a conversation id does not match."""
+
+
+@dataclass
+class Message:
+    id: int
+    conversation_id: str
+    position: int
+    role: str
+    content: str
+    tokens: int | None = None
+    timings: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    created_at: str = ""
+
+
+@dataclass
+class Conversation:
+    id: str
+    model: str
+    title: str | None = None
+    system: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    updated_at: str = ""
+    messages: list[Message] = field(default_factory=list)
+    message_count: int = 0
+
+    @property
+    def display_title(self) -> str:
+        return self.title or "(untitled)"
+
+
+@dataclass
+class SearchHit:
+    """One match: a message (role and position set) or the conversation's title (role "title")."""
+
+    conversation_id: str
+    title: str | None
+    model: str
+    updated_at: str
+    role: str
+    position: int | None
+    snippet: str
+
+
+def history_path() -> Path:
+    """Where the history database lives (LFM2_HOME overrides the directory)."""
+    return data_dir() / "history.db"
+
+
+# ---------------------------------------------------------------- migrations
+
+Migration = Callable[[sqlite3.Connection], None]
+MIGRATIONS: list[Migration] = []
+
+
+def _migration(fn: Migration) -> Migration:
+    """Register the next schema version. Append only: never edit or reorder a released migration.
+    Use single execute() calls: executescript() would commit the surrounding transaction."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@_migration
+def _m001_tables(db: sqlite3.Connection) -> None:
+    db.execute(
+        """CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            title TEXT,
+            model TEXT NOT NULL,
+            system TEXT,
+            options TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE messages (
+            id INTEGER PRIMARY KEY,
+            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL DEFAULT '',
+            tokens INTEGER,
+            timings TEXT,
+            finish_reason TEXT,
+            created_at TEXT NOT NULL
+        )"""
+    )
+
+
+@_migration
+def _m002_indexes(db: sqlite3.Connection) -> None:
+    # the unique index is the last line of defence against two writers taking the same position
+    db.execute("CREATE UNIQUE INDEX messages_position ON messages(conversation_id, position)")
+    db.execute("CREATE INDEX conversations_updated ON conversations(updated_at)")
+
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def apply_migrations(db: sqlite3.Connection, upto: int | None = None,
+                     migrations: list[Migration] | None = None) -> int:
+    """Bring the schema to version `upto` (default: the latest) in one transaction; returns the version.
+
+    `db` must be in autocommit mode (isolation_level=None). The version is re-read after taking the write
+    lock, so two processes opening a new file at once migrate it exactly once.
+    """
+    migrations = MIGRATIONS if migrations is None else migrations
+    target = len(migrations) if upto is None else upto
+
+    def current() -> int:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(migrations):
+            raise HistoryError(
+                f"the history database was written by a newer lfm2 (schema version {version}, this one "
+                f"knows {len(migrations)}); upgrade lfm2, or set LFM2_HOME to use another directory"
+            )
+        return version
+
+    if current() >= target:  # the usual case: no write lock needed
+        return current()
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = current()
+        for number in range(version, target):
+            migrations[number](db)
+            # user_version is part of the database header, so it commits or rolls back with the DDL
+            db.execute(f"PRAGMA user_version = {number + 1}")
+        db.execute("COMMIT")
+        return max(version, target)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+# ---------------------------------------------------------------- helpers
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def shorten(text: str, limit: int = TITLE_CHARS) -> str:
+    """One line of at most `limit` characters, cut at a word boundary where possible."""
+    line = " ".join(text.split())
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1]
+    if " " in cut[limit // 2:]:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip() + "…"
+
+
+def _snippet(text: str, needle: str, width: int = 80) -> str:
+    """A one-line window of `text` around the first match of `needle`."""
+    flat = " ".join(text.split())
+    at = flat.lower().find(needle.lower())
+    if at < 0 or len(flat) <= width:
+        return shorten(flat, width)
+    start = max(0, at - (width - len(needle)) // 2)
+    end = min(len(flat), start + width)
+    start = max(0, end - width)
+    return ("…" if start > 0 else "") + flat[start:end].strip() + ("…" if end < len(flat) else "")
+
+
+def _contains(haystack: str | None, needle: str) -> bool:
+    # casefold, unlike SQLite's LIKE, is case-insensitive beyond ASCII
+    return haystack is not None and needle in haystack.casefold()
+
+
+def _loads(value: str | None) -> Any:
+    return None if value is None else json.loads(value)
+
+
+def _dumps(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, ensure_ascii=False)
+
+
+def _check(role: str | None, finish_reason: str | None) -> None:
+    if role is not None and role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    if finish_reason is not None and finish_reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {FINISH_REASONS} or None, not {finish_reason!r}")
+
+
+# ---------------------------------------------------------------- the store
+
+class HistoryStore:
+    """The conversations of every chat. One connection per object; use as a context manager or close()."""
+
+    def __init__(self, path: Path | None = None, timeout: float = 30.0) -> None:
+        self.path = Path(path) if path is not None else history_path()
+        # the chat may write from its generation thread, so share the connection behind a lock
+        self._lock = threading.RLock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise HistoryError(f"cannot create {self.path.parent}: {e.strerror or e}") from e
+        try:
+            self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
+                                       check_same_thread=False)
+        except sqlite3.Error as e:
+            raise HistoryError(f"cannot open the history database {self.path}: {e}") from e
+        try:
+            with self._errors():
+                self._setup()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _setup(self) -> None:
+        db = self._db
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode = WAL")
+        # in WAL mode NORMAL commits without fsync yet survives a killed process: cheap streaming updates
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        db.create_function("lfm2_contains", 2, _contains, deterministic=True)
+        apply_migrations(db)
+
+    # -- plumbing
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.DatabaseError as e:
+            hint = "; another lfm2 may be holding it, try again" if "locked" in str(e) else ""
+            raise HistoryError(f"history database {self.path}: {e}{hint}") from e
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A short write transaction; IMMEDIATE takes the write lock up front so reads inside it are
+        current and no other writer can interleave (it waits on the busy timeout instead)."""
+        with self._lock, self._errors():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot across several SELECTs."""
+        with self._lock, self._errors():
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> HistoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- conversations
+
+    def create_conversation(self, model: str, system: str | None = None,
+                            options: dict[str, Any] | None = None, title: str | None = None) -> Conversation:
+        now = _now()
+        with self._write() as db:
+            while True:
+                conv_id = secrets.token_hex(4)
+                if db.execute("SELECT 1 FROM conversations WHERE id = ?", (conv_id,)).fetchone() is None:
+                    break
+            db.execute(
+                "INSERT INTO conversations (id, title, model, system, options, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (conv_id, title, model, system, _dumps(options), now, now),
+            )
+        return Conversation(id=conv_id, model=model, title=title, system=system, options=dict(options or {}),
+                            created_at=now, updated_at=now)
+
+    def update_conversation(self, conv_id: str, *, title: str | None = None, model: str | None = None,
+                            system: str | None = None, options: dict[str, Any] | None = None) -> None:
+        """Change the given fields (None leaves a field as it is)."""
+        fields: dict[str, Any] = {"title": title, "model": model, "system": system,
+                                  "options": _dumps(options)}
+        sets = {k: v for k, v in fields.items() if v is not None}
+        sets["updated_at"] = _now()
+        with self._write() as db:
+            cur = db.execute(
+                f"UPDATE conversations SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?",
+                (*sets.values(), conv_id),
+            )
+            if cur.rowcount == 0:
+                raise HistoryError(f"no conversation with id {conv_id!r}")
+
+    def delete(self, conv_id: str) -> None:
+        """Delete a conversation and its messages (exact id)."""
+        with self._write() as db:
+            db.execute("DELETE FROM messages WHERE conversation_id = ?", (conv_id,))
+            if db.execute("DELETE FROM conversations WHERE id = ?", (conv_id,)).rowcount == 0:
+                raise HistoryError(f"no conversation with id {conv_id!r}")
+
+    # -- messages
+
+    def add_message(self, conv_id: str, role: str, content: str, tokens: int | None = None,
+                    timings: dict[str, Any] | None = None, finish_reason: str | None = None) -> int:
+        """Append a message at the end of the conversation; returns its id (for update_message).
+        The first user message becomes the title of an untitled conversation."""
+        _check(role, finish_reason)
+        now = _now()
+        with self._write() as db:
+            row = db.execute("SELECT title FROM conversations WHERE id = ?", (conv_id,)).fetchone()
+            if row is None:
+                raise HistoryError(f"no conversation with id {conv_id!r}")
+            # computed under the write lock, so concurrent appenders get distinct, gapless positions
+            position = db.execute(
+                "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?", (conv_id,)
+            ).fetchone()[0]
+            cur = db.execute(
+                "INSERT INTO messages (conversation_id, position, role, content, tokens, timings, "
+                "finish_reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (conv_id, position, role, content, tokens, _dumps(timings), finish_reason, now),
+            )
+            title = row[0]
+            if title is None and role == "user" and content.strip():
+                title = shorten(content)
+            db.execute("UPDATE conversations SET updated_at = ?, title = ? WHERE id = ?",
+                       (now, title, conv_id))
+            return int(cur.lastrowid)
+
+    def update_message(self, msg_id: int, *, content: str | None = None, tokens: int | None = None,
+                       timings: dict[str, Any] | None = None, finish_reason: str | None = None) -> bool:
+        """Change the given fields of a message (None leaves a field as it is); returns False when the
+        message no longer exists (its conversation was deleted meanwhile). Called repeatedly while a reply
+        streams, so a plain update is one statement; setting finish_reason also touches the conversation."""
+        _check(None, finish_reason)
+        fields: dict[str, Any] = {"content": content, "tokens": tokens, "timings": _dumps(timings),
+                                  "finish_reason": finish_reason}
+        sets = {k: v for k, v in fields.items() if v is not None}
+        if not sets:
+            return True
+        sql = f"UPDATE messages SET {', '.join(f'{k} = ?' for k in sets)} WHERE id = ?"
+        if finish_reason is None:
+            with self._lock, self._errors():
+                return self._db.execute(sql, (*sets.values(), msg_id)).rowcount > 0
+        with self._write() as db:
+            if db.execute(sql, (*sets.values(), msg_id)).rowcount == 0:
+                return False
+            db.execute(
+                "UPDATE conversations SET updated_at = ? "
+                "WHERE id = (SELECT conversation_id FROM messages WHERE id = ?)", (_now(), msg_id),
+            )
+            return True
+
+    def delete_messages_from(self, conv_id: str, position: int) -> int:
+        """Delete the messages at `position` and after (for /undo and /retry); returns how many."""
+        with self._write() as db:
+            cur = db.execute("DELETE FROM messages WHERE conversation_id = ? AND position >= ?",
+                             (conv_id, position))
+            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (_now(), conv_id))
+            return cur.rowcount
+
+    # -- reading
+
+    @staticmethod
+    def _conversation(row: sqlite3.Row | tuple, count: int = 0) -> Conversation:
+        conv_id, title, model, system, options, created, updated = row[:7]
+        return Conversation(id=conv_id, model=model, title=title, system=system,
+                            options=_loads(options) or {}, created_at=created, updated_at=updated,
+                            message_count=count)
+
+    _COLUMNS = "c.id, c.title, c.model, c.system, c.options, c.created_at, c.updated_at"
+
+    def resolve(self, conv_id_or_prefix: str) -> str:
+        """The full id matching an id or a unique prefix of one."""
+        key = conv_id_or_prefix.strip().lower()
+        if not key:
+            raise HistoryError("empty conversation id; see `lfm2 history list`")
+        with self._read() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM conversations WHERE substr(id, 1, ?) = ? ORDER BY id", (len(key), key))]
+        if key in ids:
+            return key
+        if not ids:
+            raise HistoryError(f"no conversation with id {conv_id_or_prefix!r}; see `lfm2 history list`")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
+            raise HistoryError(f"conversation id {conv_id_or_prefix!r} is ambiguous (matches {shown}); "
+                               "give more characters")
+        return ids[0]
+
+    def get(self, conv_id_or_prefix: str) -> Conversation:
+        """A conversation with its messages in order, by id or unique id prefix."""
+        conv_id = self.resolve(conv_id_or_prefix)
+        with self._read() as db:
+            row = db.execute(f"SELECT {self._COLUMNS} FROM conversations c WHERE c.id = ?",
+                             (conv_id,)).fetchone()
+            if row is None:  # deleted between resolve and now
+                raise HistoryError(f"no conversation with id {conv_id_or_prefix!r}; see `lfm2 history list`")
+            rows = db.execute(
+                "SELECT id, conversation_id, position, role, content, tokens, timings, finish_reason, "
+                "created_at FROM messages WHERE conversation_id = ? ORDER BY position", (conv_id,)).fetchall()
+        conv = self._conversation(row)
+        conv.messages = [Message(id=r[0], conversation_id=r[1], position=r[2], role=r[3], content=r[4],
+                                 tokens=r[5], timings=_loads(r[6]), finish_reason=r[7], created_at=r[8])
+                         for r in rows]
+        conv.message_count = len(conv.messages)
+        return conv
+
+    def latest(self) -> Conversation | None:
+        """The most recently updated conversation, with its messages."""
+        found = self.list(limit=1)
+        return self.get(found[0].id) if found else None
+
+    def list(self, limit: int = 50) -> list[Conversation]:
+        """Conversations without their messages (message_count set), newest updated first.
+        limit <= 0 lists them all."""
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {self._COLUMNS}, (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) "
+                "FROM conversations c ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?",
+                (limit if limit > 0 else -1,),
+            ).fetchall()
+        return [self._conversation(r, r[7]) for r in rows]
+
+    def search(self, text: str, limit: int = 100) -> list[SearchHit]:
+        """Case-insensitive substring search over titles and message contents, newest conversation first."""
+        needle = text.casefold()
+        if not needle.strip():
+            raise HistoryError("search text is empty")
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT c.id, c.title, c.model, c.updated_at AS updated, c.rowid AS r, 'title' AS role, "
+                "NULL AS position, c.title, 0 AS kind FROM conversations c WHERE lfm2_contains(c.title, ?1) "
+                "UNION ALL "
+                "SELECT c.id, c.title, c.model, c.updated_at, c.rowid, m.role, m.position, m.content, 1 "
+                "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                "WHERE lfm2_contains(m.content, ?1) "
+                # a conversation's title match first, then its messages in order
+                "ORDER BY updated DESC, r DESC, kind, position LIMIT ?2", (needle, limit),
+            ).fetchall()
+        return [SearchHit(r[0], r[1], r[2], r[3], r[5], r[6], _snippet(r[7], text)) for r in rows]
+
+
+# ---------------------------------------------------------------- exports
+
+def to_markdown(conv: Conversation) -> str:
+    """The conversation as a Markdown document: a header with its settings, then one section a message."""
+    lines = [f"# {conv.display_title}", "", f"- id: `{conv.id}`", f"- model: `{conv.model}`",
+             f"- created: {conv.created_at}", f"- updated: {conv.updated_at}"]
+    if conv.options:
+        opts = ", ".join(f"{k}={v}" for k, v in conv.options.items())
+        lines.append(f"- options: {opts}")
+    lines.append("")
+    if conv.system:
+        lines += ["## System", "", conv.system.rstrip(), ""]
+    for m in conv.messages:
+        lines += [f"## {m.role.capitalize()}", "", m.content.rstrip()]
+        if m.finish_reason not in (None, "stop"):
+            lines += ["", f"*[{m.finish_reason}]*"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(conv: Conversation) -> str:
+    """The conversation as one JSON object (messages in order), for scripts."""
+    data = {
+        "id": conv.id, "title": conv.title, "model": conv.model, "system": conv.system,
+        "options": conv.options, "created_at": conv.created_at, "updated_at": conv.updated_at,
+        "messages": [
+            {"position": m.position, "role": m.role, "content": m.content, "tokens": m.tokens,
+             "timings": m.timings, "finish_reason": m.finish_reason, "created_at": m.created_at}
+            for m in conv.messages
+        ],
+    }
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"

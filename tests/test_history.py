@@ -1,0 +1,514 @@
+"""The chat history store (lfm2cli.history) and the `lfm2 history` commands."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lfm2cli.cli import app
+from lfm2cli.errors import UsageError
+from lfm2cli.history import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    HistoryError,
+    HistoryStore,
+    apply_migrations,
+    to_json,
+    to_markdown,
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with HistoryStore(tmp_path / "history.db") as s:
+        yield s
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+# ---------------------------------------------------------------- store basics
+
+def test_roundtrip_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    with HistoryStore(path) as s:
+        conv = s.create_conversation("LiquidAI/LFM2-350M", system="Be brief.",
+                                     options={"temperature": 0.3, "top_p": 0.9})
+        s.add_message(conv.id, "user", "What is the capital of France?")
+        s.add_message(conv.id, "assistant", "Paris.", tokens=3, timings={"ttft": 0.05, "decode_tps": 41.5},
+                      finish_reason="stop")
+    with HistoryStore(path) as s:
+        got = s.get(conv.id)
+    assert (got.id, got.model, got.system) == (conv.id, "LiquidAI/LFM2-350M", "Be brief.")
+    assert got.options == {"temperature": 0.3, "top_p": 0.9}
+    assert got.title == "What is the capital of France?"  # first user message
+    assert [(m.position, m.role, m.content) for m in got.messages] == [
+        (0, "user", "What is the capital of France?"), (1, "assistant", "Paris.")]
+    reply = got.messages[1]
+    assert (reply.tokens, reply.timings, reply.finish_reason) == (3, {"ttft": 0.05, "decode_tps": 41.5}, "stop")
+    assert got.messages[0].finish_reason is None and got.message_count == 2
+    assert len(conv.id) == 8 and int(conv.id, 16) >= 0
+
+
+def test_titles_shortened_and_explicit_titles_kept(store: HistoryStore) -> None:
+    long = "please   explain\nin detail " + "why the sky is blue and sunsets are red " * 5
+    a = store.create_conversation("m")
+    store.add_message(a.id, "assistant", "a greeting that is not a title")
+    store.add_message(a.id, "user", long)
+    store.add_message(a.id, "user", "second question")
+    title = store.get(a.id).title
+    assert title is not None and len(title) <= 60 and title.endswith("…")
+    assert title.startswith("please explain in detail why")  # whitespace collapsed, one line
+    b = store.create_conversation("m", title="My title")
+    store.add_message(b.id, "user", "hello")
+    assert store.get(b.id).title == "My title"
+    store.update_conversation(b.id, title="Renamed", model="other", options={"seed": 1})
+    got = store.get(b.id)
+    assert (got.title, got.model, got.options, got.system) == ("Renamed", "other", {"seed": 1}, None)
+
+
+def test_streaming_updates_are_visible_to_other_connections(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    with HistoryStore(path) as writer, HistoryStore(path) as reader:
+        conv = writer.create_conversation("m")
+        writer.add_message(conv.id, "user", "count")
+        msg = writer.add_message(conv.id, "assistant", "")
+        before = reader.get(conv.id).updated_at
+        text = ""
+        for word in ["one", " two", " three"]:
+            text += word
+            assert writer.update_message(msg, content=text) is True
+            seen = reader.get(conv.id).messages[-1]
+            assert (seen.content, seen.finish_reason) == (text, None)
+        time.sleep(0.002)  # timestamps are in milliseconds: make the next one differ
+        writer.update_message(msg, tokens=3, timings={"ttft": 0.1}, finish_reason="interrupted")
+        got = reader.get(conv.id)
+        last = got.messages[-1]
+        assert (last.content, last.tokens, last.timings, last.finish_reason) == (
+            "one two three", 3, {"ttft": 0.1}, "interrupted")
+        assert got.updated_at > before
+        assert writer.update_message(10_000, content="gone") is False
+        with pytest.raises(ValueError):
+            writer.update_message(msg, finish_reason="finished")
+
+
+def test_update_from_another_thread(store: HistoryStore) -> None:
+    # the chat streams on a worker thread and writes from there
+    conv = store.create_conversation("m")
+    msg = store.add_message(conv.id, "assistant", "")
+    worker = threading.Thread(target=lambda: store.update_message(msg, content="from a thread"))
+    worker.start()
+    worker.join()
+    assert store.get(conv.id).messages[0].content == "from a thread"
+
+
+_STREAM_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from lfm2cli.history import HistoryStore
+s = HistoryStore(Path(sys.argv[1]))
+conv = s.create_conversation("m")
+msg = s.add_message(conv.id, "assistant", "")
+text = ""
+for i in range(50):
+    text += f"w{i} "
+    s.update_message(msg, content=text)
+print(conv.id, flush=True)
+time.sleep(60)
+"""
+
+
+def test_killed_process_keeps_what_was_streamed(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    proc = subprocess.Popen([sys.executable, "-c", _STREAM_AND_WAIT, str(path)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        conv_id = proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert conv_id
+    with HistoryStore(path) as s:
+        reply = s.get(conv_id).messages[0]
+    assert reply.content == "".join(f"w{i} " for i in range(50))
+    assert reply.finish_reason is None  # it never finished
+
+
+def test_delete_messages_from_for_undo(store: HistoryStore) -> None:
+    conv = store.create_conversation("m")
+    for i in range(4):
+        store.add_message(conv.id, "user" if i % 2 == 0 else "assistant", f"m{i}")
+    assert store.delete_messages_from(conv.id, 2) == 2
+    assert [m.content for m in store.get(conv.id).messages] == ["m0", "m1"]
+    store.add_message(conv.id, "user", "again")
+    assert [(m.position, m.content) for m in store.get(conv.id).messages][-1] == (2, "again")
+
+
+def test_list_latest_and_delete(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    with HistoryStore(path) as s:
+        assert s.latest() is None and s.list() == []
+        a = s.create_conversation("m", title="a")
+        b = s.create_conversation("m", title="b")
+        assert [c.id for c in s.list()] == [b.id, a.id]
+        time.sleep(0.002)
+        s.add_message(a.id, "user", "x")
+        s.add_message(a.id, "assistant", "y")
+        listed = s.list()
+        assert [(c.id, c.message_count) for c in listed] == [(a.id, 2), (b.id, 0)]
+        assert listed[0].messages == []  # list does not load messages
+        assert [c.id for c in s.list(limit=1)] == [a.id]
+        latest = s.latest()
+        assert latest is not None and latest.id == a.id and [m.content for m in latest.messages] == ["x", "y"]
+        s.delete(a.id)
+        assert [c.id for c in s.list()] == [b.id]
+        with pytest.raises(HistoryError):
+            s.get(a.id)
+        with pytest.raises(HistoryError):
+            s.delete(a.id)
+        with pytest.raises(HistoryError):
+            s.add_message(a.id, "user", "into a deleted conversation")
+    # the messages went with the conversation
+    assert _raw(path).execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 0
+
+
+def test_prefix_ids_unique_and_ambiguous(store: HistoryStore) -> None:
+    ids = [store.create_conversation("m").id for _ in range(20)]
+    # 20 ids over 16 first hex digits: some first digit is shared
+    firsts = [i[0] for i in ids]
+    shared = next(c for c in firsts if firsts.count(c) > 1)
+    with pytest.raises(HistoryError, match="ambiguous"):
+        store.get(shared)
+    for full in ids:
+        shortest = next(full[:n] for n in range(1, 9) if sum(i.startswith(full[:n]) for i in ids) == 1)
+        assert store.get(shortest).id == full
+        assert store.get(full.upper()).id == full
+    with pytest.raises(HistoryError, match="no conversation"):
+        store.get("zzzz")
+    with pytest.raises(HistoryError):
+        store.get("  ")
+
+
+def test_search_titles_and_messages_case_insensitively(store: HistoryStore) -> None:
+    a = store.create_conversation("m", title="Trip to Paris")
+    store.add_message(a.id, "user", "Where should I eat in PARIS?")
+    b = store.create_conversation("m")
+    filler = "lorem ipsum dolor sit amet " * 20
+    store.add_message(b.id, "user", "Tell me about the Straße")
+    store.add_message(b.id, "assistant", filler + "the needle is here " + filler)
+    c = store.create_conversation("m")
+    store.add_message(c.id, "user", "nothing relevant")
+
+    hits = store.search("paris")
+    assert [(h.conversation_id, h.role, h.position) for h in hits] == [(a.id, "title", None), (a.id, "user", 0)]
+    assert "PARIS" in hits[1].snippet
+    # casefold is case-insensitive beyond ASCII; the first user message is also the title
+    assert [(h.conversation_id, h.role) for h in store.search("STRASSE")] == [(b.id, "title"), (b.id, "user")]
+    (needle,) = store.search("NEEDLE IS")
+    assert needle.role == "assistant" and "needle is here" in needle.snippet
+    assert len(needle.snippet) <= 90 and needle.snippet.startswith("…") and needle.snippet.endswith("…")
+    assert store.search("100%") == [] and store.search("absent") == []
+    assert len(store.search("e", limit=2)) == 2
+
+
+def test_exports(store: HistoryStore) -> None:
+    conv = store.create_conversation("LiquidAI/LFM2-350M", system="Be brief.", options={"temperature": 0.3})
+    store.add_message(conv.id, "user", "Hi there")
+    store.add_message(conv.id, "assistant", "Hello! **Welcome.**", tokens=4, timings={"ttft": 0.2},
+                      finish_reason="length")
+    got = store.get(conv.id[:5])
+
+    md = to_markdown(got)
+    assert md.startswith("# Hi there\n")
+    assert f"`{conv.id}`" in md and "`LiquidAI/LFM2-350M`" in md and "temperature=0.3" in md
+    assert md.index("## System\n\nBe brief.") < md.index("## User\n\nHi there") < md.index(
+        "## Assistant\n\nHello! **Welcome.**")
+    assert "*[length]*" in md
+
+    data = json.loads(to_json(got))
+    assert (data["id"], data["title"], data["model"], data["system"]) == (
+        conv.id, "Hi there", "LiquidAI/LFM2-350M", "Be brief.")
+    assert data["options"] == {"temperature": 0.3}
+    assert [(m["position"], m["role"], m["content"]) for m in data["messages"]] == [
+        (0, "user", "Hi there"), (1, "assistant", "Hello! **Welcome.**")]
+    assert data["messages"][1]["timings"] == {"ttft": 0.2} and data["messages"][1]["finish_reason"] == "length"
+
+
+# ---------------------------------------------------------------- migrations and damaged files
+
+def test_empty_file_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    path.write_bytes(b"")
+    with HistoryStore(path) as s:
+        s.add_message(s.create_conversation("m").id, "user", "works")
+    db = _raw(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == len(MIGRATIONS)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_previous_schema_version_is_upgraded_keeping_data(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    db = _raw(path)
+    assert apply_migrations(db, upto=SCHEMA_VERSION - 1) == SCHEMA_VERSION - 1
+    db.execute("INSERT INTO conversations (id, title, model, created_at, updated_at) "
+               "VALUES ('abcd1234', 'old', 'm', '2024-01-01T00:00:00+00:00', '2024-01-01T00:00:00+00:00')")
+    for pos, role in enumerate(["user", "assistant"]):
+        db.execute("INSERT INTO messages (conversation_id, position, role, content, created_at) "
+                   "VALUES ('abcd1234', ?, ?, ?, '2024-01-01T00:00:00+00:00')", (pos, role, f"old {role}"))
+    db.close()
+
+    with HistoryStore(path) as s:
+        got = s.get("abcd")
+        assert [m.content for m in got.messages] == ["old user", "old assistant"]
+        s.add_message("abcd1234", "user", "new")
+        assert [m.position for m in s.get("abcd").messages] == [0, 1, 2]
+    db = _raw(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    # the latest schema refuses two messages at one position
+    with pytest.raises(sqlite3.IntegrityError):
+        db.execute("INSERT INTO messages (conversation_id, position, role, content, created_at) "
+                   "VALUES ('abcd1234', 0, 'user', 'dup', 'now')")
+
+
+def test_failed_migration_rolls_back(tmp_path: Path) -> None:
+    db = _raw(tmp_path / "h.db")
+    apply_migrations(db)
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("CREATE TABLE half_done (x)")
+        raise RuntimeError("migration bug")
+
+    with pytest.raises(RuntimeError):
+        apply_migrations(db, migrations=[*MIGRATIONS, broken])
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("SELECT COUNT(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    HistoryStore(path).close()
+    _raw(path).execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(HistoryError, match="newer lfm2"):
+        HistoryStore(path)
+
+
+def test_file_that_is_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    path.write_bytes(b"this is not sqlite at all\n" * 100)
+    with pytest.raises(HistoryError, match="not a database"):
+        HistoryStore(path)
+
+
+# ---------------------------------------------------------------- concurrency
+
+_APPEND = """
+import sys, time
+from pathlib import Path
+from lfm2cli.history import HistoryStore
+db, shared, tag, ready, go = sys.argv[1:6]
+with HistoryStore(Path(db)) as s:
+    own = s.create_conversation("m", title=tag)
+    Path(ready).write_text(own.id)
+    while not Path(go).exists():  # start both writers together
+        time.sleep(0.001)
+    for i in range(200):
+        s.add_message(shared, "user", f"{tag}-shared-{i}")
+        s.add_message(own.id, "assistant", f"{tag}-own-{i}")
+"""
+
+_OPEN_FRESH = """
+import sys, time
+from pathlib import Path
+from lfm2cli.history import HistoryStore
+db, tag, ready, go = sys.argv[1:5]
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.001)
+with HistoryStore(Path(db)) as s:
+    s.add_message(s.create_conversation("m").id, "user", tag)
+"""
+
+
+def _run_together(script: str, args: list[list[str]], tmp_path: Path) -> None:
+    """Start one process per argument list, release them at once, and require that all succeed."""
+    go = tmp_path / "go"
+    readies = [tmp_path / f"ready{i}" for i in range(len(args))]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *a], stderr=subprocess.PIPE, text=True)
+             for a in args]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for r in readies):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a writer died early"
+            time.sleep(0.01)
+        go.touch()
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_two_processes_appending_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    with HistoryStore(path) as s:
+        shared = s.create_conversation("m", title="shared").id
+    _run_together(_APPEND, [[str(path), shared, tag, str(tmp_path / f"ready{i}"), str(tmp_path / "go")]
+                            for i, tag in enumerate(["A", "B"])], tmp_path)
+
+    with HistoryStore(path) as s:
+        got = s.get(shared)
+        assert [m.position for m in got.messages] == list(range(400))
+        contents = [m.content for m in got.messages]
+        for tag in "AB":
+            # all 200 of each writer, in the order it wrote them
+            assert [c for c in contents if c.startswith(tag)] == [f"{tag}-shared-{i}" for i in range(200)]
+        for tag, i in (("A", 0), ("B", 1)):
+            own = s.get((tmp_path / f"ready{i}").read_text())
+            assert own.title == tag
+            assert [(m.position, m.content) for m in own.messages] == [(i, f"{tag}-own-{i}") for i in range(200)]
+    db = _raw(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT COUNT(*) FROM messages").fetchone()[0] == 800
+
+
+def test_processes_opening_a_new_database_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "h.db"
+    tags = ["p0", "p1", "p2"]
+    _run_together(_OPEN_FRESH, [[str(path), t, str(tmp_path / f"ready{i}"), str(tmp_path / "go")]
+                                for i, t in enumerate(tags)], tmp_path)
+    with HistoryStore(path) as s:
+        assert sorted(c.title for c in s.list()) == tags
+    db = _raw(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+# ---------------------------------------------------------------- the CLI
+
+runner = CliRunner()
+
+
+def _cli(home: Path, *args: str, stdin: str | None = None):
+    return runner.invoke(app, ["history", *args], env={"LFM2_HOME": str(home)}, input=stdin)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> tuple[Path, list[str]]:
+    """A data directory with two conversations: ids newest first."""
+    with HistoryStore(tmp_path / "history.db") as s:
+        a = s.create_conversation("LiquidAI/LFM2-350M", system="Be brief.")
+        s.add_message(a.id, "user", "What is the capital of France?")
+        s.add_message(a.id, "assistant", "It is **Paris**.", finish_reason="stop")
+        time.sleep(0.002)
+        b = s.create_conversation("LiquidAI/LFM2-8B-A1B", title="Tabs\tand\nnewlines")
+        s.add_message(b.id, "user", "Tell me a joke")
+    return tmp_path, [b.id, a.id]
+
+
+def test_cli_list_piped(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    result = _cli(path, "list")
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [(r[0], r[2], r[3], r[4]) for r in rows] == [
+        (ids[0], "LiquidAI/LFM2-8B-A1B", "1", "Tabs and newlines"),
+        (ids[1], "LiquidAI/LFM2-350M", "2", "What is the capital of France?")]
+    assert all(len(r) == 5 for r in rows)
+    assert [line.split("\t")[0] for line in _cli(path, "list", "-n", "1").stdout.splitlines()] == ids[:1]
+
+
+def test_cli_list_without_history_creates_nothing(tmp_path: Path) -> None:
+    result = _cli(tmp_path, "list")
+    assert result.exit_code == 0 and result.stdout == "" and "no saved conversations" in result.stderr
+    assert not (tmp_path / "history.db").exists()
+    assert isinstance(_cli(tmp_path, "show", "abc").exception, HistoryError)
+
+
+def test_cli_show_and_unknown_ids(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    result = _cli(path, "show", ids[1][:6])
+    assert result.exit_code == 0
+    assert result.stdout.startswith("# What is the capital of France?")
+    assert "## System\n\nBe brief." in result.stdout and "## Assistant\n\nIt is **Paris**." in result.stdout
+    missing = _cli(path, "show", "zzzzzz")
+    assert missing.exit_code == 1 and isinstance(missing.exception, HistoryError)
+
+
+def test_cli_export(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    as_json = json.loads(_cli(path, "export", ids[1], "--format", "json").stdout)
+    assert [m["content"] for m in as_json["messages"]] == ["What is the capital of France?", "It is **Paris**."]
+    out = path / "conv.md"
+    result = _cli(path, "export", ids[1][:4], "-o", str(out))
+    assert result.exit_code == 0 and result.stdout == "" and str(out) in result.stderr
+    assert out.read_text(encoding="utf-8").startswith("# What is the capital of France?")
+    assert isinstance(_cli(path, "export", ids[1], "--format", "pdf").exception, UsageError)
+
+
+def test_cli_rm(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    # stdin is not a terminal: refuse even if it says yes
+    refused = _cli(path, "rm", ids[0], stdin="y\n")
+    assert isinstance(refused.exception, UsageError) and "--yes" in str(refused.exception)
+    assert len(_cli(path, "list").stdout.splitlines()) == 2
+    done = _cli(path, "rm", ids[0][:5], "--yes")
+    assert done.exit_code == 0 and f"deleted {ids[0]}" in done.stderr
+    assert [line.split("\t")[0] for line in _cli(path, "list").stdout.splitlines()] == [ids[1]]
+
+
+def test_cli_search(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    rows = [line.split("\t") for line in _cli(path, "search", "PARIS").stdout.splitlines()]
+    assert rows == [[ids[1], "assistant#1", "It is **Paris**."]]
+    assert [r.split("\t")[:2] for r in _cli(path, "search", "newlines").stdout.splitlines()] == [
+        [ids[0], "title"]]
+    none = _cli(path, "search", "xylophone")
+    assert none.exit_code == 0 and none.stdout == "" and "xylophone" in none.stderr
+
+
+def test_cli_errors_are_one_line_with_exit_codes(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    env = {**os.environ, "LFM2_HOME": str(path)}
+    env.pop("LFM2_DEBUG", None)
+    for args, code in ((["show", "nope"], 1), (["rm", ids[0]], 2)):
+        proc = subprocess.run([sys.executable, "-m", "lfm2cli", "history", *args], env=env, text=True,
+                              capture_output=True, stdin=subprocess.DEVNULL)
+        assert proc.returncode == code
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_terminal_rendering(home: tuple[Path, list[str]]) -> None:
+    from rich.console import Console
+
+    from lfm2cli.commands.history import render_conversation, render_hits, render_list
+
+    path, ids = home
+    with HistoryStore(path / "history.db") as s:
+        convs, conv, hits = s.list(), s.get(ids[1]), s.search("paris")
+    buf = io.StringIO()
+    console = Console(file=buf, width=200, color_system=None)
+    render_list(console, convs)
+    listing = buf.getvalue()
+    assert ids[0] in listing and ids[1] in listing and "What is the capital of France?" in listing
+    buf.seek(0), buf.truncate()
+    render_conversation(console, conv)
+    shown = buf.getvalue()
+    assert "It is Paris." in shown and "**" not in shown  # the reply's Markdown was rendered
+    assert "Be brief." in shown and "What is the capital of France?" in shown
+    buf.seek(0), buf.truncate()
+    render_hits(console, hits, "paris")
+    assert ids[1] in buf.getvalue() and "assistant #1" in buf.getvalue()

@@ -1,0 +1,315 @@
+"""`lfm2 info`: the description is right (checked against the safetensors headers and the config), the
+output formats behave, errors are one line, and the command never imports torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lfm2cli.checkpoint import expected_tensors, read_all_headers
+from lfm2cli.cli import app, main
+from lfm2cli.config import parse_config
+from lfm2cli.describe import describe, human_bytes, human_count, plain_lines
+from lfm2cli.errors import Lfm2Error
+from tests.tiny import edit_config, make_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def sharded_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("sharded"), max_shard_size="20KB")
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("bf16"), dtype="bfloat16")
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    """Tests that change files work on a copy, never on the shared session checkpoints."""
+    return Path(shutil.copytree(src, tmp_path / "ckpt"))
+
+
+def _numels(root: Path) -> dict[str, int]:
+    return {name: t.numel for name, t in read_all_headers(root).items()}
+
+
+def _run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple:
+    """Run the real entry point (with its error boundary) in-process."""
+    monkeypatch.delenv("LFM2_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["lfm2", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_dense_description_matches_headers_and_config(dense_ckpt: Path) -> None:
+    d = describe(dense_ckpt)
+    headers = read_all_headers(dense_ckpt)
+    total = sum(t.numel for t in headers.values())
+    assert d["architecture"] == "LFM2" and d["model_type"] == "lfm2"
+    assert d["parameters"] == {"total": total, "active": total}
+    raw = json.loads((dense_ckpt / "config.json").read_text())
+    types = raw["layer_types"]
+    assert d["layers"]["layout"] == "".join("A" if t == "full_attention" else "C" for t in types) == "CACA"
+    assert d["layers"]["conv"] == types.count("conv") and d["layers"]["attention"] == 2
+    assert [x["mixer"] for x in d["layers"]["per_layer"]] == ["conv", "attention", "conv", "attention"]
+    assert d["layers"]["moe"] == 0 and d["layers"]["ffn_layout"] == "DDDD"
+    assert d["attention"] == {"heads": 4, "kv_heads": 2, "head_dim": 16, "layers": [1, 3]}
+    assert d["feed_forward"] == {"dense_ff_dim": headers["model.layers.0.feed_forward.w1.weight"].shape[0]}
+    assert d["hidden_size"] == 64 and d["vocab_size"] == 512 and d["context_length"] == 2048
+    assert d["conv_kernel"] == 3 and d["tied_embeddings"] is True and d["rope_theta"] == 1e6
+    assert d["dtypes"] == {"F32": total}
+    assert d["problems"] == []
+    assert "experts" not in d["feed_forward"] and "active_weights_bf16_bytes_per_token" not in d["memory"]
+    mem = d["memory"]
+    assert mem["weights_bf16_bytes"] == total * 2
+    assert mem["weights_stored_bytes"] == total * 4 == sum(t.end - t.start for t in headers.values())
+    # attention layers x (K and V) x kv_heads x head_dim x 2 bytes x 1000 tokens
+    assert mem["kv_cache_bf16_bytes_per_1000_tokens"] == 2 * 2 * 2 * 16 * 2 * 1000
+    assert mem["kv_cache_bf16_bytes_full_context"] == 2 * 2 * 2 * 16 * 2 * 2048
+    assert mem["conv_state_bf16_bytes"] == 2 * 64 * (3 - 1) * 2  # conv layers x hidden x (kernel - 1)
+    files = {f["name"]: f["bytes"] for f in d["files"]}
+    assert files["model.safetensors"] == (dense_ckpt / "model.safetensors").stat().st_size
+    assert "config.json" in files and d["files_total_bytes"] == sum(files.values())
+    assert d["tokens"]["eos_token_ids"] == [7] and d["tokens"]["bos_token_id"] == 1
+    assert d["tokens"]["chat_template"] is False
+    json.dumps(d)  # JSON-ready
+
+
+def test_moe_description_counts_active_experts(moe_ckpt: Path) -> None:
+    d = describe(moe_ckpt)
+    numels = _numels(moe_ckpt)
+    total = sum(numels.values())
+    experts = sum(n for name, n in numels.items() if ".experts." in name)
+    active = total - experts + experts * 2 // 8  # top-2 of 8 experts
+    assert d["architecture"] == "LFM2-MoE"
+    assert d["parameters"] == {"total": total, "active": active}
+    assert d["layers"]["layout"] == "CACC" and d["layers"]["ffn_layout"] == "DMMM"
+    assert (d["layers"]["dense"], d["layers"]["moe"]) == (1, 3)
+    assert [x["ffn"] for x in d["layers"]["per_layer"]] == ["dense", "moe", "moe", "moe"]
+    headers = read_all_headers(moe_ckpt)
+    assert d["feed_forward"] == {
+        "dense_ff_dim": headers["model.layers.0.feed_forward.w1.weight"].shape[0],
+        "expert_ff_dim": headers["model.layers.1.feed_forward.experts.0.w1.weight"].shape[0],
+        "experts": 8, "experts_per_token": 2, "num_dense_layers": 1,
+    }
+    mem = d["memory"]
+    assert mem["active_weights_bf16_bytes_per_token"] == active * 2
+    assert mem["active_weights_stored_bytes_per_token"] == active * 4
+    assert mem["kv_cache_bf16_bytes_per_1000_tokens"] == 1 * 2 * 2 * 16 * 2 * 1000
+    assert mem["conv_state_bf16_bytes"] == 3 * 64 * (3 - 1) * 2
+
+
+def test_sharded_checkpoint(sharded_ckpt: Path) -> None:
+    d = describe(sharded_ckpt)
+    shards = sorted(p.name for p in sharded_ckpt.glob("*.safetensors"))
+    assert len(shards) > 6
+    assert d["parameters"]["total"] == sum(_numels(sharded_ckpt).values())
+    names = [f["name"] for f in d["files"]]
+    assert set(shards) <= set(names) and "model.safetensors.index.json" in names
+    lines = plain_lines(d)
+    # a long run of shards is one row in human output, with their summed size
+    shard_bytes = sum((sharded_ckpt / s).stat().st_size for s in shards)
+    assert f"file {len(shards)} safetensors shards: {human_bytes(shard_bytes)}" in lines
+    assert not any(line.startswith("file model-00001") for line in lines)
+
+
+def test_bf16_checkpoint(bf16_ckpt: Path) -> None:
+    d = describe(bf16_ckpt)
+    total = d["parameters"]["total"]
+    assert d["dtypes"] == {"BF16": total}
+    assert d["memory"]["weights_stored_bytes"] == d["memory"]["weights_bf16_bytes"] == total * 2
+    assert "weights (BF16): " + human_bytes(total * 2) in plain_lines(d)
+
+
+def test_tokens_and_chat_template(dense_ckpt: Path, tmp_path: Path) -> None:
+    root = _copy(dense_ckpt, tmp_path)
+    (root / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<|startoftext|>", "lstrip": False},
+        "eos_token": "<|im_end|>",
+        "chat_template": "{{ messages }}",
+    }))
+    (root / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|pad|>", "eos_token": "<x>"}))
+    tok = describe(root)["tokens"]
+    assert tok["bos_token"] == "<|startoftext|>"
+    assert tok["eos_token"] == "<|im_end|>"  # tokenizer_config.json wins over special_tokens_map.json
+    assert tok["pad_token"] == "<|pad|>"
+    assert tok["chat_template"] is True and tok["chat_template_source"] == "tokenizer_config.json"
+    (root / "chat_template.jinja").write_text("{{ messages }}")
+    d = describe(root)
+    assert d["tokens"]["chat_template_source"] == "chat_template.jinja"
+    assert "chat_template.jinja" in [f["name"] for f in d["files"]]
+    lines = plain_lines(d)
+    assert "eos token: <|im_end|> (id 7)" in lines
+    assert "chat template: yes (chat_template.jinja)" in lines
+
+
+def test_broken_tokenizer_config_is_reported_not_fatal(dense_ckpt: Path, tmp_path: Path) -> None:
+    root = _copy(dense_ckpt, tmp_path)
+    (root / "tokenizer_config.json").write_text("{not json")
+    d = describe(root)
+    assert d["tokens"]["chat_template"] is False
+    assert len(d["problems"]) == 1 and "tokenizer_config.json" in d["problems"][0]
+
+
+def test_mismatched_checkpoint_is_described_with_its_problem(dense_ckpt: Path, tmp_path: Path) -> None:
+    root = _copy(dense_ckpt, tmp_path)
+    edit_config(root, vocab_size=1024)
+    result = runner.invoke(app, ["info", str(root)])
+    assert result.exit_code == 0, result.output
+    check = [line for line in result.stdout.splitlines() if line.startswith("check: ")]
+    assert len(check) == 1 and "wrong shape" in check[0] and "embed_tokens" in check[0]
+
+
+def test_plain_output_has_no_escape_codes(moe_ckpt: Path) -> None:
+    result = runner.invoke(app, ["info", str(moe_ckpt), "--offline"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "\x1b" not in out
+    lines = out.strip().splitlines()
+    assert all(": " in line for line in lines)
+    keys = [line.split(": ", 1)[0] for line in lines]
+    assert len(keys) == len(set(keys))  # every key appears once, so `grep '^key:'` is safe
+    assert "architecture: LFM2-MoE" in lines and "layout: CACC (C conv, A attention)" in lines
+    assert "experts per token: 2" in lines
+
+
+def test_json_output_is_the_description(moe_ckpt: Path) -> None:
+    result = runner.invoke(app, ["info", str(moe_ckpt), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == json.loads(json.dumps(describe(moe_ckpt)))
+
+
+def test_table_rendering(dense_ckpt: Path) -> None:
+    """The terminal table shows every section and value; token text is never read as rich markup."""
+    from rich.console import Console
+
+    from lfm2cli.commands import info as info_cmd
+
+    d = describe(dense_ckpt)
+    d["tokens"]["pad_token"] = "[PAD]"
+    console = Console(record=True, width=100, force_terminal=True)
+    info_cmd._print_table(d, console)
+    text = console.export_text()
+    for section in ("Model", "Layers", "Attention", "Feed-forward", "Tokens", "Files", "Memory"):
+        assert section in text
+    assert "[PAD] (id 0)" in text and "CACA" in text and "KV cache per 1,000 tokens" in text
+
+
+def _sparse_checkpoint(root: Path, raw: dict) -> Path:
+    """A full-size checkpoint whose tensor data is a sparse hole: real headers, no real bytes."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(raw))
+    header, offset = {}, 0
+    for name, shape in expected_tensors(parse_config(raw)).items():
+        n = 2
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    with (root / "model.safetensors").open("wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
+    return root
+
+
+def test_real_size_model_without_real_weights(tmp_path: Path) -> None:
+    """LFM2-1.2B's published shape gives its published parameter count, instantly."""
+    raw = dict(model_type="lfm2", vocab_size=65536, hidden_size=2048, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, block_ff_dim=12288, block_multiple_of=256,
+               block_ffn_dim_multiplier=1.0, block_auto_adjust_ff_dim=True,
+               full_attn_idxs=[2, 5, 8, 10, 12, 14], max_position_embeddings=128000)
+    root = _sparse_checkpoint(tmp_path / "lfm2-1.2b", raw)
+    d = describe(root)
+    assert d["parameters"]["total"] == 1_170_340_608
+    assert d["layers"]["layout"] == "CCACCACCACACACAC"
+    assert d["feed_forward"]["dense_ff_dim"] == 8192
+    lines = plain_lines(d)
+    assert "parameters: 1.17B (1,170,340,608)" in lines
+    assert "weights (bf16): 2.34 GB" in lines
+    # 6 attention layers x 2 x 8 kv heads x 64 x 2 bytes x 1000 tokens
+    assert "KV cache per 1,000 tokens (bf16): 12.3 MB" in lines
+
+
+def test_human_units() -> None:
+    assert human_count(1_170_340_608) == "1.17B"
+    assert human_count(8_300_000_000) == "8.30B"
+    assert human_count(354_000_000) == "354M"
+    assert human_count(512) == "512"
+    assert human_bytes(999) == "999 B"
+    assert human_bytes(12_288_000) == "12.3 MB"
+    assert human_bytes(16_700_000_000) == "16.7 GB"
+
+
+def _broken(kind: str, dense_ckpt: Path, sharded_ckpt: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A broken checkpoint of the given kind and a phrase its error message must contain."""
+    if kind == "no config":
+        (tmp_path / "empty").mkdir()
+        return tmp_path / "empty", "no config.json"
+    if kind == "missing dir":
+        return tmp_path / "nope", "nope"  # the resolver words this itself; the name must appear
+    if kind == "shard missing":
+        root = Path(shutil.copytree(sharded_ckpt, tmp_path / "ckpt"))
+        (root / "model-00002-of-00023.safetensors").unlink()
+        return root, "missing"
+    root = _copy(dense_ckpt, tmp_path)
+    if kind == "model_type":
+        edit_config(root, model_type="llama")
+        return root, "model_type 'llama' is not supported"
+    if kind == "no weights":
+        (root / "model.safetensors").unlink()
+        return root, "no model.safetensors"
+    assert kind == "truncated"
+    weights = root / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    return root, "truncated"
+
+
+ERROR_KINDS = ["no config", "missing dir", "model_type", "no weights", "truncated", "shard missing"]
+
+
+@pytest.mark.parametrize("kind", ERROR_KINDS)
+def test_errors_are_one_line(kind: str, dense_ckpt: Path, sharded_ckpt: Path, tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    root, phrase = _broken(kind, dense_ckpt, sharded_ckpt, tmp_path)
+    result = runner.invoke(app, ["info", str(root)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, Lfm2Error) and result.stdout == ""
+    code, out, err = _run_main(["info", str(root)], monkeypatch, capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err
+    assert "Traceback" not in err
+
+
+def test_subprocess_never_imports_torch_and_pipes_plain_text(dense_ckpt: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "LFM2_DEBUG")}
+    code = (
+        "import sys\n"
+        f"sys.argv = ['lfm2', 'info', {str(dense_ckpt)!r}, '--json']\n"
+        "from lfm2cli.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'info imported torch'\n"
+    )
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout)["parameters"]["total"] == sum(_numels(dense_ckpt).values())
+
+    piped = subprocess.run([sys.executable, "-m", "lfm2cli", "info", str(dense_ckpt)], capture_output=True,
+                           text=True, cwd=ROOT, env=env)
+    assert piped.returncode == 0 and piped.stderr == ""
+    assert "\x1b" not in piped.stdout
+    assert piped.stdout.splitlines() == plain_lines(describe(dense_ckpt))
