@@ -14,6 +14,7 @@ from typing import Any
 from lfm2cli.checkpoint import check_tensors, parameter_counts, read_all_headers
 from lfm2cli.config import Lfm2Config, load_config
 from lfm2cli.errors import CheckpointError
+from lfm2cli.tokenizer import token_text
 
 BF16_BYTES = 2
 KV_TOKENS = 1000  # the KV-cache estimate is quoted per this many tokens
@@ -56,21 +57,12 @@ def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
     return data
 
 
-def _token_text(value: Any) -> str | None:
-    """Special tokens are stored as plain strings or as serialised AddedToken dicts."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
 def _tokens(root: Path, cfg: Lfm2Config, problems: list[str]) -> dict[str, Any]:
     files = {name: _read_json(root / name, problems) for name in TOKEN_FILES}
     out: dict[str, Any] = {}
     for kind in ("bos", "eos", "pad"):
         out[f"{kind}_token"] = next(
-            (t for data in files.values() if data and (t := _token_text(data.get(f"{kind}_token")))), None)
+            (t for data in files.values() if data and (t := token_text(data.get(f"{kind}_token")))), None)
     out["bos_token_id"] = cfg.bos_token_id
     out["eos_token_ids"] = list(cfg.eos_token_ids)
     out["pad_token_id"] = cfg.pad_token_id

@@ -14,7 +14,7 @@ from lfm2cli.errors import CheckpointError
 TEMPLATE_FILE = "chat_template.jinja"
 
 
-def _token_text(value: Any) -> str | None:
+def token_text(value: Any) -> str | None:
     """Special tokens appear as plain strings or as AddedToken dicts with a `content` key."""
     if isinstance(value, str):
         return value
@@ -132,7 +132,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
     def special(name: str, lfm2_default: str) -> str | None:
         for source in (config, special_map):
-            token = _token_text(source.get(name))
+            token = token_text(source.get(name))
             if token is not None:
                 return token
         # LFM2 checkpoints without configs still use the LFM2 control tokens.

@@ -19,22 +19,23 @@ COMMANDS = [
 GROUPS = [("history", "history", "history_app")]
 
 
+def _load(module: str):
+    """The command module, or None while a command does not exist in this build."""
+    try:
+        return importlib.import_module(f"lfm2cli.commands.{module}")
+    except ModuleNotFoundError as e:
+        if e.name != f"lfm2cli.commands.{module}":
+            raise
+        return None
+
+
 def register(app: typer.Typer) -> None:
     """Attach every command that exists to the app."""
     for name, module, func in COMMANDS:
-        try:
-            mod = importlib.import_module(f"lfm2cli.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lfm2cli.commands.{module}":
-                raise
-            continue
-        if hasattr(mod, func):
+        mod = _load(module)
+        if mod is not None and hasattr(mod, func):
             app.command(name)(getattr(mod, func))
     for name, module, attr in GROUPS:
-        try:
-            mod = importlib.import_module(f"lfm2cli.commands.{module}")
-        except ModuleNotFoundError as e:
-            if e.name != f"lfm2cli.commands.{module}":
-                raise
-            continue
-        app.add_typer(getattr(mod, attr), name=name)
+        mod = _load(module)
+        if mod is not None:
+            app.add_typer(getattr(mod, attr), name=name)
