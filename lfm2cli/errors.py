@@ -29,3 +29,7 @@ class HubError(Lfm2Error):
 
 class GenerationError(Lfm2Error):
     """The request cannot be generated (empty prompt, prompt longer than the context, ...)."""
+
+
+class HistoryError(Lfm2Error):
+    """The history database cannot be used, or a conversation id does not match."""

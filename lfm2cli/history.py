@@ -12,23 +12,23 @@ import json
 import secrets
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.errors import Lfm2Error
+from lfm2cli.errors import HistoryError
+from lfm2cli.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
 from lfm2cli.paths import data_dir
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations",
+           "to_json", "to_markdown"]
 
 ROLES = ("system", "user", "assistant", "tool")
 FINISH_REASONS = ("stop", "length", "interrupted", "error")
 TITLE_CHARS = 60
-
-
-class HistoryError(Lfm2Error):
-    """The history database cannot be used, or a conversation id does not match."""
 
 
 @dataclass
@@ -77,92 +77,6 @@ class SearchHit:
 def history_path() -> Path:
     """Where the history database lives (LFM2_HOME overrides the directory)."""
     return data_dir() / "history.db"
-
-
-# ---------------------------------------------------------------- migrations
-
-Migration = Callable[[sqlite3.Connection], None]
-MIGRATIONS: list[Migration] = []
-
-
-def _migration(fn: Migration) -> Migration:
-    """Register the next schema version. Append only: never edit or reorder a released migration.
-    Use single execute() calls: executescript() would commit the surrounding transaction."""
-    MIGRATIONS.append(fn)
-    return fn
-
-
-@_migration
-def _m001_tables(db: sqlite3.Connection) -> None:
-    db.execute(
-        """CREATE TABLE conversations (
-            id TEXT PRIMARY KEY,
-            title TEXT,
-            model TEXT NOT NULL,
-            system TEXT,
-            options TEXT,
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL
-        )"""
-    )
-    db.execute(
-        """CREATE TABLE messages (
-            id INTEGER PRIMARY KEY,
-            conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
-            position INTEGER NOT NULL,
-            role TEXT NOT NULL,
-            content TEXT NOT NULL DEFAULT '',
-            tokens INTEGER,
-            timings TEXT,
-            finish_reason TEXT,
-            created_at TEXT NOT NULL
-        )"""
-    )
-
-
-@_migration
-def _m002_indexes(db: sqlite3.Connection) -> None:
-    # the unique index is the last line of defence against two writers taking the same position
-    db.execute("CREATE UNIQUE INDEX messages_position ON messages(conversation_id, position)")
-    db.execute("CREATE INDEX conversations_updated ON conversations(updated_at)")
-
-
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def apply_migrations(db: sqlite3.Connection, upto: int | None = None,
-                     migrations: list[Migration] | None = None) -> int:
-    """Bring the schema to version `upto` (default: the latest) in one transaction; returns the version.
-
-    `db` must be in autocommit mode (isolation_level=None). The version is re-read after taking the write
-    lock, so two processes opening a new file at once migrate it exactly once.
-    """
-    migrations = MIGRATIONS if migrations is None else migrations
-    target = len(migrations) if upto is None else upto
-
-    def current() -> int:
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(migrations):
-            raise HistoryError(
-                f"the history database was written by a newer lfm2 (schema version {version}, this one "
-                f"knows {len(migrations)}); upgrade lfm2, or set LFM2_HOME to use another directory"
-            )
-        return version
-
-    if current() >= target:  # the usual case: no write lock needed
-        return current()
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        version = current()
-        for number in range(version, target):
-            migrations[number](db)
-            # user_version is part of the database header, so it commits or rolls back with the DDL
-            db.execute(f"PRAGMA user_version = {number + 1}")
-        db.execute("COMMIT")
-        return max(version, target)
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
 
 
 # ---------------------------------------------------------------- helpers
