@@ -1,0 +1,381 @@
+"""The chat session: conversation state, the model's cache kept across turns, and the history store.
+
+No terminal code here: the caller hands in a callback for the streamed text and shows what comes back.
+
+The conversation is never re-read. The cache holds `cached_ids` (`cache.pos == len(cached_ids)`); each
+turn renders the whole conversation with the model's template and feeds only the ids past the longest
+common prefix with `cached_ids`. The two can diverge: a sampled reply need not be the canonical encoding
+of its own text, and some templates rewrite past turns (LFM2.5 drops old `<think>` blocks). Then the cache
+goes back to the latest snapshot at or below the divergence. Snapshots are cheap (conv states only) and
+are taken at every turn boundary, so `/retry`, `/undo` and interrupted replies never re-prefill either.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lfm2cli.errors import GenerationError, Lfm2Error, UsageError
+from lfm2cli.generation import GenerationStats, prefill
+from lfm2cli.history import Conversation, HistoryStore, to_json, to_markdown
+from lfm2cli.loading import LoadedModel
+from lfm2cli.model.cache import CacheSnapshot
+from lfm2cli.sampling import SamplingParams
+from lfm2cli.textgen import TextRun, require_tokenizer
+
+MAX_SNAPSHOTS = 64  # a few hundred KB each for the largest LFM2; the oldest go first
+SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
+NEAR_FULL = 0.9  # warn once the conversation fills this share of the context
+
+# /set names -> parser; max_tokens is a session setting, the rest are SamplingParams fields
+_OPTION_TYPES: dict[str, Callable[[str], Any]] = {
+    "temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
+    "seed": int, "max_tokens": int,
+}
+
+
+class ContextFullError(GenerationError):
+    """The next message does not fit in the model's context."""
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str
+    id: int | None = None  # its row in the history store
+    finish_reason: str | None = None
+
+
+@dataclass
+class TurnResult:
+    text: str
+    stats: GenerationStats
+    prefilled: int  # prompt tokens run through the model for this reply
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stats.finish_reason == "interrupted"
+
+
+@dataclass
+class SessionTotals:
+    replies: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    seconds: float = 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _timings(stats: GenerationStats) -> dict[str, Any]:
+    return {"prompt_tokens": stats.prompt_tokens, "ttft_s": round(stats.ttft_s, 4),
+            "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
+            "prefill_tps": round(stats.prefill_tps, 2), "decode_tps": round(stats.decode_tps, 2)}
+
+
+class ChatSession:
+    """One chat with one loaded model. Messages are saved to `store` as they are written; the
+    conversation row is created with the first message."""
+
+    def __init__(self, lm: LoadedModel, store: HistoryStore, model_name: str,
+                 params: SamplingParams | None = None, max_tokens: int = 1024, system: str | None = None) -> None:
+        self.lm = lm
+        self.tokenizer = require_tokenizer(lm)
+        self.store = store
+        self.model_name = model_name
+        self.params = (params or SamplingParams()).validate()
+        self.max_tokens = max_tokens
+        self.system = system or None
+        self.conversation_id: str | None = None
+        self.messages: list[ChatMessage] = []
+        self.cache = lm.model.new_cache()
+        self.cached_ids: list[int] = []
+        self._snapshots: list[CacheSnapshot] = []
+        self.last_prefill_tokens = 0
+        self.last_stats: GenerationStats | None = None
+        self.totals = SessionTotals()
+        self.on_notice: Callable[[str], None] = lambda text: None  # warnings shown before a reply
+
+    # ------------------------------------------------------------------ settings
+
+    @property
+    def context_limit(self) -> int:
+        return self.cache.max_len
+
+    def options(self) -> dict[str, Any]:
+        """What is saved with the conversation: the sampling settings and max_tokens."""
+        return {**self.params.to_dict(), "max_tokens": self.max_tokens}
+
+    def set_option(self, name: str, value: str) -> None:
+        """`/set NAME VALUE`: parse, validate, apply and save with the conversation."""
+        key = name.strip().lower().replace("-", "_")
+        if key not in _OPTION_TYPES:
+            raise UsageError(f"unknown setting {name!r}; settings: {', '.join(_OPTION_TYPES)}")
+        raw = value.strip()
+        if key == "seed" and raw.lower() in ("none", "off", "random"):
+            parsed: Any = None
+        else:
+            try:
+                parsed = _OPTION_TYPES[key](raw)
+            except ValueError:
+                kind = "a whole number" if _OPTION_TYPES[key] is int else "a number"
+                raise UsageError(f"{key} needs {kind}, got {raw!r}") from None
+        if key == "max_tokens":
+            if parsed < 1:
+                raise UsageError(f"max_tokens must be at least 1, got {parsed}")
+            self.max_tokens = parsed
+        else:
+            candidate = SamplingParams.from_dict({**self.params.to_dict(), key: parsed})
+            try:
+                self.params = candidate.validate()
+            except UsageError as e:  # its messages name the command-line flags
+                raise UsageError(str(e).removeprefix("--")) from None
+        self._save_settings(options=self.options())
+
+    def apply_options(self, options: dict[str, Any]) -> None:
+        """Settings saved with a conversation (unknown keys ignored, invalid values kept as they were)."""
+        params = SamplingParams.from_dict({**self.params.to_dict(), **options})
+        try:
+            self.params = params.validate()
+        except UsageError:
+            pass
+        max_tokens = options.get("max_tokens")
+        if isinstance(max_tokens, int) and max_tokens >= 1:
+            self.max_tokens = max_tokens
+
+    def set_system(self, text: str | None) -> None:
+        """A new system prompt changes the first tokens of the conversation: the cache starts over."""
+        if (text or None) != self.system:
+            self.system = text or None
+            self._reset_cache()
+        # "" rather than None: the store reads None as "leave unchanged"
+        self._save_settings(system=self.system or "")
+
+    def _save_settings(self, **changes: Any) -> None:
+        if self.conversation_id is not None:
+            self.store.update_conversation(self.conversation_id, **changes)
+
+    # ------------------------------------------------------------------ conversations
+
+    def new_conversation(self) -> None:
+        """Start afresh (settings and system prompt stay); the row is created with the first message."""
+        self.conversation_id = None
+        self.messages = []
+        self._reset_cache()
+
+    def load(self, conv_id: str) -> Conversation:
+        """Switch to a saved conversation (id or unique prefix), with its system prompt and settings.
+        It is continued with this session's model, which becomes the conversation's model."""
+        conv = self.store.get(conv_id)
+        self.conversation_id = conv.id
+        self.messages = [ChatMessage(m.role, m.content, m.id, m.finish_reason) for m in conv.messages]
+        self.system = conv.system or None
+        self.apply_options(conv.options)
+        if conv.model != self.model_name:
+            self.store.update_conversation(conv.id, model=self.model_name)
+        # the cache is kept: whatever prefix the two conversations share is reused by the next turn
+        return conv
+
+    def conversation(self) -> Conversation:
+        if self.conversation_id is None:
+            raise Lfm2Error("nothing saved yet: the conversation starts with your first message")
+        return self.store.get(self.conversation_id)
+
+    def export(self, file: str | Path) -> Path:
+        """Write the conversation to `file`: JSON for `.json`, Markdown otherwise."""
+        path = Path(file).expanduser()
+        conv = self.conversation()
+        text = to_json(conv) if path.suffix.lower() == ".json" else to_markdown(conv)
+        try:
+            path.write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise Lfm2Error(f"cannot write {path}: {e.strerror or e}") from None
+        return path
+
+    def _ensure_conversation(self) -> str:
+        if self.conversation_id is None:
+            conv = self.store.create_conversation(self.model_name, system=self.system, options=self.options())
+            self.conversation_id = conv.id
+        return self.conversation_id
+
+    # ------------------------------------------------------------------ prompts and context
+
+    def template_messages(self, messages: Sequence[ChatMessage] | None = None) -> list[dict[str, str]]:
+        msgs = self.messages if messages is None else messages
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + [{"role": m.role, "content": m.content} for m in msgs]
+
+    def prompt_ids(self, messages: Sequence[ChatMessage] | None = None, add_generation_prompt: bool = True
+                   ) -> list[int]:
+        """The whole conversation as the model sees it (the template decides, e.g. what of past replies)."""
+        return self.tokenizer.encode_chat(self.template_messages(messages), add_generation_prompt)
+
+    def context_used(self) -> int:
+        return len(self.prompt_ids(add_generation_prompt=False)) if self.messages or self.system else 0
+
+    def _check_context(self, ids: Sequence[int]) -> None:
+        """Refuse a prompt that cannot fit before anything changes; warn when the end is near."""
+        limit = self.context_limit
+        if len(ids) >= limit:
+            raise ContextFullError(
+                f"this message does not fit: the conversation would need {len(ids)} tokens and the model's "
+                f"context holds {limit}; /new starts a new conversation (or /undo drops the last exchange)"
+            )
+        room = limit - len(ids)
+        if room < self.max_tokens or len(ids) >= NEAR_FULL * limit:
+            self.on_notice(f"the conversation uses {len(ids)} of {limit} context tokens; the reply can be at "
+                           f"most {min(room, self.max_tokens)} tokens long. /new starts a new conversation")
+
+    # ------------------------------------------------------------------ turns
+
+    def send(self, text: str, on_piece: Callable[[str], None] | None = None) -> TurnResult:
+        """Add the user's message and stream the reply. A reply cut by Ctrl-C comes back with finish reason
+        "interrupted" (kept, in the conversation and the store); other errors are raised."""
+        if not text.strip():
+            raise UsageError("the message is empty")
+        user = ChatMessage("user", text)
+        ids = self.prompt_ids([*self.messages, user])
+        self._check_context(ids)  # before anything is stored: a refused message leaves no trace
+        conv_id = self._ensure_conversation()
+        user.id = self.store.add_message(conv_id, "user", text)
+        self.messages.append(user)
+        return self._reply(ids, on_piece)
+
+    def retry(self, on_piece: Callable[[str], None] | None = None) -> TurnResult:
+        """Regenerate the last reply (with the current settings); the old one is deleted."""
+        if not self.messages:
+            raise UsageError("nothing to retry yet")
+        if self.messages[-1].role == "assistant":
+            self._drop_from(len(self.messages) - 1)
+        if not self.messages or self.messages[-1].role != "user":
+            raise UsageError("nothing to retry: the conversation does not end with your message")
+        ids = self.prompt_ids()
+        self._check_context(ids)
+        return self._reply(ids, on_piece)
+
+    def undo(self) -> int:
+        """Drop the last exchange (your last message and the reply to it); returns how many messages went."""
+        users = [i for i, m in enumerate(self.messages) if m.role == "user"]
+        if not users:
+            raise UsageError("nothing to undo")
+        start = users[-1]
+        dropped = len(self.messages) - start
+        self._drop_from(start)
+        # go back to the snapshot from before that exchange now, so the cache matches the conversation
+        ids = self.prompt_ids(add_generation_prompt=False) if self.messages or self.system else []
+        self._rewind(common_prefix(ids, self.cached_ids))
+        return dropped
+
+    def _drop_from(self, index: int) -> None:
+        """Remove messages[index:] here and in the store."""
+        gone = self.messages[index:]
+        if self.conversation_id is not None and gone[0].id is not None:
+            positions = {m.id: m.position for m in self.store.get(self.conversation_id).messages}
+            first = min((positions[m.id] for m in gone if m.id in positions), default=None)
+            if first is not None:
+                self.store.delete_messages_from(self.conversation_id, first)
+        del self.messages[index:]
+
+    def _reply(self, ids: list[int], on_piece: Callable[[str], None] | None) -> TurnResult:
+        new = self._sync(ids)
+        conv_id = self._ensure_conversation()
+        reply = ChatMessage("assistant", "")
+        # the placeholder is written first so a killed process still keeps what was streamed
+        reply.id = self.store.add_message(conv_id, "assistant", "")
+        self.messages.append(reply)
+        run = TextRun(self.lm, new[-1:], self.params, self.max_tokens, cache=self.cache, context_ids=ids)
+        t0 = time.perf_counter()
+        try:
+            if len(new) > 1:
+                prefill(self.lm.model, new[:-1], self.cache)
+                self.cached_ids = ids[:-1]
+            # the last prompt token is fed by the generation itself, so this snapshot is where /retry and an
+            # interrupted reply come back to, with one token to run for fresh logits
+            self._snapshot()
+            pre_s = time.perf_counter() - t0
+            saved_at = time.perf_counter()
+            for piece in run.pieces():
+                reply.content = run.text
+                if on_piece is not None:
+                    on_piece(piece)
+                if time.perf_counter() - saved_at >= SAVE_INTERVAL_S:
+                    self.store.update_message(reply.id, content=run.text)
+                    saved_at = time.perf_counter()
+            # after EOS or the length limit the last token is not fed back; the next prefix check fixes that
+            fed = self.cache.pos - len(ids)
+            self.cached_ids = ids + run.tokens[:fed]
+            self._snapshot()
+        except BaseException as e:
+            # a forward pass cut short leaves conv states half updated: go back to the last safe snapshot
+            self._rewind(len(ids) - 1)
+            run.stats.finish_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
+            self._finish(reply, run, len(new), time.perf_counter() - t0)
+            if isinstance(e, KeyboardInterrupt):
+                return TurnResult(run.text, run.stats, len(new))
+            raise
+        # stats as if the whole prompt went through generate(): our split prefill belongs to it
+        run.stats.ttft_s += pre_s
+        run.stats.prefill_s += pre_s
+        self._finish(reply, run, len(new), time.perf_counter() - t0)
+        return TurnResult(run.text, run.stats, len(new))
+
+    def _finish(self, reply: ChatMessage, run: TextRun, prefilled: int, seconds: float) -> None:
+        stats = run.stats
+        stats.prompt_tokens = prefilled
+        reply.content = run.text
+        reply.finish_reason = stats.finish_reason
+        self.last_prefill_tokens = prefilled
+        self.last_stats = stats
+        self.totals.replies += 1
+        self.totals.prefilled += prefilled
+        self.totals.generated += stats.generated_tokens
+        self.totals.seconds += seconds
+        assert reply.id is not None
+        self.store.update_message(reply.id, content=run.text, tokens=stats.generated_tokens,
+                                  timings=_timings(stats), finish_reason=stats.finish_reason)
+
+    # ------------------------------------------------------------------ the cache
+
+    def _sync(self, ids: list[int]) -> list[int]:
+        """Bring the cache to the longest usable prefix of `ids`; returns the ids still to feed (at least
+        one: the reply needs logits after the last prompt token)."""
+        p = min(common_prefix(ids, self.cached_ids), len(ids) - 1)
+        if p < len(self.cached_ids):
+            self._rewind(p)
+        elif not self._snapshots or self._snapshots[-1].pos != self.cache.pos:
+            self._snapshot()  # where an interrupted prefill comes back to
+        return ids[len(self.cached_ids):]
+
+    def _snapshot(self) -> None:
+        if self._snapshots and self._snapshots[-1].pos == self.cache.pos:
+            self._snapshots.pop()
+        self._snapshots.append(self.cache.snapshot())
+        if len(self._snapshots) > MAX_SNAPSHOTS:
+            del self._snapshots[0]
+
+    def _rewind(self, p: int) -> None:
+        """Restore the latest snapshot at or below position `p` (always, even at the current position:
+        the state may be half updated); without one, start from an empty cache."""
+        usable = [s for s in self._snapshots if s.pos <= p]
+        if not usable:
+            self._reset_cache()
+            return
+        snap = usable[-1]
+        self.cache.restore(snap)
+        # later snapshots describe positions that will be overwritten
+        self._snapshots = usable
+        del self.cached_ids[snap.pos:]
+
+    def _reset_cache(self) -> None:
+        self.cache.reset()
+        self.cached_ids = []
+        self._snapshots = []

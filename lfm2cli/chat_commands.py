@@ -1,0 +1,264 @@
+"""The chat loop and its slash commands, over a `ChatSession`, a reader and a `ChatUI`.
+
+The reader is `ChatInput` (prompt-toolkit, on a terminal) or `LineInput` (anything else); both raise
+EOFError at the end and KeyboardInterrupt on Ctrl-C. Replies go to the UI's reply console; everything
+else (banner, notes, command output, stats) goes to its second console, stderr in the real command.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from lfm2cli.chat import ChatMessage, ChatSession, TurnResult
+from lfm2cli.errors import Lfm2Error, UsageError
+from lfm2cli.history import shorten
+from lfm2cli.render import PlainStream, make_stream, stats_footer
+
+# name -> (arguments, help); the completer shows the help next to each name
+COMMANDS: dict[str, tuple[str, str]] = {
+    "help": ("", "show the commands"),
+    "exit": ("", "leave the chat (also /quit or Ctrl-D)"),
+    "quit": ("", "leave the chat"),
+    "new": ("", "start a new conversation"),
+    "system": ("[TEXT|-]", "show the system prompt, set it, or remove it with -"),
+    "set": ("[NAME VALUE]", "show the settings, or change one (e.g. /set temperature 0.5)"),
+    "retry": ("", "regenerate the last reply"),
+    "undo": ("", "drop the last exchange"),
+    "history": ("", "list saved conversations"),
+    "load": ("ID", "switch to a saved conversation (an id prefix is enough)"),
+    "save": ("FILE", "export this conversation: FILE.json as JSON, anything else as Markdown"),
+    "info": ("", "describe the model"),
+    "stats": ("", "statistics of the last reply and of this session"),
+}
+EXIT_HINT = "(Ctrl-D or /exit to leave)"
+RECAP_MESSAGES = 2  # messages shown when a saved conversation is resumed
+
+
+def completions() -> dict[str, str]:
+    """Command names and help, as `ChatInput` wants them."""
+    return {name: help_text for name, (_, help_text) in COMMANDS.items()}
+
+
+class ChatUI:
+    """Where the chat writes. `console` gets the replies; `err` everything else. `plain` prints replies
+    as they are generated instead of rendering markdown."""
+
+    def __init__(self, console: Console, err: Console, plain: bool) -> None:
+        self.console = console
+        self.err = err
+        self.plain = plain
+
+    def stream(self) -> Any:
+        if self.plain:
+            return PlainStream(self.console.file, err=self.err.file)
+        return make_stream(self.console, plain=False)
+
+    def say(self, text: str, style: str | None = None) -> None:
+        # Text, not markup: user content such as "[x]" prints as typed; soft_wrap keeps lines whole
+        self.err.print(Text(text, style=style or ""), soft_wrap=True)
+
+    def note(self, text: str) -> None:
+        self.say(text, "dim")
+
+    def warn(self, text: str) -> None:
+        self.say(text, "yellow")
+
+    def error(self, text: str) -> None:
+        self.say(f"error: {text}", "red")
+
+
+class ChatLoop:
+    """Reads messages and commands until EOF or /exit."""
+
+    def __init__(self, session: ChatSession, reader: Any, ui: ChatUI) -> None:
+        self.session = session
+        self.reader = reader
+        self.ui = ui
+        session.on_notice = ui.warn
+
+    def run(self) -> None:
+        while True:
+            try:
+                line = self.reader.read()
+            except EOFError:
+                return
+            except KeyboardInterrupt:
+                # Ctrl-C on a half-typed line just clears it; on an empty prompt, say how to leave
+                if not self._pending_input():
+                    self.ui.note(EXIT_HINT)
+                continue
+            if not line.strip():
+                continue
+            try:
+                if line.startswith("/") and not line.startswith("//"):
+                    if self.command(line) == "exit":
+                        return
+                else:
+                    self.send(line)
+            except Lfm2Error as e:
+                self.ui.error(str(e))
+            except KeyboardInterrupt:
+                self.ui.note("interrupted")
+
+    def send(self, line: str) -> None:
+        # a leading "//" sends a message that starts with a slash
+        text = line[1:] if line.startswith("//") else line
+        self._show_reply(lambda feed: self.session.send(text, feed))
+
+    def _pending_input(self) -> str:
+        buffer = getattr(getattr(self.reader, "session", None), "default_buffer", None)
+        return getattr(buffer, "text", "") or ""
+
+    def _show_reply(self, produce: Callable[[Callable[[str], None]], TurnResult]) -> None:
+        stream = self.ui.stream()
+        try:
+            result = produce(stream.feed)
+        except BaseException:
+            stream.abort(None)
+            raise
+        if result.interrupted:
+            stream.abort("[interrupted]")
+        else:
+            stream.finish()
+            if result.stats.finish_reason == "length":
+                limit = self.session.max_tokens
+                self.ui.note(f"[stopped at the length limit ({limit} tokens); /set max_tokens N allows more]")
+        line = stats_footer(result.stats.to_dict())
+        if line:
+            self.ui.note(line)
+
+    # ------------------------------------------------------------------ commands
+
+    def command(self, line: str) -> str | None:
+        """Run one `/command`; returns "exit" when the chat should end."""
+        # the name ends at any whitespace, so a multi-line block can start with `/system`
+        found = re.match(r"/(\S*)\s*(.*)", line, re.S)
+        assert found is not None
+        name, arg = found.group(1).lower(), found.group(2).strip()
+        handler = getattr(self, f"_cmd_{name}", None)
+        if name not in COMMANDS or handler is None:
+            self.ui.warn(f"unknown command /{name}; /help lists the commands")
+            return None
+        return handler(arg)
+
+    def _cmd_help(self, arg: str) -> None:
+        width = max(len(f"/{n} {a}".strip()) for n, (a, _) in COMMANDS.items())
+        for name, (args, help_text) in COMMANDS.items():
+            self.ui.say(f"{f'/{name} {args}'.strip():<{width}}  {help_text}")
+        self.ui.note('Alt-Enter or a """ block for several lines; start a message with // to send a leading /.')
+
+    def _cmd_exit(self, arg: str) -> str:
+        return "exit"
+
+    _cmd_quit = _cmd_exit
+
+    def _cmd_new(self, arg: str) -> None:
+        self.session.new_conversation()
+        self.ui.note("new conversation (saved with your first message)")
+
+    def _cmd_system(self, arg: str) -> None:
+        if not arg:
+            self.ui.say(self.session.system if self.session.system else "(no system prompt)")
+            return
+        self.session.set_system(None if arg == "-" else arg)
+        self.ui.note("system prompt removed" if arg == "-" else "system prompt set")
+
+    def _cmd_set(self, arg: str) -> None:
+        if not arg:
+            self.ui.say("  ".join(f"{k} {'none' if v is None else v}" for k, v in self.session.options().items()))
+            return
+        name, _, value = arg.partition(" ")
+        if not value.strip():
+            raise UsageError(f"/set {name} needs a value, e.g. /set temperature 0.5")
+        self.session.set_option(name, value)
+        key = name.lower().replace("-", "_")
+        self.ui.note(f"{key} = {self.session.options()[key]}")
+
+    def _cmd_retry(self, arg: str) -> None:
+        self._show_reply(self.session.retry)
+
+    def _cmd_undo(self, arg: str) -> None:
+        n = self.session.undo()
+        self.ui.note(f"dropped the last {'exchange' if n > 1 else 'message'}")
+
+    def _cmd_history(self, arg: str) -> None:
+        convs = self.session.store.list(limit=20)
+        if not convs:
+            self.ui.note("no saved conversations yet")
+            return
+        for c in convs:
+            mark = "*" if c.id == self.session.conversation_id else " "
+            when = _local_time(c.updated_at)
+            self.ui.say(f"{mark} {c.id}  {when}  {c.message_count:>3} msgs  {shorten(c.display_title, 50)}")
+
+    def _cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("/load needs a conversation id; /history lists them")
+        self.session.load(arg)
+        self.recap()
+
+    def _cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise UsageError("/save needs a file name, e.g. /save chat.md or /save chat.json")
+        path = self.session.export(arg)
+        kind = "JSON" if path.suffix.lower() == ".json" else "Markdown"
+        self.ui.note(f"saved {len(self.session.messages)} messages to {path} ({kind})")
+
+    def _cmd_info(self, arg: str) -> None:
+        from lfm2cli.describe import describe, plain_lines
+
+        s = self.session
+        desc = describe(s.lm.path)
+        if self.ui.plain:
+            for line in plain_lines(desc):
+                self.ui.say(line)
+        else:
+            from lfm2cli.commands.info import _print_table
+
+            _print_table(desc, self.ui.err)
+        self.ui.say(f"device: {s.lm.device}  dtype: {str(s.lm.dtype).removeprefix('torch.')}  "
+                    f"context: {s.context_used()} of {s.context_limit} tokens used")
+
+    def _cmd_stats(self, arg: str) -> None:
+        s = self.session
+        if s.last_stats is None:
+            self.ui.say("no reply yet")
+        else:
+            st = s.last_stats
+            self.ui.say(f"last reply: {stats_footer(st.to_dict())} · {s.last_prefill_tokens} prompt tokens "
+                        f"run ({st.finish_reason})")
+        t = s.totals
+        self.ui.say(f"session: {t.replies} repl{'y' if t.replies == 1 else 'ies'}, {t.prefilled} prompt tokens "
+                    f"run, {t.generated} generated, {t.seconds:.1f} s")
+        self.ui.say(f"context: {s.context_used()} of {s.context_limit} tokens")
+
+    # ------------------------------------------------------------------ display helpers
+
+    def recap(self) -> None:
+        """Say which conversation is loaded and show its last messages."""
+        s = self.session
+        conv_id = s.conversation_id
+        self.ui.note(f"conversation {conv_id}: {len(s.messages)} messages"
+                     + (f", system prompt: {shorten(s.system, 40)}" if s.system else ""))
+        for m in s.messages[-RECAP_MESSAGES:]:
+            self.ui.note(_recap_line(m))
+
+
+def _local_time(stamp: str) -> str:
+    """A stored UTC timestamp as local time, to the minute."""
+    try:
+        return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return stamp
+
+
+def _recap_line(m: ChatMessage) -> str:
+    who = "you" if m.role == "user" else m.role
+    mark = f" [{m.finish_reason}]" if m.finish_reason not in (None, "stop") else ""
+    return f"  {who}: {shorten(m.content, 100)}{mark}"

@@ -1,0 +1,119 @@
+"""`lfm2 chat`: an interactive conversation, saved as it goes (see docs/chat.md)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from lfm2cli.commands import options as o
+
+# options restored from a resumed conversation unless given on the command line
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the user typed the option (not its default)."""
+    # by name: typer may carry its own copy of click, with its own ParameterSource enum
+    return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _model_label(name: str | None) -> str:
+    """What the store records as the model: a directory's absolute path, else the hub repo id."""
+    from pathlib import Path
+
+    from lfm2cli.hub import repo_id_for
+
+    if name is not None and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return repo_id_for(name)
+
+
+def chat(
+    ctx: typer.Context,
+    model: str = o.MODEL,
+    system: str = o.SYSTEM,
+    max_tokens: int = o.MAX_TOKENS,
+    temperature: float = o.TEMPERATURE,
+    top_k: int = o.TOP_K,
+    top_p: float = o.TOP_P,
+    min_p: float = o.MIN_P,
+    repetition_penalty: float = o.REPETITION_PENALTY,
+    seed: int = o.SEED,
+    device: str = o.DEVICE,
+    dtype: str = o.DTYPE,
+    offline: bool = o.OFFLINE,
+    pull: bool = o.PULL,
+    plain: bool = typer.Option(False, "--plain", help="Print replies as plain text (no markdown rendering)."),
+    cont: bool = typer.Option(False, "--continue", "-c", help="Continue the most recent conversation."),
+    resume: str = typer.Option(None, "--resume", metavar="ID", help="Continue a saved conversation (id or prefix)."),
+) -> None:
+    """Chat with a model. Conversations are saved; /help lists the commands, Ctrl-D or /exit leaves."""
+    from rich.console import Console
+
+    from lfm2cli.errors import UsageError
+    from lfm2cli.history import HistoryStore
+
+    params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    if cont and resume:
+        raise UsageError("use either --continue or --resume ID, not both")
+    tty_in = sys.stdin is not None and sys.stdin.isatty()
+    err = Console(stderr=True)
+    with HistoryStore() as store:
+        saved = store.get(resume) if resume else store.latest() if cont else None
+        if cont and saved is None:
+            err.print("no saved conversation to continue; starting a new one", style="dim", markup=False)
+        if model is None and saved is not None:
+            model = saved.model  # continue with the model it was held with unless told otherwise
+
+        from lfm2cli.hub import resolve_model
+
+        path = resolve_model(model, offline=offline, pull=pull, interactive=tty_in and sys.stderr.isatty())
+        if tty_in:
+            err.print(f"loading {path.name}…", style="dim", markup=False, highlight=False)
+        from lfm2cli.chat import ChatSession
+        from lfm2cli.chat_commands import ChatLoop, ChatUI
+        from lfm2cli.loading import load
+
+        lm = load(path, device=device, dtype=dtype)
+        session = ChatSession(lm, store, _model_label(model), params, max_tokens, system)
+        if saved is not None:
+            session.load(saved.id)
+            # what was typed on this command line wins over what was saved, and is saved in turn
+            given = {name: ctx.params[name] for name in _SAMPLING if _given(ctx, name)}
+            if given:
+                session.apply_options(given)
+                store.update_conversation(saved.id, options=session.options())
+            if _given(ctx, "system"):
+                session.set_system(system)
+
+        ui = ChatUI(Console(), err, plain=plain or not (tty_in and sys.stdout.isatty()))
+        loop = ChatLoop(session, _reader(tty_in), ui)
+        ui.note(banner(session))
+        if saved is not None:
+            loop.recap()
+        loop.run()
+
+
+def _reader(tty_in: bool) -> Any:
+    """prompt-toolkit on a terminal; plain lines from anything else, so the chat can be scripted."""
+    if not tty_in:
+        from lfm2cli.chat_input import LineInput
+
+        return LineInput(sys.stdin)
+    from prompt_toolkit.output import create_output
+
+    from lfm2cli.chat_commands import completions
+    from lfm2cli.chat_input import ChatInput
+    from lfm2cli.paths import data_dir
+
+    # with stdout redirected, the prompt is drawn on stderr so that only replies reach the file
+    output = None if sys.stdout.isatty() else create_output(stdout=sys.stderr)
+    return ChatInput(data_dir() / "input_history", completions(), output=output)
+
+
+def banner(session: Any) -> str:
+    lm = session.lm
+    return (f"lfm2 chat · {session.model_name} · {lm.device.type} {str(lm.dtype).removeprefix('torch.')} · "
+            f"context {session.context_limit} tokens · /help for commands, Ctrl-D or /exit to leave")
