@@ -87,6 +87,7 @@ class ChatLoop:
             try:
                 line = self.reader.read()
             except EOFError:
+                self.farewell()
                 return
             except KeyboardInterrupt:
                 # Ctrl-C on a half-typed line just clears it; on an empty prompt, say how to leave
@@ -98,6 +99,7 @@ class ChatLoop:
             try:
                 if line.startswith("/") and not line.startswith("//"):
                     if self.command(line) == "exit":
+                        self.farewell()
                         return
                 else:
                     self.send(line)
@@ -105,6 +107,12 @@ class ChatLoop:
                 self.ui.error(str(e))
             except KeyboardInterrupt:
                 self.ui.note("interrupted")
+
+    def farewell(self) -> None:
+        """Leaving: say where the conversation went, so it is easy to find again."""
+        conv_id = self.session.conversation_id
+        if conv_id is not None:
+            self.ui.note(f"conversation {conv_id} saved; lfm2 chat --resume {conv_id} picks it up again")
 
     def send(self, line: str) -> None:
         # a leading "//" sends a message that starts with a slash
