@@ -4,6 +4,9 @@ safetensors files in place, one at a time, so peak memory stays close to the siz
 from __future__ import annotations
 
 import functools
+import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -35,6 +38,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     tokenizer: Any = None  # lfm2cli.tokenizer.Tokenizer when the checkpoint has tokenizer files
+    quantize: str | None = None  # "int8" when weights were quantised at load time
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -107,43 +111,212 @@ def read_tensor(info: TensorInfo, data_start: int, f: BinaryIO) -> torch.Tensor:
     return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
 
 
-def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.dtype) -> Lfm2ForCausalLM:
+def read_tensor_at(info: TensorInfo, data_start: int, fd: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`read_tensor` with positioned reads (os.preadv), so several threads can read one file at once: copying
+    from the page cache and faulting in fresh pages is per-core work, and two cores halve a warm load.
+    `out`: a contiguous CPU tensor of the tensor's dtype and shape to read into (rows of a fused buffer)."""
+    if info.dtype not in TORCH_DTYPES:
+        raise CheckpointError(f"{info.file}: tensor {info.name} has unsupported dtype {info.dtype}")
+    if out is not None:
+        buf = out.view(-1).view(torch.uint8)
+        if buf.numel() != info.end - info.start:
+            raise CheckpointError(f"{info.file}: tensor {info.name} has the wrong size")
+    else:
+        buf = torch.empty(info.end - info.start, dtype=torch.uint8)
+    view = memoryview(buf.numpy())
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], data_start + info.start + done)
+        if n <= 0:
+            raise CheckpointError(f"{info.file}: truncated while reading {info.name}; download it again")
+        done += n
+    return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+
+def _read_all(file: Path, infos: list[TensorInfo], data_start: int, direct: dict[str, torch.Tensor]
+              ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    """Tensors of one file in file order; read by a few threads where positioned reads exist. Tensors named in
+    `direct` are read straight into the given tensor."""
+    if not hasattr(os, "preadv"):  # Windows
+        with file.open("rb", buffering=0) as f:
+            for info in infos:
+                yield info, read_tensor(info, data_start, f)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(max_workers=min(4, physical_cores())) as pool:
+            # map() keeps file order; the workers run at most a few tensors ahead of the consumer
+            read = pool.map(lambda i: read_tensor_at(i, data_start, fd, direct.get(i.name)), infos)
+            yield from zip(infos, read, strict=True)
+    finally:
+        os.close(fd)
+
+
+def fused_slots(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One buffer per group of projections that prepare_for_inference() fuses (q/k/v, w1/w3), and for each
+    checkpoint tensor of a group its rows in that buffer: loaded there, the fused matrix needs no copy."""
+    slots: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        parts = getattr(module, "FUSED", ())
+        if not parts:
+            continue
+        shapes = [getattr(module, p).weight.shape for p in parts]
+        buf = torch.empty(sum(s[0] for s in shapes), shapes[0][1], device=device, dtype=dtype)
+        row = 0
+        for part, shape in zip(parts, shapes, strict=True):
+            slots[f"{name}.{part}.weight"] = buf[row:row + shape[0]]
+            row += shape[0]
+    return slots
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use: a second hyperthread per core only adds contention at batch 1."""
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        allowed = os.cpu_count() or 1
+    try:
+        cores, phys = set(), "0"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "physical id":
+                phys = value.strip()
+            elif key.strip() == "core id":
+                cores.add((phys, value.strip()))
+        if cores:
+            return max(1, min(allowed, len(cores)))
+    except OSError:
+        pass
+    return max(1, allowed)
+
+
+def configure_allocator(threshold: int = 1 << 20) -> None:
+    """glibc only: allocations of `threshold` bytes or more get their own mapping, returned to the OS when freed.
+    While loading, 1 MB: by default glibc raises the threshold after the first large free, so the transient
+    copies made while fusing and packing weights would stay in the heap (+10% resident memory for an 8B model).
+    After loading, 32 MB (glibc's own upper limit): activations are then reused from the heap instead of being
+    mapped and faulted in afresh at every layer."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def configure_threads(device: torch.device) -> None:
+    """One compute thread per physical core on CPU, unless the user chose (OMP_NUM_THREADS)."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        n = physical_cores()
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None,
+                 compile: bool = False, fast: bool = True) -> Lfm2ForCausalLM:
+    """Runtime tensors, then the fast form (fused projections, prepacked or int8 weights), then compilation.
+    `fast=False` keeps the model exactly as loaded: the reference path the tests compare against."""
+    model.eval()
+    model.setup_runtime(device)
+    configure_threads(device)
+    if compile:
+        from lfm2cli.model.compiled import compile_supported
+
+        reason = compile_supported(model)
+        if reason is not None:
+            sys.stderr.write(f"note: --compile ignored: {reason}\n")
+            compile = False
+    if fast or quantize or compile:
+        # the compiled step reads its own (blocked) weight form, so nothing is prepacked for it
+        model.prepare_for_inference(quantize=quantize, prepack=not compile)
+    if compile:
+        model.enable_compile()
+    configure_allocator(32 << 20)
+    return model
+
+
+def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *,
+               quantize: str | None = None, compile: bool = False, fast: bool = True) -> Lfm2ForCausalLM:
+    configure_allocator()
     headers = read_all_headers(path)  # raises for missing shards and truncated files
     check_tensors(cfg, headers, str(path))
     own_head = uses_own_head(cfg, headers)
     with torch.device("meta"):
         model = Lfm2ForCausalLM(cfg, own_head=own_head)
     wanted = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    slots = fused_slots(model, device, dtype) if fast or quantize or compile else {}
     for file in weight_files(path):
         tensors, data_start = read_header(file)
-        with file.open("rb", buffering=0) as f:
-            # in file order, so the disk reads sequentially
-            for info in sorted(tensors.values(), key=lambda t: t.start):
-                if info.name not in wanted:
-                    continue  # e.g. an lm_head stored next to tied embeddings
-                target = torch.float32 if info.name.endswith(KEEP_FLOAT32) else dtype
-                t = read_tensor(info, data_start, f).to(device=device, dtype=target)
-                _assign(model, info.name, t)
+        # in file order, so the disk reads sequentially; skip e.g. an lm_head stored next to tied embeddings
+        infos = [t for t in sorted(tensors.values(), key=lambda t: t.start) if t.name in wanted]
+        direct = {i.name: slots[i.name] for i in infos if i.name in slots and device.type == "cpu"
+                  and TORCH_DTYPES.get(i.dtype) == dtype and tuple(i.shape) == tuple(slots[i.name].shape)}
+        for info, raw in _read_all(file, infos, data_start, direct):
+            target = torch.float32 if info.name.endswith(KEEP_FLOAT32) else dtype
+            if info.name in slots and info.name not in direct:
+                raw = slots[info.name].copy_(raw)  # converts the dtype / moves to the device
+            _assign(model, info.name, raw.to(device=device, dtype=target))
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: tensors not loaded: {', '.join(left[:5])}")
-    model.eval()
-    model.setup_runtime(device)
-    return model
+    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast)
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer: bool = True) -> LoadedModel:
-    """Load config, weights and (when present) tokenizer from a checkpoint directory."""
+RANDOM_POOL = 1 << 22  # random values generated per model; tensors are tiled from them (fast for 8B models)
+
+
+def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
+                 compile: bool = False, fast: bool = True, seed: int = 0) -> Lfm2ForCausalLM:
+    """A model of `cfg`'s shape with random weights, built tensor by tensor in `dtype` on `device` (never a
+    float32 copy of the whole model), for benchmarks. Values are uniform with std ~ 1/sqrt(fan-in), norms 1;
+    weights repeat with a period of RANDOM_POOL values, which changes nothing in speed."""
+    configure_allocator()
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.rand(RANDOM_POOL, generator=gen).mul_(2).sub_(1).to(device=device, dtype=dtype)
+    with torch.device("meta"):
+        model = Lfm2ForCausalLM(cfg)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        target = torch.float32 if name.endswith(KEEP_FLOAT32) else dtype
+        t = torch.empty(p.shape, device=device, dtype=target)
+        if name.endswith(KEEP_FLOAT32):
+            t.zero_()
+        elif p.dim() == 1 and "norm" in name:
+            t.fill_(1.0)
+        else:
+            # tile the pool over the tensor, starting at a random point of it; then scale to std 1/sqrt(fan-in)
+            flat, done = t.view(-1), 0
+            offset = int(torch.randint(0, RANDOM_POOL, (1,), generator=gen))
+            while done < flat.numel():
+                n = min(RANDOM_POOL - offset, flat.numel() - done)
+                flat[done:done + n].copy_(pool[offset:offset + n])
+                done, offset = done + n, 0
+            fan_in = p.shape[-1] if p.dim() > 1 else 1
+            t.mul_(3 ** 0.5 / max(fan_in, 1) ** 0.5)
+        _assign(model, name, t)
+    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast)
+
+
+def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer: bool = True,
+         quantize: str | None = None, compile: bool = False) -> LoadedModel:
+    """Load config, weights and (when present) tokenizer from a checkpoint directory. `quantize="int8"`
+    quantises weights at load time; `compile=True` compiles the decode step with torch.compile."""
+    from lfm2cli.quantize import check_mode
+
+    quantize = check_mode(quantize)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory holding a model checkpoint")
     cfg = load_config(root)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    model = load_model(root, cfg, dev, dt)
+    model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile)
     tok = None
     if tokenizer and (root / "tokenizer.json").is_file():
         from lfm2cli.tokenizer import load_tokenizer
 
         tok = load_tokenizer(root)
-    return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=tok)
+    return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=tok, quantize=quantize)

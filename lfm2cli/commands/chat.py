@@ -43,6 +43,8 @@ def chat(
     seed: int = o.SEED,
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
+    quantize: str = o.QUANTIZE,
+    compile: bool = o.COMPILE,
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
     plain: bool = typer.Option(False, "--plain", help="Print replies as plain text (no markdown rendering)."),
@@ -76,7 +78,7 @@ def chat(
         from lfm2cli.chat_commands import ChatLoop, ChatUI
         from lfm2cli.loading import load
 
-        lm = load(path, device=device, dtype=dtype)
+        lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile)
         session = ChatSession(lm, store, _model_label(model), params, max_tokens, system)
         if saved is not None:
             session.load(saved.id)
@@ -115,5 +117,6 @@ def _reader(tty_in: bool) -> Any:
 
 def banner(session: Any) -> str:
     lm = session.lm
-    return (f"lfm2 chat · {session.model_name} · {lm.device.type} {str(lm.dtype).removeprefix('torch.')} · "
+    return (f"lfm2 chat · {session.model_name} · {lm.device.type} {str(lm.dtype).removeprefix('torch.')}"
+            f"{' int8' if lm.quantize else ''} · "
             f"context {session.context_limit} tokens · /help for commands, Ctrl-D or /exit to leave")

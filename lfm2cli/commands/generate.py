@@ -42,6 +42,8 @@ def generate(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, finish reason, stats."),
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
+    quantize: str = o.QUANTIZE,
+    compile: bool = o.COMPILE,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats on stderr."),
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
@@ -59,7 +61,7 @@ def generate(
     from lfm2cli.loading import load
     from lfm2cli.textgen import TextRun, prompt_ids
 
-    lm = load(path, device=device, dtype=dtype)
+    lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile)
     run = TextRun(lm, prompt_ids(lm, text, system, raw), params, max_tokens, stops=stop or ())
     tty = sys.stdout.isatty() and not json_out
     interrupted = False

@@ -18,6 +18,10 @@ REPETITION_PENALTY = typer.Option(1.05, "--repetition-penalty", min=0.0, help="1
 SEED = typer.Option(None, "--seed", help="Random seed, for reproducible sampling.")
 OFFLINE = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
 PULL = typer.Option(False, "--pull", help="Download the model without asking if it is not cached.")
+QUANTIZE = typer.Option("none", "--quantize", help="none, or int8: weight-only int8 made at load time "
+                        "(half the memory; faster decode on CPU).")
+COMPILE = typer.Option(False, "--compile/--no-compile", help="Compile the decode step with torch.compile "
+                       "(needs a C++ compiler; the first run compiles, later runs use the cache).")
 
 
 def sampling_params(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,

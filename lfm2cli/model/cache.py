@@ -37,13 +37,16 @@ class HybridCache:
         self._version = 0
         self._rewinds: list[tuple[int, int]] = []  # (version, pos) whenever pos moves back
 
-    def _grow(self, need: int) -> None:
+    @torch.inference_mode(False)  # normal tensors even when grown inside the model's forward (one kind for
+    def _grow(self, need: int) -> None:  # the compiled step's guards, and writable outside inference mode)
         """Reallocate KV storage geometrically so appends are amortised O(1)."""
         new_cap = max(need, min(self.max_len, max(2 * self.capacity, 256)))
         b, h, _, d = self._kv_shape
         for i in self._attn_layers:
             for store in (self._k, self._v):
-                fresh = torch.empty(b, h, new_cap, d, device=self.device, dtype=self.dtype)
+                # zeros, not empty: a decode step over the whole capacity (CUDA graphs) masks the unused
+                # positions, and 0 * NaN from uninitialised memory would still poison the sum
+                fresh = torch.zeros(b, h, new_cap, d, device=self.device, dtype=self.dtype)
                 if i in store and self.pos:
                     fresh[:, :, : self.pos] = store[i][:, :, : self.pos]
                 store[i] = fresh
@@ -73,6 +76,10 @@ class HybridCache:
         kc[:, :, self.pos:end] = k
         vc[:, :, self.pos:end] = v
         return kc[:, :, :end], vc[:, :, :end]
+
+    def kv_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole key and value storage of a layer, [1, kv_heads, capacity, head_dim] (compiled decode)."""
+        return self._k[layer], self._v[layer]
 
     def advance(self, n: int) -> None:
         self.pos += n

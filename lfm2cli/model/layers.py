@@ -9,12 +9,26 @@ from torch import nn
 
 from lfm2cli.config import Lfm2Config
 from lfm2cli.model.cache import HybridCache
+from lfm2cli.model.linear import Proj
+
+
+class Linear(nn.Linear):
+    """nn.Linear without torch's random init: weights always come from a checkpoint (or `random_model`), and on
+    the meta device that init costs ~1 ms per layer of pure Python."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Conv1d(nn.Conv1d):
+    def reset_parameters(self) -> None:
+        pass
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.empty(dim))  # always loaded; ones() on the meta device is slow
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -40,34 +54,63 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token over the whole cache, q [1, H, 1, D], k/v [1, KV, L, D].
+    Plain matmuls, softmax in float32: several times faster than SDPA's kernel for a single query."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, h // kv, d)  # the query heads that share each KV head, as rows
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * (d ** -0.5)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(b, h, 1, d)
+
+
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k, then RoPE."""
+
+    FUSED = ("q_proj", "k_proj", "v_proj")  # read into one buffer by the loader, one matrix after prepare()
 
     def __init__(self, cfg: Lfm2Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = Linear(h, self.n_kv * self.head_dim, bias=False)
+        self.out_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.qkv_proj: Proj | None = None  # q, k and v in one matrix, after prepare()
+
+    def prepare(self) -> None:
+        """Fuse q/k/v into one projection and swap in Proj layers (after the checkpoint is loaded)."""
+        self.qkv_proj = Proj.fuse([self.q_proj, self.k_proj, self.v_proj])
+        self.out_proj = Proj.from_linear(self.out_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        return self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: HybridCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_layernorm(self.q_proj(x).view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_layernorm(self.k_proj(x).view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = self.q_layernorm(q.view(b, t, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(k.view(b, t, self.n_kv, self.head_dim)).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         past = 0
         if cache is not None:
             past = cache.pos
             k, v = cache.append_kv(self.layer, k, v)
-        if t == 1 or past == 0:
+        if t == 1 and self.qkv_proj is not None:
+            out = decode_attention(q, k, v)
+        elif t == 1 or past == 0:
             # one new token sees everything; a fresh prompt is plainly causal
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
         else:
@@ -84,9 +127,13 @@ class ShortConv(nn.Module):
         super().__init__()
         self.layer = layer
         h, k = cfg.hidden_size, cfg.conv_L_cache
-        self.conv = nn.Conv1d(h, h, kernel_size=k, groups=h, bias=cfg.conv_bias, padding=k - 1)
-        self.in_proj = nn.Linear(h, 3 * h, bias=cfg.conv_bias)
-        self.out_proj = nn.Linear(h, h, bias=cfg.conv_bias)
+        self.conv = Conv1d(h, h, kernel_size=k, groups=h, bias=cfg.conv_bias, padding=k - 1)
+        self.in_proj = Linear(h, 3 * h, bias=cfg.conv_bias)
+        self.out_proj = Linear(h, h, bias=cfg.conv_bias)
+
+    def prepare(self) -> None:
+        self.in_proj = Proj.from_linear(self.in_proj)
+        self.out_proj = Proj.from_linear(self.out_proj)
 
     def forward(self, x: torch.Tensor, cache: HybridCache | None) -> torch.Tensor:
         b, t, h = x.shape
@@ -115,14 +162,25 @@ class ShortConv(nn.Module):
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x)."""
 
+    FUSED = ("w1", "w3")
+
     def __init__(self, hidden: int, width: int) -> None:
         super().__init__()
-        self.w1 = nn.Linear(hidden, width, bias=False)
-        self.w3 = nn.Linear(hidden, width, bias=False)
-        self.w2 = nn.Linear(width, hidden, bias=False)
+        self.w1 = Linear(hidden, width, bias=False)
+        self.w3 = Linear(hidden, width, bias=False)
+        self.w2 = Linear(width, hidden, bias=False)
+        self.w13: Proj | None = None  # w1 and w3 in one matrix, after prepare()
+
+    def prepare(self) -> None:
+        self.w13 = Proj.fuse([self.w1, self.w3])
+        self.w2 = Proj.from_linear(self.w2)
+        del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

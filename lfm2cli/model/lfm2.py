@@ -7,8 +7,11 @@ from torch import nn
 
 from lfm2cli.config import Lfm2Config
 from lfm2cli.model.cache import HybridCache
-from lfm2cli.model.layers import MLP, DecoderLayer, RMSNorm, rope_cos_sin
+from lfm2cli.model.layers import MLP, DecoderLayer, Linear, RMSNorm, rope_cos_sin
+from lfm2cli.model.linear import Proj, can_prepack
 from lfm2cli.model.moe import SparseMoE
+
+ROPE_TABLE_MIN = 4096  # positions whose cos/sin are computed up front; the table doubles when needed
 
 
 class Lfm2Backbone(nn.Module):
@@ -16,7 +19,10 @@ class Lfm2Backbone(nn.Module):
 
     def __init__(self, cfg: Lfm2Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # an explicit (uninitialised) weight skips nn.Embedding's random init: on the meta device that init
+        # imports torch._dynamo, 1.7 s of cold start
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, SparseMoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.dense_ff_dim))
             for i in range(cfg.num_hidden_layers)
@@ -30,14 +36,66 @@ class Lfm2ForCausalLM(nn.Module):
         self.config = cfg
         self.model = Lfm2Backbone(cfg)
         # tied unless the checkpoint really carries its own head
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if own_head else None
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if own_head else None
         self.inv_freq: torch.Tensor | None = None
+        self.head: Proj | None = None  # the LM head as a Proj, after prepare_for_inference()
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin per position, model dtype
+        self.compiled_decode = None  # a CompiledDecoder after enable_compile()
 
     def setup_runtime(self, device: torch.device) -> None:
         """Create the tensors that are not in the checkpoint (RoPE frequencies) on the target device."""
         d = self.config.head_dim
         self.inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32,
                                                                        device=device) / d))
+        self._rope = None
+
+    def rope(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions start..start+length-1, sliced from a table computed once (not per token)."""
+        end = start + length
+        if self._rope is None or self._rope[0].shape[0] < end or self._rope[0].dtype != dtype:
+            size = max(ROPE_TABLE_MIN, 1 << (end - 1).bit_length())
+            self._rope = rope_cos_sin(self.inv_freq, 0, size, dtype)
+        cos, sin = self._rope
+        return cos[start:end], sin[start:end]
+
+    @torch.no_grad()
+    def prepare_for_inference(self, quantize: str | None = None, prepack: bool = True,
+                              pack_tied_head: bool = True) -> None:
+        """Turn the loaded model into its fast form, once, after loading: q/k/v and w1/w3 fused into one
+        matrix each, every projection a `Proj`, then either int8 weights (`quantize="int8"`) or, on CPU,
+        weights prepacked for oneDNN. A tied head that is packed or quantised is a second copy of the
+        embedding table (the table itself must stay plain for lookups); `pack_tied_head=False` avoids it."""
+        if self.head is not None:
+            return
+        for layer in self.model.layers:
+            (layer.self_attn if layer.is_attention else layer.conv).prepare()
+            layer.feed_forward.prepare()
+        tied = self.lm_head is None
+        self.head = Proj(self.head_weight().detach())
+        self.lm_head = None
+        projs = [m for m in self.modules() if isinstance(m, Proj)]
+        if not pack_tied_head and tied:
+            projs.remove(self.head)
+        for proj in projs:
+            if quantize == "int8" and not proj.keep_precision:
+                proj.quantize_int8()
+            elif prepack and can_prepack(proj.weight):
+                proj.prepack()
+
+    @property
+    def prepared(self) -> bool:
+        return self.head is not None
+
+    def enable_compile(self) -> str | None:
+        """Run one-token decode steps through a compiled graph (see compiled.py). Returns why not, if it cannot."""
+        from lfm2cli.model.compiled import CompiledDecoder, CudaGraphDecoder, compile_supported
+
+        reason = compile_supported(self)
+        if reason is None:
+            self.prepare_for_inference(prepack=False)
+            cuda = self.device.type == "cuda"
+            self.compiled_decode = CudaGraphDecoder(self) if cuda else CompiledDecoder(self)
+        return reason
 
     @property
     def device(self) -> torch.device:
@@ -49,6 +107,11 @@ class Lfm2ForCausalLM(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         return self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is not None:
+            return self.head(x).float()
+        return torch.nn.functional.linear(x, self.head_weight()).float()
 
     def new_cache(self, capacity: int = 256, max_len: int | None = None) -> HybridCache:
         cfg = self.config
@@ -65,15 +128,19 @@ class Lfm2ForCausalLM(nn.Module):
         if self.inv_freq is None:
             self.setup_runtime(self.device)
         t = input_ids.shape[1]
+        if t == 1 and cache is not None and self.compiled_decode is not None and not all_logits:
+            return self.compiled_decode(input_ids, cache)
         start = cache.pos if cache is not None else 0
         x = self.model.embed_tokens(input_ids)
-        rope = rope_cos_sin(self.inv_freq, start, t, x.dtype)
+        rope = self.rope(start, t, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, cache)
         if cache is not None:
             cache.advance(t)
         if not all_logits:
             x = x[:, -1:]
+            if self.compiled_decode is not None:
+                return self.compiled_decode.head(x)[:, -1]
         x = self.model.embedding_norm(x)
-        logits = torch.nn.functional.linear(x, self.head_weight()).float()
+        logits = self.logits(x)
         return logits if all_logits else logits[:, -1]

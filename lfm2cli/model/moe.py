@@ -7,6 +7,7 @@ from torch import nn
 
 from lfm2cli.config import Lfm2Config
 from lfm2cli.model.layers import MLP
+from lfm2cli.model.linear import Proj
 
 
 class Router(nn.Module):
@@ -28,10 +29,20 @@ class SparseMoE(nn.Module):
         # expert_bias only chooses experts; kept in float32 whatever the model dtype
         bias = torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.use_expert_bias else None
         self.register_buffer("expert_bias", bias)
+        self.router: Proj | None = None  # the gate as a Proj after prepare(): a plain bf16 linear this small
+        # costs ~170 us per call in oneDNN's unpacked path, 4 ms per token for LFM2-8B-A1B
+
+    def prepare(self) -> None:
+        self.router = Proj(self.gate.weight.detach())
+        self.router.keep_precision = True
+        del self.gate
+        for expert in self.experts:
+            expert.prepare()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixing weights [N, k] and expert ids [N, k] for tokens x [N, hidden]."""
-        scores = torch.nn.functional.linear(x, self.gate.weight).sigmoid()
+        logits = self.router(x) if self.router is not None else torch.nn.functional.linear(x, self.gate.weight)
+        scores = logits.sigmoid()
         if self.expert_bias is not None:
             ids = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
             weights = scores.gather(1, ids)

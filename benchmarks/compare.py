@@ -1,0 +1,321 @@
+#!/usr/bin/env python3
+"""lfm2 against transformers on the same model shape, in one run, interleaved; plus cold start, `--help` time and
+int8 vs bf16. Prints a markdown table; `--write` puts it into docs/performance.md.
+
+    python benchmarks/compare.py                       # LFM2-350M shape, 3 repetitions
+    python benchmarks/compare.py --model lfm2-1.2b --write
+    python benchmarks/compare.py --model lfm2-8b-a1b --repeat 1 --no-compile   # sequential: two 16.7 GB models
+                                                                                 # do not fit in memory at once
+
+Both engines get random bf16 weights of the published shape (speed does not depend on the values), the same
+random prompts, greedy decoding and a fixed number of new tokens (transformers: min_new_tokens = max_new_tokens,
+so EOS cannot cut a run short). Each repetition runs every engine on every prompt length in turn, so a busy
+moment on a shared machine spreads over all of them; the table shows medians. Needs transformers installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is installed
+
+import torch  # noqa: E402
+
+from lfm2cli import loading  # noqa: E402
+from lfm2cli.bench import decode_bytes, measure_bandwidth  # noqa: E402
+from lfm2cli.generation import GenerationStats, generate  # noqa: E402
+from lfm2cli.known_models import KNOWN_CONFIGS, known_config  # noqa: E402
+
+DOC = ROOT / "docs" / "performance.md"
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Engine:
+    name: str
+    run: Callable[[list[int], int], GenerationStats]  # (prompt ids, new tokens) -> stats
+    decode_bytes: int = 0
+    results: dict[int, list[GenerationStats]] = field(default_factory=dict)
+
+
+# ---- the two engines ----
+
+def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = False) -> Engine:
+    model = loading.random_model(cfg, CPU, torch.bfloat16, quantize=quantize, compile=compile)
+
+    def run(prompt: list[int], new: int) -> GenerationStats:
+        stats = GenerationStats()
+        cache = model.new_cache(capacity=len(prompt) + new)
+        for _ in generate(model, prompt, sampler=lambda logits, _seen: int(logits.argmax()), max_tokens=new,
+                          cache=cache, stats=stats):
+            pass
+        return stats
+
+    return Engine(name, run, decode_bytes(model))
+
+
+class _Clock:
+    """A transformers streamer that notes when each new token arrives (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def transformers_engine(repo: str) -> Engine:
+    import transformers
+
+    raw = dict(KNOWN_CONFIGS[repo])
+    cls = transformers.Lfm2MoeForCausalLM if raw["model_type"] == "lfm2_moe" else transformers.Lfm2ForCausalLM
+    cfg_cls = transformers.Lfm2MoeConfig if raw["model_type"] == "lfm2_moe" else transformers.Lfm2Config
+    config = cfg_cls(**{k: v for k, v in raw.items() if k not in ("architectures", "model_type")})
+    model = cls._from_config(config, dtype=torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+
+    def run(prompt: list[int], new: int) -> GenerationStats:
+        clock = _Clock()
+        ids = torch.tensor([prompt])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new,
+                           min_new_tokens=new, pad_token_id=0, streamer=clock)
+        stamps = clock.times[1:]  # one per generated token
+        first = stamps[0] - t0
+        return GenerationStats(prompt_tokens=len(prompt), generated_tokens=len(stamps), ttft_s=first,
+                               prefill_s=first, decode_s=stamps[-1] - stamps[0])
+
+    return Engine(f"transformers {transformers.__version__}", run, 0)
+
+
+# ---- process-level timings ----
+
+def _median_time(cmd: list[str], n: int, **kw) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT, **kw)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _first_output(cmd: list[str]) -> float:
+    """Seconds from process start to the first byte it writes on stdout (the first streamed token)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.read(1)
+    first = time.perf_counter() - t
+    proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
+    return first
+
+
+def write_checkpoint(path: Path, repo: str) -> None:
+    """A random checkpoint of the published shape (bf16 safetensors) with a synthetic 65536-word tokenizer."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    cfg = known_config(repo)
+    model = loading.random_model(cfg, CPU, torch.bfloat16, fast=False)
+    tensors = {n: t.contiguous() for n, t in model.state_dict().items()}
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(KNOWN_CONFIGS[repo], indent=2))
+    special = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|fim_pre|>", "<|fim_mid|>", "<|fim_suf|>",
+               "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(special + [f"w{i}" for i in range(len(special), cfg.vocab_size)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(special)
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{{- bos_token -}}{%- for m in messages -%}{{- '<|im_start|>' ~ m['role'] ~ '\\n' ~ m['content'] "
+                "~ '<|im_end|>\\n' -}}{%- endfor -%}{%- if add_generation_prompt -%}"
+                "{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|pad|>",
+        "chat_template": template}))
+
+
+def process_timings(repeat: int) -> dict[str, float]:
+    """Wall times of whole processes; `import torch` and `lfm2 generate` alternate, and the cold-start cost is
+    the median of the per-pair differences (the shared machine's load shifts both alike)."""
+    py = sys.executable
+    out = {"lfm2 --help": _median_time([py, "-m", "lfm2cli", "--help"], repeat)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "lfm2-350m-random"
+        write_checkpoint(ckpt, "LiquidAI/LFM2-350M")
+        cmd = [py, "-m", "lfm2cli", "generate", str(ckpt), "--prompt", "w20 w21 w22", "-n", "4",
+               "--temperature", "0"]
+        _first_output(cmd)  # once to warm the page cache: we time starting a process, not the disk
+        torch_s, first_s = [], []
+        for _ in range(repeat):
+            torch_s.append(_median_time([py, "-c", "import torch"], 1))
+            first_s.append(_first_output(cmd))
+        out["import torch"] = statistics.median(torch_s)
+        out["lfm2 generate: start to first token"] = statistics.median(first_s)
+        out["cold start minus import torch"] = statistics.median(f - t for f, t in zip(first_s, torch_s, strict=True))
+    return out
+
+
+# ---- the comparison ----
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "AVX512-BF16" if "avx512_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags \
+        else platform.machine()
+    return (f"{cpu} ({isa}), {loading.physical_cores()} cores, {torch.get_num_threads()} threads, "
+            f"torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}")
+
+
+def run_all(engines: list[Engine], lengths: list[int], new: int, repeat: int, vocab: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for e in engines:  # warm-up (and, for compiled engines, compilation)
+        e.run(torch.randint(0, vocab, (16,), generator=gen).tolist(), 4)
+        e.results = {n: [] for n in lengths}
+    for r in range(repeat):
+        for n in lengths:
+            prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            for e in engines:
+                print(f"  run {r + 1}/{repeat}, {n} tokens: {e.name}", file=sys.stderr, flush=True)
+                e.results[n].append(e.run(prompt, new))
+
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def table(engines: list[Engine], lengths: list[int], bandwidth: float, base: Engine | None) -> list[str]:
+    head = ["engine"] + [f"prefill {n} tok/s" for n in lengths] + ["decode tok/s", f"TTFT {lengths[0]} ms",
+                                                                     "decode / ceiling"]
+    if base is not None:
+        head += ["decode vs transformers", f"prefill {lengths[-1]} vs transformers"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def decode(e: Engine) -> float:
+        return med([s.decode_tps for n in lengths for s in e.results[n]])
+
+    for e in engines:
+        cells = [e.name] + [f"{med([s.prefill_tps for s in e.results[n]]):.0f}" for n in lengths]
+        cells.append(f"{decode(e):.1f}")
+        cells.append(f"{med([s.ttft_s for s in e.results[lengths[0]]]) * 1000:.0f}")
+        cells.append(f"{decode(e) / (bandwidth / e.decode_bytes):.0%}" if e.decode_bytes else "")
+        if base is not None:
+            last = lengths[-1]
+            cells.append(f"{decode(e) / decode(base):.2f}x")
+            prefill = med([s.prefill_tps for s in e.results[last]])
+            cells.append(f"{prefill / med([s.prefill_tps for s in base.results[last]]):.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_doc(block: str, key: str) -> None:
+    start, end = f"<!-- compare:{key} start -->", f"<!-- compare:{key} end -->"
+    text = DOC.read_text() if DOC.exists() else "# Performance\n"
+    new = f"{start}\n{block.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _m: new, text, flags=re.S)
+    else:
+        marker = "<!-- compare results -->"
+        text = text.replace(marker, marker + "\n\n" + new) if marker in text else text.rstrip() + "\n\n" + new + "\n"
+    DOC.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="lfm2-350m", help="lfm2-350m, lfm2-1.2b, lfm2-8b-a1b, ...")
+    ap.add_argument("--prompt-tokens", default="128,512")
+    ap.add_argument("--gen-tokens", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-transformers", action="store_true", help="lfm2 only")
+    ap.add_argument("--no-compile", action="store_true", help="skip the --compile variants")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
+    ap.add_argument("--no-process", action="store_true", help="skip cold start and --help timings")
+    ap.add_argument("--write", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.prompt_tokens.split(",")]
+    from lfm2cli.hub import ALIASES
+
+    repo = ALIASES.get(args.model.lower(), args.model)
+    if repo not in KNOWN_CONFIGS:
+        sys.exit(f"unknown model {args.model!r}; use one of lfm2-350m, lfm2-700m, lfm2-1.2b, lfm2-2.6b, lfm2-8b-a1b")
+    cfg = known_config(repo)
+    loading.configure_threads(CPU)
+    print(f"machine: {machine()}", file=sys.stderr)
+    bandwidth = measure_bandwidth(CPU)
+    big = cfg.is_moe  # two 8B models do not fit next to each other: run the engines one after the other
+    variants: list[tuple[str, dict]] = [("lfm2 bf16", {})]
+    if not args.no_compile and not cfg.is_moe:
+        variants.append(("lfm2 bf16 --compile", {"compile": True}))
+    if not args.no_int8:
+        variants.append(("lfm2 int8", {"quantize": "int8"}))
+        if not args.no_compile and not cfg.is_moe:
+            variants.append(("lfm2 int8 --compile", {"quantize": "int8", "compile": True}))
+    builders: list[Callable[[], Engine]] = [lambda n=n, kw=kw: lfm2_engine(n, cfg, **kw) for n, kw in variants]
+    if not args.no_transformers:
+        builders.insert(0, lambda: transformers_engine(repo))
+    engines: list[Engine] = []
+    if big:
+        for build in builders:
+            e = build()
+            run_all([e], lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
+            e.run = None  # drop the model before the next one is built
+            engines.append(e)
+            import gc
+
+            gc.collect()
+    else:
+        engines = [build() for build in builders]
+        run_all(engines, lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
+    base = engines[0] if not args.no_transformers else None
+    lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1", "",
+             f"Machine: {machine()}. Memory read bandwidth measured in the run: {bandwidth / 1e9:.1f} GB/s. "
+             f"{args.gen_tokens} new tokens per run, {args.repeat} repetitions "
+             f"{'one engine after the other (two models do not fit in memory together)' if big else 'interleaved'}"
+             f"; medians. Decode ceiling = bandwidth / bytes a decode step reads "
+             f"(bf16: {next(e for e in engines if e.decode_bytes).decode_bytes / 1e6:.0f} MB; int8 about half).",
+             "", *table(engines, lengths, bandwidth, base)]
+    if not args.no_process:
+        timings = process_timings(max(5, args.repeat))
+        lines += ["", "| process | wall time (median) |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} s |" for k, v in timings.items()]
+        lines += ["", "Cold start: `lfm2 generate` on an LFM2-350M-shaped random bf16 checkpoint (warm page cache, a "
+                      "synthetic 65536-word tokenizer), from process start to the first byte on stdout; each run "
+                      "paired with a `python -c \"import torch\"` run."]
+    lines += ["", f"Command: `python benchmarks/compare.py {' '.join(sys.argv[1:])}`"]
+    block = "\n".join(lines)
+    print(block)
+    if args.write:
+        write_doc(block, repo.split("/")[1].lower())
+        print(f"wrote {DOC}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

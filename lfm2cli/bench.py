@@ -1,0 +1,311 @@
+"""`lfm2 bench`: prefill and decode speed, time to first token and peak memory, with decode speed set against
+the machine's memory-bandwidth ceiling (batch-1 decode reads every weight once per token, so bandwidth divided by
+the bytes read per token bounds it). The bandwidth is measured in the same run, before the model is built."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lfm2cli.checkpoint import parameter_counts
+from lfm2cli.config import Lfm2Config, load_config
+from lfm2cli.errors import UsageError
+from lfm2cli.generation import GenerationStats, generate
+from lfm2cli.model import Lfm2ForCausalLM
+from lfm2cli.model.linear import Proj
+
+BANDWIDTH_BYTES = 512 * 1024 * 1024  # far larger than any CPU cache
+
+
+@dataclass
+class Spread:
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass
+class BenchRun:
+    prompt_tokens: int
+    gen_tokens: int
+    repeat: int
+    prefill_tps: Spread
+    decode_tps: Spread
+    ttft_s: Spread
+    decode_fraction_of_ceiling: float
+
+
+@dataclass
+class BenchResult:
+    model: str
+    architecture: str
+    parameters: int
+    active_parameters: int
+    device: str
+    dtype: str
+    quantize: str
+    compile: bool
+    threads: int
+    random_weights: bool
+    load_s: float
+    memory_bandwidth_gbs: float
+    decode_bytes_per_token: int
+    decode_ceiling_tps: float
+    peak_memory_bytes: int
+    runs: list[BenchRun] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---- machine ----
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, repeat: int = 7) -> float:
+    """Read bandwidth in bytes/s: the best of several `sum()` passes over a buffer much larger than the caches."""
+    buf = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeat):
+        _sync(device)
+        t = time.perf_counter()
+        buf.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    del buf
+    return nbytes / best
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh high-water mark (Linux: VmHWM via clear_refs) so the bandwidth buffer does not count."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from lfm2cli.generation import peak_memory as rusage_peak
+
+    return rusage_peak(device)
+
+
+# ---- bytes per decoded token ----
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def decode_bytes(model: Lfm2ForCausalLM) -> int:
+    """Weight bytes one decode step reads: everything but the embedding table (one row of it is read; a tied
+    head reads all of it), and in MoE layers only the routed experts (top-k of E, on average)."""
+    cfg = model.config
+    expert_share = cfg.num_experts_per_tok / cfg.num_experts if cfg.is_moe else 1.0
+    emb = model.model.embed_tokens.weight
+    total = emb.shape[1] * emb.element_size()  # the looked-up row
+    if model.head is None and model.lm_head is None:
+        total += _tensor_bytes(emb)  # unprepared tied head: the table itself
+    for name, module in model.named_modules():
+        if isinstance(module, Proj):
+            total += module.nbytes() * (expert_share if ".experts." in name else 1.0)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t is emb:
+            continue
+        total += _tensor_bytes(t) * (expert_share if ".experts." in name else 1.0)
+    return int(total)
+
+
+# ---- models ----
+
+def random_config(name: str) -> tuple[Lfm2Config, str]:
+    """A published model's shape by alias or repo id, or a config.json (or a directory holding one)."""
+    from lfm2cli.known_models import known_config, known_names
+
+    cfg = known_config(name)
+    if cfg is not None:
+        return cfg, name
+    path = Path(name).expanduser()
+    if path.is_file() or (path / "config.json").is_file():
+        return load_config(path), str(path)
+    raise UsageError(f"--random needs a published model ({', '.join(known_names()[:6])}, ...) or a config.json; "
+                     f"'{name}' is neither")
+
+
+def greedy(logits: torch.Tensor, _seen: torch.Tensor | None = None) -> int:
+    return int(logits.argmax())
+
+
+def _run_once(model: Lfm2ForCausalLM, prompt: list[int], gen_tokens: int) -> GenerationStats:
+    stats = GenerationStats()
+    cache = model.new_cache(capacity=len(prompt) + gen_tokens)
+    for _ in generate(model, prompt, sampler=greedy, max_tokens=gen_tokens, cache=cache, stats=stats):
+        pass
+    return stats
+
+
+def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens: int, repeat: int,
+              ceiling_tps: float, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[BenchRun]:
+    """Repeat each prompt length `repeat` times, interleaved (a slow moment on a shared machine then spreads over
+    all lengths instead of skewing one); random prompt tokens; greedy decoding with no stop token."""
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    _run_once(model, torch.randint(0, vocab, (min(prompt_lengths),), generator=gen).tolist(), min(gen_tokens, 8))
+    stats: dict[int, list[GenerationStats]] = {n: [] for n in prompt_lengths}
+    for r in range(repeat):
+        for n in prompt_lengths:
+            if progress:
+                progress(f"run {r + 1}/{repeat}: {n} prompt tokens, {gen_tokens} generated")
+            prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            stats[n].append(_run_once(model, prompt, gen_tokens))
+    runs = []
+    for n in prompt_lengths:
+        s = stats[n]
+        decode = Spread.of([x.decode_tps for x in s])
+        runs.append(BenchRun(
+            prompt_tokens=n, gen_tokens=gen_tokens, repeat=repeat,
+            prefill_tps=Spread.of([x.prefill_tps for x in s]), decode_tps=decode,
+            ttft_s=Spread.of([x.ttft_s for x in s]),
+            decode_fraction_of_ceiling=decode.median / ceiling_tps if ceiling_tps > 0 else 0.0,
+        ))
+    return runs
+
+
+def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Sequence[int] = (128, 512),
+          gen_tokens: int = 64, repeat: int = 3, device: str = "auto", dtype: str = "auto",
+          quantize: str | None = None, compile: bool = False, offline: bool = False, pull: bool = False,
+          interactive: bool = False, progress: Callable[[str], None] | None = None) -> BenchResult:
+    """Build or load the model, measure bandwidth, run the prompts; returns everything the command prints."""
+    from lfm2cli import loading
+    from lfm2cli.quantize import check_mode
+
+    quantize = check_mode(quantize)
+    if not prompt_lengths or min(prompt_lengths) < 1:
+        raise UsageError("--prompt-tokens needs whole numbers >= 1")
+    if gen_tokens < 2:
+        raise UsageError("--gen-tokens must be at least 2 (the first token comes from prefill)")
+    if repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    dev = loading.resolve_device(device)
+    dt = loading.resolve_dtype(dtype, dev)
+    loading.configure_threads(dev)
+    say = progress or (lambda _msg: None)
+    say("measuring memory bandwidth")
+    bandwidth = measure_bandwidth(dev)
+    reset_peak_memory(dev)
+    t0 = time.perf_counter()
+    if random_weights:
+        if name is None:
+            raise UsageError("--random needs a model name, e.g. lfm2 bench --random lfm2-350m")
+        cfg, label = random_config(name)
+        say(f"building {label} with random weights ({str(dt).removeprefix('torch.')})")
+        model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile)
+        label += " (random weights)"
+    else:
+        from lfm2cli.hub import resolve_model
+
+        path = resolve_model(name, offline=offline, pull=pull, interactive=interactive)
+        say(f"loading {path}")
+        cfg = load_config(path)
+        model = loading.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile)
+        label = str(path)
+    load_s = time.perf_counter() - t0
+    longest = max(prompt_lengths) + gen_tokens
+    if longest > cfg.max_position_embeddings:
+        raise UsageError(f"{longest} tokens exceed the model's context of {cfg.max_position_embeddings}")
+    per_token = decode_bytes(model)
+    ceiling = bandwidth / per_token
+    runs = run_bench(model, list(prompt_lengths), gen_tokens, repeat, ceiling, progress=progress)
+    total, active = parameter_counts(cfg)
+    return BenchResult(
+        model=label, architecture=cfg.architecture, parameters=total, active_parameters=active, device=str(dev),
+        dtype=str(dt).removeprefix("torch."), quantize=quantize or "none", compile=compile,
+        threads=torch.get_num_threads(), random_weights=random_weights, load_s=round(load_s, 3),
+        memory_bandwidth_gbs=round(bandwidth / 1e9, 2), decode_bytes_per_token=per_token,
+        decode_ceiling_tps=round(ceiling, 2), peak_memory_bytes=peak_memory(dev), runs=runs,
+    )
+
+
+# ---- output ----
+
+def _fmt(s: Spread, digits: int = 1, scale: float = 1.0) -> str:
+    return f"{s.median * scale:.{digits}f} ({s.min * scale:.{digits}f}-{s.max * scale:.{digits}f})"
+
+
+COLUMNS = ("prompt", "prefill tok/s", "decode tok/s", "first token ms", "of ceiling")
+
+
+def rows(result: BenchResult) -> list[tuple[str, ...]]:
+    return [(str(r.prompt_tokens), _fmt(r.prefill_tps), _fmt(r.decode_tps), _fmt(r.ttft_s, 0, 1000.0),
+             f"{r.decode_fraction_of_ceiling:.0%}") for r in result.runs]
+
+
+def summary(result: BenchResult) -> list[str]:
+    from lfm2cli.describe import human_bytes, human_count
+
+    params = human_count(result.parameters)
+    if result.active_parameters != result.parameters:
+        params += f" ({human_count(result.active_parameters)} active)"
+    quant = "" if result.quantize == "none" else f", {result.quantize} weights"
+    return [
+        f"model: {result.model}, {result.architecture}, {params} parameters",
+        f"device: {result.device}, {result.dtype}{quant}{', compiled' if result.compile else ''}, "
+        f"{result.threads} threads; loaded in {result.load_s:.1f} s",
+        f"memory bandwidth {result.memory_bandwidth_gbs:.1f} GB/s; a decode step reads "
+        f"{human_bytes(result.decode_bytes_per_token)}; ceiling {result.decode_ceiling_tps:.1f} tok/s",
+        f"peak memory {human_bytes(result.peak_memory_bytes)}",
+        f"{result.runs[0].gen_tokens} tokens generated per run, {result.runs[0].repeat} runs each; "
+        "median (min-max)" if result.runs else "",
+    ]
+
+
+def print_plain(result: BenchResult, out: Any = None) -> None:
+    out = out or sys.stdout
+    for line in summary(result):
+        print(line, file=out)
+    table = [COLUMNS, *rows(result)]
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def print_rich(result: BenchResult, console: Any = None) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    for line in summary(result):
+        console.print(Text(line))
+    table = Table(box=box.SIMPLE, pad_edge=False)
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows(result):
+        table.add_row(*r)
+    console.print(table)

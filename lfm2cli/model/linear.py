@@ -1,0 +1,139 @@
+"""`Proj`: the linear layer the model runs after `prepare_for_inference`. It holds one weight in the fastest form
+for the device: plain (any device), prepacked for oneDNN (CPU, eager), weight-only int8 (see `lfm2cli.quantize`),
+or blocked for the compiled decode step. Batch-1 decode is bound by reading weights, so the form decides its speed.
+
+The blocked form stores [out, in] as [out / BLOCK, in, BLOCK]: a decode product then walks the weights in memory
+order with BLOCK output channels side by side in one vector, no horizontal sums; inductor compiles
+`(w.float() * x).sum(1)` over it into one fused pass (measured: ~1.4x oneDNN's packed bf16 GEMV on a 2-core Zen 4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 32  # output channels per block in the blocked form (16 and 64 measured slower in the compiled step)
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj._unblocked_t
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    """oneDNN prepacking pays on CPU: torch's plain bf16 `linear` reorders the weight on every call."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _adjacent(weights: list[torch.Tensor]) -> torch.Tensor | None:
+    """When the loader already read the matrices one after another into one buffer, that buffer as one matrix
+    (a view: no copy); else None."""
+    first = weights[0]
+    if not all(w.is_contiguous() and w.dtype == first.dtype and w.device == first.device for w in weights):
+        return None
+    if any(a.data_ptr() + a.nbytes != b.data_ptr() or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+           for a, b in zip(weights, weights[1:], strict=False)):
+        return None
+    rows = sum(w.shape[0] for w in weights)
+    return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+class Proj(nn.Module):
+    """y = x W^T (+ b). `weight` stays the plain [out, in] tensor unless it was packed or quantised."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight: torch.Tensor | None = weight
+        self.bias = bias
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked layout (an opaque tensor)
+        self.qweight: torch.Tensor | None = None  # int8 [out, in]
+        self.scales: torch.Tensor | None = None  # per output channel, model dtype
+        self.blocked: torch.Tensor | None = None  # [out / BLOCK, in, BLOCK]: plain or int8 values
+        self.keep_precision = False  # never quantised (the MoE router: tiny, and it picks the experts)
+
+    @classmethod
+    def fuse(cls, layers: list[nn.Linear]) -> Proj:
+        """One matrix for several projections of the same input (q/k/v, w1/w3): one weight read per token."""
+        weights = [m.weight.detach() for m in layers]
+        weight = _adjacent(weights)
+        if weight is None:
+            weight = torch.cat(weights, dim=0)
+        biases = [m.bias for m in layers]
+        bias = torch.cat([b.detach() for b in biases]) if all(b is not None for b in biases) else None
+        return cls(weight, bias)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Linear) -> Proj:
+        return cls(layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
+
+    def prepack(self) -> None:
+        """Switch to oneDNN's packed layout. Done at load time, not at first use: packed and plain weights
+        sum in different orders, and a model must answer the same before and after its first decode step."""
+        assert self.weight is not None
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
+        self.weight = None  # the packed copy replaces it: no second copy in memory
+
+    def quantize_int8(self) -> None:
+        from lfm2cli.quantize import quantize_int8
+
+        assert self.weight is not None
+        self.qweight, self.scales = quantize_int8(self.weight)
+        self.weight = None
+
+    def can_block(self) -> bool:
+        return self.packed is None and self.out_features % BLOCK == 0
+
+    def block(self) -> None:
+        """Switch to the blocked form (plain or int8) used by the compiled decode step."""
+        w = self.qweight if self.qweight is not None else self.weight
+        assert w is not None and self.can_block()
+        self.blocked = w.view(self.out_features // BLOCK, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        self.weight = self.qweight = None
+
+    def _unblocked_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """The transposed plain matrix [in, out] (dequantised) from the blocked form, for prefill. Transposed
+        because that copy moves whole runs of BLOCK values (twice as fast as [out, in]); written into one
+        scratch buffer that every layer reuses, so prefill does not fault in fresh pages for each weight."""
+        n = self.in_features * self.out_features
+        key = (dtype, self.blocked.device)
+        buf = _SCRATCH.get(key)
+        if buf is None or buf.numel() < n:
+            buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=self.blocked.device)
+        w = buf[:n].view(self.in_features, self.out_features)
+        w.view(self.in_features, -1, BLOCK).copy_(self.blocked.permute(1, 0, 2))
+        return w if self.scales is None else w.mul_(self.scales.to(dtype))
+
+    @property
+    def kind(self) -> str:
+        quant = "int8" if self.scales is not None else ""
+        form = "blocked" if self.blocked is not None else "packed" if self.packed is not None else ""
+        return "-".join(p for p in (quant, form) if p) or "plain"
+
+    def nbytes(self) -> int:
+        """Bytes read to apply this layer once (what batch-1 decode costs)."""
+        n = self.out_features * self.in_features
+        if self.scales is not None:
+            return n + self.scales.numel() * self.scales.element_size()
+        for t in (self.packed, self.blocked, self.weight):
+            if t is not None:
+                return n * t.dtype.itemsize
+        return 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked is not None:
+            if torch.compiler.is_compiling() and x.numel() == self.in_features:
+                # batch-1 decode inside the compiled step: one fused pass over the blocked weights
+                y = (self.blocked.float() * x.reshape(1, -1, 1).float()).sum(1).reshape(-1)
+                if self.scales is not None:
+                    y = y * self.scales.float()
+                y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            else:
+                y = torch.matmul(x, self._unblocked_t(x.dtype))
+            return y if self.bias is None else y + self.bias
+        if self.qweight is not None:
+            from lfm2cli.quantize import int8_linear
+
+            y = int8_linear(x, self.qweight, self.scales)
+            return y if self.bias is None else y + self.bias
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,131 @@
+"""`lfm2 bench`: JSON fields, plain output, option parsing, the bytes-per-token model, random and real models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfm2cli.bench import bench, decode_bytes, print_plain, random_config
+from lfm2cli.checkpoint import parameter_counts
+from lfm2cli.errors import UsageError
+from lfm2cli.loading import load
+
+RUN_FIELDS = {"prompt_tokens", "gen_tokens", "repeat", "prefill_tps", "decode_tps", "ttft_s",
+              "decode_fraction_of_ceiling"}
+TOP_FIELDS = {"model", "architecture", "parameters", "active_parameters", "device", "dtype", "quantize", "compile",
+              "threads", "random_weights", "load_s", "memory_bandwidth_gbs", "decode_bytes_per_token",
+              "decode_ceiling_tps", "peak_memory_bytes", "runs"}
+
+
+def lfm2(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lfm2cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).parent.parent)
+
+
+def test_bench_random_json(dense_ckpt: Path) -> None:
+    """--random builds the model from a config alone (here the tiny checkpoint's config.json)."""
+    r = lfm2("bench", "--random", str(dense_ckpt / "config.json"), "--prompt-tokens", "8,16", "--gen-tokens", "4",
+             "--repeat", "2", "--dtype", "float32", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert TOP_FIELDS <= set(data)
+    assert data["random_weights"] is True and data["dtype"] == "float32" and data["quantize"] == "none"
+    assert [run["prompt_tokens"] for run in data["runs"]] == [8, 16]
+    for run in data["runs"]:
+        assert RUN_FIELDS <= set(run)
+        assert run["gen_tokens"] == 4 and run["repeat"] == 2
+        for key in ("prefill_tps", "decode_tps", "ttft_s"):
+            spread = run[key]
+            assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+        assert run["decode_fraction_of_ceiling"] == pytest.approx(
+            run["decode_tps"]["median"] / data["decode_ceiling_tps"], rel=0.02)
+    assert data["memory_bandwidth_gbs"] > 0 and data["peak_memory_bytes"] > data["decode_bytes_per_token"]
+    assert data["decode_ceiling_tps"] == pytest.approx(
+        data["memory_bandwidth_gbs"] * 1e9 / data["decode_bytes_per_token"], rel=0.01)
+
+
+def test_bench_real_checkpoint_plain_output(moe_ckpt: Path) -> None:
+    r = lfm2("bench", str(moe_ckpt), "--prompt-tokens", "6", "--gen-tokens", "3", "--repeat", "1",
+             "--quantize", "int8")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"model: {moe_ckpt}, LFM2-MoE")
+    assert "int8 weights" in r.stdout and "ceiling" in r.stdout
+    header = next(i for i, line in enumerate(lines) if line.startswith("prompt"))
+    assert "decode tok/s" in lines[header] and lines[header + 1].split()[0] == "6"
+    assert "\x1b[" not in r.stdout  # piped: no terminal codes
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random", "lfm2-9000m"], "--random needs a published model"),
+    (["--random", "lfm2-350m", "--prompt-tokens", "12,x"], "--prompt-tokens takes whole numbers"),
+    (["--random", "lfm2-350m", "--quantize", "int3"], "unknown quantisation"),
+])
+def test_bench_usage_errors(args: list[str], message: str) -> None:
+    r = lfm2("bench", *args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bench_in_process_repeated_prompt_options(dense_ckpt: Path) -> None:
+    result = bench(str(dense_ckpt), prompt_lengths=[5, 9], gen_tokens=3, repeat=2, device="cpu", dtype="bfloat16")
+    assert [r.prompt_tokens for r in result.runs] == [5, 9] and result.dtype == "bfloat16"
+    assert result.random_weights is False and result.model == str(dense_ckpt)
+    from io import StringIO
+
+    out = StringIO()
+    print_plain(result, out)
+    assert "median (min-max)" in out.getvalue()
+    with pytest.raises(UsageError):
+        bench(str(dense_ckpt), gen_tokens=1)
+
+
+def test_prompt_token_option_forms() -> None:
+    from lfm2cli.commands.bench import _lengths
+
+    assert _lengths(None) == [128, 512]
+    assert _lengths(["64", "256,1024"]) == [64, 256, 1024]
+    with pytest.raises(UsageError):
+        _lengths(["0"])
+
+
+@pytest.mark.parametrize("ckpt", ["dense_ckpt", "moe_ckpt"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_decode_bytes_counts_active_weights(ckpt: str, fast: bool, request: pytest.FixtureRequest) -> None:
+    """Bytes per decoded token = active parameters x 2 (bf16) + the one embedding row looked up: the tied head
+    reads the whole table, MoE layers only their top-k experts. Same with fused/prepacked weights."""
+    from lfm2cli.config import load_config
+    from lfm2cli.loading import load_model
+
+    path = request.getfixturevalue(ckpt)
+    cfg = load_config(path)
+    model = load_model(path, cfg, torch.device("cpu"), torch.bfloat16, fast=fast)
+    _, active = parameter_counts(cfg)
+    # MoE routing biases are counted as parameters but kept in float32: 2 more bytes each
+    extra = sum(b.numel() * (b.element_size() - 2) for b in model.buffers())
+    assert decode_bytes(model) == active * 2 + cfg.hidden_size * 2 + extra
+
+
+def test_random_config_names(dense_ckpt: Path) -> None:
+    assert random_config("lfm2-350m")[0].hidden_size == 1024
+    assert random_config("LiquidAI/LFM2-1.2B")[0].hidden_size == 2048
+    assert random_config(str(dense_ckpt))[0].hidden_size == 64
+    with pytest.raises(UsageError):
+        random_config("nope")
+
+
+def test_bench_loaded_model_unchanged(dense_ckpt: Path) -> None:
+    """Bench uses the same loader as generate: the model answers the same after a bench run."""
+    model = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
+    before = model(torch.tensor([[1, 2, 3]]))
+    from lfm2cli.bench import run_bench
+
+    runs = run_bench(model, [4], 3, 1, ceiling_tps=100.0)
+    assert runs[0].prompt_tokens == 4 and runs[0].decode_tps.median > 0
+    assert torch.equal(model(torch.tensor([[1, 2, 3]])), before)
