@@ -227,9 +227,9 @@ class ChatLoop:
             for line in plain_lines(desc):
                 self.ui.say(line)
         else:
-            from lfm2cli.commands.info import _print_table
+            from lfm2cli.commands.info import print_table
 
-            _print_table(desc, self.ui.err)
+            print_table(desc, self.ui.err)
         self.ui.say(f"device: {s.lm.device}  dtype: {str(s.lm.dtype).removeprefix('torch.')}  "
                     f"context: {s.context_used()} of {s.context_limit} tokens used")
 

@@ -201,7 +201,7 @@ def test_table_rendering(dense_ckpt: Path) -> None:
     d = describe(dense_ckpt)
     d["tokens"]["pad_token"] = "[PAD]"
     console = Console(record=True, width=100, force_terminal=True)
-    info_cmd._print_table(d, console)
+    info_cmd.print_table(d, console)
     text = console.export_text()
     for section in ("Model", "Layers", "Attention", "Feed-forward", "Tokens", "Files", "Memory"):
         assert section in text

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 
-def _print_table(desc: dict[str, Any], console: Any = None) -> None:
+def print_table(desc: dict[str, Any], console: Any = None) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -44,6 +44,6 @@ def info(
     if json_out:
         print(json.dumps(desc, indent=2))
     elif sys.stdout.isatty():
-        _print_table(desc)
+        print_table(desc)
     else:
         print("\n".join(plain_lines(desc)))
