@@ -36,3 +36,20 @@ def chat_moe_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = make_checkpoint(tmp_path_factory.mktemp("chatmoe"), moe=True)
     make_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def endless_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Greedy decoding never picks EOS here (its head row is zero) and the context is long: generation runs
+    until it is interrupted."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny_tokenizer import make_tokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("endless"), tie_word_embeddings=False,
+                           max_position_embeddings=60_000)
+    tensors = load_file(path / "model.safetensors")
+    tensors["lm_head.weight"][7] = 0
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    make_tokenizer(path)
+    return path

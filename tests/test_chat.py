@@ -388,23 +388,6 @@ def test_prompt_toolkit_session(lm: LoadedModel, store: HistoryStore, home: Path
 # ---------------------------------------------------------------- signals, in a real process
 
 
-@pytest.fixture(scope="module")
-def endless_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Greedy decoding never picks EOS here (its head row is zero): replies run until stopped."""
-    from safetensors.torch import load_file, save_file
-
-    from tests.tiny import make_checkpoint
-    from tests.tiny_tokenizer import make_tokenizer
-
-    path = make_checkpoint(tmp_path_factory.mktemp("endless"), tie_word_embeddings=False,
-                           max_position_embeddings=60_000)
-    tensors = load_file(path / "model.safetensors")
-    tensors["lm_head.weight"][7] = 0
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    make_tokenizer(path)
-    return path
-
-
 def start_chat(ckpt: Path, home: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lfm2cli", "chat", str(ckpt), *GREEDY_ARGS, *args],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -127,24 +127,6 @@ def test_piped_stdin_and_plain_stdout(chat_ckpt: Path) -> None:
     assert json.loads(dash.stdout)["stats"]["prompt_tokens"] == json.loads(alone.stdout)["stats"]["prompt_tokens"]
 
 
-@pytest.fixture(scope="module")
-def endless_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Greedy decoding never picks EOS here (its head row is zero), and the context is long: generation
-    runs until it is interrupted."""
-    from safetensors.torch import load_file, save_file
-
-    from tests.tiny import make_checkpoint
-    from tests.tiny_tokenizer import make_tokenizer
-
-    path = make_checkpoint(tmp_path_factory.mktemp("endless"), tie_word_embeddings=False,
-                           max_position_embeddings=60_000)
-    tensors = load_file(path / "model.safetensors")
-    tensors["lm_head.weight"][7] = 0
-    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    make_tokenizer(path)
-    return path
-
-
 GREEDY = ["-t", "0", "--repetition-penalty", "1"]
 
 
