@@ -6,10 +6,10 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -99,22 +99,28 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
                 "BOOL": torch.bool}
 
 
-def read_tensor(info: TensorInfo, data_start: int, f: BinaryIO) -> torch.Tensor:
-    """Read one tensor with plain file reads into a fresh buffer: no mmap (its pages would count as a
-    second copy in RSS) and no pickle."""
-    if info.dtype not in TORCH_DTYPES:
-        raise CheckpointError(f"{info.file}: tensor {info.name} has unsupported dtype {info.dtype}")
-    buf = torch.empty(info.end - info.start, dtype=torch.uint8)
-    f.seek(data_start + info.start)
-    if f.readinto(memoryview(buf.numpy())) != buf.numel():
-        raise CheckpointError(f"{info.file}: truncated while reading {info.name}; download it again")
-    return buf.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+Reader = Callable[[memoryview, int], int]  # fill a view from a file offset; returns the bytes read
 
 
-def read_tensor_at(info: TensorInfo, data_start: int, fd: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`read_tensor` with positioned reads (os.preadv), so several threads can read one file at once: copying
-    from the page cache and faulting in fresh pages is per-core work, and two cores halve a warm load.
-    `out`: a contiguous CPU tensor of the tensor's dtype and shape to read into (rows of a fused buffer)."""
+def file_reader(fd: int) -> Reader:
+    """Positioned reads (os.preadv) where they exist, so several threads can read one file at once: copying
+    from the page cache and faulting in fresh pages is per-core work, and two cores halve a warm load."""
+    if hasattr(os, "preadv"):
+        return lambda view, offset: os.preadv(fd, [view], offset)
+
+    def seek_and_read(view: memoryview, offset: int) -> int:  # Windows: one reader at a time
+        os.lseek(fd, offset, os.SEEK_SET)
+        data = os.read(fd, len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    return seek_and_read
+
+
+def read_tensor(info: TensorInfo, data_start: int, read: Reader, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with plain file reads into its own buffer: no mmap (its pages would count as a second copy
+    in RSS) and no pickle. `out`: a contiguous CPU tensor of the tensor's dtype and shape to read into (rows of a
+    fused buffer)."""
     if info.dtype not in TORCH_DTYPES:
         raise CheckpointError(f"{info.file}: tensor {info.name} has unsupported dtype {info.dtype}")
     if out is not None:
@@ -126,7 +132,7 @@ def read_tensor_at(info: TensorInfo, data_start: int, fd: int, out: torch.Tensor
     view = memoryview(buf.numpy())
     done = 0
     while done < len(view):
-        n = os.preadv(fd, [view[done:]], data_start + info.start + done)
+        n = read(view[done:], data_start + info.start + done)
         if n <= 0:
             raise CheckpointError(f"{info.file}: truncated while reading {info.name}; download it again")
         done += n
@@ -135,21 +141,18 @@ def read_tensor_at(info: TensorInfo, data_start: int, fd: int, out: torch.Tensor
 
 def _read_all(file: Path, infos: list[TensorInfo], data_start: int, direct: dict[str, torch.Tensor]
               ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-    """Tensors of one file in file order; read by a few threads where positioned reads exist. Tensors named in
-    `direct` are read straight into the given tensor."""
-    if not hasattr(os, "preadv"):  # Windows
-        with file.open("rb", buffering=0) as f:
-            for info in infos:
-                yield info, read_tensor(info, data_start, f)
-        return
+    """Tensors of one file in file order, read by a few threads where positioned reads allow it. Tensors named
+    in `direct` are read straight into the given tensor."""
     from concurrent.futures import ThreadPoolExecutor
 
-    fd = os.open(file, os.O_RDONLY)
+    fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    read = file_reader(fd)
+    workers = min(4, physical_cores()) if hasattr(os, "preadv") else 1
     try:
-        with ThreadPoolExecutor(max_workers=min(4, physical_cores())) as pool:
-            # map() keeps file order; the workers run at most a few tensors ahead of the consumer
-            read = pool.map(lambda i: read_tensor_at(i, data_start, fd, direct.get(i.name)), infos)
-            yield from zip(infos, read, strict=True)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # map() submits every read at once and yields them in file order as they complete
+            tensors = pool.map(lambda i: read_tensor(i, data_start, read, direct.get(i.name)), infos)
+            yield from zip(infos, tensors, strict=True)
     finally:
         os.close(fd)
 
