@@ -89,7 +89,7 @@ def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Call
     t0 = time.perf_counter()
     logits = prefill(model, prompt_ids, cache, prefill_chunk)
     step = torch.empty(1, 1, dtype=torch.long, device=model.device)
-    t_decode = None
+    t_decode = t0
     try:
         for i in range(max_tokens):
             tok = sampler(logits[0], seen[:n_seen])
@@ -103,14 +103,11 @@ def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Call
             stats.generated_tokens += 1
             seen[n_seen] = tok
             n_seen += 1
-            if t_decode is not None:
-                stats.decode_s = now - t_decode
+            stats.decode_s = now - t_decode  # up to the latest token, so early stops report true rates
             yield tok
             if i + 1 < max_tokens:
                 step[0, 0] = tok
                 logits = model(step, cache)
         stats.finish_reason = "length"
     finally:
-        if t_decode is not None:
-            stats.decode_s = time.perf_counter() - t_decode if stats.finish_reason is None else stats.decode_s
         stats.peak_memory_bytes = peak_memory(model.device)
