@@ -12,6 +12,7 @@ import json
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -144,6 +145,7 @@ class HistoryStore:
         try:
             self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None,
                                        check_same_thread=False)
+            self._timeout = timeout
         except sqlite3.Error as e:
             raise HistoryError(f"cannot open the history database {self.path}: {e}") from e
         try:
@@ -155,13 +157,27 @@ class HistoryStore:
 
     def _setup(self) -> None:
         db = self._db
-        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-            db.execute("PRAGMA journal_mode = WAL")
+        self._enable_wal()
         # in WAL mode NORMAL commits without fsync yet survives a killed process: cheap streaming updates
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
         db.create_function("lfm2_contains", 2, _contains, deterministic=True)
         apply_migrations(db)
+
+    def _enable_wal(self) -> None:
+        """Switch a new database to WAL. SQLite answers "locked" at once, without its busy handler, while
+        another process is making the same switch, so retry here until the timeout."""
+        deadline, delay = time.monotonic() + self._timeout, 0.005
+        while True:
+            try:
+                if self._db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
 
     # -- plumbing
 
