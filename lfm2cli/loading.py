@@ -219,6 +219,17 @@ def configure_threads(device: torch.device) -> None:
             torch.set_num_threads(n)
 
 
+def native_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Loads lfm2's own CPU kernel (built once per machine into the cache's kernels/ folder) for bf16 models on
+    CPU. Returns None when it is in use, else why not; the model then runs on torch's kernels."""
+    from lfm2cli import paths
+    from lfm2cli.model import native
+
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return "used for bf16 on CPU only"
+    return native.load(paths.cache_dir() / "kernels")
+
+
 def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None,
                  compile: bool = False, fast: bool = True) -> Lfm2ForCausalLM:
     """Runtime tensors, then the fast form (fused projections, prepacked or int8 weights), then compilation.
@@ -234,8 +245,9 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str 
             sys.stderr.write(f"note: --compile ignored: {reason}\n")
             compile = False
     if fast or quantize or compile:
-        # the compiled step reads its own (blocked) weight form, so nothing is prepacked for it
-        model.prepare_for_inference(quantize=quantize, prepack=not compile)
+        # the compiled step reads its own (blocked) weight form, so nothing is packed for it
+        use_native = not compile and native_kernel(device, model.dtype) is None
+        model.prepare_for_inference(quantize=quantize, prepack=not compile, native=use_native)
     if compile:
         model.enable_compile()
     configure_allocator(32 << 20)

@@ -7,6 +7,18 @@ import pytest
 from tests.tiny import make_checkpoint
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The tests never write to the user's cache or history (the model cache, the native kernel's build,
+    chat history); tests that need their own folders set these again. Subprocesses inherit them."""
+    patch = pytest.MonkeyPatch()
+    base = tmp_path_factory.mktemp("user")
+    patch.setenv("LFM2_CACHE", str(base / "cache"))
+    patch.setenv("LFM2_HOME", str(base / "home"))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def dense_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random LFM2 checkpoint (float32, single file)."""

@@ -176,11 +176,11 @@ needs_compiler = pytest.mark.skipif(not _compiler_available(), reason="torch.com
 @pytest.mark.slow
 @needs_compiler
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_compiled_decode_gives_eager_tokens(dense_ckpt: Path, quantize: str | None) -> None:
+def test_fast_decode_gives_eager_tokens(dense_ckpt: Path, quantize: str | None) -> None:
     eager = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False, quantize=quantize).model
     compiled = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False, quantize=quantize,
                     compile=True).model
-    assert compiled.compiled_decode is not None
+    assert compiled.fast_decode is not None
     assert {m.kind for m in compiled.modules() if isinstance(m, Proj)} == {"int8-blocked" if quantize else "blocked"}
     # long enough that the KV cache grows (256 -> 512 positions) under the compiled step
     worst, agree, toks_eager, toks_compiled = teacher_forced(eager, compiled, n_prompt=250, steps=12)
@@ -212,7 +212,7 @@ def test_static_masked_decode_step_matches_eager(dense_ckpt: Path) -> None:
 
 def test_compile_is_skipped_for_moe(moe_ckpt: Path, capfd: pytest.CaptureFixture) -> None:
     model = load(moe_ckpt, device="cpu", dtype="float32", tokenizer=False, compile=True).model
-    assert model.compiled_decode is None and model.prepared
+    assert model.fast_decode is None and model.prepared
     assert "--compile ignored" in capfd.readouterr().err
 
 

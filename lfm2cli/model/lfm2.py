@@ -40,7 +40,7 @@ class Lfm2ForCausalLM(nn.Module):
         self.inv_freq: torch.Tensor | None = None
         self.head: Proj | None = None  # the LM head as a Proj, after prepare_for_inference()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin per position, model dtype
-        self.compiled_decode = None  # a CompiledDecoder after enable_compile()
+        self.fast_decode = None  # one-token steps: NativeDecoder (native=True) or a compiled step
 
     def setup_runtime(self, device: torch.device) -> None:
         """Create the tensors that are not in the checkpoint (RoPE frequencies) on the target device."""
@@ -60,11 +60,12 @@ class Lfm2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prepare_for_inference(self, quantize: str | None = None, prepack: bool = True,
-                              pack_tied_head: bool = True) -> None:
+                              pack_tied_head: bool = True, native: bool = False) -> None:
         """Turn the loaded model into its fast form, once, after loading: q/k/v and w1/w3 fused into one
-        matrix each, every projection a `Proj`, then either int8 weights (`quantize="int8"`) or, on CPU,
-        weights prepacked for oneDNN. A tied head that is packed or quantised is a second copy of the
-        embedding table (the table itself must stay plain for lookups); `pack_tied_head=False` avoids it."""
+        matrix each, every projection a `Proj`, then int8 weights (`quantize="int8"`) and, on CPU, each weight
+        in the native kernel's layout (`native=True` and the kernel loaded: bf16 models) or else prepacked for
+        oneDNN. A tied head that is packed or quantised is a second copy of the embedding table (the table
+        itself must stay plain for lookups); `pack_tied_head=False` avoids it."""
         if self.head is not None:
             return
         for layer in self.model.layers:
@@ -79,8 +80,14 @@ class Lfm2ForCausalLM(nn.Module):
         for proj in projs:
             if quantize == "int8" and not proj.keep_precision:
                 proj.quantize_int8()
-            elif prepack and can_prepack(proj.weight):
+            if native and proj.can_native():
+                proj.to_native()
+            elif prepack and proj.weight is not None and can_prepack(proj.weight):
                 proj.prepack()
+        if native and all(p.native is not None for p in self.modules() if isinstance(p, Proj)):
+            from lfm2cli.model.native_decode import NativeDecoder
+
+            self.fast_decode = NativeDecoder(self)
 
     @property
     def prepared(self) -> bool:
@@ -94,7 +101,7 @@ class Lfm2ForCausalLM(nn.Module):
         if reason is None:
             self.prepare_for_inference(prepack=False)
             cuda = self.device.type == "cuda"
-            self.compiled_decode = CudaGraphDecoder(self) if cuda else CompiledDecoder(self)
+            self.fast_decode = CudaGraphDecoder(self) if cuda else CompiledDecoder(self)
         return reason
 
     @property
@@ -128,8 +135,8 @@ class Lfm2ForCausalLM(nn.Module):
         if self.inv_freq is None:
             self.setup_runtime(self.device)
         t = input_ids.shape[1]
-        if t == 1 and cache is not None and self.compiled_decode is not None and not all_logits:
-            return self.compiled_decode(input_ids, cache)
+        if t == 1 and cache is not None and self.fast_decode is not None and not all_logits:
+            return self.fast_decode(input_ids, cache)
         start = cache.pos if cache is not None else 0
         x = self.model.embed_tokens(input_ids)
         rope = self.rope(start, t, x.dtype)
@@ -139,8 +146,8 @@ class Lfm2ForCausalLM(nn.Module):
             cache.advance(t)
         if not all_logits:
             x = x[:, -1:]
-            if self.compiled_decode is not None:
-                return self.compiled_decode.head(x)[:, -1]
+            if self.fast_decode is not None:
+                return self.fast_decode.head(x)[:, -1]
         x = self.model.embedding_norm(x)
         logits = self.logits(x)
         return logits if all_logits else logits[:, -1]

@@ -1,5 +1,6 @@
 """`Proj`: the linear layer the model runs after `prepare_for_inference`. It holds one weight in the fastest form
-for the device: plain (any device), prepacked for oneDNN (CPU, eager), weight-only int8 (see `lfm2cli.quantize`),
+for the device: plain (any device), packed for lfm2's own CPU kernel (`lfm2cli.model.native`: bf16 or int8),
+prepacked for oneDNN (CPU, eager, where the native kernel cannot run), weight-only int8 (see `lfm2cli.quantize`),
 or blocked for the compiled decode step. Batch-1 decode is bound by reading weights, so the form decides its speed.
 
 The blocked form stores [out, in] as [out / BLOCK, in, BLOCK]: a decode product then walks the weights in memory
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lfm2cli.model import native
 
 BLOCK = 32  # output channels per block in the blocked form (16 and 64 measured slower in the compiled step)
 _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj._unblocked_t
@@ -48,6 +51,8 @@ class Proj(nn.Module):
         self.qweight: torch.Tensor | None = None  # int8 [out, in]
         self.scales: torch.Tensor | None = None  # per output channel, model dtype
         self.blocked: torch.Tensor | None = None  # [out / BLOCK, in, BLOCK]: plain or int8 values
+        self.native: torch.Tensor | None = None  # the native kernel's layout: bf16, or int8 with native_scales
+        self.native_scales: torch.Tensor | None = None  # float32, padded
         self.keep_precision = False  # never quantised (the MoE router: tiny, and it picks the experts)
 
     @classmethod
@@ -79,6 +84,19 @@ class Proj(nn.Module):
         self.qweight, self.scales = quantize_int8(self.weight)
         self.weight = None
 
+    def can_native(self) -> bool:
+        w = self.qweight if self.qweight is not None else self.weight
+        return w is not None and native.can_pack(w)
+
+    def to_native(self) -> None:
+        """Switch to the native kernel's layout (bf16 or int8 weights; see native.c). Replaces the plain copy."""
+        assert self.can_native()
+        if self.qweight is not None:
+            self.native, self.native_scales = native.pack(self.qweight), native.pad_scales(self.scales)
+        else:
+            self.native = native.pack(self.weight)
+        self.weight = self.qweight = None
+
     def can_block(self) -> bool:
         return self.packed is None and self.out_features % BLOCK == 0
 
@@ -105,7 +123,8 @@ class Proj(nn.Module):
     @property
     def kind(self) -> str:
         quant = "int8" if self.scales is not None else ""
-        form = "blocked" if self.blocked is not None else "packed" if self.packed is not None else ""
+        form = ("blocked" if self.blocked is not None else "packed" if self.packed is not None
+                else "native" if self.native is not None else "")
         return "-".join(p for p in (quant, form) if p) or "plain"
 
     def nbytes(self) -> int:
@@ -113,12 +132,15 @@ class Proj(nn.Module):
         n = self.out_features * self.in_features
         if self.scales is not None:
             return n + self.scales.numel() * self.scales.element_size()
-        for t in (self.packed, self.blocked, self.weight):
+        for t in (self.packed, self.blocked, self.native, self.weight):
             if t is not None:
                 return n * t.dtype.itemsize
         return 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:  # bf16 models only (see prepare_for_inference)
+            y = native.linear(x, self.native, self.out_features, self.native_scales)
+            return y if self.bias is None else y + self.bias
         if self.blocked is not None:
             if torch.compiler.is_compiling() and x.numel() == self.in_features:
                 # batch-1 decode inside the compiled step: one fused pass over the blocked weights

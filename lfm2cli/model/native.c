@@ -1,0 +1,250 @@
+/* lfm2's CPU matrix kernel: y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights.
+ *
+ * Built on the user's machine with -march=native (see native.py) and used only where the CPU has AVX512-BF16.
+ * Batch-1 decode is bound by reading weights: torch's bf16 linear (oneDNN) streams them at ~60 % of the memory
+ * bandwidth on a 2-core Zen 4, this kernel at ~95 %. The same loop serves prefill (tiles of tokens reuse each
+ * weight vector from cache) at oneDNN's speed, so one weight layout serves both.
+ *
+ * Layout ("pairs"): W [out, in] is stored as [out/16][in/2][16][2]: 16 output channels side by side, each with
+ * two consecutive inputs, so one 64-byte load feeds one vdpbf16ps against a broadcast pair of x. Rows are
+ * padded with zeros to a multiple of 64 (4 blocks per tile); `in` must be even. int8 weights use the same
+ * layout; each 32-weight vector is converted to bf16 exactly (|q| <= 127 needs 7 bits) and the per-row scale is
+ * applied to the fp32 sum. Threads: torch's own OpenMP runtime (the same libgomp is already loaded).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LFM2_NATIVE_ABI 2
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LFM2_HAVE_KERNEL 1
+#endif
+
+int lfm2_native_abi(void) { return LFM2_NATIVE_ABI; }
+
+/* ---- One decode step's small operations, bf16 in and out (portable C, vectorised by the compiler).
+ * Each rounds to bf16 where the model's torch code does (an op's result is bf16), so both paths agree to
+ * within the last bit of a rounding; at batch 1 torch spends ~10 us of dispatch on each of ~60 such ops per
+ * layer, more than the layer's matrix products take at 350M. */
+
+typedef uint16_t bf16_t;
+
+static inline float f32(bf16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+
+static inline bf16_t bf(float f) { /* round to nearest even, as torch converts */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    return (bf16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+static inline float rnd(float f) { return f32(bf(f)); } /* a bf16 op's result, back in float */
+
+static inline float exp_f(float x) { /* expf to ~2 ulp, branch-free so loops over it vectorise */
+    x = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x;
+    const float t = x * 1.44269504f, n = (t + 12582912.0f) - 12582912.0f; /* round to nearest integer */
+    const float f = (t - n) * 0.69314718f;
+    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666667e-2f + f * (8.3333333e-3f
+                    + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
+    union { int32_t i; float f; } e = {((int32_t)n + 127) << 23};
+    return p * e.f;
+}
+
+/* Sum of squares in 16 lanes (a vectorisable order; torch's mean also sums in vector lanes). */
+static inline float sum_squares(const bf16_t *x, int64_t n) {
+    float lane[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lane[j] += f32(x[i + j]) * f32(x[i + j]);
+    for (; i < n; i++) lane[0] += f32(x[i]) * f32(x[i]);
+    float s = 0.0f;
+    for (int j = 0; j < 16; j++) s += lane[j];
+    return s;
+}
+
+/* RMSNorm of `rows` rows of `dim`: y = w * bf16(x / rms(x)), statistics in float32. */
+static void norm_rows(const bf16_t *x, const bf16_t *w, bf16_t *y, int64_t rows, int64_t dim, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const bf16_t *xr = x + r * dim;
+        const float s = 1.0f / sqrtf(sum_squares(xr, dim) / (float)dim + eps);
+        for (int64_t i = 0; i < dim; i++) y[r * dim + i] = bf(rnd(f32(xr[i]) * s) * f32(w[i]));
+    }
+}
+
+/* The residual stream step between sublayers: x += h (in place), y = RMSNorm(x). */
+void lfm2_add_rmsnorm(bf16_t *x, const bf16_t *h, const bf16_t *w, bf16_t *y, int64_t dim, float eps) {
+    if (h)
+        for (int64_t i = 0; i < dim; i++) x[i] = bf(f32(x[i]) + f32(h[i]));
+    norm_rows(x, w, y, 1, dim, eps);
+}
+
+/* SwiGLU's middle: gu = [gate | up] (w1 and w3 fused), out = silu(gate) * up. */
+void lfm2_silu_mul(const bf16_t *gu, bf16_t *out, int64_t width) {
+    for (int64_t i = 0; i < width; i++) {
+        const float g = f32(gu[i]);
+        out[i] = bf(rnd(g / (1.0f + exp_f(-g))) * f32(gu[width + i]));
+    }
+}
+
+/* The short convolution for one new token: bcx = in_proj output [B | C | x], state [h][width-1] (the
+ * previous inputs, oldest first; shifted in place), w [h][width], bias [h] or NULL; out = C * conv(B * x). */
+void lfm2_conv_step(const bf16_t *bcx, bf16_t *state, const bf16_t *w, const bf16_t *bias, bf16_t *out,
+                    int64_t h, int64_t width) {
+    for (int64_t c = 0; c < h; c++) {
+        bf16_t *s = state + c * (width - 1);
+        const bf16_t *wc = w + c * width;
+        const float bx = rnd(f32(bcx[c]) * f32(bcx[2 * h + c]));
+        float y = 0.0f;
+        for (int64_t k = 0; k < width - 1; k++) y += rnd(f32(s[k]) * f32(wc[k]));
+        y = rnd(y + rnd(bx * f32(wc[width - 1])));
+        if (bias) y = rnd(y + f32(bias[c]));
+        out[c] = bf(f32(bcx[h + c]) * y);
+        for (int64_t k = 0; k + 1 < width - 1; k++) s[k] = s[k + 1];
+        s[width - 2] = bf(bx);
+    }
+}
+
+/* Rotate-half RoPE of one head in place: x * cos + rotate_half(x) * sin. */
+static void rope_head(bf16_t *x, const bf16_t *cos, const bf16_t *sin, int64_t d) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = f32(x[i]), b = f32(x[i + half]);
+        x[i] = bf(rnd(a * f32(cos[i])) + rnd(-b * f32(sin[i])));
+        x[i + half] = bf(rnd(b * f32(cos[i + half])) + rnd(a * f32(sin[i + half])));
+    }
+}
+
+/* Grouped-query attention for one new token at position `pos`: qkv = the fused projection's output, q and k
+ * normed per head and rotated, k and v written into the caches kc/vc [kv_heads][cap][d], then each query head
+ * attends over positions 0..pos (scores rounded to bf16 as a bf16 matmul does, softmax in float32). */
+void lfm2_attention_step(const bf16_t *qkv, const bf16_t *qw, const bf16_t *kw, const bf16_t *cos,
+                         const bf16_t *sin, bf16_t *kc, bf16_t *vc, int64_t pos, int64_t cap, int64_t heads,
+                         int64_t kv_heads, int64_t d, float eps, bf16_t *out, int threads) {
+    bf16_t *q = malloc(sizeof(bf16_t) * heads * d);
+    norm_rows(qkv, qw, q, heads, d, eps);
+    for (int64_t hh = 0; hh < heads; hh++) rope_head(q + hh * d, cos, sin, d);
+    for (int64_t g = 0; g < kv_heads; g++) {
+        bf16_t *k = kc + (g * cap + pos) * d;
+        norm_rows(qkv + (heads + g) * d, kw, k, 1, d, eps);
+        rope_head(k, cos, sin, d);
+        memcpy(vc + (g * cap + pos) * d, qkv + (heads + kv_heads + g) * d, sizeof(bf16_t) * d);
+    }
+    const int64_t n = pos + 1, group = heads / kv_heads;
+    const float scale = 1.0f / sqrtf((float)d);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n * heads * d > 65536)
+    for (int64_t hh = 0; hh < heads; hh++) {
+        const bf16_t *qh = q + hh * d, *kh = kc + (hh / group) * cap * d, *vh = vc + (hh / group) * cap * d;
+        float *p = malloc(sizeof(float) * n), *acc = calloc(d, sizeof(float)), top = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < d; i++) dot += f32(qh[i]) * f32(kh[j * d + i]);
+            p[j] = rnd(dot) * scale;
+            top = p[j] > top ? p[j] : top;
+        }
+        for (int64_t j = 0; j < n; j++) { p[j] = exp_f(p[j] - top); sum += p[j]; }
+        for (int64_t j = 0; j < n; j++) {
+            const float pj = rnd(p[j] / sum);
+            for (int64_t i = 0; i < d; i++) acc[i] += pj * f32(vh[j * d + i]);
+        }
+        for (int64_t i = 0; i < d; i++) out[hh * d + i] = bf(acc[i]);
+        free(p); free(acc);
+    }
+    free(q);
+}
+
+#ifndef LFM2_HAVE_KERNEL
+int lfm2_native_supported(void) { return 0; }
+void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
+                 int64_t in, int int8, int threads) {
+    (void)w; (void)scales; (void)x; (void)y; (void)T; (void)out; (void)in; (void)int8; (void)threads;
+}
+#else
+int lfm2_native_supported(void) { return 1; }
+
+#define NB 4                 /* 16-channel blocks per tile: 64 outputs */
+#define TT 6                 /* tokens per tile: NB * TT = 24 accumulators of the 32 registers */
+#define I8_DIRECT_ROWS 8     /* up to this many tokens, int8 vectors are converted in the loop; beyond, once */
+
+static inline __m512bh load_bf16(const void *p) { return (__m512bh)_mm512_loadu_si512(p); }
+
+static inline __m512bh load_i8(const void *p) {
+    __m256i q = _mm256_loadu_si256((const __m256i *)p);
+    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo); /* element order kept: lo fills elements 0-15 */
+}
+
+/* Stores 16 sums (scaled when `scale`) as bf16 into row y[0..n), n < 16 only in the last block. */
+static inline void store16(uint16_t *y, __m512 v, const float *scale, int64_t n) {
+    if (n <= 0) return;
+    if (scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(scale));
+    __mmask16 m = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+    _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* One tile body per weight type: `w` points at the tile's first block, blocks `bs` elements apart. */
+#define TILE_FN(NAME, WTYPE, LOAD)                                                                            \
+static void NAME(const WTYPE *w, int64_t bs, int64_t pairs, const uint16_t *x, int64_t in, int64_t nt,      \
+                 uint16_t *y, int64_t out, int64_t col, const float *scale) {                                 \
+    __m512 a[NB][TT];                                                                                         \
+    for (int k = 0; k < NB; k++)                                                                              \
+        for (int t = 0; t < TT; t++) a[k][t] = _mm512_setzero_ps();                                           \
+    const uint32_t *xr[TT];                                                                                   \
+    for (int t = 0; t < TT; t++) xr[t] = (const uint32_t *)(x + (t < nt ? t : 0) * in);                       \
+    for (int64_t p = 0; p < pairs; p++) {                                                                     \
+        __m512bh wv[NB];                                                                                      \
+        _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) wv[k] = LOAD(w + k * bs + p * 32);              \
+        _Pragma("GCC unroll 8") for (int t = 0; t < TT; t++) {                                                \
+            if (t < nt) {                                                                                     \
+                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xr[t][p]);                                     \
+                _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++)                                          \
+                    a[k][t] = _mm512_dpbf16_ps(a[k][t], wv[k], xv);                                           \
+            }                                                                                                 \
+        }                                                                                                     \
+    }                                                                                                         \
+    for (int t = 0; t < nt; t++)                                                                              \
+        for (int k = 0; k < NB; k++)                                                                          \
+            store16(y + t * out + col + 16 * k, a[k][t], scale ? scale + col + 16 * k : 0, out - col - 16 * k); \
+}
+
+TILE_FN(tile_bf16, uint16_t, load_bf16)
+TILE_FN(tile_i8, int8_t, load_i8)
+
+/* int8 -> bf16 for one tile's blocks (64 x in weights), into a scratch buffer of the same layout. */
+static void widen_tile(const int8_t *w, int64_t bs, uint16_t *dst) {
+    for (int k = 0; k < NB; k++)
+        for (int64_t i = 0; i < bs; i += 32)
+            _mm512_storeu_si512(dst + k * bs + i, (__m512i)load_i8(w + k * bs + i));
+}
+
+/* W in the pairs layout (bf16, or int8 with per-row `scales`, both padded to a multiple of 64 rows);
+ * x [T, in] bf16, y [T, out] bf16; `in` even. Tiles of 64 outputs are shared among `threads` threads. */
+void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
+                 int64_t in, int int8, int threads) {
+    const int64_t tiles = (out + 16 * NB - 1) / (16 * NB), bs = 16 * in, pairs = in / 2;
+    const int widen = int8 && T > I8_DIRECT_ROWS;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint16_t *scratch = widen ? (uint16_t *)aligned_alloc(64, (size_t)(NB * bs * 2 + 63) / 64 * 64) : 0;
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < tiles; g++) {
+            const int64_t col = g * 16 * NB, first = g * NB * bs;
+            if (scratch) widen_tile((const int8_t *)w + first, bs, scratch);
+            for (int64_t t0 = 0; t0 < T; t0 += TT) {
+                const int64_t nt = T - t0 < TT ? T - t0 : TT;
+                const uint16_t *xt = x + t0 * in;
+                uint16_t *yt = y + t0 * out;
+                if (scratch)
+                    tile_bf16(scratch, bs, pairs, xt, in, nt, yt, out, col, scales);
+                else if (int8)
+                    tile_i8((const int8_t *)w + first, bs, pairs, xt, in, nt, yt, out, col, scales);
+                else
+                    tile_bf16((const uint16_t *)w + first, bs, pairs, xt, in, nt, yt, out, col, 0);
+            }
+        }
+        free(scratch);
+    }
+}
+#endif

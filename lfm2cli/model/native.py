@@ -1,0 +1,178 @@
+"""lfm2's native CPU code (native.c): built once per machine with the system's C compiler and loaded with
+ctypes. For bf16 models on CPUs with AVX512-BF16, `Proj` runs its matrix products here and a one-token decode
+step runs every layer's small operations here too (`lfm2cli.model.native_decode`). Elsewhere torch runs all.
+
+The library is compiled with -march=native, so it is cached under a key made of the source, the compiler and
+the CPU's feature flags; a cache directory shared between machines then holds one build per kind of CPU.
+Building takes about half a second, once. `LFM2_NATIVE=0` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+ROWS = 64  # output channels per tile in native.c: packed weights are padded to a multiple of this
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lib: ctypes.CDLL | None = None  # loaded library (its small ops run on any CPU)
+_matmul = False  # whether it has the matrix kernel (AVX512-BF16): the model uses the library only then
+_why_not: str | None = "not loaded"
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "lfm2_linear": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "lfm2_add_rmsnorm": [_P, _P, _P, _P, _I, _F],
+    "lfm2_silu_mul": [_P, _P, _I],
+    "lfm2_conv_step": [_P, _P, _P, _P, _P, _I, _I],
+    "lfm2_attention_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, ctypes.c_int],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def build(directory: Path) -> Path:
+    """Compile native.c into `directory` unless a build for this source, compiler and CPU is there already.
+    Raises OSError (no compiler, failed build) with the reason."""
+    cc = _compiler()
+    if cc is None:
+        raise OSError("no C compiler found (set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    target = directory / f"lfm2-native-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".build-{os.getpid()}-{key}.so"
+    done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    os.replace(tmp, target)  # atomic: a concurrent process sees the whole library or none
+    return target
+
+
+def load(directory: Path) -> str | None:
+    """Build (if needed) and load the library. Returns None when models can use it, else why not."""
+    global _lib, _matmul, _why_not
+    if _lib is not None:
+        return _why_not
+    if os.environ.get("LFM2_NATIVE", "1") == "0":
+        _why_not = "turned off (LFM2_NATIVE=0)"
+        return _why_not
+    try:
+        lib = ctypes.CDLL(str(build(directory)))
+    except (OSError, subprocess.SubprocessError) as e:
+        _why_not = f"could not be built: {e}"
+        return _why_not
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    _lib, _matmul = lib, bool(lib.lfm2_native_supported())
+    _why_not = None if _matmul else "this CPU has no AVX512-BF16"
+    return _why_not
+
+
+def ready() -> bool:
+    """Whether models use the native code (the library is loaded and has its matrix kernel)."""
+    return _lib is not None and _matmul
+
+
+def why_not() -> str | None:
+    """None when the native code is in use, else the reason it is not."""
+    return _why_not
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    return (ready() and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.dtype in (torch.bfloat16, torch.int8) and weight.shape[1] % 2 == 0)
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] (bf16 or int8) -> the pairs layout [out'/16, in/2, 16, 2], out' = out rounded up to 64."""
+    out, inn = weight.shape
+    if out % ROWS:
+        weight = torch.cat([weight, weight.new_zeros(ROWS - out % ROWS, inn)])
+    return weight.view(-1, 16, inn // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def pad_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Per-row scales as float32, padded like the packed rows (the kernel reads whole tiles of them)."""
+    s = scales.float()
+    return torch.cat([s, s.new_zeros((-s.numel()) % ROWS)]).contiguous()
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scales: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """x [..., in] bf16 -> x W^T [..., out] bf16 with W packed by `pack` (int8 when `scales` is given)."""
+    inn = x.shape[-1]
+    rows = x.numel() // inn
+    x2 = x.reshape(rows, inn)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = x.new_empty(*x.shape[:-1], out_features)
+    _lib.lfm2_linear(packed.data_ptr(), None if scales is None else scales.data_ptr(), x2.data_ptr(),
+                     y.data_ptr(), rows, out_features, inn, scales is not None, torch.get_num_threads())
+    return y
+
+
+# ---- one decode step's small operations (see native.c); every tensor is contiguous bf16 on CPU
+
+def add_rmsnorm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += h in place (the residual stream), then RMSNorm(x) as a new tensor."""
+    y = torch.empty_like(x)
+    _lib.lfm2_add_rmsnorm(x.data_ptr(), None if h is None else h.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                          x.numel(), eps)
+    return y
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[gate | up] -> silu(gate) * up."""
+    width = gate_up.numel() // 2
+    out = gate_up.new_empty(width)
+    _lib.lfm2_silu_mul(gate_up.data_ptr(), out.data_ptr(), width)
+    return out
+
+
+def conv_step(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+    """The gated short convolution for one token; `state` [1, h, width-1] is updated in place."""
+    h, width = weight.shape[0], weight.shape[-1]
+    out = bcx.new_empty(h)
+    _lib.lfm2_conv_step(bcx.data_ptr(), state.data_ptr(), weight.data_ptr(),
+                        None if bias is None else bias.data_ptr(), out.data_ptr(), h, width)
+    return out
+
+
+def attention_step(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, heads: int,
+                   eps: float) -> torch.Tensor:
+    """Attention of one token at `pos` over caches [1, kv_heads, capacity, head_dim], which get its key and
+    value. Returns [heads * head_dim]."""
+    _, kv_heads, cap, d = k_cache.shape
+    out = qkv.new_empty(heads * d)
+    _lib.lfm2_attention_step(qkv.data_ptr(), q_norm.data_ptr(), k_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                             k_cache.data_ptr(), v_cache.data_ptr(), pos, cap, heads, kv_heads, d, eps,
+                             out.data_ptr(), torch.get_num_threads())
+    return out

@@ -1,0 +1,226 @@
+"""lfm2's native CPU code (lfm2cli/model/native.c): its products equal float32 matmuls rounded to bf16, for bf16
+and int8 weights, every padding case and both int8 paths; the decode step's small ops are bit-identical to the
+torch layers; it is built once and cached; models use it for bf16 on CPU and give the reference path's answers;
+without it (no compiler, LFM2_NATIVE=0) everything still runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lfm2cli.config import load_config
+from lfm2cli.loading import load, load_model
+from lfm2cli.model import native
+from lfm2cli.model.layers import RMSNorm, apply_rope, decode_attention, rope_cos_sin
+from lfm2cli.model.linear import Proj
+from lfm2cli.quantize import quantize_int8
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The library built and loaded (its small ops run on any CPU)."""
+    native.load(tmp_path_factory.mktemp("kernels"))
+    if native._lib is None:
+        pytest.skip(f"native library not available here: {native.why_not()}")
+
+
+@pytest.fixture(scope="module")
+def kernel(library: None) -> None:
+    """The library with its matrix kernel (AVX512-BF16): what models use."""
+    if not native.ready():
+        pytest.skip(f"native kernel not used here: {native.why_not()}")
+
+
+def bf16_close(got: torch.Tensor, exact: torch.Tensor) -> bool:
+    """Within one bf16 rounding step of the exact (float32) product: summation order may tip a rounding."""
+    step = exact.abs().clamp(min=1e-3) * 2.0 ** -7
+    return bool(((got.float() - exact).abs() <= step).all())
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (70, 38), (8, 2), (1536, 256), (200, 130)])
+@pytest.mark.parametrize("rows", [1, 2, 5, 6, 7, 9, 13, 40])
+def test_bf16_product_is_the_rounded_float_product(kernel: None, shape: tuple[int, int], rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(shape, generator=g).bfloat16()
+    x = torch.randn(rows, shape[1], generator=g).bfloat16()
+    y = native.linear(x, native.pack(w), shape[0])
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, shape[0])
+    assert bf16_close(y, x.float() @ w.float().t())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # up to 8 rows int8 is widened in the loop, beyond once per tile
+def test_int8_product_is_the_rounded_float_product(kernel: None, rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(136, 96, generator=g) * torch.linspace(0.1, 2, 136)[:, None]
+    q, scales = quantize_int8(w.bfloat16())
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    y = native.linear(x, native.pack(q), 136, native.pad_scales(scales))
+    assert bf16_close(y, (x.float() @ q.float().t()) * scales.float())
+
+
+def test_inputs_of_any_layout_and_leading_shape(kernel: None) -> None:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(96, 64, generator=g).bfloat16()
+    x = torch.randn(64, 2, 3, generator=g).bfloat16().permute(1, 2, 0)  # [2, 3, 64], not contiguous
+    y = native.linear(x, native.pack(w), 96)
+    assert y.shape == (2, 3, 96)
+    assert bf16_close(y, x.float() @ w.float().t())
+
+
+def test_proj_switches_to_the_native_form(kernel: None) -> None:
+    g = torch.Generator().manual_seed(6)
+    w, b = torch.randn(80, 64, generator=g).bfloat16(), torch.randn(80, generator=g).bfloat16()
+    x = torch.randn(1, 4, 64, generator=g).bfloat16()
+    p, with_bias = Proj(w.clone()), Proj(w.clone(), b)
+    assert p.can_native()
+    p.to_native()
+    with_bias.to_native()
+    assert p.kind == "native" and p.weight is None and p.nbytes() == 80 * 64 * 2
+    assert bf16_close(p(x), x.float() @ w.float().t())
+    assert torch.equal(with_bias(x), p(x) + b)
+    q = Proj(w.clone())
+    q.quantize_int8()
+    q.to_native()
+    assert q.kind == "int8-native" and q.qweight is None
+    odd = Proj(torch.randn(16, 33, generator=g).bfloat16())
+    assert not odd.can_native()  # inputs come in pairs: odd widths keep torch's kernels
+
+
+# ---- the decode step's small ops: bit-identical to the torch code of lfm2cli/model/layers.py
+
+BF = torch.bfloat16
+
+
+def norm(weight: torch.Tensor) -> RMSNorm:
+    n = RMSNorm(weight.numel(), 1e-5)
+    n.weight.data = weight
+    return n
+
+
+def test_add_rmsnorm_and_silu_mul_equal_torch(library: None) -> None:
+    g = torch.Generator().manual_seed(8)
+    x, h = torch.randn(1024, generator=g).to(BF), torch.randn(1024, generator=g).to(BF)
+    w = (torch.rand(1024, generator=g) + 0.5).to(BF)
+    stream = x.clone()
+    y = native.add_rmsnorm(stream, h, w, 1e-5)
+    assert torch.equal(stream, x + h) and torch.equal(y, norm(w)(x + h))
+    assert torch.equal(native.add_rmsnorm(x.clone(), None, w, 1e-5), norm(w)(x))
+    gu = (torch.randn(2 * 4608, generator=g) * 4).to(BF)  # wide range: silu's exp over the whole curve
+    gate, up = gu.chunk(2)
+    assert torch.equal(native.silu_mul(gu), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_step_equals_torch(library: None, bias: bool) -> None:
+    g = torch.Generator().manual_seed(9)
+    h, width = 256, 3
+    bcx = torch.randn(3 * h, generator=g).to(BF)
+    state = torch.randn(1, h, width - 1, generator=g).to(BF)
+    weight = torch.randn(h, 1, width, generator=g).to(BF)
+    b = torch.randn(h, generator=g).to(BF) if bias else None
+    # the eager code of ShortConv.forward for one token
+    B, C, xx = bcx.view(1, 1, -1).chunk(3, dim=-1)
+    seq = torch.cat((state, (B * xx).transpose(1, 2)), dim=-1)
+    y = (seq * weight[:, 0, :]).sum(-1, keepdim=True)
+    if b is not None:
+        y = y + b[:, None]
+    expected = (C * y.transpose(1, 2)).reshape(-1)
+    new_state = state.clone()
+    assert torch.equal(native.conv_step(bcx, new_state, weight, b), expected)
+    assert torch.equal(new_state, seq[..., 1:])
+
+
+@pytest.mark.parametrize("pos", [0, 37, 300])
+def test_attention_step_equals_torch(library: None, pos: int) -> None:
+    g = torch.Generator().manual_seed(pos)
+    heads, kv, d, cap = 16, 4, 64, 512
+    qkv = torch.randn((heads + 2 * kv) * d, generator=g).to(BF)
+    qw, kw = [(torch.rand(d, generator=g) + 0.5).to(BF) for _ in range(2)]
+    cos, sin = rope_cos_sin(1.0 / (1e6 ** (torch.arange(0, d, 2).float() / d)), pos, 1, BF)
+    k_cache, v_cache = [torch.randn(1, kv, cap, d, generator=g).to(BF) for _ in range(2)]
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q, k, v = qkv.view(1, 1, -1).split([heads * d, kv * d, kv * d], dim=-1)
+    q = apply_rope(norm(qw)(q.view(1, 1, heads, d)).transpose(1, 2), cos, sin)
+    k = apply_rope(norm(kw)(k.view(1, 1, kv, d)).transpose(1, 2), cos, sin)
+    k_ref[:, :, pos:pos + 1], v_ref[:, :, pos:pos + 1] = k, v.view(1, 1, kv, d).transpose(1, 2)
+    expected = decode_attention(q, k_ref[:, :, :pos + 1], v_ref[:, :, :pos + 1]).reshape(-1)
+    out = native.attention_step(qkv, qw, kw, cos, sin, k_cache, v_cache, pos, heads, 1e-5)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert torch.equal(out, expected)
+
+
+def test_native_decode_step_gives_the_eager_answers(kernel: None, dense_ckpt: Path, moe_ckpt: Path) -> None:
+    """The whole one-token step in native code against the eager torch layers on the same native products."""
+    from lfm2cli.model.native_decode import NativeDecoder
+    from tests.test_fastpath import prompt
+
+    for path in (dense_ckpt, moe_ckpt):
+        model = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
+        assert isinstance(model.fast_decode, NativeDecoder)
+        decoder, caches = model.fast_decode, (model.new_cache(), model.new_cache())
+        logits = [model(prompt(12), c) for c in caches]
+        for _ in range(20):
+            tok = torch.tensor([[int(logits[0].argmax())]])
+            model.fast_decode = decoder
+            fast = model(tok, caches[0])
+            model.fast_decode = None
+            eager = model(tok, caches[1])
+            assert int(fast.argmax()) == int(eager.argmax())
+            assert (fast - eager).abs().max() <= 0.01 * (eager.max() - eager.min())  # sums in another order
+            logits = [fast, eager]
+        assert caches[0].pos == caches[1].pos
+
+
+def test_build_is_cached_and_keyed_by_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        first = native.build(tmp_path)
+    except OSError as e:
+        pytest.skip(f"no C compiler here: {e}")
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not built again
+    changed = tmp_path / "native.c"
+    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCE", changed)
+    assert native.build(tmp_path) != first  # a new source is a new build, never a stale library
+    assert not list(tmp_path.glob(".build-*"))
+
+
+def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dense_ckpt: Path,
+                                                             moe_ckpt: Path) -> None:
+    from tests.test_fastpath import teacher_forced
+
+    for path in (dense_ckpt, moe_ckpt):
+        ref = load_model(path, load_config(path), CPU, torch.float32, fast=False)
+        fast = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
+        kinds = {m.kind for m in fast.modules() if isinstance(m, Proj)}
+        assert kinds == {"native"}
+        worst, agree, _, _ = teacher_forced(ref, fast)
+        assert worst < 0.05 and agree >= 21  # bf16 rounding against the float32 model
+        quant = load(path, device="cpu", dtype="bfloat16", tokenizer=False, quantize="int8").model
+        assert "int8-native" in {m.kind for m in quant.modules() if isinstance(m, Proj)}
+        worst, agree, _, _ = teacher_forced(ref, quant)
+        assert worst < 0.15 and agree >= 19  # the int8 bound of docs/performance.md
+
+
+def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path) -> None:
+    """No compiler on PATH and LFM2_NATIVE=0: a generate run still works (oneDNN-prepacked weights)."""
+    import subprocess
+    import sys
+
+    for extra in ({"LFM2_NATIVE": "0"}, {"PATH": str(tmp_path), "CC": ""}):
+        env = {**os.environ, "LFM2_CACHE": str(tmp_path / "c"), **extra}
+        code = ("import sys, torch; from lfm2cli.loading import load; from lfm2cli.model import native;"
+                f"m = load({str(dense_ckpt)!r}, device='cpu', dtype='bfloat16', tokenizer=False).model;"
+                "m(torch.tensor([[1, 2, 3]]));"
+                "print(native.why_not()); print(sorted({p.kind for p in m.modules() if hasattr(p, 'kind')}))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        why, kinds = out.stdout.splitlines()
+        assert ("LFM2_NATIVE=0" in why) if "LFM2_NATIVE" in extra else ("compiler" in why)
+        assert "native" not in kinds
