@@ -57,6 +57,8 @@ class BenchResult:
     quantize: str
     compile: bool
     threads: int
+    kernels: str  # native, compiled or torch: see loading.kernels
+    kernels_note: str | None
     random_weights: bool
     load_s: float
     memory_bandwidth_gbs: float
@@ -242,10 +244,12 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     ceiling = bandwidth / per_token
     runs = run_bench(model, list(prompt_lengths), gen_tokens, repeat, ceiling, progress=progress)
     total, active = parameter_counts(cfg)
+    kernel, kernel_note = loading.kernels(model)
     return BenchResult(
         model=label, architecture=cfg.architecture, parameters=total, active_parameters=active, device=str(dev),
         dtype=str(dt).removeprefix("torch."), quantize=quantize or "none", compile=compile,
-        threads=torch.get_num_threads(), random_weights=random_weights, load_s=round(load_s, 3),
+        threads=torch.get_num_threads(), kernels=kernel, kernels_note=kernel_note, random_weights=random_weights,
+        load_s=round(load_s, 3),
         memory_bandwidth_gbs=round(bandwidth / 1e9, 2), decode_bytes_per_token=per_token,
         decode_ceiling_tps=round(ceiling, 2), peak_memory_bytes=peak_memory(dev), runs=runs,
     )
@@ -275,7 +279,8 @@ def summary(result: BenchResult) -> list[str]:
     return [
         f"model: {result.model}, {result.architecture}, {params} parameters",
         f"device: {result.device}, {result.dtype}{quant}{', compiled' if result.compile else ''}, "
-        f"{result.threads} threads; loaded in {result.load_s:.1f} s",
+        f"{result.threads} threads, {result.kernels} kernels"
+        f"{f' ({result.kernels_note})' if result.kernels_note else ''}; loaded in {result.load_s:.1f} s",
         f"memory bandwidth {result.memory_bandwidth_gbs:.1f} GB/s; a decode step reads "
         f"{human_bytes(result.decode_bytes_per_token)}; ceiling {result.decode_ceiling_tps:.1f} tok/s",
         f"peak memory {human_bytes(result.peak_memory_bytes)}",

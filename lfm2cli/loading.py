@@ -230,6 +230,21 @@ def native_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
     return native.load(paths.cache_dir() / "kernels")
 
 
+def kernels(model: Lfm2ForCausalLM) -> tuple[str, str | None]:
+    """Which code runs the model's matrix products ('native', 'compiled' or 'torch'), and for a bf16 model on
+    CPU that is not native, why not (for bench)."""
+    from lfm2cli.model import native
+    from lfm2cli.model.linear import Proj
+
+    projs = [p for p in model.modules() if isinstance(p, Proj)]
+    if any(p.native is not None for p in projs):
+        return "native", None
+    if any(p.blocked is not None for p in projs):
+        return "compiled", None
+    cpu_bf16 = model.device.type == "cpu" and model.dtype == torch.bfloat16
+    return "torch", (f"native code {native.why_not()}" if cpu_bf16 and native.why_not() else None)
+
+
 def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None,
                  compile: bool = False, fast: bool = True) -> Lfm2ForCausalLM:
     """Runtime tensors, then the fast form (fused projections, prepacked or int8 weights), then compilation.

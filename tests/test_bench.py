@@ -18,7 +18,7 @@ from lfm2cli.loading import load
 RUN_FIELDS = {"prompt_tokens", "gen_tokens", "repeat", "prefill_tps", "decode_tps", "ttft_s",
               "decode_fraction_of_ceiling"}
 TOP_FIELDS = {"model", "architecture", "parameters", "active_parameters", "device", "dtype", "quantize", "compile",
-              "threads", "random_weights", "load_s", "memory_bandwidth_gbs", "decode_bytes_per_token",
+              "threads", "kernels", "kernels_note", "random_weights", "load_s", "memory_bandwidth_gbs", "decode_bytes_per_token",
               "decode_ceiling_tps", "peak_memory_bytes", "runs"}
 
 
@@ -35,6 +35,7 @@ def test_bench_random_json(dense_ckpt: Path) -> None:
     data = json.loads(r.stdout)
     assert TOP_FIELDS <= set(data)
     assert data["random_weights"] is True and data["dtype"] == "float32" and data["quantize"] == "none"
+    assert data["kernels"] == "torch"  # the native code is for bf16
     assert [run["prompt_tokens"] for run in data["runs"]] == [8, 16]
     for run in data["runs"]:
         assert RUN_FIELDS <= set(run)

@@ -79,7 +79,7 @@ def load(directory: Path) -> str | None:
     if _lib is not None:
         return _why_not
     if os.environ.get("LFM2_NATIVE", "1") == "0":
-        _why_not = "turned off (LFM2_NATIVE=0)"
+        _why_not = "turned off by LFM2_NATIVE=0"
         return _why_not
     try:
         lib = ctypes.CDLL(str(build(directory)))
@@ -90,7 +90,7 @@ def load(directory: Path) -> str | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     _lib, _matmul = lib, bool(lib.lfm2_native_supported())
-    _why_not = None if _matmul else "this CPU has no AVX512-BF16"
+    _why_not = None if _matmul else "unused: this CPU has no AVX512-BF16"
     return _why_not
 
 
