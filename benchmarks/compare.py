@@ -4,6 +4,7 @@ int8 vs bf16. Prints a markdown table; `--write` puts it into docs/performance.m
 
     python benchmarks/compare.py                       # LFM2-350M shape, 3 repetitions
     python benchmarks/compare.py --model lfm2-1.2b --write
+    python benchmarks/compare.py --torch-kernels      # also lfm2 without its native code (what it buys)
     python benchmarks/compare.py --model lfm2-8b-a1b --repeat 1 --no-compile   # sequential: two 16.7 GB models
                                                                                  # do not fit in memory at once
 
@@ -54,8 +55,8 @@ class Engine:
 
 # ---- the two engines ----
 
-def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = False) -> Engine:
-    model = loading.random_model(cfg, CPU, torch.bfloat16, quantize=quantize, compile=compile)
+def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = False, native: bool = True) -> Engine:
+    model = loading.random_model(cfg, CPU, torch.bfloat16, quantize=quantize, compile=compile, native=native)
 
     def run(prompt: list[int], new: int) -> GenerationStats:
         stats = GenerationStats()
@@ -256,6 +257,7 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true", help="lfm2 only")
     ap.add_argument("--no-compile", action="store_true", help="skip the --compile variants")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
+    ap.add_argument("--torch-kernels", action="store_true", help="add lfm2 bf16 without its native code")
     ap.add_argument("--no-process", action="store_true", help="skip cold start and --help timings")
     ap.add_argument("--write", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
@@ -271,6 +273,8 @@ def main() -> None:
     bandwidth = measure_bandwidth(CPU)
     big = cfg.is_moe  # two 8B models do not fit next to each other: run the engines one after the other
     variants: list[tuple[str, dict]] = [("lfm2 bf16", {})]
+    if args.torch_kernels:
+        variants.append(("lfm2 bf16, torch kernels", {"native": False}))
     if not args.no_compile and not cfg.is_moe:
         variants.append(("lfm2 bf16 --compile", {"compile": True}))
     if not args.no_int8:

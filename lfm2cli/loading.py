@@ -246,9 +246,10 @@ def kernels(model: Lfm2ForCausalLM) -> tuple[str, str | None]:
 
 
 def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None,
-                 compile: bool = False, fast: bool = True) -> Lfm2ForCausalLM:
-    """Runtime tensors, then the fast form (fused projections, prepacked or int8 weights), then compilation.
-    `fast=False` keeps the model exactly as loaded: the reference path the tests compare against."""
+                 compile: bool = False, fast: bool = True, native: bool = True) -> Lfm2ForCausalLM:
+    """Runtime tensors, then the fast form (fused projections; native, prepacked or int8 weights), then
+    compilation. `fast=False` keeps the model exactly as loaded: the reference path the tests compare against;
+    `native=False` leaves the native code out (benchmarks compare with it)."""
     model.eval()
     model.setup_runtime(device)
     configure_threads(device)
@@ -261,7 +262,7 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str 
             compile = False
     if fast or quantize or compile:
         # the compiled step reads its own (blocked) weight form, so nothing is packed for it
-        use_native = not compile and native_kernel(device, model.dtype) is None
+        use_native = native and not compile and native_kernel(device, model.dtype) is None
         model.prepare_for_inference(quantize=quantize, prepack=not compile, native=use_native)
     if compile:
         model.enable_compile()
@@ -270,7 +271,8 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str 
 
 
 def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *,
-               quantize: str | None = None, compile: bool = False, fast: bool = True) -> Lfm2ForCausalLM:
+               quantize: str | None = None, compile: bool = False, fast: bool = True, native: bool = True
+               ) -> Lfm2ForCausalLM:
     configure_allocator()
     headers = read_all_headers(path)  # raises for missing shards and truncated files
     check_tensors(cfg, headers, str(path))
@@ -293,14 +295,14 @@ def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.d
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: tensors not loaded: {', '.join(left[:5])}")
-    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast)
+    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast, native=native)
 
 
 RANDOM_POOL = 1 << 22  # random values generated per model; tensors are tiled from them (fast for 8B models)
 
 
 def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
-                 compile: bool = False, fast: bool = True, seed: int = 0) -> Lfm2ForCausalLM:
+                 compile: bool = False, fast: bool = True, native: bool = True, seed: int = 0) -> Lfm2ForCausalLM:
     """A model of `cfg`'s shape with random weights, built tensor by tensor in `dtype` on `device` (never a
     float32 copy of the whole model), for benchmarks. Values are uniform with std ~ 1/sqrt(fan-in), norms 1;
     weights repeat with a period of RANDOM_POOL values, which changes nothing in speed."""
@@ -327,7 +329,7 @@ def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, q
             fan_in = p.shape[-1] if p.dim() > 1 else 1
             t.mul_(3 ** 0.5 / max(fan_in, 1) ** 0.5)
         _assign(model, name, t)
-    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast)
+    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast, native=native)
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer: bool = True,

@@ -18,8 +18,8 @@ from lfm2cli.loading import load
 RUN_FIELDS = {"prompt_tokens", "gen_tokens", "repeat", "prefill_tps", "decode_tps", "ttft_s",
               "decode_fraction_of_ceiling"}
 TOP_FIELDS = {"model", "architecture", "parameters", "active_parameters", "device", "dtype", "quantize", "compile",
-              "threads", "kernels", "kernels_note", "random_weights", "load_s", "memory_bandwidth_gbs", "decode_bytes_per_token",
-              "decode_ceiling_tps", "peak_memory_bytes", "runs"}
+              "threads", "kernels", "kernels_note", "random_weights", "load_s", "memory_bandwidth_gbs",
+              "decode_bytes_per_token", "decode_ceiling_tps", "peak_memory_bytes", "runs"}
 
 
 def lfm2(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
