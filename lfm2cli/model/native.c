@@ -25,6 +25,27 @@
 
 int lfm2_native_abi(void) { return LFM2_NATIVE_ABI; }
 
+/* ---- Packing: W [rows, in] (2-byte or 1-byte elements) -> the pairs layout of lfm2_linear, rows padded with
+ * zeros to `padded` (a multiple of 16). A pair is 4 or 2 bytes, so each moves as one integer. */
+void lfm2_pack(const void *src, void *dst, int64_t rows, int64_t padded, int64_t in, int64_t elem, int threads) {
+    const int64_t pairs = in / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < padded / 16; b++) {
+        const int64_t live = rows - b * 16 < 16 ? rows - b * 16 : 16; /* rows of this block in `src` */
+        if (elem == 2) {
+            const uint32_t *s = (const uint32_t *)src + b * 16 * pairs;
+            uint32_t *d = (uint32_t *)dst + b * pairs * 16;
+            for (int64_t p = 0; p < pairs; p++)
+                for (int64_t j = 0; j < 16; j++) d[p * 16 + j] = j < live ? s[j * pairs + p] : 0;
+        } else {
+            const uint16_t *s = (const uint16_t *)src + b * 16 * pairs;
+            uint16_t *d = (uint16_t *)dst + b * pairs * 16;
+            for (int64_t p = 0; p < pairs; p++)
+                for (int64_t j = 0; j < 16; j++) d[p * 16 + j] = j < live ? s[j * pairs + p] : 0;
+        }
+    }
+}
+
 /* ---- One decode step's small operations, bf16 in and out (portable C, vectorised by the compiler).
  * Each rounds to bf16 where the model's torch code does (an op's result is bf16), so both paths agree to
  * within the last bit of a rounding; at batch 1 torch spends ~10 us of dispatch on each of ~60 such ops per

@@ -29,6 +29,7 @@ _why_not: str | None = "not loaded"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "lfm2_linear": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "lfm2_pack": [_P, _P, _I, _I, _I, _I, ctypes.c_int],
     "lfm2_add_rmsnorm": [_P, _P, _P, _P, _I, _F],
     "lfm2_silu_mul": [_P, _P, _I],
     "lfm2_conv_step": [_P, _P, _P, _P, _P, _I, _I],
@@ -112,9 +113,11 @@ def can_pack(weight: torch.Tensor) -> bool:
 def pack(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] (bf16 or int8) -> the pairs layout [out'/16, in/2, 16, 2], out' = out rounded up to 64."""
     out, inn = weight.shape
-    if out % ROWS:
-        weight = torch.cat([weight, weight.new_zeros(ROWS - out % ROWS, inn)])
-    return weight.view(-1, 16, inn // 2, 2).permute(0, 2, 1, 3).contiguous()
+    padded = -(-out // ROWS) * ROWS
+    src = weight.contiguous()
+    dst = torch.empty(padded // 16, inn // 2, 16, 2, dtype=weight.dtype)
+    _lib.lfm2_pack(src.data_ptr(), dst.data_ptr(), out, padded, inn, weight.element_size(), torch.get_num_threads())
+    return dst
 
 
 def pad_scales(scales: torch.Tensor) -> torch.Tensor:
