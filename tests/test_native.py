@@ -54,14 +54,22 @@ def test_bf16_product_is_the_rounded_float_product(kernel: None, shape: tuple[in
     assert bf16_close(y, x.float() @ w.float().t())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # up to 8 rows int8 is widened in the loop, beyond once per tile
-def test_int8_product_is_the_rounded_float_product(kernel: None, rows: int) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # up to 8 rows against int16 activations, beyond widened to bf16
+def test_int8_product_is_within_its_bound(kernel: None, rows: int) -> None:
     g = torch.Generator().manual_seed(rows)
     w = torch.randn(136, 96, generator=g) * torch.linspace(0.1, 2, 136)[:, None]
     q, scales = quantize_int8(w.bfloat16())
     x = torch.randn(rows, 96, generator=g).bfloat16()
-    y = native.linear(x, native.pack(q), 136, native.pad_scales(scales))
-    assert bf16_close(y, (x.float() @ q.float().t()) * scales.float())
+    y = native.linear(x, native.pack(q), 136, native.pad_scales(scales)).float()
+    exact = (x.float() @ q.float().t()) * scales.float()
+    # one bf16 rounding of the result, plus (few rows) each activation rounded to int16 with one scale per row
+    step = exact.abs() * 2.0 ** -8 + 1e-6
+    if rows <= 8:
+        half_step = x.float().abs().amax(1, keepdim=True) / 32767 / 2
+        step = step + (half_step * q.float().abs().sum(1)) * scales.float()
+    assert ((y - exact).abs() <= step).all()
+    if rows > 8:
+        assert bf16_close(y, exact)  # the widened path is exact up to the final rounding
 
 
 def test_inputs_of_any_layout_and_leading_shape(kernel: None) -> None:

@@ -240,12 +240,119 @@ static void widen_tile(const int8_t *w, int64_t bs, uint16_t *dst) {
             _mm512_storeu_si512(dst + k * bs + i, (__m512i)load_i8(w + k * bs + i));
 }
 
+#ifdef __AVX512VNNI__
+/* int8 weights against int16 activations for a few tokens (decode): one sign extension and one vpdpwssd per 32
+ * weights, where widening to bf16 costs five instructions and leaves the loop compute-bound on Zen 4. Each token
+ * is quantised to int16 with one scale (max|x| / 32767): an error of at most max|x| / 65534 per element, far
+ * inside bf16's own rounding of x for all but the smallest elements. Integer sums are moved to float every
+ * 64 pairs, before they could overflow (64 * 2 * 32767 * 127 < 2^31). */
+#define TV 3        /* tokens per VNNI tile: NB * TV integer and float accumulators fit the registers */
+#define CHUNK 64
+static void tile_i8_vnni(const int8_t *w, int64_t bs, int64_t pairs, const int16_t *xq, const float *xs, int64_t in,
+                         int64_t nt, uint16_t *y, int64_t out, int64_t col, const float *scale) {
+    __m512 f[NB][TV];
+    for (int k = 0; k < NB; k++)
+        for (int t = 0; t < TV; t++) f[k][t] = _mm512_setzero_ps();
+    const int32_t *xr[TV];
+    for (int t = 0; t < TV; t++) xr[t] = (const int32_t *)(xq + (t < nt ? t : 0) * in);
+    for (int64_t p0 = 0; p0 < pairs; p0 += CHUNK) {
+        const int64_t end = p0 + CHUNK < pairs ? p0 + CHUNK : pairs;
+        __m512i a[NB][TV];
+        for (int k = 0; k < NB; k++)
+            for (int t = 0; t < TV; t++) a[k][t] = _mm512_setzero_si512();
+        for (int64_t p = p0; p < end; p++) {
+            __m512i wv[NB];
+            _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++)
+                wv[k] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k * bs + p * 32)));
+            _Pragma("GCC unroll 4") for (int t = 0; t < TV; t++)
+                if (t < nt) {
+                    const __m512i xv = _mm512_set1_epi32(xr[t][p]);
+                    _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) a[k][t] = _mm512_dpwssd_epi32(a[k][t], wv[k], xv);
+                }
+        }
+        for (int k = 0; k < NB; k++)
+            for (int t = 0; t < TV; t++) f[k][t] = _mm512_add_ps(f[k][t], _mm512_cvtepi32_ps(a[k][t]));
+    }
+    for (int t = 0; t < nt; t++)
+        for (int k = 0; k < NB; k++)
+            store16(y + t * out + col + 16 * k, _mm512_mul_ps(f[k][t], _mm512_set1_ps(xs[t])), scale + col + 16 * k,
+                    out - col - 16 * k);
+}
+
+/* One token against one 16-row int8 block (see block_bf16). */
+static void block_i8_vnni(const int8_t *w, int64_t pairs, const int16_t *xq, float xs, uint16_t *y, int64_t n,
+                          const float *scale) {
+    const int32_t *xp = (const int32_t *)xq;
+    __m512 f = _mm512_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += CHUNK) {
+        const int64_t end = p0 + CHUNK < pairs ? p0 + CHUNK : pairs;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t p = p0;
+        for (; p + 4 <= end; p += 4) {
+            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32))),
+                                     _mm512_set1_epi32(xp[p]));
+            a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32 + 32))),
+                                     _mm512_set1_epi32(xp[p + 1]));
+            a2 = _mm512_dpwssd_epi32(a2, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32 + 64))),
+                                     _mm512_set1_epi32(xp[p + 2]));
+            a3 = _mm512_dpwssd_epi32(a3, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32 + 96))),
+                                     _mm512_set1_epi32(xp[p + 3]));
+        }
+        for (; p < end; p++)
+            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32))),
+                                     _mm512_set1_epi32(xp[p]));
+        f = _mm512_add_ps(f, _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))));
+    }
+    store16(y, _mm512_mul_ps(f, _mm512_set1_ps(xs)), scale, n);
+}
+
+/* x [T, in] bf16 -> int16 [T, in] and one scale per token. */
+static void quantize_rows(const uint16_t *x, int64_t T, int64_t in, int16_t *xq, float *xs) {
+    for (int64_t t = 0; t < T; t++) {
+        float top = 0.0f;
+        for (int64_t i = 0; i < in; i++) top = fmaxf(top, fabsf(f32(x[t * in + i])));
+        xs[t] = top > 0.0f ? top / 32767.0f : 1.0f;
+        const float inv = 1.0f / xs[t];
+        for (int64_t i = 0; i < in; i++) xq[t * in + i] = (int16_t)lrintf(f32(x[t * in + i]) * inv);
+    }
+}
+#endif
+
+/* One token (decode) against one 16-row block: a single forward stream per thread, which the hardware
+ * prefetchers follow better than a tile's four (measured ~8 % faster at batch 1), four accumulators for ILP. */
+static void block_bf16(const uint16_t *w, int64_t pairs, const uint16_t *x, uint16_t *y, int64_t n) {
+    const uint32_t *xp = (const uint32_t *)x;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t p = 0;
+    for (; p + 4 <= pairs; p += 4) {
+        a0 = _mm512_dpbf16_ps(a0, load_bf16(w + p * 32), (__m512bh)_mm512_set1_epi32((int)xp[p]));
+        a1 = _mm512_dpbf16_ps(a1, load_bf16(w + p * 32 + 32), (__m512bh)_mm512_set1_epi32((int)xp[p + 1]));
+        a2 = _mm512_dpbf16_ps(a2, load_bf16(w + p * 32 + 64), (__m512bh)_mm512_set1_epi32((int)xp[p + 2]));
+        a3 = _mm512_dpbf16_ps(a3, load_bf16(w + p * 32 + 96), (__m512bh)_mm512_set1_epi32((int)xp[p + 3]));
+    }
+    for (; p < pairs; p++) a0 = _mm512_dpbf16_ps(a0, load_bf16(w + p * 32), (__m512bh)_mm512_set1_epi32((int)xp[p]));
+    store16(y, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), 0, n);
+}
+
 /* W in the pairs layout (bf16, or int8 with per-row `scales`, both padded to a multiple of 64 rows);
  * x [T, in] bf16, y [T, out] bf16; `in` even. Tiles of 64 outputs are shared among `threads` threads. */
 void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
                  int64_t in, int int8, int threads) {
     const int64_t tiles = (out + 16 * NB - 1) / (16 * NB), bs = 16 * in, pairs = in / 2;
     const int widen = int8 && T > I8_DIRECT_ROWS;
+#ifdef __AVX512VNNI__
+    int16_t *xq = 0;
+    float xs[I8_DIRECT_ROWS];
+    if (int8 && !widen) {
+        xq = (int16_t *)malloc(sizeof(int16_t) * T * in);
+        quantize_rows(x, T, in, xq, xs);
+    }
+#endif
+    if (T == 1 && !int8) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < tiles * NB; b++) block_bf16((const uint16_t *)w + b * bs, pairs, x, y + 16 * b, out - 16 * b);
+        return;
+    }
     #pragma omp parallel num_threads(threads)
     {
         uint16_t *scratch = widen ? (uint16_t *)aligned_alloc(64, (size_t)(NB * bs * 2 + 63) / 64 * 64) : 0;
@@ -253,6 +360,20 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
         for (int64_t g = 0; g < tiles; g++) {
             const int64_t col = g * 16 * NB, first = g * NB * bs;
             if (scratch) widen_tile((const int8_t *)w + first, bs, scratch);
+#ifdef __AVX512VNNI__
+            if (xq && T == 1) {
+                for (int k = 0; k < NB; k++)
+                    block_i8_vnni((const int8_t *)w + first + k * bs, pairs, xq, xs[0], y + col + 16 * k,
+                                  out - col - 16 * k, scales + col + 16 * k);
+                continue;
+            }
+            if (xq) {
+                for (int64_t t0 = 0; t0 < T; t0 += TV)
+                    tile_i8_vnni((const int8_t *)w + first, bs, pairs, xq + t0 * in, xs + t0, in,
+                                 T - t0 < TV ? T - t0 : TV, y + t0 * out, out, col, scales);
+                continue;
+            }
+#endif
             for (int64_t t0 = 0; t0 < T; t0 += TT) {
                 const int64_t nt = T - t0 < TT ? T - t0 : TT;
                 const uint16_t *xt = x + t0 * in;
@@ -267,5 +388,8 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
         }
         free(scratch);
     }
+#ifdef __AVX512VNNI__
+    free(xq);
+#endif
 }
 #endif
