@@ -185,6 +185,26 @@ def test_native_decode_step_gives_the_eager_answers(kernel: None, dense_ckpt: Pa
         assert caches[0].pos == caches[1].pos
 
 
+def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path) -> None:
+    """Dense models run the step as one native call; the per-op loop (MoE, biased projections) makes the same
+    calls in the same order, so the numbers are identical."""
+    from tests.test_fastpath import prompt
+
+    model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False).model
+    whole, table = model.fast_decode, model.fast_decode.layers
+    assert table is not None
+    caches = (model.new_cache(), model.new_cache())
+    logits = [model(prompt(9), c) for c in caches]
+    for _ in range(12):
+        tok = torch.tensor([[int(logits[0].argmax())]])
+        whole.layers = table
+        a = model(tok, caches[0])
+        whole.layers = None
+        b = model(tok, caches[1])
+        assert torch.equal(a, b)
+        logits = [a, b]
+
+
 def test_build_is_cached_and_keyed_by_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     try:
         first = native.build(tmp_path)

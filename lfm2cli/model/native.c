@@ -349,14 +349,14 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
     }
 #endif
     if (T == 1 && !int8) {
-        #pragma omp parallel for num_threads(threads) schedule(static)
+        #pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
         for (int64_t b = 0; b < tiles * NB; b++) block_bf16((const uint16_t *)w + b * bs, pairs, x, y + 16 * b, out - 16 * b);
         return;
     }
     #pragma omp parallel num_threads(threads)
     {
         uint16_t *scratch = widen ? (uint16_t *)aligned_alloc(64, (size_t)(NB * bs * 2 + 63) / 64 * 64) : 0;
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(dynamic, 2)
         for (int64_t g = 0; g < tiles; g++) {
             const int64_t col = g * 16 * NB, first = g * NB * bs;
             if (scratch) widen_tile((const int8_t *)w + first, bs, scratch);
@@ -393,3 +393,46 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
 #endif
 }
 #endif
+
+/* ---- A whole one-token decode step of a dense model, so that Python is not in the loop (native_decode.py).
+ * The same calls in the same order as NativeDecoder's per-op path, so both give the same numbers. */
+typedef struct {
+    int64_t attention;                                   /* 1: attention layer, 0: short-conv layer */
+    const bf16_t *op_norm, *ffn_norm;
+    const void *in_w; const float *in_s; int64_t in_rows; /* conv in_proj (3h rows) or fused q/k/v */
+    const void *out_w; const float *out_s;               /* out_proj; *_s: int8 scales, NULL for bf16 */
+    const void *w13; const float *w13_s; const void *w2; const float *w2_s; int64_t ff;
+    const bf16_t *conv_w, *conv_b; bf16_t *state;        /* conv: weight [h][width], bias or NULL, state */
+    const bf16_t *q_norm, *k_norm; bf16_t *k_cache, *v_cache; /* attention: caches [kv_heads][cap][d] */
+} lfm2_layer;
+
+/* x [hidden]: the token's embedding, updated in place as the residual stream; out [hidden]: the final norm of
+ * the last layer's output, ready for the LM head. */
+void lfm2_decode_step(const lfm2_layer *layers, int64_t n, bf16_t *x, const bf16_t *final_norm, bf16_t *out,
+                      int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d, int64_t width, int64_t pos,
+                      int64_t cap, const bf16_t *cos, const bf16_t *sin, float eps, int threads) {
+    int64_t big = hidden > heads * d ? hidden : heads * d;
+    for (int64_t i = 0; i < n; i++) {
+        big = layers[i].in_rows > big ? layers[i].in_rows : big;
+        big = 2 * layers[i].ff > big ? 2 * layers[i].ff : big;
+    }
+    bf16_t *h = malloc(sizeof(bf16_t) * hidden), *y = malloc(sizeof(bf16_t) * hidden);
+    bf16_t *a = malloc(sizeof(bf16_t) * big), *b = malloc(sizeof(bf16_t) * big);
+    lfm2_add_rmsnorm(x, 0, layers[0].op_norm, h, hidden, eps);
+    for (int64_t i = 0; i < n; i++) {
+        const lfm2_layer *L = layers + i;
+        lfm2_linear(L->in_w, L->in_s, h, a, 1, L->in_rows, hidden, L->in_s != 0, threads);
+        if (L->attention)
+            lfm2_attention_step(a, L->q_norm, L->k_norm, cos, sin, L->k_cache, L->v_cache, pos, cap, heads,
+                                kv_heads, d, eps, b, threads);
+        else
+            lfm2_conv_step(a, L->state, L->conv_w, L->conv_b, b, hidden, width);
+        lfm2_linear(L->out_w, L->out_s, b, y, 1, hidden, L->attention ? heads * d : hidden, L->out_s != 0, threads);
+        lfm2_add_rmsnorm(x, y, L->ffn_norm, h, hidden, eps);
+        lfm2_linear(L->w13, L->w13_s, h, a, 1, 2 * L->ff, hidden, L->w13_s != 0, threads);
+        lfm2_silu_mul(a, b, L->ff);
+        lfm2_linear(L->w2, L->w2_s, b, y, 1, hidden, L->ff, L->w2_s != 0, threads);
+        lfm2_add_rmsnorm(x, y, i + 1 < n ? layers[i + 1].op_norm : final_norm, i + 1 < n ? h : out, hidden, eps);
+    }
+    free(h); free(y); free(a); free(b);
+}

@@ -34,7 +34,17 @@ _SIGNATURES = {
     "lfm2_silu_mul": [_P, _P, _I],
     "lfm2_conv_step": [_P, _P, _P, _P, _P, _I, _I],
     "lfm2_attention_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, ctypes.c_int],
+    "lfm2_decode_step": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _F, ctypes.c_int],
 }
+
+
+class Layer(ctypes.Structure):
+    """One layer of `lfm2_decode_step` (native.c's lfm2_layer): pointers to its weights and caches."""
+
+    _fields_ = [("attention", _I), ("op_norm", _P), ("ffn_norm", _P), ("in_w", _P), ("in_s", _P), ("in_rows", _I),
+                ("out_w", _P), ("out_s", _P), ("w13", _P), ("w13_s", _P), ("w2", _P), ("w2_s", _P), ("ff", _I),
+                ("conv_w", _P), ("conv_b", _P), ("state", _P), ("q_norm", _P), ("k_norm", _P), ("k_cache", _P),
+                ("v_cache", _P)]
 
 
 def _cpu_flags() -> str:
@@ -178,4 +188,15 @@ def attention_step(qkv: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor
     _lib.lfm2_attention_step(qkv.data_ptr(), q_norm.data_ptr(), k_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                              k_cache.data_ptr(), v_cache.data_ptr(), pos, cap, heads, kv_heads, d, eps,
                              out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def decode_step(layers: ctypes.Array, x: torch.Tensor, final_norm: torch.Tensor, pos: int, cap: int,
+                heads: int, kv_heads: int, head_dim: int, conv_width: int, cos: torch.Tensor, sin: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """Every layer for one token (x: its embedding [hidden], updated in place); returns the final norm's output."""
+    out = torch.empty_like(x)
+    _lib.lfm2_decode_step(layers, len(layers), x.data_ptr(), final_norm.data_ptr(), out.data_ptr(), x.numel(),
+                          heads, kv_heads, head_dim, conv_width, pos, cap, cos.data_ptr(), sin.data_ptr(), eps,
+                          torch.get_num_threads())
     return out

@@ -4,17 +4,29 @@ In eager torch a decode step of LFM2-350M spends ~10 ms outside its matrix produ
 (norms, RoPE, the conv step, SwiGLU, attention over the cache, residual adds), each paying dispatch and an
 allocation. Here each sublayer's small ops are one native call, and the products are the native kernel's
 (`Proj` in its native form), so the step costs little more than reading the weights. The numbers are those of
-the eager path: every op rounds to bf16 where the torch code does (tests/test_native.py). Prefill stays in
-torch, where these costs are shared by every token of the chunk.
+the eager path: every op rounds to bf16 where the torch code does (tests/test_native.py). Dense models run the
+whole step in one native call (`lfm2_decode_step`); MoE models keep the layer loop here, with routing in torch.
+Prefill stays in torch, where these costs are shared by every token of the chunk.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
 from lfm2cli.model import native
 from lfm2cli.model.cache import HybridCache
 from lfm2cli.model.layers import MLP
+from lfm2cli.model.linear import Proj
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _weights(proj: Proj) -> tuple[int, int | None]:
+    return proj.native.data_ptr(), _ptr(proj.native_scales)
 
 
 class NativeDecoder:
@@ -25,6 +37,46 @@ class NativeDecoder:
         layers = model.model.layers
         # the norm that follows each layer's feed-forward: the next layer's operator norm, last the final norm
         self.next_norms = [layer.operator_norm for layer in layers[1:]] + [model.model.embedding_norm]
+        dense = all(isinstance(layer.feed_forward, MLP) for layer in layers)
+        biased = any(p.bias is not None for p in model.modules() if isinstance(p, Proj))
+        self.layers = self._layer_table() if dense and not biased else None  # one native call per step
+
+    def _layer_table(self) -> ctypes.Array:
+        """The weights' pointers per layer; the caches' are filled in per step (a cache can grow or change)."""
+        layers = self.model.model.layers
+        table = (native.Layer * len(layers))()
+        for entry, layer in zip(table, layers, strict=True):
+            op = layer.self_attn if layer.is_attention else layer.conv
+            inner = op.qkv_proj if layer.is_attention else op.in_proj
+            entry.attention = int(layer.is_attention)
+            entry.op_norm, entry.ffn_norm = _ptr(layer.operator_norm.weight), _ptr(layer.ffn_norm.weight)
+            entry.in_w, entry.in_s = _weights(inner)
+            entry.in_rows = inner.out_features
+            entry.out_w, entry.out_s = _weights(op.out_proj)
+            entry.w13, entry.w13_s = _weights(layer.feed_forward.w13)
+            entry.w2, entry.w2_s = _weights(layer.feed_forward.w2)
+            entry.ff = layer.feed_forward.w2.in_features
+            if layer.is_attention:
+                entry.q_norm, entry.k_norm = _ptr(op.q_layernorm.weight), _ptr(op.k_layernorm.weight)
+            else:
+                entry.conv_w, entry.conv_b = _ptr(op.conv.weight), _ptr(op.conv.bias)
+        return table
+
+    def _whole_step(self, ids: torch.Tensor, cache: HybridCache, cos: torch.Tensor, sin: torch.Tensor
+                    ) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        for i, entry in enumerate(self.layers):
+            if entry.attention:
+                k_cache, v_cache = cache.kv_buffers(i)
+                entry.k_cache, entry.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+            else:
+                entry.state = cache.conv_state(i).data_ptr()
+        x = model.model.embed_tokens(ids).reshape(-1)
+        final = model.model.embedding_norm
+        h = native.decode_step(self.layers, x, final.weight, cache.pos, cache.capacity, cfg.num_attention_heads,
+                               cfg.num_key_value_heads, cfg.head_dim, cfg.conv_L_cache, cos, sin, final.eps)
+        cache.advance(1)
+        return model.logits(h.view(1, 1, -1))[:, -1]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.logits(self.model.model.embedding_norm(x))
@@ -35,6 +87,8 @@ class NativeDecoder:
             raise ValueError(f"cache holds at most {cache.max_len} positions; {pos + 1} requested")
         cache.reserve(pos + 1)
         cos, sin = model.rope(pos, pos + 1, model.dtype)
+        if self.layers is not None:
+            return self._whole_step(ids, cache, cos, sin)
         layers = model.model.layers
         x = model.model.embed_tokens(ids).reshape(-1)  # the residual stream, updated in place below
         first = layers[0].operator_norm
