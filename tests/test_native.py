@@ -72,6 +72,18 @@ def test_int8_product_is_within_its_bound(kernel: None, rows: int) -> None:
         assert bf16_close(y, exact)  # the widened path is exact up to the final rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
+def test_packing_in_place_equals_packing_a_copy(kernel: None, dtype: torch.dtype) -> None:
+    w = (torch.randn(128, 96, generator=torch.Generator().manual_seed(3)) * 40).to(dtype)
+    expected = native.pack(w)
+    mine = w.clone()
+    packed = native.pack(mine, in_place=True)
+    assert packed.data_ptr() == mine.data_ptr() and torch.equal(packed, expected)
+    odd = torch.randn(70, 32).bfloat16()  # needs padding rows: packed into new memory, the weight untouched
+    before = odd.clone()
+    assert torch.equal(native.pack(odd, in_place=True), native.pack(before)) and torch.equal(odd, before)
+
+
 def test_inputs_of_any_layout_and_leading_shape(kernel: None) -> None:
     g = torch.Generator().manual_seed(5)
     w = torch.randn(96, 64, generator=g).bfloat16()

@@ -81,7 +81,7 @@ class Lfm2ForCausalLM(nn.Module):
             if quantize == "int8" and not proj.keep_precision:
                 proj.quantize_int8()
             if native and proj.can_native():
-                proj.to_native()
+                proj.to_native(in_place=not (tied and proj is self.head))  # a tied head shares the embedding
             elif prepack and proj.weight is not None and can_prepack(proj.weight):
                 proj.prepack()
         if native and all(p.native is not None for p in self.modules() if isinstance(p, Proj)):

@@ -88,13 +88,15 @@ class Proj(nn.Module):
         w = self.qweight if self.qweight is not None else self.weight
         return w is not None and native.can_pack(w)
 
-    def to_native(self) -> None:
-        """Switch to the native kernel's layout (bf16 or int8 weights; see native.c). Replaces the plain copy."""
+    def to_native(self, in_place: bool = False) -> None:
+        """Switch to the native kernel's layout (bf16 or int8 weights; see native.c). Replaces the plain copy;
+        `in_place` rewrites the weight's own memory (only when nothing else uses that tensor)."""
         assert self.can_native()
         if self.qweight is not None:
-            self.native, self.native_scales = native.pack(self.qweight), native.pad_scales(self.scales)
+            self.native = native.pack(self.qweight, in_place=True)  # made by quantize_int8: ours alone
+            self.native_scales = native.pad_scales(self.scales)
         else:
-            self.native = native.pack(self.weight)
+            self.native = native.pack(self.weight, in_place=in_place)
         self.weight = self.qweight = None
 
     def can_block(self) -> bool:

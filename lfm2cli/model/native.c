@@ -46,6 +46,24 @@ void lfm2_pack(const void *src, void *dst, int64_t rows, int64_t padded, int64_t
     }
 }
 
+/* The same for W [rows, in] with rows % 16 == 0, in place: block b of the pairs layout occupies exactly the
+ * memory of rows 16b..16b+15, so each block is transposed through a small buffer. No new memory is touched,
+ * which at load time saves the page faults of a fresh copy of every weight. */
+void lfm2_pack_inplace(void *w, int64_t rows, int64_t in, int64_t elem, int threads) {
+    const int64_t pairs = in / 2, block = 16 * pairs * (elem == 2 ? 4 : 2);
+    #pragma omp parallel num_threads(threads)
+    {
+        void *tmp = malloc((size_t)block);
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < rows / 16; b++) {
+            char *base = (char *)w + b * block;
+            memcpy(tmp, base, (size_t)block);
+            lfm2_pack(tmp, base, 16, 16, in, elem, 1);
+        }
+        free(tmp);
+    }
+}
+
 /* ---- One decode step's small operations, bf16 in and out (portable C, vectorised by the compiler).
  * Each rounds to bf16 where the model's torch code does (an op's result is bf16), so both paths agree to
  * within the last bit of a rounding; at batch 1 torch spends ~10 us of dispatch on each of ~60 such ops per

@@ -30,6 +30,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "lfm2_linear": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "lfm2_pack": [_P, _P, _I, _I, _I, _I, ctypes.c_int],
+    "lfm2_pack_inplace": [_P, _I, _I, _I, ctypes.c_int],
     "lfm2_add_rmsnorm": [_P, _P, _P, _P, _I, _F],
     "lfm2_silu_mul": [_P, _P, _I],
     "lfm2_conv_step": [_P, _P, _P, _P, _P, _I, _I],
@@ -120,13 +121,18 @@ def can_pack(weight: torch.Tensor) -> bool:
             and weight.dtype in (torch.bfloat16, torch.int8) and weight.shape[1] % 2 == 0)
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] (bf16 or int8) -> the pairs layout [out'/16, in/2, 16, 2], out' = out rounded up to 64."""
+def pack(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """[out, in] (bf16 or int8) -> the pairs layout [out'/16, in/2, 16, 2], out' = out rounded up to 64.
+    `in_place` reuses the weight's memory when no padding is needed (the weight is then gone)."""
     out, inn = weight.shape
     padded = -(-out // ROWS) * ROWS
+    threads = torch.get_num_threads()
+    if in_place and padded == out and weight.is_contiguous():
+        _lib.lfm2_pack_inplace(weight.data_ptr(), out, inn, weight.element_size(), threads)
+        return weight.view(out // 16, inn // 2, 16, 2)
     src = weight.contiguous()
     dst = torch.empty(padded // 16, inn // 2, 16, 2, dtype=weight.dtype)
-    _lib.lfm2_pack(src.data_ptr(), dst.data_ptr(), out, padded, inn, weight.element_size(), torch.get_num_threads())
+    _lib.lfm2_pack(src.data_ptr(), dst.data_ptr(), out, padded, inn, weight.element_size(), threads)
     return dst
 
 
