@@ -195,17 +195,24 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}")
 
 
-def run_all(engines: list[Engine], lengths: list[int], new: int, repeat: int, vocab: int) -> None:
+def run_all(engines: list[Engine], lengths: list[int], new: int, repeat: int, vocab: int) -> list[float]:
+    """Runs every engine on every length, `repeat` times interleaved. Returns the memory bandwidth measured
+    before each repetition and after the last: the host's bandwidth moves by up to 1.7x from minute to minute
+    here, so the ceiling is taken over the same period as the runs (the median), not from one moment."""
     gen = torch.Generator().manual_seed(0)
+    bandwidths = []
     for e in engines:  # warm-up (and, for compiled engines, compilation)
         e.run(torch.randint(0, vocab, (16,), generator=gen).tolist(), 4)
         e.results = {n: [] for n in lengths}
     for r in range(repeat):
+        bandwidths.append(measure_bandwidth(CPU, repeat=3))
         for n in lengths:
             prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
             for e in engines:
                 print(f"  run {r + 1}/{repeat}, {n} tokens: {e.name}", file=sys.stderr, flush=True)
                 e.results[n].append(e.run(prompt, new))
+    bandwidths.append(measure_bandwidth(CPU, repeat=3))
+    return bandwidths
 
 
 def med(values: list[float]) -> float:
@@ -270,7 +277,7 @@ def main() -> None:
     cfg = known_config(repo)
     loading.configure_threads(CPU)
     print(f"machine: {machine()}", file=sys.stderr)
-    bandwidth = measure_bandwidth(CPU)
+    bandwidths: list[float] = []
     big = cfg.is_moe  # two 8B models do not fit next to each other: run the engines one after the other
     variants: list[tuple[str, dict]] = [("lfm2 bf16", {})]
     if args.torch_kernels:
@@ -288,7 +295,7 @@ def main() -> None:
     if big:
         for build in builders:
             e = build()
-            run_all([e], lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
+            bandwidths += run_all([e], lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
             e.run = None  # drop the model before the next one is built
             engines.append(e)
             import gc
@@ -296,10 +303,13 @@ def main() -> None:
             gc.collect()
     else:
         engines = [build() for build in builders]
-        run_all(engines, lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
+        bandwidths = run_all(engines, lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
+    bandwidth = med(bandwidths)
     base = engines[0] if not args.no_transformers else None
     lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1", "",
-             f"Machine: {machine()}. Memory read bandwidth measured in the run: {bandwidth / 1e9:.1f} GB/s. "
+             f"Machine: {machine()}. Memory read bandwidth, median of {len(bandwidths)} measurements between the "
+             f"repetitions: {bandwidth / 1e9:.1f} GB/s (range {min(bandwidths) / 1e9:.0f}-"
+             f"{max(bandwidths) / 1e9:.0f}). "
              f"{args.gen_tokens} new tokens per run, {args.repeat} repetitions "
              f"{'one engine after the other (two models do not fit in memory together)' if big else 'interleaved'}"
              f"; medians. Decode ceiling = bandwidth / bytes a decode step reads "

@@ -175,46 +175,46 @@ def test_attention_step_equals_torch(library: None, pos: int) -> None:
     assert torch.equal(out, expected)
 
 
-def test_native_decode_step_gives_the_eager_answers(kernel: None, dense_ckpt: Path, moe_ckpt: Path) -> None:
-    """The whole one-token step in native code against the eager torch layers on the same native products."""
-    from lfm2cli.model.native_decode import NativeDecoder
+def lockstep(model, first, second, steps: int):
+    """Two caches fed the same tokens (the first run's greedy choices), `first()` / `second()` setting the model
+    up before each one's step; yields each step's pair of logits."""
     from tests.test_fastpath import prompt
+
+    caches = (model.new_cache(), model.new_cache())
+    logits = [model(prompt(9), c) for c in caches]
+    for _ in range(steps):
+        tok = torch.tensor([[int(logits[0].argmax())]])
+        first()
+        a = model(tok, caches[0])
+        second()
+        logits = [a, model(tok, caches[1])]
+        yield logits
+    assert caches[0].pos == caches[1].pos
+
+
+def test_native_decode_step_gives_the_eager_answers(kernel: None, dense_ckpt: Path, moe_ckpt: Path) -> None:
+    """The one-token step in native code against the eager torch layers on the same native products."""
+    from lfm2cli.model.native_decode import NativeDecoder
 
     for path in (dense_ckpt, moe_ckpt):
         model = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
-        assert isinstance(model.fast_decode, NativeDecoder)
-        decoder, caches = model.fast_decode, (model.new_cache(), model.new_cache())
-        logits = [model(prompt(12), c) for c in caches]
-        for _ in range(20):
-            tok = torch.tensor([[int(logits[0].argmax())]])
-            model.fast_decode = decoder
-            fast = model(tok, caches[0])
-            model.fast_decode = None
-            eager = model(tok, caches[1])
+        decoder = model.fast_decode
+        assert isinstance(decoder, NativeDecoder)
+        for fast, eager in lockstep(model, lambda m=model, d=decoder: setattr(m, "fast_decode", d),
+                                    lambda m=model: setattr(m, "fast_decode", None), 20):
             assert int(fast.argmax()) == int(eager.argmax())
             assert (fast - eager).abs().max() <= 0.01 * (eager.max() - eager.min())  # sums in another order
-            logits = [fast, eager]
-        assert caches[0].pos == caches[1].pos
 
 
 def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path) -> None:
     """Dense models run the step as one native call; the per-op loop (MoE, biased projections) makes the same
     calls in the same order, so the numbers are identical."""
-    from tests.test_fastpath import prompt
-
     model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False).model
-    whole, table = model.fast_decode, model.fast_decode.layers
+    decoder, table = model.fast_decode, model.fast_decode.layers
     assert table is not None
-    caches = (model.new_cache(), model.new_cache())
-    logits = [model(prompt(9), c) for c in caches]
-    for _ in range(12):
-        tok = torch.tensor([[int(logits[0].argmax())]])
-        whole.layers = table
-        a = model(tok, caches[0])
-        whole.layers = None
-        b = model(tok, caches[1])
-        assert torch.equal(a, b)
-        logits = [a, b]
+    for whole, per_op in lockstep(model, lambda: setattr(decoder, "layers", table),
+                                  lambda: setattr(decoder, "layers", None), 12):
+        assert torch.equal(whole, per_op)
 
 
 def test_build_is_cached_and_keyed_by_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
