@@ -27,14 +27,14 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The library built and loaded (its small ops run on any CPU)."""
     native.load(tmp_path_factory.mktemp("kernels"))
     if native._lib is None:
-        pytest.skip(f"native library not available here: {native.why_not()}")
+        pytest.skip(f"native code {native.why_not()}")
 
 
 @pytest.fixture(scope="module")
 def kernel(library: None) -> None:
     """The library with its matrix kernel (AVX512-BF16): what models use."""
     if not native.ready():
-        pytest.skip(f"native kernel not used here: {native.why_not()}")
+        pytest.skip(f"native code {native.why_not()}")
 
 
 def bf16_close(got: torch.Tensor, exact: torch.Tensor) -> bool:

@@ -1,29 +1,31 @@
-/* lfm2's CPU matrix kernel: y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights.
+/* lfm2's native CPU code, loaded by native.py with ctypes. In order:
+ *   packing     W [out, in] into the kernel's layout, into new memory or in place
+ *   small ops   one decode step's norms, SwiGLU, short conv and attention, rounding to bf16 where the torch
+ *               code does (portable C: these build on any CPU)
+ *   the kernel  y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights (AVX512-BF16 only)
+ *   the step    a dense model's whole one-token decode step in one call
  *
- * Built on the user's machine with -march=native (see native.py) and used only where the CPU has AVX512-BF16.
- * Batch-1 decode is bound by reading weights: torch's bf16 linear (oneDNN) streams them at ~60 % of the memory
- * bandwidth on a 2-core Zen 4, this kernel at ~95 %. The same loop serves prefill (tiles of tokens reuse each
- * weight vector from cache) at oneDNN's speed, so one weight layout serves both.
+ * Built on the user's machine with -march=native. Batch-1 decode is bound by reading weights: torch's bf16
+ * linear (oneDNN) streams them at ~60 % of the memory bandwidth on a 2-core Zen 4, this kernel at ~95 % on a
+ * large matrix. The same loop serves prefill (tiles of tokens reuse each weight vector from cache) at oneDNN's
+ * speed, so one weight layout serves both.
  *
  * Layout ("pairs"): W [out, in] is stored as [out/16][in/2][16][2]: 16 output channels side by side, each with
  * two consecutive inputs, so one 64-byte load feeds one vdpbf16ps against a broadcast pair of x. Rows are
  * padded with zeros to a multiple of 64 (4 blocks per tile); `in` must be even. int8 weights use the same
- * layout; each 32-weight vector is converted to bf16 exactly (|q| <= 127 needs 7 bits) and the per-row scale is
- * applied to the fp32 sum. Threads: torch's own OpenMP runtime (the same libgomp is already loaded).
+ * layout with a per-row scale applied to the fp32 sum: decode multiplies them with the token rounded to int16
+ * (vpdpwssd), prefill widens them to bf16 (exact: |q| <= 127 needs 7 bits). Threads: torch's own OpenMP
+ * runtime (the same libgomp.so.1 is already loaded, so there is one thread pool).
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define LFM2_NATIVE_ABI 2
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 #define LFM2_HAVE_KERNEL 1
 #endif
-
-int lfm2_native_abi(void) { return LFM2_NATIVE_ABI; }
 
 /* ---- Packing: W [rows, in] (2-byte or 1-byte elements) -> the pairs layout of lfm2_linear, rows padded with
  * zeros to `padded` (a multiple of 16). A pair is 4 or 2 bytes, so each moves as one integer. */
