@@ -253,7 +253,10 @@ def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path
     import subprocess
     import sys
 
-    for extra in ({"LFM2_NATIVE": "0"}, {"PATH": str(tmp_path), "CC": ""}):
+    # the second case sets LFM2_NATIVE=1 so that an LFM2_NATIVE=0 in the outer environment cannot mask it
+    cases = [({"LFM2_NATIVE": "0"}, "LFM2_NATIVE=0"),
+             ({"PATH": str(tmp_path), "CC": "", "LFM2_NATIVE": "1"}, "compiler")]
+    for extra, reason in cases:
         env = {**os.environ, "LFM2_CACHE": str(tmp_path / "c"), **extra}
         code = ("import sys, torch; from lfm2cli.loading import load; from lfm2cli.model import native;"
                 f"m = load({str(dense_ckpt)!r}, device='cpu', dtype='bfloat16', tokenizer=False).model;"
@@ -262,5 +265,5 @@ def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         why, kinds = out.stdout.splitlines()
-        assert ("LFM2_NATIVE=0" in why) if "LFM2_NATIVE" in extra else ("compiler" in why)
+        assert reason in why
         assert "native" not in kinds
