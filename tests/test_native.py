@@ -54,18 +54,19 @@ def test_bf16_product_is_the_rounded_float_product(kernel: None, shape: tuple[in
     assert bf16_close(y, x.float() @ w.float().t())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])  # up to 8 rows against int16 activations, beyond widened to bf16
-def test_int8_product_is_within_its_bound(kernel: None, rows: int) -> None:
+@pytest.mark.parametrize("width", [96, 100])  # 100: tails of the 16-wide activation split and of the quad pairs
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40])  # up to 8 rows against int16 activations, beyond bf16
+def test_int8_product_is_within_its_bound(kernel: None, rows: int, width: int) -> None:
     g = torch.Generator().manual_seed(rows)
-    w = torch.randn(136, 96, generator=g) * torch.linspace(0.1, 2, 136)[:, None]
+    w = torch.randn(136, width, generator=g) * torch.linspace(0.1, 2, 136)[:, None]
     q, scales = quantize_int8(w.bfloat16())
-    x = torch.randn(rows, 96, generator=g).bfloat16()
+    x = torch.randn(rows, width, generator=g).bfloat16()
     y = native.linear(x, native.pack(q), 136, native.pad_scales(scales)).float()
     exact = (x.float() @ q.float().t()) * scales.float()
     # one bf16 rounding of the result, plus (few rows) each activation rounded to int16 with one scale per row
     step = exact.abs() * 2.0 ** -8 + 1e-6
     if rows <= 8:
-        half_step = x.float().abs().amax(1, keepdim=True) / 32767 / 2
+        half_step = x.float().abs().amax(1, keepdim=True) / 32639 / 2
         step = step + (half_step * q.float().abs().sum(1)) * scales.float()
     assert ((y - exact).abs() <= step).all()
     if rows > 8:
@@ -110,6 +111,9 @@ def test_proj_switches_to_the_native_form(kernel: None) -> None:
     assert q.kind == "int8-native" and q.qweight is None
     odd = Proj(torch.randn(16, 33, generator=g).bfloat16())
     assert not odd.can_native()  # inputs come in pairs: odd widths keep torch's kernels
+    int8_pairs = Proj(torch.randn(16, 34, generator=g).bfloat16())
+    int8_pairs.quantize_int8()
+    assert not int8_pairs.can_native()  # int8 inputs come in fours
 
 
 # ---- the decode step's small ops: bit-identical to the torch code of lfm2cli/model/layers.py

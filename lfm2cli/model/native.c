@@ -2,7 +2,8 @@
  *   packing     W [out, in] into the kernel's layout, into new memory or in place
  *   small ops   one decode step's norms, SwiGLU, short conv and attention, rounding to bf16 where the torch
  *               code does (portable C: these build on any CPU)
- *   the kernel  y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights (AVX512-BF16 only)
+ *   the kernel  y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights (AVX512-BF16 and
+ *               AVX512-VNNI, which every CPU with AVX512-BF16 has)
  *   the step    a dense model's whole one-token decode step in one call
  *
  * Built on the user's machine with -march=native. Batch-1 decode is bound by reading weights: torch's bf16
@@ -10,11 +11,11 @@
  * large matrix. The same loop serves prefill (tiles of tokens reuse each weight vector from cache) at oneDNN's
  * speed, so one weight layout serves both.
  *
- * Layout ("pairs"): W [out, in] is stored as [out/16][in/2][16][2]: 16 output channels side by side, each with
- * two consecutive inputs, so one 64-byte load feeds one vdpbf16ps against a broadcast pair of x. Rows are
- * padded with zeros to a multiple of 64 (4 blocks per tile); `in` must be even. int8 weights use the same
- * layout with a per-row scale applied to the fp32 sum: decode multiplies them with the token rounded to int16
- * (vpdpwssd), prefill widens them to bf16 (exact: |q| <= 127 needs 7 bits). Threads: torch's own OpenMP
+ * Layouts. bf16 ("pairs"): W [out, in] is stored as [out/16][in/2][16][2]: 16 output channels side by side,
+ * each with two consecutive inputs, so one 64-byte load feeds one vdpbf16ps against a broadcast pair of x.
+ * int8 ("quads"): [out/16][in/4][16][4], each value stored plus 128 as an unsigned byte, so one 64-byte load
+ * feeds vpdpbusd (u8 x s8) directly; a per-row scale is applied to the sum. Rows are padded with zeros to a
+ * multiple of 64 (4 blocks per tile); `in` must be even (int8: a multiple of 4). Threads: torch's own OpenMP
  * runtime (the same libgomp.so.1 is already loaded, so there is one thread pool).
  */
 #include <math.h>
@@ -22,37 +23,33 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) \
+    && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define LFM2_HAVE_KERNEL 1
 #endif
 
-/* ---- Packing: W [rows, in] (2-byte or 1-byte elements) -> the pairs layout of lfm2_linear, rows padded with
- * zeros to `padded` (a multiple of 16). A pair is 4 or 2 bytes, so each moves as one integer. */
+/* ---- Packing: W [rows, in] -> the layout of lfm2_linear, rows padded with zeros to `padded` (a multiple of
+ * 16). bf16 (elem 2): pairs; int8 (elem 1): quads plus 128 (per byte, w + 128 == w ^ 0x80). A pair or a quad
+ * is 4 bytes, so each moves as one integer. */
 void lfm2_pack(const void *src, void *dst, int64_t rows, int64_t padded, int64_t in, int64_t elem, int threads) {
-    const int64_t pairs = in / 2;
+    const int64_t groups = in * elem / 4;        /* 4-byte groups per row */
+    const uint32_t flip = elem == 1 ? 0x80808080u : 0u;
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < padded / 16; b++) {
         const int64_t live = rows - b * 16 < 16 ? rows - b * 16 : 16; /* rows of this block in `src` */
-        if (elem == 2) {
-            const uint32_t *s = (const uint32_t *)src + b * 16 * pairs;
-            uint32_t *d = (uint32_t *)dst + b * pairs * 16;
-            for (int64_t p = 0; p < pairs; p++)
-                for (int64_t j = 0; j < 16; j++) d[p * 16 + j] = j < live ? s[j * pairs + p] : 0;
-        } else {
-            const uint16_t *s = (const uint16_t *)src + b * 16 * pairs;
-            uint16_t *d = (uint16_t *)dst + b * pairs * 16;
-            for (int64_t p = 0; p < pairs; p++)
-                for (int64_t j = 0; j < 16; j++) d[p * 16 + j] = j < live ? s[j * pairs + p] : 0;
-        }
+        const uint32_t *s = (const uint32_t *)src + b * 16 * groups;
+        uint32_t *d = (uint32_t *)dst + b * groups * 16;
+        for (int64_t p = 0; p < groups; p++)
+            for (int64_t j = 0; j < 16; j++) d[p * 16 + j] = (j < live ? s[j * groups + p] : 0u) ^ flip;
     }
 }
 
-/* The same for W [rows, in] with rows % 16 == 0, in place: block b of the pairs layout occupies exactly the
+/* The same for W [rows, in] with rows % 16 == 0, in place: block b of the packed layout occupies exactly the
  * memory of rows 16b..16b+15, so each block is transposed through a small buffer. No new memory is touched,
  * which at load time saves the page faults of a fresh copy of every weight. */
 void lfm2_pack_inplace(void *w, int64_t rows, int64_t in, int64_t elem, int threads) {
-    const int64_t pairs = in / 2, block = 16 * pairs * (elem == 2 ? 4 : 2);
+    const int64_t block = 16 * in * elem;
     #pragma omp parallel num_threads(threads)
     {
         void *tmp = malloc((size_t)block);
@@ -157,6 +154,22 @@ static void rope_head(bf16_t *x, const bf16_t *cos, const bf16_t *sin, int64_t d
     }
 }
 
+/* a . b over d bf16 values, in float: with AVX512-BF16 in pairs and 16 lanes (the order a bf16 matmul sums in),
+ * else in order. A plain loop is a float reduction the compiler may not reorder: one multiply-add per cycle,
+ * which at 2048 cached positions cost LFM2-350M ~6 ms per token. */
+static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
+    float s = 0.0f;
+    int64_t i = 0;
+#ifdef LFM2_HAVE_KERNEL
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 32 <= d; i += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < d; i++) s += f32(a[i]) * f32(b[i]);
+    return s;
+}
+
 /* Grouped-query attention for one new token at position `pos`: qkv = the fused projection's output, q and k
  * normed per head and rotated, k and v written into the caches kc/vc [kv_heads][cap][d], then each query head
  * attends over positions 0..pos (scores rounded to bf16 as a bf16 matmul does, softmax in float32). */
@@ -179,9 +192,7 @@ void lfm2_attention_step(const bf16_t *qkv, const bf16_t *qw, const bf16_t *kw, 
         const bf16_t *qh = q + hh * d, *kh = kc + (hh / group) * cap * d, *vh = vc + (hh / group) * cap * d;
         float *p = malloc(sizeof(float) * n), *acc = calloc(d, sizeof(float)), top = -INFINITY, sum = 0.0f;
         for (int64_t j = 0; j < n; j++) {
-            float dot = 0.0f;
-            for (int64_t i = 0; i < d; i++) dot += f32(qh[i]) * f32(kh[j * d + i]);
-            p[j] = rnd(dot) * scale;
+            p[j] = rnd(dot_bf16(qh, kh + j * d, d)) * scale;
             top = p[j] > top ? p[j] : top;
         }
         for (int64_t j = 0; j < n; j++) { p[j] = exp_f(p[j] - top); sum += p[j]; }
@@ -205,17 +216,10 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
 int lfm2_native_supported(void) { return 1; }
 
 #define NB 4                 /* 16-channel blocks per tile: 64 outputs */
-#define TT 6                 /* tokens per tile: NB * TT = 24 accumulators of the 32 registers */
-#define I8_DIRECT_ROWS 8     /* up to this many tokens, int8 vectors are converted in the loop; beyond, once */
+#define TT 6                 /* tokens per bf16 tile: NB * TT = 24 accumulators of the 32 registers */
+#define I8_DIRECT_ROWS 8     /* up to this many tokens, int8 weights meet the split activations; beyond, bf16 */
 
 static inline __m512bh load_bf16(const void *p) { return (__m512bh)_mm512_loadu_si512(p); }
-
-static inline __m512bh load_i8(const void *p) {
-    __m256i q = _mm256_loadu_si256((const __m256i *)p);
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-    return _mm512_cvtne2ps_pbh(hi, lo); /* element order kept: lo fills elements 0-15 */
-}
 
 /* Stores 16 sums (scaled when `scale`) as bf16 into row y[0..n), n < 16 only in the last block. */
 static inline void store16(uint16_t *y, __m512 v, const float *scale, int64_t n) {
@@ -225,130 +229,29 @@ static inline void store16(uint16_t *y, __m512 v, const float *scale, int64_t n)
     _mm256_mask_storeu_epi16(y, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-/* One tile body per weight type: `w` points at the tile's first block, blocks `bs` elements apart. */
-#define TILE_FN(NAME, WTYPE, LOAD)                                                                            \
-static void NAME(const WTYPE *w, int64_t bs, int64_t pairs, const uint16_t *x, int64_t in, int64_t nt,      \
-                 uint16_t *y, int64_t out, int64_t col, const float *scale) {                                 \
-    __m512 a[NB][TT];                                                                                         \
-    for (int k = 0; k < NB; k++)                                                                              \
-        for (int t = 0; t < TT; t++) a[k][t] = _mm512_setzero_ps();                                           \
-    const uint32_t *xr[TT];                                                                                   \
-    for (int t = 0; t < TT; t++) xr[t] = (const uint32_t *)(x + (t < nt ? t : 0) * in);                       \
-    for (int64_t p = 0; p < pairs; p++) {                                                                     \
-        __m512bh wv[NB];                                                                                      \
-        _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) wv[k] = LOAD(w + k * bs + p * 32);              \
-        _Pragma("GCC unroll 8") for (int t = 0; t < TT; t++) {                                                \
-            if (t < nt) {                                                                                     \
-                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xr[t][p]);                                     \
-                _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++)                                          \
-                    a[k][t] = _mm512_dpbf16_ps(a[k][t], wv[k], xv);                                           \
-            }                                                                                                 \
-        }                                                                                                     \
-    }                                                                                                         \
-    for (int t = 0; t < nt; t++)                                                                              \
-        for (int k = 0; k < NB; k++)                                                                          \
-            store16(y + t * out + col + 16 * k, a[k][t], scale ? scale + col + 16 * k : 0, out - col - 16 * k); \
-}
-
-TILE_FN(tile_bf16, uint16_t, load_bf16)
-TILE_FN(tile_i8, int8_t, load_i8)
-
-/* int8 -> bf16 for one tile's blocks (64 x in weights), into a scratch buffer of the same layout. */
-static void widen_tile(const int8_t *w, int64_t bs, uint16_t *dst) {
+/* A tile of 64 outputs x up to TT tokens: `w` points at the tile's first block, blocks `bs` elements apart;
+ * each weight vector is loaded once and used for every token. */
+static void tile_bf16(const uint16_t *w, int64_t bs, int64_t pairs, const uint16_t *x, int64_t in, int64_t nt,
+                      uint16_t *y, int64_t out, int64_t col, const float *scale) {
+    __m512 a[NB][TT];
     for (int k = 0; k < NB; k++)
-        for (int64_t i = 0; i < bs; i += 32)
-            _mm512_storeu_si512(dst + k * bs + i, (__m512i)load_i8(w + k * bs + i));
-}
-
-#ifdef __AVX512VNNI__
-/* int8 weights against int16 activations for a few tokens (decode): one sign extension and one vpdpwssd per 32
- * weights, where widening to bf16 costs five instructions and leaves the loop compute-bound on Zen 4. Each token
- * is quantised to int16 with one scale (max|x| / 32767): an error of at most max|x| / 65534 per element, far
- * inside bf16's own rounding of x for all but the smallest elements. Integer sums are moved to float every
- * 64 pairs, before they could overflow (64 * 2 * 32767 * 127 < 2^31). */
-#define TV 3        /* tokens per VNNI tile: NB * TV integer and float accumulators fit the registers */
-#define CHUNK 64
-static void tile_i8_vnni(const int8_t *w, int64_t bs, int64_t pairs, const int16_t *xq, const float *xs, int64_t in,
-                         int64_t nt, uint16_t *y, int64_t out, int64_t col, const float *scale) {
-    __m512 f[NB][TV];
-    for (int k = 0; k < NB; k++)
-        for (int t = 0; t < TV; t++) f[k][t] = _mm512_setzero_ps();
-    const int32_t *xr[TV];
-    for (int t = 0; t < TV; t++) xr[t] = (const int32_t *)(xq + (t < nt ? t : 0) * in);
-    for (int64_t p0 = 0; p0 < pairs; p0 += CHUNK) {
-        const int64_t end = p0 + CHUNK < pairs ? p0 + CHUNK : pairs;
-        __m512i a[NB][TV];
-        for (int k = 0; k < NB; k++)
-            for (int t = 0; t < TV; t++) a[k][t] = _mm512_setzero_si512();
-        for (int64_t p = p0; p < end; p++) {
-            __m512i wv[NB];
-            _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++)
-                wv[k] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + k * bs + p * 32)));
-            _Pragma("GCC unroll 4") for (int t = 0; t < TV; t++)
-                if (t < nt) {
-                    const __m512i xv = _mm512_set1_epi32(xr[t][p]);
-                    _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) a[k][t] = _mm512_dpwssd_epi32(a[k][t], wv[k], xv);
-                }
+        for (int t = 0; t < TT; t++) a[k][t] = _mm512_setzero_ps();
+    const uint32_t *xr[TT];
+    for (int t = 0; t < TT; t++) xr[t] = (const uint32_t *)(x + (t < nt ? t : 0) * in);
+    for (int64_t p = 0; p < pairs; p++) {
+        __m512bh wv[NB];
+        _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) wv[k] = load_bf16(w + k * bs + p * 32);
+        _Pragma("GCC unroll 8") for (int t = 0; t < TT; t++) {
+            if (t < nt) {
+                __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xr[t][p]);
+                _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) a[k][t] = _mm512_dpbf16_ps(a[k][t], wv[k], xv);
+            }
         }
-        for (int k = 0; k < NB; k++)
-            for (int t = 0; t < TV; t++) f[k][t] = _mm512_add_ps(f[k][t], _mm512_cvtepi32_ps(a[k][t]));
     }
     for (int t = 0; t < nt; t++)
         for (int k = 0; k < NB; k++)
-            store16(y + t * out + col + 16 * k, _mm512_mul_ps(f[k][t], _mm512_set1_ps(xs[t])), scale + col + 16 * k,
-                    out - col - 16 * k);
+            store16(y + t * out + col + 16 * k, a[k][t], scale ? scale + col + 16 * k : 0, out - col - 16 * k);
 }
-
-/* One token against one 16-row int8 block (see block_bf16). */
-static void block_i8_vnni(const int8_t *w, int64_t pairs, const int16_t *xq, float xs, uint16_t *y, int64_t n,
-                          const float *scale) {
-    const int32_t *xp = (const int32_t *)xq;
-    __m512 f = _mm512_setzero_ps();
-    for (int64_t p0 = 0; p0 < pairs; p0 += CHUNK) {
-        const int64_t end = p0 + CHUNK < pairs ? p0 + CHUNK : pairs;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-        int64_t p = p0;
-        for (; p + 4 <= end; p += 4) {
-            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32))),
-                                     _mm512_set1_epi32(xp[p]));
-            a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32 + 32))),
-                                     _mm512_set1_epi32(xp[p + 1]));
-            a2 = _mm512_dpwssd_epi32(a2, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32 + 64))),
-                                     _mm512_set1_epi32(xp[p + 2]));
-            a3 = _mm512_dpwssd_epi32(a3, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32 + 96))),
-                                     _mm512_set1_epi32(xp[p + 3]));
-        }
-        for (; p < end; p++)
-            a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + p * 32))),
-                                     _mm512_set1_epi32(xp[p]));
-        f = _mm512_add_ps(f, _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3))));
-    }
-    store16(y, _mm512_mul_ps(f, _mm512_set1_ps(xs)), scale, n);
-}
-
-/* x [T, in] bf16 -> int16 [T, in] and one scale per token (vectorised: it runs before every int8 product). */
-static inline __m512 load16_f32(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-static void quantize_rows(const uint16_t *x, int64_t T, int64_t in, int16_t *xq, float *xs) {
-    for (int64_t t = 0; t < T; t++) {
-        const uint16_t *xr = x + t * in;
-        __m512 top = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 16 <= in; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load16_f32(xr + i)));
-        float m = _mm512_reduce_max_ps(top);
-        for (; i < in; i++) m = fmaxf(m, fabsf(f32(xr[i])));
-        xs[t] = m > 0.0f ? m / 32767.0f : 1.0f;
-        const float inv = 1.0f / xs[t];
-        const __m512 vinv = _mm512_set1_ps(inv);
-        for (i = 0; i + 16 <= in; i += 16)  /* round to nearest even, as lrintf */
-            _mm256_storeu_si256((__m256i *)(xq + t * in + i),
-                                _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(load16_f32(xr + i), vinv))));
-        for (; i < in; i++) xq[t * in + i] = (int16_t)lrintf(f32(xr[i]) * inv);
-    }
-}
-#endif
 
 /* One token (decode) against one 16-row block: a single forward stream per thread, which the hardware
  * prefetchers follow better than a tile's four (measured ~8 % faster at batch 1), four accumulators for ILP. */
@@ -366,63 +269,184 @@ static void block_bf16(const uint16_t *w, int64_t pairs, const uint16_t *x, uint
     store16(y, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), 0, n);
 }
 
-/* W in the pairs layout (bf16, or int8 with per-row `scales`, both padded to a multiple of 64 rows);
- * x [T, in] bf16, y [T, out] bf16; `in` even. Tiles of 64 outputs are shared among `threads` threads. */
+/* ---- int8 weights (see the layout above). A token's activations are rounded to int16 with one scale,
+ * q = round(x / s), s = max|x| / QMAX, and split into two signed bytes q = 256 h + l. Against the stored
+ * u = w + 128:  sum w q = 256 (sum u h - 128 sum h) + (sum u l - 128 sum l), so each 64 weights cost one load
+ * and two vpdpbusd (u8 x s8, four products per lane): no widening, which left the loop compute-bound.
+ * Exact in int32 for in <= 65536 (each lane adds in products of at most 255 * 128). */
+#define QMAX 32639           /* 127 * 257: the largest |q| whose two bytes both fit in int8 */
+
+static inline __m512 load16_f32(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* x [T, in] bf16 -> per token the bytes h [in] then l [in] in hl, its scale xs, and the corrections
+ * 128 sum h (ch) and 128 sum l (cl). Vectorised: it runs before every int8 product. */
+static void split_rows(const uint16_t *x, int64_t T, int64_t in, int8_t *hl, float *xs, int32_t *ch, int32_t *cl) {
+    const __m512i lim = _mm512_set1_epi32(QMAX), r128 = _mm512_set1_epi32(128);
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xr = x + t * in;
+        int8_t *h = hl + t * 2 * in, *l = h + in;
+        __m512 top = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= in; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load16_f32(xr + i)));
+        float m = _mm512_reduce_max_ps(top);
+        for (; i < in; i++) m = fmaxf(m, fabsf(f32(xr[i])));
+        xs[t] = m > 0.0f ? m / (float)QMAX : 1.0f;
+        const float inv = 1.0f / xs[t];
+        const __m512 vinv = _mm512_set1_ps(inv);
+        __m512i sh = _mm512_setzero_si512(), sl = sh;
+        for (i = 0; i + 16 <= in; i += 16) { /* round to nearest even, as lrintf */
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16_f32(xr + i), vinv));
+            q = _mm512_max_epi32(_mm512_min_epi32(q, lim), _mm512_sub_epi32(_mm512_setzero_si512(), lim));
+            const __m512i hi = _mm512_srai_epi32(_mm512_add_epi32(q, r128), 8);
+            const __m512i lo = _mm512_sub_epi32(q, _mm512_slli_epi32(hi, 8));
+            _mm_storeu_si128((__m128i *)(h + i), _mm512_cvtepi32_epi8(hi));
+            _mm_storeu_si128((__m128i *)(l + i), _mm512_cvtepi32_epi8(lo));
+            sh = _mm512_add_epi32(sh, hi);
+            sl = _mm512_add_epi32(sl, lo);
+        }
+        int32_t sum_h = _mm512_reduce_add_epi32(sh), sum_l = _mm512_reduce_add_epi32(sl);
+        for (; i < in; i++) {
+            int32_t q = (int32_t)lrintf(f32(xr[i]) * inv);
+            q = q > QMAX ? QMAX : q < -QMAX ? -QMAX : q;
+            const int32_t hi = (q + 128) >> 8, lo = q - 256 * hi;
+            h[i] = (int8_t)hi, l[i] = (int8_t)lo, sum_h += hi, sum_l += lo;
+        }
+        ch[t] = 128 * sum_h, cl[t] = 128 * sum_l;
+    }
+}
+
+/* acc += u (64 weights) times the four bytes at x broadcast; in asm because gcc 12 copies the accumulator
+ * of the intrinsic around every call, and a broadcast from memory saves a register. */
+static inline __m512i dpbusd(__m512i acc, __m512i u, const void *x) {
+    __asm__("vpdpbusd %1%{1to16%}, %2, %0" : "+v"(acc) : "m"(*(const int32_t *)x), "v"(u));
+    return acc;
+}
+
+/* 16 dot products from their two byte sums: (256 (hi - ch) + (lo - cl)) * xs, corrections in exact int32. */
+static inline __m512 join(__m512i hi, __m512i lo, int32_t ch, int32_t cl, float xs) {
+    const __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi, _mm512_set1_epi32(ch)));
+    const __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, _mm512_set1_epi32(cl)));
+    return _mm512_mul_ps(_mm512_fmadd_ps(h, _mm512_set1_ps(256.0f), l), _mm512_set1_ps(xs));
+}
+
+/* One token against one 16-row block (decode), one stream per thread as in block_bf16. */
+static void block_i8(const uint8_t *w, int64_t quads, const int8_t *h, const int8_t *l, int32_t ch, int32_t cl,
+                     float xs, const float *scale, uint16_t *y, int64_t n) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+    int64_t q = 0;
+    for (; q + 2 <= quads; q += 2) {
+        const __m512i u0 = _mm512_loadu_si512(w + q * 64), u1 = _mm512_loadu_si512(w + q * 64 + 64);
+        h0 = dpbusd(h0, u0, h + 4 * q), l0 = dpbusd(l0, u0, l + 4 * q);
+        h1 = dpbusd(h1, u1, h + 4 * q + 4), l1 = dpbusd(l1, u1, l + 4 * q + 4);
+    }
+    if (q < quads) {
+        const __m512i u0 = _mm512_loadu_si512(w + q * 64);
+        h0 = dpbusd(h0, u0, h + 4 * q), l0 = dpbusd(l0, u0, l + 4 * q);
+    }
+    store16(y, join(_mm512_add_epi32(h0, h1), _mm512_add_epi32(l0, l1), ch, cl, xs), scale, n);
+}
+
+/* A few tokens (2..I8_DIRECT_ROWS: chat's short turns, prefill tails) against one 16-row block, each weight
+ * vector loaded once for all of them. NT is a constant in each call of block_i8_few, so the accumulators stay
+ * in registers (gcc keeps an array of vectors there only when its loops unroll completely). */
+static inline __attribute__((always_inline)) void block_i8_n(
+        const uint8_t *w, int64_t quads, const int8_t *hl, int64_t in, const int32_t *ch, const int32_t *cl,
+        const float *xs, const int NT, const float *scale, uint16_t *y, int64_t out, int64_t n) {
+    __m512i ah[I8_DIRECT_ROWS], al[I8_DIRECT_ROWS];
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) ah[t] = al[t] = _mm512_setzero_si512();
+    for (int64_t q = 0; q < quads; q++) {
+        const __m512i u = _mm512_loadu_si512(w + q * 64);
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+            ah[t] = dpbusd(ah[t], u, hl + t * 2 * in + 4 * q);
+            al[t] = dpbusd(al[t], u, hl + t * 2 * in + in + 4 * q);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)
+        store16(y + t * out, join(ah[t], al[t], ch[t], cl[t], xs[t]), scale, n);
+}
+
+static void block_i8_few(const uint8_t *w, int64_t quads, const int8_t *hl, int64_t in, const int32_t *ch,
+                         const int32_t *cl, const float *xs, int64_t nt, const float *scale, uint16_t *y, int64_t out,
+                         int64_t n) {
+#define LFM2_FEW(NT) block_i8_n(w, quads, hl, in, ch, cl, xs, NT, scale, y, out, n)
+    switch (nt) {
+    case 2: LFM2_FEW(2); break;
+    case 3: LFM2_FEW(3); break;
+    case 4: LFM2_FEW(4); break;
+    case 5: LFM2_FEW(5); break;
+    case 6: LFM2_FEW(6); break;
+    case 7: LFM2_FEW(7); break;
+    default: LFM2_FEW(8); break;
+    }
+#undef LFM2_FEW
+}
+
+/* One tile's int8 blocks (quads, offset) -> bf16 in the pairs layout, for many tokens (prefill), where the
+ * bf16 tile's reuse of each weight vector pays for the conversion. Values up to 128 are exact in bf16. */
+static void widen_tile(const uint8_t *w, int64_t bs, int64_t quads, uint16_t *dst) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1)), off = _mm512_set1_epi16(128);
+    for (int k = 0; k < NB; k++)
+        for (int64_t q = 0; q < quads; q++) {
+            const __m512i u = _mm512_loadu_si512(w + k * bs + q * 64); /* rows 0-15, inputs 4q..4q+3 */
+            __m512i half[2];
+            for (int j = 0; j < 2; j++) { /* rows 8j..8j+7 as 32 bf16 values */
+                const __m512i v = _mm512_sub_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(u, j)), off);
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(v)));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(v, 1)));
+                half[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            }
+            /* a 32-bit lane is one row's pair of inputs: even lanes hold inputs 4q, 4q+1, odd ones 4q+2, 4q+3 */
+            _mm512_storeu_si512(dst + k * bs + 2 * q * 32, _mm512_permutex2var_epi32(half[0], even, half[1]));
+            _mm512_storeu_si512(dst + k * bs + (2 * q + 1) * 32, _mm512_permutex2var_epi32(half[0], odd, half[1]));
+        }
+}
+
+/* W packed by lfm2_pack (bf16 pairs, or int8 quads with per-row `scales`; rows padded to a multiple of 64);
+ * x [T, in] bf16, y [T, out] bf16; `in` even (int8: a multiple of 4). Blocks or tiles of 64 outputs are shared
+ * among `threads` threads, dynamically: a core slowed by other work does not hold up the rest. */
 void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
                  int64_t in, int int8, int threads) {
-    const int64_t tiles = (out + 16 * NB - 1) / (16 * NB), bs = 16 * in, pairs = in / 2;
-    const int widen = int8 && T > I8_DIRECT_ROWS;
-#ifdef __AVX512VNNI__
-    int16_t *xq = 0;
-    float xs[I8_DIRECT_ROWS];
-    if (int8 && !widen) {
-        xq = (int16_t *)malloc(sizeof(int16_t) * T * in);
-        quantize_rows(x, T, in, xq, xs);
-    }
-#endif
+    const int64_t tiles = (out + 16 * NB - 1) / (16 * NB), bs = 16 * in, pairs = in / 2, quads = in / 4;
     if (T == 1 && !int8) {
         #pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
         for (int64_t b = 0; b < tiles * NB; b++) block_bf16((const uint16_t *)w + b * bs, pairs, x, y + 16 * b, out - 16 * b);
         return;
     }
+    if (int8 && T <= I8_DIRECT_ROWS) {
+        int8_t *hl = (int8_t *)malloc((size_t)(T * 2 * in));
+        float xs[I8_DIRECT_ROWS];
+        int32_t ch[I8_DIRECT_ROWS], cl[I8_DIRECT_ROWS];
+        split_rows(x, T, in, hl, xs, ch, cl);
+        #pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
+        for (int64_t b = 0; b < tiles * NB; b++) {
+            const uint8_t *wb = (const uint8_t *)w + b * bs;
+            if (T == 1)
+                block_i8(wb, quads, hl, hl + in, ch[0], cl[0], xs[0], scales + 16 * b, y + 16 * b, out - 16 * b);
+            else
+                block_i8_few(wb, quads, hl, in, ch, cl, xs, T, scales + 16 * b, y + 16 * b, out, out - 16 * b);
+        }
+        free(hl);
+        return;
+    }
     #pragma omp parallel num_threads(threads)
     {
-        uint16_t *scratch = widen ? (uint16_t *)aligned_alloc(64, (size_t)(NB * bs * 2 + 63) / 64 * 64) : 0;
+        uint16_t *scratch = int8 ? (uint16_t *)aligned_alloc(64, (size_t)(NB * bs * 2 + 63) / 64 * 64) : 0;
         #pragma omp for schedule(dynamic, 2)
         for (int64_t g = 0; g < tiles; g++) {
-            const int64_t col = g * 16 * NB, first = g * NB * bs;
-            if (scratch) widen_tile((const int8_t *)w + first, bs, scratch);
-#ifdef __AVX512VNNI__
-            if (xq && T == 1) {
-                for (int k = 0; k < NB; k++)
-                    block_i8_vnni((const int8_t *)w + first + k * bs, pairs, xq, xs[0], y + col + 16 * k,
-                                  out - col - 16 * k, scales + col + 16 * k);
-                continue;
+            const uint16_t *tw = (const uint16_t *)w + g * NB * bs;
+            if (scratch) {
+                widen_tile((const uint8_t *)w + g * NB * bs, bs, quads, scratch);
+                tw = scratch;
             }
-            if (xq) {
-                for (int64_t t0 = 0; t0 < T; t0 += TV)
-                    tile_i8_vnni((const int8_t *)w + first, bs, pairs, xq + t0 * in, xs + t0, in,
-                                 T - t0 < TV ? T - t0 : TV, y + t0 * out, out, col, scales);
-                continue;
-            }
-#endif
-            for (int64_t t0 = 0; t0 < T; t0 += TT) {
-                const int64_t nt = T - t0 < TT ? T - t0 : TT;
-                const uint16_t *xt = x + t0 * in;
-                uint16_t *yt = y + t0 * out;
-                if (scratch)
-                    tile_bf16(scratch, bs, pairs, xt, in, nt, yt, out, col, scales);
-                else if (int8)
-                    tile_i8((const int8_t *)w + first, bs, pairs, xt, in, nt, yt, out, col, scales);
-                else
-                    tile_bf16((const uint16_t *)w + first, bs, pairs, xt, in, nt, yt, out, col, 0);
-            }
+            for (int64_t t0 = 0; t0 < T; t0 += TT)
+                tile_bf16(tw, bs, pairs, x + t0 * in, in, T - t0 < TT ? T - t0 : TT, y + t0 * out, out, g * 16 * NB,
+                          scratch ? scales : 0);
         }
         free(scratch);
     }
-#ifdef __AVX512VNNI__
-    free(xq);
-#endif
 }
 #endif
 

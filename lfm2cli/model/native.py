@@ -116,22 +116,31 @@ def why_not() -> str | None:
     return _why_not
 
 
+INT8_MAX_IN = 65536  # native.c's int8 sums are exact in int32 up to this many inputs
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    return (ready() and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.dtype in (torch.bfloat16, torch.int8) and weight.shape[1] % 2 == 0)
+    if not (ready() and weight.device.type == "cpu" and weight.dim() == 2):
+        return False
+    if weight.dtype == torch.int8:  # quads of inputs, and int32 sums that cannot overflow
+        return weight.shape[1] % 4 == 0 and weight.shape[1] <= INT8_MAX_IN
+    return weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
 
 
 def pack(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """[out, in] (bf16 or int8) -> the pairs layout [out'/16, in/2, 16, 2], out' = out rounded up to 64.
+    """[out, in] bf16 -> the pairs layout [out'/16, in/2, 16, 2]; [out, in] int8 -> the quads layout
+    [out'/16, in/4, 16, 4] of uint8 (each value plus 128); out' = out rounded up to 64 (see native.c).
     `in_place` reuses the weight's memory when no padding is needed (the weight is then gone)."""
     out, inn = weight.shape
     padded = -(-out // ROWS) * ROWS
+    group = 2 if weight.dtype == torch.bfloat16 else 4  # inputs side by side per output channel
+    dtype = weight.dtype if group == 2 else torch.uint8
     threads = torch.get_num_threads()
     if in_place and padded == out and weight.is_contiguous():
         _lib.lfm2_pack_inplace(weight.data_ptr(), out, inn, weight.element_size(), threads)
-        return weight.view(out // 16, inn // 2, 16, 2)
+        return weight.view(dtype).view(out // 16, inn // group, 16, group)
     src = weight.contiguous()
-    dst = torch.empty(padded // 16, inn // 2, 16, 2, dtype=weight.dtype)
+    dst = torch.empty(padded // 16, inn // group, 16, group, dtype=dtype)
     _lib.lfm2_pack(src.data_ptr(), dst.data_ptr(), out, padded, inn, weight.element_size(), threads)
     return dst
 
@@ -144,7 +153,8 @@ def pad_scales(scales: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scales: torch.Tensor | None = None
            ) -> torch.Tensor:
-    """x [..., in] bf16 -> x W^T [..., out] bf16 with W packed by `pack` (int8 when `scales` is given)."""
+    """x [..., in] bf16 -> x W^T [..., out] bf16 with W packed by `pack` (int8 when `scales` is given). With int8
+    weights and up to 8 tokens, each token is rounded to int16 with one scale (max|x| / 32639) first."""
     inn = x.shape[-1]
     rows = x.numel() // inn
     x2 = x.reshape(rows, inn)
