@@ -253,16 +253,18 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str 
     model.eval()
     model.setup_runtime(device)
     configure_threads(device)
+    native = native and bool(fast or quantize or compile) and native_kernel(device, model.dtype) is None
     if compile:
         from lfm2cli.model.compiled import compile_supported
 
-        reason = compile_supported(model)
+        # the native step decodes faster than the compiled one and needs no compilation (docs/performance.md)
+        reason = "lfm2's native CPU code runs this model faster" if native and fast else compile_supported(model)
         if reason is not None:
             sys.stderr.write(f"note: --compile ignored: {reason}\n")
             compile = False
     if fast or quantize or compile:
         # the compiled step reads its own (blocked) weight form, so nothing is packed for it
-        use_native = native and not compile and native_kernel(device, model.dtype) is None
+        use_native = native and not compile
         model.prepare_for_inference(quantize=quantize, prepack=not compile, native=use_native)
     if compile:
         model.enable_compile()

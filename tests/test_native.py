@@ -252,6 +252,16 @@ def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dens
         assert worst < 0.15 and agree >= 19  # the int8 bound of docs/performance.md
 
 
+def test_compile_is_ignored_where_the_native_code_runs(kernel: None, dense_ckpt: Path,
+                                                       capfd: pytest.CaptureFixture) -> None:
+    """The native step decodes faster than the compiled one and compiles nothing: --compile gives way to it."""
+    from lfm2cli.model.native_decode import NativeDecoder
+
+    model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False, compile=True).model
+    assert isinstance(model.fast_decode, NativeDecoder)
+    assert "--compile ignored: lfm2's native CPU code" in capfd.readouterr().err
+
+
 def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path) -> None:
     """No compiler on PATH and LFM2_NATIVE=0: a generate run still works (oneDNN-prepacked weights)."""
     import subprocess
