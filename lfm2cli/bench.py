@@ -1,6 +1,8 @@
 """`lfm2 bench`: prefill and decode speed, time to first token and peak memory, with decode speed set against
 the machine's memory-bandwidth ceiling (batch-1 decode reads every weight once per token, so bandwidth divided by
-the bytes read per token bounds it). The bandwidth is measured in the same run, before the model is built."""
+the bytes read per token bounds it). The bandwidth is measured in the same run: before the model is built, and
+before each run by reading the model's own embedding table (no extra memory), because a shared host's bandwidth
+moves from minute to minute; each run is set against the bandwidth measured next to it."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from lfm2cli.model import Lfm2ForCausalLM
 from lfm2cli.model.linear import Proj
 
 BANDWIDTH_BYTES = 512 * 1024 * 1024  # far larger than any CPU cache
+PROBE_MIN_BYTES = 64 * 1024 * 1024  # a table this large is read from memory, not a cache, by the per-run probe
 
 
 @dataclass
@@ -43,7 +46,8 @@ class BenchRun:
     prefill_tps: Spread
     decode_tps: Spread
     ttft_s: Spread
-    decode_fraction_of_ceiling: float
+    ceiling_tps: Spread  # the ceiling at each run, from the bandwidth measured just before it
+    decode_fraction_of_ceiling: float  # median over the runs of decode speed / that run's ceiling
 
 
 @dataclass
@@ -61,9 +65,10 @@ class BenchResult:
     kernels_note: str | None
     random_weights: bool
     load_s: float
-    memory_bandwidth_gbs: float
+    memory_bandwidth_gbs: float  # median of the measurements (before loading and before each run)
+    memory_bandwidth_range_gbs: tuple[float, float]
     decode_bytes_per_token: int
-    decode_ceiling_tps: float
+    decode_ceiling_tps: float  # at the median bandwidth
     peak_memory_bytes: int
     runs: list[BenchRun] = field(default_factory=list)
 
@@ -78,9 +83,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, repeat: int = 7) -> float:
-    """Read bandwidth in bytes/s: the best of several `sum()` passes over a buffer much larger than the caches."""
-    buf = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, repeat: int = 7,
+                      buf: torch.Tensor | None = None) -> float:
+    """Read bandwidth in bytes/s: the best of several `sum()` passes over a buffer much larger than the caches
+    (a new one of `nbytes`, or `buf`)."""
+    if buf is None:
+        buf = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+    nbytes = buf.numel() * buf.element_size()
     buf.sum()
     best = float("inf")
     for _ in range(repeat):
@@ -171,10 +180,23 @@ def _run_once(model: Lfm2ForCausalLM, prompt: list[int], gen_tokens: int) -> Gen
     return stats
 
 
+def bandwidth_probe(model: Lfm2ForCausalLM) -> Callable[[], float] | None:
+    """A quick bandwidth measurement over the model's embedding table, when that table is too large for a
+    cache; else None."""
+    table = model.model.embed_tokens.weight
+    if table.numel() * table.element_size() < PROBE_MIN_BYTES:
+        return None
+    return lambda: measure_bandwidth(table.device, repeat=3, buf=table)
+
+
 def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens: int, repeat: int,
-              ceiling_tps: float, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[BenchRun]:
+              bytes_per_token: int, bandwidth: float | Callable[[], float], seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> tuple[list[BenchRun], list[float]]:
     """Repeat each prompt length `repeat` times, interleaved (a slow moment on a shared machine then spreads over
-    all lengths instead of skewing one); random prompt tokens; greedy decoding with no stop token."""
+    all lengths instead of skewing one); random prompt tokens; greedy decoding with no stop token. `bandwidth`
+    is bytes/s, or a probe called before each run. Returns the runs and the bandwidths measured."""
+    probe = bandwidth if callable(bandwidth) else (lambda: bandwidth)
+    measured: dict[int, list[float]] = {n: [] for n in prompt_lengths}
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(seed)
     _run_once(model, torch.randint(0, vocab, (min(prompt_lengths),), generator=gen).tolist(), min(gen_tokens, 8))
@@ -184,18 +206,19 @@ def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens:
             if progress:
                 progress(f"run {r + 1}/{repeat}: {n} prompt tokens, {gen_tokens} generated")
             prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            measured[n].append(probe())
             stats[n].append(_run_once(model, prompt, gen_tokens))
     runs = []
     for n in prompt_lengths:
         s = stats[n]
-        decode = Spread.of([x.decode_tps for x in s])
+        ceilings = [bw / bytes_per_token for bw in measured[n]]
         runs.append(BenchRun(
             prompt_tokens=n, gen_tokens=gen_tokens, repeat=repeat,
-            prefill_tps=Spread.of([x.prefill_tps for x in s]), decode_tps=decode,
-            ttft_s=Spread.of([x.ttft_s for x in s]),
-            decode_fraction_of_ceiling=decode.median / ceiling_tps if ceiling_tps > 0 else 0.0,
+            prefill_tps=Spread.of([x.prefill_tps for x in s]), decode_tps=Spread.of([x.decode_tps for x in s]),
+            ttft_s=Spread.of([x.ttft_s for x in s]), ceiling_tps=Spread.of(ceilings),
+            decode_fraction_of_ceiling=statistics.median(x.decode_tps / c for x, c in zip(s, ceilings, strict=True)),
         ))
-    return runs
+    return runs, [bw for n in prompt_lengths for bw in measured[n]]
 
 
 def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Sequence[int] = (128, 512),
@@ -241,8 +264,10 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     if longest > cfg.max_position_embeddings:
         raise UsageError(f"{longest} tokens exceed the model's context of {cfg.max_position_embeddings}")
     per_token = decode_bytes(model)
-    ceiling = bandwidth / per_token
-    runs = run_bench(model, list(prompt_lengths), gen_tokens, repeat, ceiling, progress=progress)
+    runs, measured = run_bench(model, list(prompt_lengths), gen_tokens, repeat, per_token,
+                               bandwidth_probe(model) or bandwidth, progress=progress)
+    samples = [bandwidth, *measured]
+    bandwidth = statistics.median(samples)
     total, active = parameter_counts(cfg)
     kernel, kernel_note = loading.kernels(model)
     return BenchResult(
@@ -250,8 +275,10 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         dtype=str(dt).removeprefix("torch."), quantize=quantize or "none", compile=compile,
         threads=torch.get_num_threads(), kernels=kernel, kernels_note=kernel_note, random_weights=random_weights,
         load_s=round(load_s, 3),
-        memory_bandwidth_gbs=round(bandwidth / 1e9, 2), decode_bytes_per_token=per_token,
-        decode_ceiling_tps=round(ceiling, 2), peak_memory_bytes=peak_memory(dev), runs=runs,
+        memory_bandwidth_gbs=round(bandwidth / 1e9, 2),
+        memory_bandwidth_range_gbs=(round(min(samples) / 1e9, 2), round(max(samples) / 1e9, 2)),
+        decode_bytes_per_token=per_token, decode_ceiling_tps=round(bandwidth / per_token, 2),
+        peak_memory_bytes=peak_memory(dev), runs=runs,
     )
 
 
@@ -269,6 +296,12 @@ def rows(result: BenchResult) -> list[tuple[str, ...]]:
              f"{r.decode_fraction_of_ceiling:.0%}") for r in result.runs]
 
 
+def _range(gbs: tuple[float, float]) -> str:
+    """' (median; 38-45 measured)' when the bandwidth moved during the bench; else nothing."""
+    low, high = gbs
+    return f" (median; {low:.0f}-{high:.0f} measured)" if round(low) != round(high) else ""
+
+
 def summary(result: BenchResult) -> list[str]:
     from lfm2cli.describe import human_bytes, human_count
 
@@ -281,8 +314,9 @@ def summary(result: BenchResult) -> list[str]:
         f"device: {result.device}, {result.dtype}{quant}{', compiled' if result.compile else ''}, "
         f"{result.threads} threads, {result.kernels} kernels"
         f"{f' ({result.kernels_note})' if result.kernels_note else ''}; loaded in {result.load_s:.1f} s",
-        f"memory bandwidth {result.memory_bandwidth_gbs:.1f} GB/s; a decode step reads "
-        f"{human_bytes(result.decode_bytes_per_token)}; ceiling {result.decode_ceiling_tps:.1f} tok/s",
+        f"memory bandwidth {result.memory_bandwidth_gbs:.1f} GB/s{_range(result.memory_bandwidth_range_gbs)}; "
+        f"a decode step reads {human_bytes(result.decode_bytes_per_token)}; "
+        f"ceiling {result.decode_ceiling_tps:.1f} tok/s",
         f"peak memory {human_bytes(result.peak_memory_bytes)}",
         f"{result.runs[0].gen_tokens} tokens generated per run, {result.runs[0].repeat} runs each; "
         "median (min-max)" if result.runs else "",

@@ -16,10 +16,10 @@ from lfm2cli.errors import UsageError
 from lfm2cli.loading import load
 
 RUN_FIELDS = {"prompt_tokens", "gen_tokens", "repeat", "prefill_tps", "decode_tps", "ttft_s",
-              "decode_fraction_of_ceiling"}
+              "ceiling_tps", "decode_fraction_of_ceiling"}
 TOP_FIELDS = {"model", "architecture", "parameters", "active_parameters", "device", "dtype", "quantize", "compile",
               "threads", "kernels", "kernels_note", "random_weights", "load_s", "memory_bandwidth_gbs",
-              "decode_bytes_per_token", "decode_ceiling_tps", "peak_memory_bytes", "runs"}
+              "memory_bandwidth_range_gbs", "decode_bytes_per_token", "decode_ceiling_tps", "peak_memory_bytes", "runs"}
 
 
 def lfm2(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -127,6 +127,33 @@ def test_bench_loaded_model_unchanged(dense_ckpt: Path) -> None:
     before = model(torch.tensor([[1, 2, 3]]))
     from lfm2cli.bench import run_bench
 
-    runs = run_bench(model, [4], 3, 1, ceiling_tps=100.0)
+    runs, _ = run_bench(model, [4], 3, 1, bytes_per_token=1000, bandwidth=1e5)
     assert runs[0].prompt_tokens == 4 and runs[0].decode_tps.median > 0
     assert torch.equal(model(torch.tensor([[1, 2, 3]])), before)
+
+
+def test_each_run_is_set_against_the_bandwidth_measured_next_to_it(dense_ckpt: Path) -> None:
+    """On a shared host the bandwidth moves between runs: each run's share of the ceiling uses its own probe."""
+    from lfm2cli.bench import run_bench
+
+    model = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
+    probes = iter([1e6, 4e6, 1e6, 4e6])
+    runs, measured = run_bench(model, [4, 6], 3, 2, bytes_per_token=1000, bandwidth=lambda: next(probes))
+    assert measured == [1e6, 1e6, 4e6, 4e6]  # per length: the probes before its runs (lengths interleaved)
+    first, second = runs
+    assert (first.ceiling_tps.min, first.ceiling_tps.max) == (1e3, 1e3)
+    assert (second.ceiling_tps.min, second.ceiling_tps.max) == (4e3, 4e3)
+    assert first.decode_fraction_of_ceiling == pytest.approx(first.decode_tps.median / 1e3)
+    assert second.decode_fraction_of_ceiling == pytest.approx(second.decode_tps.median / 4e3)
+
+
+def test_the_probe_reads_the_embedding_table_only_when_no_cache_holds_it(dense_ckpt: Path) -> None:
+    from types import SimpleNamespace
+
+    from lfm2cli.bench import PROBE_MIN_BYTES, bandwidth_probe
+
+    small = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
+    assert bandwidth_probe(small) is None  # the tiny table sits in a cache: bench keeps its first measurement
+    table = torch.zeros(PROBE_MIN_BYTES // 2, dtype=torch.bfloat16)
+    probe = bandwidth_probe(SimpleNamespace(model=SimpleNamespace(embed_tokens=SimpleNamespace(weight=table))))
+    assert probe is not None and probe() > 1e8  # bytes/s: any real memory reads faster than 100 MB/s
