@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is insta
 import torch  # noqa: E402
 
 from lfm2cli import loading  # noqa: E402
-from lfm2cli.bench import decode_bytes, measure_bandwidth  # noqa: E402
+from lfm2cli.bench import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth  # noqa: E402
 from lfm2cli.generation import GenerationStats, generate  # noqa: E402
 from lfm2cli.known_models import KNOWN_CONFIGS, known_config  # noqa: E402
 
@@ -51,6 +51,7 @@ class Engine:
     run: Callable[[list[int], int], GenerationStats]  # (prompt ids, new tokens) -> stats
     decode_bytes: int = 0
     results: dict[int, list[GenerationStats]] = field(default_factory=dict)
+    bandwidth: dict[int, list[float]] = field(default_factory=dict)  # measured just before each of its runs
 
 
 # ---- the two engines ----
@@ -196,30 +197,30 @@ def machine() -> str:
 
 
 def run_all(engines: list[Engine], lengths: list[int], new: int, repeat: int, vocab: int) -> list[float]:
-    """Runs every engine on every length, `repeat` times interleaved. Returns the memory bandwidth measured
-    before each repetition and after the last: the host's bandwidth moves by up to 1.7x from minute to minute
-    here, so the ceiling is taken over the same period as the runs (the median), not from one moment."""
+    """Runs every engine on every length, `repeat` times interleaved, measuring the memory bandwidth just before
+    each run: the host's bandwidth moves by up to 1.7x from minute to minute here, so each run is set against
+    its own ceiling. Returns every bandwidth measured."""
     gen = torch.Generator().manual_seed(0)
-    bandwidths = []
+    probe = torch.ones(BANDWIDTH_BYTES // 2, dtype=torch.bfloat16)  # one buffer for every measurement
     for e in engines:  # warm-up (and, for compiled engines, compilation)
         e.run(torch.randint(0, vocab, (16,), generator=gen).tolist(), 4)
         e.results = {n: [] for n in lengths}
+        e.bandwidth = {n: [] for n in lengths}
     for r in range(repeat):
-        bandwidths.append(measure_bandwidth(CPU, repeat=3))
         for n in lengths:
             prompt = torch.randint(0, vocab, (n,), generator=gen).tolist()
             for e in engines:
                 print(f"  run {r + 1}/{repeat}, {n} tokens: {e.name}", file=sys.stderr, flush=True)
+                e.bandwidth[n].append(measure_bandwidth(CPU, repeat=2, buf=probe))
                 e.results[n].append(e.run(prompt, new))
-    bandwidths.append(measure_bandwidth(CPU, repeat=3))
-    return bandwidths
+    return [bw for e in engines for n in lengths for bw in e.bandwidth[n]]
 
 
 def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def table(engines: list[Engine], lengths: list[int], bandwidth: float, base: Engine | None) -> list[str]:
+def table(engines: list[Engine], lengths: list[int], base: Engine | None) -> list[str]:
     head = ["engine"] + [f"prefill {n} tok/s" for n in lengths] + ["decode tok/s", f"TTFT {lengths[0]} ms",
                                                                      "decode / ceiling"]
     if base is not None:
@@ -233,7 +234,12 @@ def table(engines: list[Engine], lengths: list[int], bandwidth: float, base: Eng
         cells = [e.name] + [f"{med([s.prefill_tps for s in e.results[n]]):.0f}" for n in lengths]
         cells.append(f"{decode(e):.1f}")
         cells.append(f"{med([s.ttft_s for s in e.results[lengths[0]]]) * 1000:.0f}")
-        cells.append(f"{decode(e) / (bandwidth / e.decode_bytes):.0%}" if e.decode_bytes else "")
+        if e.decode_bytes:  # each run against the ceiling measured just before it
+            shares = [s.decode_tps * e.decode_bytes / bw for n in lengths
+                      for s, bw in zip(e.results[n], e.bandwidth[n], strict=True)]
+            cells.append(f"{med(shares):.0%}")
+        else:
+            cells.append("")
         if base is not None:
             last = lengths[-1]
             cells.append(f"{decode(e) / decode(base):.2f}x")
@@ -309,14 +315,14 @@ def main() -> None:
     bandwidth = med(bandwidths)
     base = engines[0] if not args.no_transformers else None
     lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1", "",
-             f"Machine: {machine()}. Memory read bandwidth, median of {len(bandwidths)} measurements between the "
-             f"repetitions: {bandwidth / 1e9:.1f} GB/s (range {min(bandwidths) / 1e9:.0f}-"
-             f"{max(bandwidths) / 1e9:.0f}). "
+             f"Machine: {machine()}. Memory read bandwidth, measured before each of the {len(bandwidths)} runs: "
+             f"median {bandwidth / 1e9:.1f} GB/s (range {min(bandwidths) / 1e9:.0f}-{max(bandwidths) / 1e9:.0f}). "
              f"{args.gen_tokens} new tokens per run, {args.repeat} repetitions "
              f"{'one engine after the other (two models do not fit in memory together)' if big else 'interleaved'}"
-             f"; medians. Decode ceiling = bandwidth / bytes a decode step reads "
-             f"(bf16: {next(e for e in engines if e.decode_bytes).decode_bytes / 1e6:.0f} MB; int8 about half).",
-             "", *table(engines, lengths, bandwidth, base)]
+             f"; medians. Decode / ceiling: each run's decode speed over bandwidth / bytes a decode step reads "
+             f"(bf16: {next(e for e in engines if e.decode_bytes).decode_bytes / 1e6:.0f} MB; int8 about half), "
+             f"with the bandwidth measured just before that run.",
+             "", *table(engines, lengths, base)]
     if not args.no_process:
         timings = process_timings(max(5, args.repeat))
         lines += ["", "| process | wall time (median) |", "|---|---|"]
