@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is insta
 import torch  # noqa: E402
 
 from lfm2cli import loading  # noqa: E402
-from lfm2cli.bench import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth  # noqa: E402
+from lfm2cli.bench import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth, share_of_ceiling  # noqa: E402
 from lfm2cli.generation import GenerationStats, generate  # noqa: E402
 from lfm2cli.known_models import KNOWN_CONFIGS, known_config  # noqa: E402
 
@@ -234,12 +234,9 @@ def table(engines: list[Engine], lengths: list[int], base: Engine | None) -> lis
         cells = [e.name] + [f"{med([s.prefill_tps for s in e.results[n]]):.0f}" for n in lengths]
         cells.append(f"{decode(e):.1f}")
         cells.append(f"{med([s.ttft_s for s in e.results[lengths[0]]]) * 1000:.0f}")
-        if e.decode_bytes:  # each run against the ceiling measured just before it
-            shares = [s.decode_tps * e.decode_bytes / bw for n in lengths
-                      for s, bw in zip(e.results[n], e.bandwidth[n], strict=True)]
-            cells.append(f"{med(shares):.0%}")
-        else:
-            cells.append("")
+        runs = [s for n in lengths for s in e.results[n]]
+        bandwidths = [bw for n in lengths for bw in e.bandwidth[n]]
+        cells.append(f"{share_of_ceiling(runs, bandwidths, e.decode_bytes):.0%}" if e.decode_bytes else "")
         if base is not None:
             last = lengths[-1]
             cells.append(f"{decode(e) / decode(base):.2f}x")

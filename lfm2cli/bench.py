@@ -189,6 +189,12 @@ def bandwidth_probe(model: Lfm2ForCausalLM) -> Callable[[], float] | None:
     return lambda: measure_bandwidth(table.device, repeat=3, buf=table)
 
 
+def share_of_ceiling(stats: Sequence[GenerationStats], bandwidths: Sequence[float], bytes_per_token: int
+                     ) -> float:
+    """Median over runs of decode speed / the ceiling set by the bandwidth measured just before that run."""
+    return statistics.median(s.decode_tps * bytes_per_token / bw for s, bw in zip(stats, bandwidths, strict=True))
+
+
 def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens: int, repeat: int,
               bytes_per_token: int, bandwidth: float | Callable[[], float], seed: int = 0,
               progress: Callable[[str], None] | None = None) -> tuple[list[BenchRun], list[float]]:
@@ -216,7 +222,7 @@ def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens:
             prompt_tokens=n, gen_tokens=gen_tokens, repeat=repeat,
             prefill_tps=Spread.of([x.prefill_tps for x in s]), decode_tps=Spread.of([x.decode_tps for x in s]),
             ttft_s=Spread.of([x.ttft_s for x in s]), ceiling_tps=Spread.of(ceilings),
-            decode_fraction_of_ceiling=statistics.median(x.decode_tps / c for x, c in zip(s, ceilings, strict=True)),
+            decode_fraction_of_ceiling=share_of_ceiling(s, measured[n], bytes_per_token),
         ))
     return runs, [bw for n in prompt_lengths for bw in measured[n]]
 

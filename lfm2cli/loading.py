@@ -258,7 +258,7 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str 
         from lfm2cli.model.compiled import compile_supported
 
         # the native step decodes faster than the compiled one and needs no compilation (docs/performance.md)
-        reason = "lfm2's native CPU code runs this model faster" if native and fast else compile_supported(model)
+        reason = "lfm2's native CPU code runs this model faster" if native else compile_supported(model)
         if reason is not None:
             sys.stderr.write(f"note: --compile ignored: {reason}\n")
             compile = False

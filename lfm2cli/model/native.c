@@ -437,11 +437,8 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
         uint16_t *scratch = int8 ? (uint16_t *)aligned_alloc(64, (size_t)(NB * bs * 2 + 63) / 64 * 64) : 0;
         #pragma omp for schedule(dynamic, 2)
         for (int64_t g = 0; g < tiles; g++) {
-            const uint16_t *tw = (const uint16_t *)w + g * NB * bs;
-            if (scratch) {
-                widen_tile((const uint8_t *)w + g * NB * bs, bs, quads, scratch);
-                tw = scratch;
-            }
+            if (scratch) widen_tile((const uint8_t *)w + g * NB * bs, bs, quads, scratch);
+            const uint16_t *tw = scratch ? scratch : (const uint16_t *)w + g * NB * bs;
             for (int64_t t0 = 0; t0 < T; t0 += TT)
                 tile_bf16(tw, bs, pairs, x + t0 * in, in, T - t0 < TT ? T - t0 : TT, y + t0 * out, out, g * 16 * NB,
                           scratch ? scales : 0);
