@@ -108,6 +108,27 @@ def transformers_engine(repo: str) -> Engine:
     return Engine(f"transformers {transformers.__version__}", run, 0)
 
 
+def llama_cpp_engine(peers: Path, gguf: Path, context: int) -> Engine:
+    """llama.cpp on a GGUF, in the peers venv's Python (a worker process answering one request per run)."""
+    worker = subprocess.Popen([str(peers / "venv" / "bin" / "python"), str(ROOT / "benchmarks" / "llama_cpp_worker.py"),
+                               str(gguf), str(context), str(torch.get_num_threads())],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    hello = json.loads(worker.stdout.readline() or "{}")
+    if not hello.get("ready"):
+        raise RuntimeError(f"llama.cpp worker for {gguf} did not start")
+    kind = gguf.stem.rsplit("-", 1)[-1]
+
+    def run(prompt: list[int], new: int) -> GenerationStats:
+        worker.stdin.write(json.dumps({"prompt": prompt, "new": new}) + "\n")
+        worker.stdin.flush()
+        t = json.loads(worker.stdout.readline())
+        return GenerationStats(prompt_tokens=len(prompt), generated_tokens=new, ttft_s=t["prefill_s"],
+                               prefill_s=t["prefill_s"], decode_s=t["decode_s"])
+
+    isa = "AVX512" if "AVX512 = 1" in hello["system"] else "AVX2" if "AVX2 = 1" in hello["system"] else "?"
+    return Engine(f"llama.cpp {kind} ({isa} build)", run, 0)
+
+
 # ---- process-level timings ----
 
 def _median_time(cmd: list[str], n: int, **kw) -> float:
@@ -181,19 +202,13 @@ def process_timings(repeat: int) -> dict[str, float]:
 # ---- the comparison ----
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX512-BF16" if "avx512_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags \
-        else platform.machine()
-    return (f"{cpu} ({isa}), {loading.physical_cores()} cores, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}, Python {platform.python_version()}, {datetime.date.today().isoformat()}")
+    from lfm2cli import cpu
+    from lfm2cli.kernels import native
+
+    level = native.level() or os.environ.get("LFM2_NATIVE_ISA") or (cpu.native_level()[0] or "none")
+    return (f"{cpu.model_name()} ({cpu.describe()}), {cpu.physical_cores()} cores, {torch.get_num_threads()} "
+            f"threads, lfm2 native level {level}, torch {torch.__version__}, Python {platform.python_version()}, "
+            f"{datetime.date.today().isoformat()}")
 
 
 def run_all(engines: list[Engine], lengths: list[int], new: int, repeat: int, vocab: int) -> list[float]:
@@ -246,6 +261,24 @@ def table(engines: list[Engine], lengths: list[int], base: Engine | None) -> lis
     return lines
 
 
+def peer_table(ours: list[Engine], peers: list[Engine], lengths: list[int]) -> list[str]:
+    """Each lfm2 engine's decode and prefill speed as a ratio of each llama.cpp engine's, from the same runs."""
+    def decode(e: Engine) -> float:
+        return med([s.decode_tps for n in lengths for s in e.results[n]])
+
+    def prefill(e: Engine, n: int) -> float:
+        return med([s.prefill_tps for s in e.results[n]])
+
+    head = ["lfm2 engine"] + [f"decode vs {p.name}" for p in peers] + \
+        [f"prefill {n} vs {p.name}" for n in lengths for p in peers[:1]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in ours:
+        cells = [e.name] + [f"{decode(e) / decode(p):.2f}x" for p in peers]
+        cells += [f"{prefill(e, n) / prefill(p, n):.2f}x" for n in lengths for p in peers[:1]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_doc(block: str, key: str) -> None:
     start, end = f"<!-- compare:{key} start -->", f"<!-- compare:{key} end -->"
     text = DOC.read_text() if DOC.exists() else "# Performance\n"
@@ -269,8 +302,14 @@ def main() -> None:
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
     ap.add_argument("--torch-kernels", action="store_true", help="add lfm2 bf16 without its native code")
     ap.add_argument("--no-process", action="store_true", help="skip cold start and --help timings")
+    ap.add_argument("--llama-cpp", type=Path, metavar="DIR",
+                    help="also run llama.cpp: the folder ../shared/perf/peers/setup wrote (venv/ and MODEL-KIND.gguf)")
+    ap.add_argument("--llama-kinds", default="bf16,q8_0", help="which GGUFs of --llama-cpp to run")
+    ap.add_argument("--native-isa", choices=["avx512", "avx2"], help="lfm2's native kernels at this level")
     ap.add_argument("--write", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
+    if args.native_isa:
+        os.environ["LFM2_NATIVE_ISA"] = args.native_isa
     lengths = [int(x) for x in args.prompt_tokens.split(",")]
     from lfm2cli.hub import ALIASES
 
@@ -296,6 +335,13 @@ def main() -> None:
     builders: list[Callable[[], Engine]] = [lambda n=n, kw=kw: lfm2_engine(n, cfg, **kw) for n, kw in variants]
     if not args.no_transformers:
         builders.insert(0, lambda: transformers_engine(repo))
+    if args.llama_cpp:
+        context = max(lengths) + args.gen_tokens + 8
+        for kind in args.llama_kinds.split(","):
+            gguf = args.llama_cpp / f"{repo.split('/')[1]}-{kind}.gguf"
+            if not gguf.is_file():
+                sys.exit(f"{gguf} is missing: run ../shared/perf/peers/setup on a checkpoint of this shape first")
+            builders.append(lambda g=gguf: llama_cpp_engine(args.llama_cpp, g, context))
     engines: list[Engine] = []
     if big:
         for build in builders:
@@ -320,6 +366,9 @@ def main() -> None:
              f"(bf16: {next(e for e in engines if e.decode_bytes).decode_bytes / 1e6:.0f} MB; int8 about half), "
              f"with the bandwidth measured just before that run.",
              "", *table(engines, lengths, base)]
+    peers = [e for e in engines if e.name.startswith("llama.cpp")]
+    if peers:
+        lines += ["", *peer_table([e for e in engines if e.name.startswith("lfm2")], peers, lengths)]
     if not args.no_process:
         timings = process_timings(max(5, args.repeat))
         lines += ["", "| process | wall time (median) |", "|---|---|"]
@@ -331,7 +380,7 @@ def main() -> None:
     block = "\n".join(lines)
     print(block)
     if args.write:
-        write_doc(block, repo.split("/")[1].lower())
+        write_doc(block, repo.split("/")[1].lower() + (f"-{args.native_isa}" if args.native_isa else ""))
         print(f"wrote {DOC}", file=sys.stderr)
 
 

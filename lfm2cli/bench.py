@@ -20,8 +20,8 @@ from lfm2cli.checkpoint import parameter_counts
 from lfm2cli.config import Lfm2Config, load_config
 from lfm2cli.errors import UsageError
 from lfm2cli.generation import GenerationStats, generate
+from lfm2cli.kernels.proj import Proj
 from lfm2cli.model import Lfm2ForCausalLM
-from lfm2cli.model.linear import Proj
 
 BANDWIDTH_BYTES = 512 * 1024 * 1024  # far larger than any CPU cache
 PROBE_MIN_BYTES = 64 * 1024 * 1024  # a table this large is read from memory, not a cache, by the per-run probe
@@ -61,7 +61,7 @@ class BenchResult:
     quantize: str
     compile: bool
     threads: int
-    kernels: str  # native, compiled or torch: see loading.kernels
+    kernels: str  # "native avx512", "native avx2", "compiled" or "torch": see lfm2cli.kernels.which
     kernels_note: str | None
     random_weights: bool
     load_s: float
@@ -86,9 +86,12 @@ def _sync(device: torch.device) -> None:
 def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, repeat: int = 7,
                       buf: torch.Tensor | None = None) -> float:
     """Read bandwidth in bytes/s: the best of several `sum()` passes over a buffer much larger than the caches
-    (a new one of `nbytes`, or `buf`)."""
+    (a new one of `nbytes`, or `buf`). A bf16 buffer is summed as float32 words: summing bf16 is compute-bound
+    on CPUs without bf16 arithmetic (AVX2: ~0.75x the float32 sum's speed), which would understate the ceiling."""
     if buf is None:
-        buf = torch.ones(nbytes // 2, dtype=torch.bfloat16, device=device)
+        buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    if buf.dtype == torch.bfloat16 and buf.is_contiguous() and buf.numel() % 2 == 0:
+        buf = buf.view(-1).view(torch.float32)
     nbytes = buf.numel() * buf.element_size()
     buf.sum()
     best = float("inf")
@@ -140,8 +143,8 @@ def decode_bytes(model: Lfm2ForCausalLM) -> int:
     expert_share = cfg.num_experts_per_tok / cfg.num_experts if cfg.is_moe else 1.0
     emb = model.model.embed_tokens.weight
     total = emb.shape[1] * emb.element_size()  # the looked-up row
-    if model.head is None and model.lm_head is None:
-        total += _tensor_bytes(emb)  # unprepared tied head: the table itself
+    if model.lm_head is None:
+        total += _tensor_bytes(emb)  # tied head, not accelerated: the table itself
     for name, module in model.named_modules():
         if isinstance(module, Proj):
             total += module.nbytes() * (expert_share if ".experts." in name else 1.0)
@@ -275,7 +278,9 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     samples = [bandwidth, *measured]
     bandwidth = statistics.median(samples)
     total, active = parameter_counts(cfg)
-    kernel, kernel_note = loading.kernels(model)
+    from lfm2cli import kernels
+
+    kernel, kernel_note = kernels.which(model)
     return BenchResult(
         model=label, architecture=cfg.architecture, parameters=total, active_parameters=active, device=str(dev),
         dtype=str(dt).removeprefix("torch."), quantize=quantize or "none", compile=compile,

@@ -3,7 +3,6 @@ safetensors files in place, one at a time, so peak memory stays close to the siz
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -13,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lfm2cli import cpu
 from lfm2cli.checkpoint import (
     TensorInfo,
     check_tensors,
@@ -59,16 +59,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 matmuls are slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        import platform
+def native_available(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when lfm2's native CPU code runs models of this dtype on this device (building it once if needed),
+    else why not."""
+    from lfm2cli.kernels import native_available as available
 
-        return platform.machine() in ("arm64", "aarch64")  # Apple silicon and recent Arm cores
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return available(device, dtype)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -77,7 +73,10 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         if device.type == "mps":
             return torch.bfloat16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        # bf16 weights where the CPU computes bf16 or lfm2's native kernels run (they read bf16 and compute in
+        # float32 where the CPU has no bf16 arithmetic): half of float32's bytes. Elsewhere float32.
+        native = native_available(device, torch.bfloat16) is None
+        return torch.bfloat16 if cpu.bf16_compute() or native else torch.float32
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use auto, bfloat16, float16 or float32")
     return DTYPES[dtype]
@@ -147,7 +146,7 @@ def _read_all(file: Path, infos: list[TensorInfo], data_start: int, direct: dict
 
     fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     read = file_reader(fd)
-    workers = min(4, physical_cores()) if hasattr(os, "preadv") else 1
+    workers = min(4, cpu.physical_cores()) if hasattr(os, "preadv") else 1
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             # map() submits every read at once and yields them in file order as they complete
@@ -174,27 +173,6 @@ def fused_slots(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype
     return slots
 
 
-def physical_cores() -> int:
-    """Physical cores this process may use: a second hyperthread per core only adds contention at batch 1."""
-    try:
-        allowed = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        allowed = os.cpu_count() or 1
-    try:
-        cores, phys = set(), "0"
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "physical id":
-                phys = value.strip()
-            elif key.strip() == "core id":
-                cores.add((phys, value.strip()))
-        if cores:
-            return max(1, min(allowed, len(cores)))
-    except OSError:
-        pass
-    return max(1, allowed)
-
-
 def configure_allocator(threshold: int = 1 << 20) -> None:
     """glibc only: allocations of `threshold` bytes or more get their own mapping, returned to the OS when freed.
     While loading, 1 MB: by default glibc raises the threshold after the first large free, so the transient
@@ -214,60 +192,21 @@ def configure_allocator(threshold: int = 1 << 20) -> None:
 def configure_threads(device: torch.device) -> None:
     """One compute thread per physical core on CPU, unless the user chose (OMP_NUM_THREADS)."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        n = physical_cores()
+        n = cpu.physical_cores()
         if torch.get_num_threads() != n:
             torch.set_num_threads(n)
 
 
-def native_kernel(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Loads lfm2's own CPU kernel (built once per machine into the cache's kernels/ folder) for bf16 models on
-    CPU. Returns None when it is in use, else why not; the model then runs on torch's kernels."""
-    from lfm2cli import paths
-    from lfm2cli.model import native
-
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return "used for bf16 on CPU only"
-    return native.load(paths.cache_dir() / "kernels")
-
-
-def kernels(model: Lfm2ForCausalLM) -> tuple[str, str | None]:
-    """Which code runs the model's matrix products ('native', 'compiled' or 'torch'), and for a bf16 model on
-    CPU that is not native, why not (for bench)."""
-    from lfm2cli.model import native
-    from lfm2cli.model.linear import Proj
-
-    projs = [p for p in model.modules() if isinstance(p, Proj)]
-    if any(p.native is not None for p in projs):
-        return "native", None
-    if any(p.blocked is not None for p in projs):
-        return "compiled", None
-    cpu_bf16 = model.device.type == "cpu" and model.dtype == torch.bfloat16
-    return "torch", (f"native code {native.why_not()}" if cpu_bf16 and native.why_not() else None)
-
-
 def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None,
                  compile: bool = False, fast: bool = True, native: bool = True) -> Lfm2ForCausalLM:
-    """Runtime tensors, then the fast form (fused projections; native, prepacked or int8 weights), then
-    compilation. `fast=False` keeps the model exactly as loaded: the reference path the tests compare against;
-    `native=False` leaves the native code out (benchmarks compare with it)."""
+    """Runtime tensors, then the fast paths (`lfm2cli.kernels.apply`). `fast=False` keeps the model exactly as
+    loaded: the reference path the tests compare against."""
+    from lfm2cli import kernels
+
     model.eval()
     model.setup_runtime(device)
     configure_threads(device)
-    native = native and bool(fast or quantize or compile) and native_kernel(device, model.dtype) is None
-    if compile:
-        from lfm2cli.model.compiled import compile_supported
-
-        # the native step decodes faster than the compiled one and needs no compilation (docs/performance.md)
-        reason = "lfm2's native CPU code runs this model faster" if native else compile_supported(model)
-        if reason is not None:
-            sys.stderr.write(f"note: --compile ignored: {reason}\n")
-            compile = False
-    if fast or quantize or compile:
-        # the compiled step reads its own (blocked) weight form, so nothing is packed for it
-        use_native = native and not compile
-        model.prepare_for_inference(quantize=quantize, prepack=not compile, native=use_native)
-    if compile:
-        model.enable_compile()
+    kernels.apply(model, device, quantize=quantize, compile=compile, fast=fast, native=native)
     configure_allocator(32 << 20)
     return model
 

@@ -8,7 +8,7 @@ Layout under the cache directory (`lfm2cli.paths.cache_dir()`, or --cache-dir):
         snapshots/<commit>/    the checkpoint files, plain files; a partial one ends in `.incomplete`
         meta/<commit>.json     written once a snapshot is downloaded and verified: {file: size}
         last_used              touched whenever a command resolves the model (its mtime is the time)
-    kernels/                   lfm2's native CPU code, compiled once per machine (lfm2cli/model/native.py)
+    kernels/                   lfm2's native CPU code, compiled once per machine and level (lfm2cli/kernels/native.py)
 
 Plain files instead of huggingface_hub's blob/symlink layout because a download cut off in one run has
 to resume in the next (huggingface_hub deletes its partial files), and because plain files need no

@@ -13,9 +13,10 @@ import torch
 from lfm2cli.checkpoint import parameter_counts
 from lfm2cli.config import load_config
 from lfm2cli.errors import UsageError
+from lfm2cli.kernels import accelerate, is_accelerated
+from lfm2cli.kernels.proj import BLOCK, Proj
 from lfm2cli.known_models import KNOWN_CONFIGS, known_config, known_names
 from lfm2cli.loading import load, load_model, random_model
-from lfm2cli.model.linear import BLOCK, Proj
 from lfm2cli.quantize import check_mode, dequantize_int8, int8_linear, quantize_int8
 
 TOL = 1e-4
@@ -58,7 +59,7 @@ def test_fast_path_equals_reference_path(ckpt: str, request: pytest.FixtureReque
     path = request.getfixturevalue(ckpt)
     ref = reference(path)
     fast = load(path, device="cpu", dtype="float32", tokenizer=False).model
-    assert fast.prepared and not ref.prepared
+    assert is_accelerated(fast) and not is_accelerated(ref)
     kinds = {m.kind for m in fast.modules() if isinstance(m, Proj)}
     assert kinds <= {"packed", "plain"} and kinds  # prepacked for oneDNN where it can be
     assert not hasattr(fast.model.layers[1].self_attn, "q_proj")  # q/k/v fused: no second copy kept
@@ -180,7 +181,7 @@ def test_fast_decode_gives_eager_tokens(dense_ckpt: Path, quantize: str | None) 
     eager = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False, quantize=quantize).model
     compiled = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False, quantize=quantize,
                     compile=True).model
-    assert compiled.fast_decode is not None
+    assert compiled.step is not None
     assert {m.kind for m in compiled.modules() if isinstance(m, Proj)} == {"int8-blocked" if quantize else "blocked"}
     # long enough that the KV cache grows (256 -> 512 positions) under the compiled step
     worst, agree, toks_eager, toks_compiled = teacher_forced(eager, compiled, n_prompt=250, steps=12)
@@ -191,11 +192,11 @@ def test_fast_decode_gives_eager_tokens(dense_ckpt: Path, quantize: str | None) 
 def test_static_masked_decode_step_matches_eager(dense_ckpt: Path) -> None:
     """The step the CUDA graph captures (attention over the whole cache capacity, later positions masked, inputs
     in fixed tensors), run eagerly on CPU: the GPU path itself is untested here, its arithmetic is not."""
-    from lfm2cli.model.compiled import CudaGraphDecoder
+    from lfm2cli.kernels.compiled import CudaGraphDecoder
 
     eager = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
     static = load_model(dense_ckpt, load_config(dense_ckpt), CPU, torch.float32, fast=False)
-    static.prepare_for_inference(prepack=False)
+    accelerate(static, prepack=False)
     decoder = CudaGraphDecoder(static)
     ids = prompt(10)
     ca, cb = eager.new_cache(), static.new_cache(capacity=12)  # grows while decoding
@@ -212,7 +213,7 @@ def test_static_masked_decode_step_matches_eager(dense_ckpt: Path) -> None:
 
 def test_compile_is_skipped_for_moe(moe_ckpt: Path, capfd: pytest.CaptureFixture) -> None:
     model = load(moe_ckpt, device="cpu", dtype="float32", tokenizer=False, compile=True).model
-    assert model.fast_decode is None and model.prepared
+    assert model.step is None and is_accelerated(model)
     assert "--compile ignored" in capfd.readouterr().err
 
 

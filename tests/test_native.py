@@ -1,7 +1,8 @@
-"""lfm2's native CPU code (lfm2cli/model/native.c): its products equal float32 matmuls rounded to bf16, for bf16
-and int8 weights, every padding case and both int8 paths; the decode step's small ops are bit-identical to the
-torch layers; it is built once and cached; models use it for bf16 on CPU and give the reference path's answers;
-without it (no compiler, LFM2_NATIVE=0) everything still runs."""
+"""lfm2's native CPU code (lfm2cli/kernels/csrc): at every ISA level this CPU can execute (AVX512-BF16 and AVX2 on
+a Zen 4/5, AVX2 alone on older CPUs), its products equal float32 matmuls rounded to bf16, for bf16 and int8
+weights, every padding case and both int8 paths; the decode step's small ops are bit-identical to the torch
+layers; it is built once per level and cached; models use it for bf16 on CPU and give the reference path's
+answers; without it (no compiler, LFM2_NATIVE=0) everything still runs."""
 
 from __future__ import annotations
 
@@ -12,29 +13,45 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lfm2cli import cpu
 from lfm2cli.config import load_config
+from lfm2cli.kernels import native
+from lfm2cli.kernels.native_step import NativeDecoder
+from lfm2cli.kernels.proj import Proj
 from lfm2cli.loading import load, load_model
-from lfm2cli.model import native
 from lfm2cli.model.layers import RMSNorm, apply_rope, decode_attention, rope_cos_sin
-from lfm2cli.model.linear import Proj
 from lfm2cli.quantize import quantize_int8
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def library(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The library built and loaded (its small ops run on any CPU)."""
-    native.load(tmp_path_factory.mktemp("kernels"))
-    if native._lib is None:
-        pytest.skip(f"native code {native.why_not()}")
+@pytest.fixture(scope="module", params=cpu.native_levels() or ["none"])
+def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The library built and loaded at one ISA level this CPU executes (each test runs at every such level);
+    afterwards the process goes back to the level it would pick itself."""
+    saved = os.environ.get("LFM2_NATIVE_ISA")
+    os.environ["LFM2_NATIVE_ISA"] = request.param
+    native.reset()
+    try:
+        native.load(tmp_path_factory.mktemp("kernels"))
+        if native._lib is None:
+            pytest.skip(f"native code {native.why_not()}")
+        yield request.param
+    finally:
+        if saved is None:
+            os.environ.pop("LFM2_NATIVE_ISA", None)
+        else:
+            os.environ["LFM2_NATIVE_ISA"] = saved
+        native.reset()
 
 
 @pytest.fixture(scope="module")
-def kernel(library: None) -> None:
-    """The library with its matrix kernel (AVX512-BF16): what models use."""
+def kernel(library: str) -> str:
+    """The library with its matrix kernel: what models use."""
     if not native.ready():
         pytest.skip(f"native code {native.why_not()}")
+    assert native.level() == library
+    return library
 
 
 def bf16_close(got: torch.Tensor, exact: torch.Tensor) -> bool:
@@ -198,41 +215,74 @@ def lockstep(model, first, second, steps: int):
 
 def test_native_decode_step_gives_the_eager_answers(kernel: None, dense_ckpt: Path, moe_ckpt: Path) -> None:
     """The one-token step in native code against the eager torch layers on the same native products."""
-    from lfm2cli.model.native_decode import NativeDecoder
-
     for path in (dense_ckpt, moe_ckpt):
         model = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
-        decoder = model.fast_decode
+        decoder = model.step
         assert isinstance(decoder, NativeDecoder)
-        for fast, eager in lockstep(model, lambda m=model, d=decoder: setattr(m, "fast_decode", d),
-                                    lambda m=model: setattr(m, "fast_decode", None), 20):
+        for fast, eager in lockstep(model, lambda m=model, d=decoder: setattr(m, "step", d),
+                                    lambda m=model: setattr(m, "step", None), 20):
             assert int(fast.argmax()) == int(eager.argmax())
             assert (fast - eager).abs().max() <= 0.01 * (eager.max() - eager.min())  # sums in another order
 
 
-def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path) -> None:
-    """Dense models run the step as one native call; the per-op loop (MoE, biased projections) makes the same
-    calls in the same order, so the numbers are identical."""
-    model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False).model
-    decoder, table = model.fast_decode, model.fast_decode.layers
-    assert table is not None
-    for whole, per_op in lockstep(model, lambda: setattr(decoder, "layers", table),
-                                  lambda: setattr(decoder, "layers", None), 12):
-        assert torch.equal(whole, per_op)
+def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path, moe_ckpt: Path) -> None:
+    """Models run the step as one native call; the per-op loop (biased projections) makes the same calls in the
+    same order, so a dense model's numbers are identical. In MoE layers the whole step also routes in C (sigmoid,
+    top-k with expert_bias, normalised weights, each rounded to bf16 as torch does): the same experts, the
+    same numbers up to the last bit of a rounding."""
+    for path, exact in ((dense_ckpt, True), (moe_ckpt, False)):
+        model = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
+        decoder, table = model.step, model.step.layers
+        assert table is not None
+        for whole, per_op in lockstep(model, lambda d=decoder, t=table: setattr(d, "layers", t),
+                                      lambda d=decoder: setattr(d, "layers", None), 12):
+            if exact:
+                assert torch.equal(whole, per_op)
+            else:
+                assert int(whole.argmax()) == int(per_op.argmax())
+                assert (whole - per_op).abs().max() <= 0.01 * (per_op.max() - per_op.min())
 
 
-def test_build_is_cached_and_keyed_by_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_levels_give_the_same_int8_sums(library: str) -> None:
+    """Both levels read the same packed layouts, and for up to 8 tokens both multiply int8 weights by the same
+    int16-rounded activations with exact integer sums: their int8 products are bit-identical."""
+    levels = cpu.native_levels()
+    if len(levels) < 2 or library != levels[0]:
+        pytest.skip("needs a CPU that executes both levels (AVX512-BF16)")
+    g = torch.Generator().manual_seed(11)
+    q, scales = quantize_int8(torch.randn(200, 96, generator=g).bfloat16())
+    x = torch.randn(5, 96, generator=g).bfloat16()
+    packed, s = native.pack(q), native.pad_scales(scales)
+    results = {}
+    for level in levels:
+        os.environ["LFM2_NATIVE_ISA"] = level
+        native.reset()
+        native.load(Path(os.environ["LFM2_CACHE"]) / "kernels")
+        results[level] = [native.linear(x[:n], packed, 200, s) for n in (1, 2, 5)]
+    os.environ["LFM2_NATIVE_ISA"] = library
+    native.reset()
+    native.load(Path(os.environ["LFM2_CACHE"]) / "kernels")
+    for a, b in zip(*results.values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_build_is_cached_and_keyed_by_source_and_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
     try:
-        first = native.build(tmp_path)
+        first = native.build(tmp_path / "out", "avx2")
     except OSError as e:
         pytest.skip(f"no C compiler here: {e}")
     stamp = first.stat().st_mtime_ns
-    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # not built again
-    changed = tmp_path / "native.c"
-    changed.write_text(native.SOURCE.read_text() + "\n/* changed */\n")
-    monkeypatch.setattr(native, "SOURCE", changed)
-    assert native.build(tmp_path) != first  # a new source is a new build, never a stale library
-    assert not list(tmp_path.glob(".build-*"))
+    assert native.build(tmp_path / "out", "avx2") == first and first.stat().st_mtime_ns == stamp  # not built again
+    other = native.build(tmp_path / "out", "avx512")  # builds on any x86 machine; runs only on AVX512-BF16
+    assert other != first and "avx512" in other.name
+    changed = tmp_path / "csrc"
+    shutil.copytree(native.SOURCES, changed)
+    (changed / "ops.c").write_text((changed / "ops.c").read_text() + "\n/* changed */\n")
+    monkeypatch.setattr(native, "SOURCES", changed)
+    assert native.build(tmp_path / "out", "avx2") != first  # a new source is a new build, never a stale library
+    assert not list((tmp_path / "out").glob(".build-*"))
 
 
 def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dense_ckpt: Path,
@@ -255,15 +305,13 @@ def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dens
 def test_compile_is_ignored_where_the_native_code_runs(kernel: None, dense_ckpt: Path,
                                                        capfd: pytest.CaptureFixture) -> None:
     """The native step decodes faster than the compiled one and compiles nothing: --compile gives way to it."""
-    from lfm2cli.model.native_decode import NativeDecoder
-
     model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False, compile=True).model
-    assert isinstance(model.fast_decode, NativeDecoder)
+    assert isinstance(model.step, NativeDecoder)
     assert "--compile ignored: lfm2's native CPU code" in capfd.readouterr().err
 
 
 def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path) -> None:
-    """No compiler on PATH and LFM2_NATIVE=0: a generate run still works (oneDNN-prepacked weights)."""
+    """No compiler on PATH and LFM2_NATIVE=0: a bf16 model still runs, on torch's kernels."""
     import subprocess
     import sys
 
@@ -272,7 +320,7 @@ def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path
              ({"PATH": str(tmp_path), "CC": "", "LFM2_NATIVE": "1"}, "compiler")]
     for extra, reason in cases:
         env = {**os.environ, "LFM2_CACHE": str(tmp_path / "c"), **extra}
-        code = ("import sys, torch; from lfm2cli.loading import load; from lfm2cli.model import native;"
+        code = ("import sys, torch; from lfm2cli.loading import load; from lfm2cli.kernels import native;"
                 f"m = load({str(dense_ckpt)!r}, device='cpu', dtype='bfloat16', tokenizer=False).model;"
                 "m(torch.tensor([[1, 2, 3]]));"
                 "print(native.why_not()); print(sorted({p.kind for p in m.modules() if hasattr(p, 'kind')}))")

@@ -44,8 +44,10 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: FakeHub) -> d
     for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE",
               "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(k, raising=False)
-    # huggingface_hub fixed its token file path at import; keep a real login out of these tests
+    # huggingface_hub fixed its token file path and offline mode at import; keep a real login out of these
+    # tests, and let them reach the fake hub when the user runs the suite with HF_HUB_OFFLINE=1 exported
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(lfm2hub, "RETRY_DELAY", 0.0)
     return values
 

@@ -1,5 +1,6 @@
-"""The building blocks both LFM2 architectures share. Attribute names equal checkpoint tensor names
-(`conv.in_proj`, `self_attn.q_layernorm`, `feed_forward.w1`, ...) so loading needs no mapping table."""
+"""The building blocks both LFM2 architectures share, in plain torch. Attribute names equal checkpoint tensor names
+(`conv.in_proj`, `self_attn.q_layernorm`, `feed_forward.w1`, ...) so loading needs no mapping table. Fast paths
+live in `lfm2cli.kernels`, which swaps modules after loading; nothing here knows of them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from torch import nn
 
 from lfm2cli.config import Lfm2Config
 from lfm2cli.model.cache import HybridCache
-from lfm2cli.model.linear import Proj
 
 
 class Linear(nn.Linear):
@@ -68,7 +68,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k, then RoPE."""
 
-    FUSED = ("q_proj", "k_proj", "v_proj")  # read into one buffer by the loader, one matrix after prepare()
+    FUSED = ("q_proj", "k_proj", "v_proj")  # read into one buffer by the loader (kernels fuse them into one matrix)
 
     def __init__(self, cfg: Lfm2Config, layer: int) -> None:
         super().__init__()
@@ -81,19 +81,19 @@ class Attention(nn.Module):
         self.out_proj = Linear(self.n_heads * self.head_dim, h, bias=False)
         self.q_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, cfg.norm_eps)
-        self.qkv_proj: Proj | None = None  # q, k and v in one matrix, after prepare()
-
-    def prepare(self) -> None:
-        """Fuse q/k/v into one projection and swap in Proj layers (after the checkpoint is loaded)."""
-        self.qkv_proj = Proj.fuse([self.q_proj, self.k_proj, self.v_proj])
-        self.out_proj = Proj.from_linear(self.out_proj)
-        del self.q_proj, self.k_proj, self.v_proj
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_proj is None:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        nq, nkv = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        return self.qkv_proj(x).split([nq, nkv, nkv], dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int) -> torch.Tensor:
+        """Causal attention of the t new positions (after `past` cached ones) over k/v [B, KV, past + t, D]."""
+        t = q.shape[2]
+        if t == 1 or past == 0:
+            # one new token sees everything; a fresh prompt is plainly causal
+            return F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
+        # a continuation: new token i may see the cached prefix and new tokens up to i
+        mask = torch.ones(t, past + t, dtype=torch.bool, device=q.device).tril(diagonal=past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: HybridCache | None) -> torch.Tensor:
@@ -108,15 +108,7 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.pos
             k, v = cache.append_kv(self.layer, k, v)
-        if t == 1 and self.qkv_proj is not None:
-            out = decode_attention(q, k, v)
-        elif t == 1 or past == 0:
-            # one new token sees everything; a fresh prompt is plainly causal
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=self.n_kv != self.n_heads)
-        else:
-            # a continuation: new token i may see the cached prefix and new tokens up to i
-            mask = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = self.attend(q, k, v, past)
         return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -131,9 +123,14 @@ class ShortConv(nn.Module):
         self.in_proj = Linear(h, 3 * h, bias=cfg.conv_bias)
         self.out_proj = Linear(h, h, bias=cfg.conv_bias)
 
-    def prepare(self) -> None:
-        self.in_proj = Proj.from_linear(self.in_proj)
-        self.out_proj = Proj.from_linear(self.out_proj)
+    def causal_conv(self, seq: torch.Tensor) -> torch.Tensor:
+        """The depthwise conv over [b, h, k-1+t] (the k-1 earlier inputs first) -> [b, h, t]."""
+        weight = self.conv.weight  # [h, 1, k]
+        if seq.shape[-1] == weight.shape[-1]:
+            # decode: the conv is one dot product per channel, no conv1d dispatch
+            y = (seq * weight[:, 0, :]).sum(-1, keepdim=True)
+            return y if self.conv.bias is None else y + self.conv.bias[:, None]
+        return F.conv1d(seq, weight, self.conv.bias, groups=seq.shape[1])
 
     def forward(self, x: torch.Tensor, cache: HybridCache | None) -> torch.Tensor:
         b, t, h = x.shape
@@ -146,13 +143,7 @@ class ShortConv(nn.Module):
         else:
             state = cache.conv_state(self.layer)
         seq = torch.cat((state, bx), dim=-1)  # [b, h, k-1+t]
-        if t == 1:
-            # decode: the conv is one dot product per channel, no conv1d dispatch
-            y = (seq * weight[:, 0, :]).sum(-1, keepdim=True)
-            if self.conv.bias is not None:
-                y = y + self.conv.bias[:, None]
-        else:
-            y = F.conv1d(seq, weight, self.conv.bias, groups=h)
+        y = self.causal_conv(seq)
         if cache is not None:
             cache.set_conv_state(self.layer, seq[..., -(width - 1):])
         out = C * y.transpose(1, 2)
@@ -169,18 +160,9 @@ class MLP(nn.Module):
         self.w1 = Linear(hidden, width, bias=False)
         self.w3 = Linear(hidden, width, bias=False)
         self.w2 = Linear(width, hidden, bias=False)
-        self.w13: Proj | None = None  # w1 and w3 in one matrix, after prepare()
-
-    def prepare(self) -> None:
-        self.w13 = Proj.fuse([self.w1, self.w3])
-        self.w2 = Proj.from_linear(self.w2)
-        del self.w1, self.w3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is None:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class DecoderLayer(nn.Module):

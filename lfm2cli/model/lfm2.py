@@ -8,7 +8,6 @@ from torch import nn
 from lfm2cli.config import Lfm2Config
 from lfm2cli.model.cache import HybridCache
 from lfm2cli.model.layers import MLP, DecoderLayer, Linear, RMSNorm, rope_cos_sin
-from lfm2cli.model.linear import Proj, can_prepack
 from lfm2cli.model.moe import SparseMoE
 
 ROPE_TABLE_MIN = 4096  # positions whose cos/sin are computed up front; the table doubles when needed
@@ -37,10 +36,9 @@ class Lfm2ForCausalLM(nn.Module):
         self.model = Lfm2Backbone(cfg)
         # tied unless the checkpoint really carries its own head
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if own_head else None
+        self.tied = not own_head
         self.inv_freq: torch.Tensor | None = None
-        self.head: Proj | None = None  # the LM head as a Proj, after prepare_for_inference()
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin per position, model dtype
-        self.fast_decode = None  # one-token steps: NativeDecoder (native=True) or a compiled step
 
     def setup_runtime(self, device: torch.device) -> None:
         """Create the tensors that are not in the checkpoint (RoPE frequencies) on the target device."""
@@ -58,52 +56,6 @@ class Lfm2ForCausalLM(nn.Module):
         cos, sin = self._rope
         return cos[start:end], sin[start:end]
 
-    @torch.no_grad()
-    def prepare_for_inference(self, quantize: str | None = None, prepack: bool = True,
-                              pack_tied_head: bool = True, native: bool = False) -> None:
-        """Turn the loaded model into its fast form, once, after loading: q/k/v and w1/w3 fused into one
-        matrix each, every projection a `Proj`, then int8 weights (`quantize="int8"`) and, on CPU, each weight
-        in the native kernel's layout (`native=True` and the kernel loaded: bf16 models) or else prepacked for
-        oneDNN. A tied head that is packed or quantised is a second copy of the embedding table (the table
-        itself must stay plain for lookups); `pack_tied_head=False` avoids it."""
-        if self.head is not None:
-            return
-        for layer in self.model.layers:
-            (layer.self_attn if layer.is_attention else layer.conv).prepare()
-            layer.feed_forward.prepare()
-        tied = self.lm_head is None
-        self.head = Proj(self.head_weight().detach())
-        self.lm_head = None
-        projs = [m for m in self.modules() if isinstance(m, Proj)]
-        if not pack_tied_head and tied:
-            projs.remove(self.head)
-        for proj in projs:
-            if quantize == "int8" and not proj.keep_precision:
-                proj.quantize_int8()
-            if native and proj.can_native():
-                proj.to_native(in_place=not (tied and proj is self.head))  # a tied head shares the embedding
-            elif prepack and proj.weight is not None and can_prepack(proj.weight):
-                proj.prepack()
-        if native and all(p.native is not None for p in self.modules() if isinstance(p, Proj)):
-            from lfm2cli.model.native_decode import NativeDecoder
-
-            self.fast_decode = NativeDecoder(self)
-
-    @property
-    def prepared(self) -> bool:
-        return self.head is not None
-
-    def enable_compile(self) -> str | None:
-        """Run one-token decode steps through a compiled graph (see compiled.py). Returns why not, if it cannot."""
-        from lfm2cli.model.compiled import CompiledDecoder, CudaGraphDecoder, compile_supported
-
-        reason = compile_supported(self)
-        if reason is None:
-            self.prepare_for_inference(prepack=False)
-            cuda = self.device.type == "cuda"
-            self.fast_decode = CudaGraphDecoder(self) if cuda else CompiledDecoder(self)
-        return reason
-
     @property
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
@@ -112,13 +64,11 @@ class Lfm2ForCausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def head_weight(self) -> torch.Tensor:
-        return self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:
-            return self.head(x).float()
-        return torch.nn.functional.linear(x, self.head_weight()).float()
+        """float32 logits of final-normed hidden states; a tied head reads the embedding table."""
+        if self.lm_head is not None:
+            return self.lm_head(x).float()
+        return torch.nn.functional.linear(x, self.model.embed_tokens.weight).float()
 
     def new_cache(self, capacity: int = 256, max_len: int | None = None) -> HybridCache:
         cfg = self.config
@@ -135,8 +85,6 @@ class Lfm2ForCausalLM(nn.Module):
         if self.inv_freq is None:
             self.setup_runtime(self.device)
         t = input_ids.shape[1]
-        if t == 1 and cache is not None and self.fast_decode is not None and not all_logits:
-            return self.fast_decode(input_ids, cache)
         start = cache.pos if cache is not None else 0
         x = self.model.embed_tokens(input_ids)
         rope = self.rope(start, t, x.dtype)
@@ -146,8 +94,6 @@ class Lfm2ForCausalLM(nn.Module):
             cache.advance(t)
         if not all_logits:
             x = x[:, -1:]
-            if self.fast_decode is not None:
-                return self.fast_decode.head(x)[:, -1]
         x = self.model.embedding_norm(x)
         logits = self.logits(x)
         return logits if all_logits else logits[:, -1]

@@ -6,16 +6,7 @@ import torch
 from torch import nn
 
 from lfm2cli.config import Lfm2Config
-from lfm2cli.model.layers import MLP
-from lfm2cli.model.linear import Proj
-
-
-class Router(nn.Module):
-    """Holds `gate.weight` [experts, hidden]; the checkpoint calls this module `gate`."""
-
-    def __init__(self, hidden: int, experts: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(experts, hidden))
+from lfm2cli.model.layers import MLP, Linear
 
 
 class SparseMoE(nn.Module):
@@ -24,25 +15,15 @@ class SparseMoE(nn.Module):
         self.top_k = cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
         self.scaling = cfg.routed_scaling_factor
-        self.gate = Router(cfg.hidden_size, cfg.num_experts)
+        self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False)  # the router
         self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size) for _ in range(cfg.num_experts))
         # expert_bias only chooses experts; kept in float32 whatever the model dtype
         bias = torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.use_expert_bias else None
         self.register_buffer("expert_bias", bias)
-        self.router: Proj | None = None  # the gate as a Proj after prepare(): a plain bf16 linear this small
-        # costs ~170 us per call in oneDNN's unpacked path, 4 ms per token for LFM2-8B-A1B
-
-    def prepare(self) -> None:
-        self.router = Proj(self.gate.weight.detach())
-        self.router.keep_precision = True
-        del self.gate
-        for expert in self.experts:
-            expert.prepare()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixing weights [N, k] and expert ids [N, k] for tokens x [N, hidden]."""
-        logits = self.router(x) if self.router is not None else torch.nn.functional.linear(x, self.gate.weight)
-        scores = logits.sigmoid()
+        scores = self.gate(x).sigmoid()
         if self.expert_bias is not None:
             ids = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
             weights = scores.gather(1, ids)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from lfm2cli.kernels.proj import Proj
 from lfm2cli.model.cache import HybridCache
 from lfm2cli.model.layers import DecoderLayer, apply_rope
-from lfm2cli.model.linear import Proj
+from lfm2cli.model.lfm2 import Lfm2ForCausalLM
 
 
 def compile_supported(model: torch.nn.Module) -> str | None:
@@ -45,15 +46,15 @@ class CompiledDecoder:
                 m.block()
         self._positions = torch.arange(model.config.max_position_embeddings, device=model.device)
         self._fn = torch.compile(self._step, fullgraph=True, dynamic=False)
-        self._head = torch.compile(self._final, fullgraph=True, dynamic=False)
+        self.head_logits = torch.compile(self._logits, fullgraph=True, dynamic=False)
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head for one position [1, 1, h] -> [1, 1, V], compiled: in eager mode a blocked
-        head would first be copied back to the plain layout (the head is the largest matrix)."""
-        return self._head(x)
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head for one position [1, 1, h] -> [1, 1, V]; compiled as `head_logits` (the model's `logits`
+        uses it after prefill): in eager mode a blocked head would first be copied back to the plain layout."""
+        return Lfm2ForCausalLM.logits(self.model, x)
 
     def _final(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.model.model.embedding_norm(x))
+        return self._logits(self.model.model.embedding_norm(x))
 
     def __call__(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         length = cache.pos + 1
@@ -88,9 +89,6 @@ class CudaGraphDecoder:
         self.graph = None
         self.out: torch.Tensor | None = None
         self._key: tuple | None = None
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.model.model.embedding_norm(x))
 
     def prepare(self, ids: torch.Tensor, cache: HybridCache) -> None:
         """Room for the new position, a RoPE table covering the capacity, and the inputs in place."""

@@ -1,11 +1,12 @@
-"""One-token decode through every layer on lfm2's native CPU code (native.c), for bf16 models on CPU.
+"""One-token decode through every layer on lfm2's native CPU code (csrc/), for bf16 models on CPU.
 
 In eager torch a decode step of LFM2-350M spends ~10 ms outside its matrix products: ~60 small ops per layer
 (norms, RoPE, the conv step, SwiGLU, attention over the cache, residual adds), each paying dispatch and an
 allocation. Here each sublayer's small ops are one native call, and the products are the native kernel's
 (`Proj` in its native form), so the step costs little more than reading the weights. The numbers are those of
-the eager path: every op rounds to bf16 where the torch code does (tests/test_native.py). Dense models run the
-whole step in one native call (`lfm2_decode_step`); MoE models keep the layer loop here, with routing in torch.
+the eager path: every op rounds to bf16 where the torch code does (tests/test_native.py). Models run the
+whole step in one native call (`lfm2_decode_step`), routing and the routed experts of MoE layers included;
+the per-op loop here (routing in torch) serves models with biased projections.
 Prefill stays in torch, where these costs are shared by every token of the chunk.
 """
 
@@ -15,10 +16,11 @@ import ctypes
 
 import torch
 
-from lfm2cli.model import native
+from lfm2cli.kernels import native
+from lfm2cli.kernels.proj import Proj
 from lfm2cli.model.cache import HybridCache
 from lfm2cli.model.layers import MLP
-from lfm2cli.model.linear import Proj
+from lfm2cli.model.moe import SparseMoE
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -37,9 +39,9 @@ class NativeDecoder:
         layers = model.model.layers
         # the norm that follows each layer's feed-forward: the next layer's operator norm, last the final norm
         self.next_norms = [layer.operator_norm for layer in layers[1:]] + [model.model.embedding_norm]
-        dense = all(isinstance(layer.feed_forward, MLP) for layer in layers)
         biased = any(p.bias is not None for p in model.modules() if isinstance(p, Proj))
-        self.layers = self._layer_table() if dense and not biased else None  # one native call per step
+        self._keep: list[ctypes.Array] = []  # the experts' pointer arrays the table points into
+        self.layers = None if biased else self._layer_table()  # one native call per step
 
     def _layer_table(self) -> ctypes.Array:
         """The weights' pointers per layer; the caches' are filled in per step (a cache can grow or change)."""
@@ -53,14 +55,36 @@ class NativeDecoder:
             entry.in_w, entry.in_s = _weights(inner)
             entry.in_rows = inner.out_features
             entry.out_w, entry.out_s = _weights(op.out_proj)
-            entry.w13, entry.w13_s = _weights(layer.feed_forward.w13)
-            entry.w2, entry.w2_s = _weights(layer.feed_forward.w2)
-            entry.ff = layer.feed_forward.w2.in_features
+            ff = layer.feed_forward
+            if isinstance(ff, MLP):
+                entry.w13, entry.w13_s = _weights(ff.w13)
+                entry.w2, entry.w2_s = _weights(ff.w2)
+                entry.ff = ff.w2.in_features
+            else:
+                self._moe_entry(entry, ff)
             if layer.is_attention:
                 entry.q_norm, entry.k_norm = _ptr(op.q_layernorm.weight), _ptr(op.k_layernorm.weight)
             else:
                 entry.conv_w, entry.conv_b = _ptr(op.conv.weight), _ptr(op.conv.bias)
         return table
+
+    def _moe_entry(self, entry: native.Layer, moe: SparseMoE) -> None:
+        """A sparse layer's router, routing settings and per-expert weight pointers."""
+        def array(ptrs: list[int | None]) -> int | None:
+            if all(p is None for p in ptrs):
+                return None
+            arr = (ctypes.c_void_p * len(ptrs))(*ptrs)
+            self._keep.append(arr)
+            return ctypes.addressof(arr)
+
+        entry.experts, entry.top_k = len(moe.experts), moe.top_k
+        entry.norm_topk, entry.scaling = int(moe.norm_topk_prob), moe.scaling
+        entry.gate, entry.expert_bias = moe.gate.native.data_ptr(), _ptr(moe.expert_bias)
+        entry.e_w13 = array([e.w13.native.data_ptr() for e in moe.experts])
+        entry.e_w13_s = array([_ptr(e.w13.native_scales) for e in moe.experts])
+        entry.e_w2 = array([e.w2.native.data_ptr() for e in moe.experts])
+        entry.e_w2_s = array([_ptr(e.w2.native_scales) for e in moe.experts])
+        entry.e_ff = moe.experts[0].w2.in_features
 
     def _whole_step(self, ids: torch.Tensor, cache: HybridCache, cos: torch.Tensor, sin: torch.Tensor
                     ) -> torch.Tensor:
@@ -77,9 +101,6 @@ class NativeDecoder:
                                cfg.num_key_value_heads, cfg.head_dim, cfg.conv_L_cache, cos, sin, final.eps)
         cache.advance(1)
         return model.logits(h.view(1, 1, -1))[:, -1]
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.logits(self.model.model.embedding_norm(x))
 
     def __call__(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         model, pos = self.model, cache.pos

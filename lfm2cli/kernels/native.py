@@ -1,10 +1,12 @@
-"""lfm2's native CPU code (native.c): built once per machine with the system's C compiler and loaded with
-ctypes. For bf16 models on CPUs with AVX512-BF16, `Proj` runs its matrix products here and a one-token decode
-step runs every layer's small operations here too (`lfm2cli.model.native_decode`). Elsewhere torch runs all.
+"""lfm2's native CPU code (csrc/native.c): built once per machine and level with the system's C compiler and loaded
+with ctypes. `Proj` runs its matrix products here and a one-token decode step runs every layer's small operations
+here too (`lfm2cli.kernels.native_step`), for bf16 models on x86-64 CPUs with AVX2 + FMA + F16C or better.
 
-The library is compiled with -march=native, so it is cached under a key made of the source, the compiler and
-the CPU's feature flags; a cache directory shared between machines then holds one build per kind of CPU.
-Building takes about half a second, once. `LFM2_NATIVE=0` turns the kernel off.
+Two levels, one code path each, chosen once when the library is loaded (`lfm2cli.cpu.native_level`): `avx512`
+(AVX512-BF16 and VNNI: Zen 4 and later, Sapphire Rapids and later) and `avx2` (x86-64-v3: Haswell and later,
+Zen 1-3, every recent Intel laptop). Both read the same packed layouts, so a packed model runs on either. The
+library is cached under a key made of the sources, the compiler and the level's flags. Building takes about a
+second, once. `LFM2_NATIVE=0` turns the native code off; `LFM2_NATIVE_ISA` picks the level.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native.c")
-ROWS = 64  # output channels per tile in native.c: packed weights are padded to a multiple of this
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+from lfm2cli import cpu
 
-_lib: ctypes.CDLL | None = None  # loaded library (its small ops run on any CPU)
-_matmul = False  # whether it has the matrix kernel (AVX512-BF16): the model uses the library only then
+SOURCES = Path(__file__).with_name("csrc")
+ROWS = 64  # output channels per tile in the kernels: packed weights are padded to a multiple of this
+COMMON_FLAGS = ["-O3", "-mtune=native", "-fopenmp", "-shared", "-fPIC"]
+LEVEL_FLAGS = {"avx512": ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"], "avx2": ["-march=x86-64-v3"]}
+LEVEL_IDS = {0: None, 1: "avx2", 2: "avx512"}  # lfm2_native_isa() in csrc/common.h
+
+_lib: ctypes.CDLL | None = None  # the loaded library
+_level: str | None = None  # its kernel level; models use the library only when it has one
 _why_not: str | None = "not loaded"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
@@ -40,20 +45,13 @@ _SIGNATURES = {
 
 
 class Layer(ctypes.Structure):
-    """One layer of `lfm2_decode_step` (native.c's lfm2_layer): pointers to its weights and caches."""
+    """One layer of `lfm2_decode_step` (csrc/step.c's lfm2_layer): pointers to its weights and caches."""
 
     _fields_ = [("attention", _I), ("op_norm", _P), ("ffn_norm", _P), ("in_w", _P), ("in_s", _P), ("in_rows", _I),
                 ("out_w", _P), ("out_s", _P), ("w13", _P), ("w13_s", _P), ("w2", _P), ("w2_s", _P), ("ff", _I),
                 ("conv_w", _P), ("conv_b", _P), ("state", _P), ("q_norm", _P), ("k_norm", _P), ("k_cache", _P),
-                ("v_cache", _P)]
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
+                ("v_cache", _P), ("experts", _I), ("top_k", _I), ("norm_topk", _I), ("scaling", _F), ("gate", _P),
+                ("expert_bias", _P), ("e_w13", _P), ("e_w13_s", _P), ("e_w2", _P), ("e_w2_s", _P), ("e_ff", _I)]
 
 
 def _compiler() -> str | None:
@@ -63,21 +61,26 @@ def _compiler() -> str | None:
     return None
 
 
-def build(directory: Path) -> Path:
-    """Compile native.c into `directory` unless a build for this source, compiler and CPU is there already.
-    Raises OSError (no compiler, failed build) with the reason."""
+def _source_text() -> str:
+    return "\0".join(f"{p.name}\0{p.read_text()}" for p in sorted(SOURCES.iterdir()) if p.suffix in (".c", ".h"))
+
+
+def build(directory: Path, level: str) -> Path:
+    """Compile csrc/native.c for `level` into `directory` unless a build for these sources, compiler and level is
+    there already. Raises OSError (no compiler, failed build) with the reason."""
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(FLAGS), platform.machine(),
-                                    _cpu_flags()]).encode()).hexdigest()[:16]
-    target = directory / f"lfm2-native-{key}.so"
+    flags = [*COMMON_FLAGS, *LEVEL_FLAGS[level]]
+    key = hashlib.sha256("\0".join([_source_text(), cc, version, " ".join(flags)]).encode()).hexdigest()[:16]
+    target = directory / f"lfm2-native-{level}-{key}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".build-{os.getpid()}-{key}.so"
-    done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([cc, *flags, f"-I{SOURCES}", str(SOURCES / "native.c"), "-o", str(tmp)],
+                          capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise OSError(f"{Path(cc).name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -86,29 +89,46 @@ def build(directory: Path) -> Path:
 
 
 def load(directory: Path) -> str | None:
-    """Build (if needed) and load the library. Returns None when models can use it, else why not."""
-    global _lib, _matmul, _why_not
+    """Build (if needed) and load the library for this CPU's level. Returns None when models can use it, else
+    why not. Loads once per process; `reset()` forgets it (tests switch levels that way)."""
+    global _lib, _level, _why_not
     if _lib is not None:
         return _why_not
     if os.environ.get("LFM2_NATIVE", "1") == "0":
         _why_not = "turned off by LFM2_NATIVE=0"
         return _why_not
+    level, reason = cpu.native_level()
+    if level is None:
+        _why_not = reason
+        return _why_not
     try:
-        lib = ctypes.CDLL(str(build(directory)))
+        lib = ctypes.CDLL(str(build(directory, level)))
     except (OSError, subprocess.SubprocessError) as e:
         _why_not = f"could not be built: {e}"
         return _why_not
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    _lib, _matmul = lib, bool(lib.lfm2_native_supported())
-    _why_not = None if _matmul else "unused: this CPU has no AVX512-BF16"
+    _lib, _level = lib, LEVEL_IDS.get(lib.lfm2_native_isa())
+    _why_not = None if _level == level else f"built without its {level} kernel"
     return _why_not
+
+
+def reset() -> None:
+    """Forget the loaded library, so that the next `load` picks the level again (models packed before keep
+    working: both levels read the same layouts)."""
+    global _lib, _level, _why_not
+    _lib, _level, _why_not = None, None, "not loaded"
+
+
+def level() -> str | None:
+    """The kernel level in use ('avx512', 'avx2'), or None."""
+    return _level if ready() else None
 
 
 def ready() -> bool:
     """Whether models use the native code (the library is loaded and has its matrix kernel)."""
-    return _lib is not None and _matmul
+    return _lib is not None and _why_not is None
 
 
 def why_not() -> str | None:

@@ -1,219 +1,26 @@
-/* lfm2's native CPU code, loaded by native.py with ctypes. In order:
- *   packing     W [out, in] into the kernel's layout, into new memory or in place
- *   small ops   one decode step's norms, SwiGLU, short conv and attention, rounding to bf16 where the torch
- *               code does (portable C: these build on any CPU)
- *   the kernel  y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights (AVX512-BF16 and
- *               AVX512-VNNI, which every CPU with AVX512-BF16 has)
- *   the step    a dense model's whole one-token decode step in one call
- *
- * Built on the user's machine with -march=native. Batch-1 decode is bound by reading weights: torch's bf16
- * linear (oneDNN) streams them at ~60 % of the memory bandwidth on a 2-core Zen 4, this kernel at ~95 % on a
- * large matrix. The same loop serves prefill (tiles of tokens reuse each weight vector from cache) at oneDNN's
- * speed, so one weight layout serves both.
+/* The matrix kernel for AVX512-BF16 + AVX512-VNNI (every CPU with AVX512-BF16 has VNNI): LFM2_ISA 2.
  *
  * Layouts. bf16 ("pairs"): W [out, in] is stored as [out/16][in/2][16][2]: 16 output channels side by side,
  * each with two consecutive inputs, so one 64-byte load feeds one vdpbf16ps against a broadcast pair of x.
  * int8 ("quads"): [out/16][in/4][16][4], each value stored plus 128 as an unsigned byte, so one 64-byte load
  * feeds vpdpbusd (u8 x s8) directly; a per-row scale is applied to the sum. Rows are padded with zeros to a
- * multiple of 64 (4 blocks per tile); `in` must be even (int8: a multiple of 4). Threads: torch's own OpenMP
- * runtime (the same libgomp.so.1 is already loaded, so there is one thread pool).
- */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+ * multiple of 64 (4 blocks per tile); `in` must be even (int8: a multiple of 4). The AVX2 level reads the same
+ * layouts (linear_avx2.c), so a packed model does not depend on the level. */
+#if LFM2_ISA == 2
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) \
-    && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define LFM2_HAVE_KERNEL 1
-#endif
-
-/* ---- Packing: W [rows, in] -> the layout of lfm2_linear, rows padded with zeros to `padded` (a multiple of
- * 16). bf16 (elem 2): pairs; int8 (elem 1): quads plus 128 (per byte, w + 128 == w ^ 0x80). A pair or a quad
- * is 4 bytes, so each moves as one integer. */
-void lfm2_pack(const void *src, void *dst, int64_t rows, int64_t padded, int64_t in, int64_t elem, int threads) {
-    const int64_t groups = in * elem / 4;        /* 4-byte groups per row */
-    const uint32_t flip = elem == 1 ? 0x80808080u : 0u;
-    #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < padded / 16; b++) {
-        const int64_t live = rows - b * 16 < 16 ? rows - b * 16 : 16; /* rows of this block in `src` */
-        const uint32_t *s = (const uint32_t *)src + b * 16 * groups;
-        uint32_t *d = (uint32_t *)dst + b * groups * 16;
-        for (int64_t p = 0; p < groups; p++)
-            for (int64_t j = 0; j < 16; j++) d[p * 16 + j] = (j < live ? s[j * groups + p] : 0u) ^ flip;
-    }
-}
-
-/* The same for W [rows, in] with rows % 16 == 0, in place: block b of the packed layout occupies exactly the
- * memory of rows 16b..16b+15, so each block is transposed through a small buffer. No new memory is touched,
- * which at load time saves the page faults of a fresh copy of every weight. */
-void lfm2_pack_inplace(void *w, int64_t rows, int64_t in, int64_t elem, int threads) {
-    const int64_t block = 16 * in * elem;
-    #pragma omp parallel num_threads(threads)
-    {
-        void *tmp = malloc((size_t)block);
-        #pragma omp for schedule(static)
-        for (int64_t b = 0; b < rows / 16; b++) {
-            char *base = (char *)w + b * block;
-            memcpy(tmp, base, (size_t)block);
-            lfm2_pack(tmp, base, 16, 16, in, elem, 1);
-        }
-        free(tmp);
-    }
-}
-
-/* ---- One decode step's small operations, bf16 in and out (portable C, vectorised by the compiler).
- * Each rounds to bf16 where the model's torch code does (an op's result is bf16), so both paths agree to
- * within the last bit of a rounding; at batch 1 torch spends ~10 us of dispatch on each of ~60 such ops per
- * layer, more than the layer's matrix products take at 350M. */
-
-typedef uint16_t bf16_t;
-
-static inline float f32(bf16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-
-static inline bf16_t bf(float f) { /* round to nearest even, as torch converts */
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    return (bf16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-static inline float rnd(float f) { return f32(bf(f)); } /* a bf16 op's result, back in float */
-
-static inline float exp_f(float x) { /* expf to ~2 ulp, branch-free so loops over it vectorise */
-    x = x < -87.3f ? -87.3f : x > 88.7f ? 88.7f : x;
-    const float t = x * 1.44269504f, n = (t + 12582912.0f) - 12582912.0f; /* round to nearest integer */
-    const float f = (t - n) * 0.69314718f;
-    const float p = 1.0f + f * (1.0f + f * (0.5f + f * (1.6666667e-1f + f * (4.1666667e-2f + f * (8.3333333e-3f
-                    + f * (1.3888889e-3f + f * 1.9841270e-4f))))));
-    union { int32_t i; float f; } e = {((int32_t)n + 127) << 23};
-    return p * e.f;
-}
-
-/* Sum of squares in 16 lanes (a vectorisable order; torch's mean also sums in vector lanes). */
-static inline float sum_squares(const bf16_t *x, int64_t n) {
-    float lane[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++) lane[j] += f32(x[i + j]) * f32(x[i + j]);
-    for (; i < n; i++) lane[0] += f32(x[i]) * f32(x[i]);
-    float s = 0.0f;
-    for (int j = 0; j < 16; j++) s += lane[j];
-    return s;
-}
-
-/* RMSNorm of `rows` rows of `dim`: y = w * bf16(x / rms(x)), statistics in float32. */
-static void norm_rows(const bf16_t *x, const bf16_t *w, bf16_t *y, int64_t rows, int64_t dim, float eps) {
-    for (int64_t r = 0; r < rows; r++) {
-        const bf16_t *xr = x + r * dim;
-        const float s = 1.0f / sqrtf(sum_squares(xr, dim) / (float)dim + eps);
-        for (int64_t i = 0; i < dim; i++) y[r * dim + i] = bf(rnd(f32(xr[i]) * s) * f32(w[i]));
-    }
-}
-
-/* The residual stream step between sublayers: x += h (in place), y = RMSNorm(x). */
-void lfm2_add_rmsnorm(bf16_t *x, const bf16_t *h, const bf16_t *w, bf16_t *y, int64_t dim, float eps) {
-    if (h)
-        for (int64_t i = 0; i < dim; i++) x[i] = bf(f32(x[i]) + f32(h[i]));
-    norm_rows(x, w, y, 1, dim, eps);
-}
-
-/* SwiGLU's middle: gu = [gate | up] (w1 and w3 fused), out = silu(gate) * up. */
-void lfm2_silu_mul(const bf16_t *gu, bf16_t *out, int64_t width) {
-    for (int64_t i = 0; i < width; i++) {
-        const float g = f32(gu[i]);
-        out[i] = bf(rnd(g / (1.0f + exp_f(-g))) * f32(gu[width + i]));
-    }
-}
-
-/* The short convolution for one new token: bcx = in_proj output [B | C | x], state [h][width-1] (the
- * previous inputs, oldest first; shifted in place), w [h][width], bias [h] or NULL; out = C * conv(B * x). */
-void lfm2_conv_step(const bf16_t *bcx, bf16_t *state, const bf16_t *w, const bf16_t *bias, bf16_t *out,
-                    int64_t h, int64_t width) {
-    for (int64_t c = 0; c < h; c++) {
-        bf16_t *s = state + c * (width - 1);
-        const bf16_t *wc = w + c * width;
-        const float bx = rnd(f32(bcx[c]) * f32(bcx[2 * h + c]));
-        float y = 0.0f;
-        for (int64_t k = 0; k < width - 1; k++) y += rnd(f32(s[k]) * f32(wc[k]));
-        y = rnd(y + rnd(bx * f32(wc[width - 1])));
-        if (bias) y = rnd(y + f32(bias[c]));
-        out[c] = bf(f32(bcx[h + c]) * y);
-        for (int64_t k = 0; k + 1 < width - 1; k++) s[k] = s[k + 1];
-        s[width - 2] = bf(bx);
-    }
-}
-
-/* Rotate-half RoPE of one head in place: x * cos + rotate_half(x) * sin. */
-static void rope_head(bf16_t *x, const bf16_t *cos, const bf16_t *sin, int64_t d) {
-    const int64_t half = d / 2;
-    for (int64_t i = 0; i < half; i++) {
-        const float a = f32(x[i]), b = f32(x[i + half]);
-        x[i] = bf(rnd(a * f32(cos[i])) + rnd(-b * f32(sin[i])));
-        x[i + half] = bf(rnd(b * f32(cos[i + half])) + rnd(a * f32(sin[i + half])));
-    }
-}
-
-/* a . b over d bf16 values, in float: with AVX512-BF16 in pairs and 16 lanes (the order a bf16 matmul sums in),
- * else in order. A plain loop is a float reduction the compiler may not reorder: one multiply-add per cycle,
- * which at 2048 cached positions cost LFM2-350M ~6 ms per token. */
+/* a . b over d bf16 values, in pairs and 16 lanes (the order a bf16 matmul sums in). A plain loop is a float
+ * reduction the compiler may not reorder: one multiply-add per cycle, which at 2048 cached positions cost
+ * LFM2-350M ~6 ms per token. */
 static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
-    float s = 0.0f;
     int64_t i = 0;
-#ifdef LFM2_HAVE_KERNEL
     __m512 acc = _mm512_setzero_ps();
     for (; i + 32 <= d; i += 32)
         acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
-    s = _mm512_reduce_add_ps(acc);
-#endif
+    float s = _mm512_reduce_add_ps(acc);
     for (; i < d; i++) s += f32(a[i]) * f32(b[i]);
     return s;
 }
 
-/* Grouped-query attention for one new token at position `pos`: qkv = the fused projection's output, q and k
- * normed per head and rotated, k and v written into the caches kc/vc [kv_heads][cap][d], then each query head
- * attends over positions 0..pos (scores rounded to bf16 as a bf16 matmul does, softmax in float32). */
-void lfm2_attention_step(const bf16_t *qkv, const bf16_t *qw, const bf16_t *kw, const bf16_t *cos,
-                         const bf16_t *sin, bf16_t *kc, bf16_t *vc, int64_t pos, int64_t cap, int64_t heads,
-                         int64_t kv_heads, int64_t d, float eps, bf16_t *out, int threads) {
-    bf16_t *q = malloc(sizeof(bf16_t) * heads * d);
-    norm_rows(qkv, qw, q, heads, d, eps);
-    for (int64_t hh = 0; hh < heads; hh++) rope_head(q + hh * d, cos, sin, d);
-    for (int64_t g = 0; g < kv_heads; g++) {
-        bf16_t *k = kc + (g * cap + pos) * d;
-        norm_rows(qkv + (heads + g) * d, kw, k, 1, d, eps);
-        rope_head(k, cos, sin, d);
-        memcpy(vc + (g * cap + pos) * d, qkv + (heads + kv_heads + g) * d, sizeof(bf16_t) * d);
-    }
-    const int64_t n = pos + 1, group = heads / kv_heads;
-    const float scale = 1.0f / sqrtf((float)d);
-    #pragma omp parallel for num_threads(threads) schedule(static) if (n * heads * d > 65536)
-    for (int64_t hh = 0; hh < heads; hh++) {
-        const bf16_t *qh = q + hh * d, *kh = kc + (hh / group) * cap * d, *vh = vc + (hh / group) * cap * d;
-        float *p = malloc(sizeof(float) * n), *acc = calloc(d, sizeof(float)), top = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            p[j] = rnd(dot_bf16(qh, kh + j * d, d)) * scale;
-            top = p[j] > top ? p[j] : top;
-        }
-        for (int64_t j = 0; j < n; j++) { p[j] = exp_f(p[j] - top); sum += p[j]; }
-        for (int64_t j = 0; j < n; j++) {
-            const float pj = rnd(p[j] / sum);
-            for (int64_t i = 0; i < d; i++) acc[i] += pj * f32(vh[j * d + i]);
-        }
-        for (int64_t i = 0; i < d; i++) out[hh * d + i] = bf(acc[i]);
-        free(p); free(acc);
-    }
-    free(q);
-}
-
-#ifndef LFM2_HAVE_KERNEL
-int lfm2_native_supported(void) { return 0; }
-void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
-                 int64_t in, int int8, int threads) {
-    (void)w; (void)scales; (void)x; (void)y; (void)T; (void)out; (void)in; (void)int8; (void)threads;
-}
-#else
-int lfm2_native_supported(void) { return 1; }
 
 #define NB 4                 /* 16-channel blocks per tile: 64 outputs */
 #define TT 6                 /* tokens per bf16 tile: NB * TT = 24 accumulators of the 32 registers */
@@ -446,47 +253,4 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
         free(scratch);
     }
 }
-#endif
-
-/* ---- A whole one-token decode step of a dense model, so that Python is not in the loop (native_decode.py).
- * The same calls in the same order as NativeDecoder's per-op path, so both give the same numbers. */
-typedef struct {
-    int64_t attention;                                   /* 1: attention layer, 0: short-conv layer */
-    const bf16_t *op_norm, *ffn_norm;
-    const void *in_w; const float *in_s; int64_t in_rows; /* conv in_proj (3h rows) or fused q/k/v */
-    const void *out_w; const float *out_s;               /* out_proj; *_s: int8 scales, NULL for bf16 */
-    const void *w13; const float *w13_s; const void *w2; const float *w2_s; int64_t ff;
-    const bf16_t *conv_w, *conv_b; bf16_t *state;        /* conv: weight [h][width], bias or NULL, state */
-    const bf16_t *q_norm, *k_norm; bf16_t *k_cache, *v_cache; /* attention: caches [kv_heads][cap][d] */
-} lfm2_layer;
-
-/* x [hidden]: the token's embedding, updated in place as the residual stream; out [hidden]: the final norm of
- * the last layer's output, ready for the LM head. */
-void lfm2_decode_step(const lfm2_layer *layers, int64_t n, bf16_t *x, const bf16_t *final_norm, bf16_t *out,
-                      int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d, int64_t width, int64_t pos,
-                      int64_t cap, const bf16_t *cos, const bf16_t *sin, float eps, int threads) {
-    int64_t big = hidden > heads * d ? hidden : heads * d;
-    for (int64_t i = 0; i < n; i++) {
-        big = layers[i].in_rows > big ? layers[i].in_rows : big;
-        big = 2 * layers[i].ff > big ? 2 * layers[i].ff : big;
-    }
-    bf16_t *h = malloc(sizeof(bf16_t) * hidden), *y = malloc(sizeof(bf16_t) * hidden);
-    bf16_t *a = malloc(sizeof(bf16_t) * big), *b = malloc(sizeof(bf16_t) * big);
-    lfm2_add_rmsnorm(x, 0, layers[0].op_norm, h, hidden, eps);
-    for (int64_t i = 0; i < n; i++) {
-        const lfm2_layer *L = layers + i;
-        lfm2_linear(L->in_w, L->in_s, h, a, 1, L->in_rows, hidden, L->in_s != 0, threads);
-        if (L->attention)
-            lfm2_attention_step(a, L->q_norm, L->k_norm, cos, sin, L->k_cache, L->v_cache, pos, cap, heads,
-                                kv_heads, d, eps, b, threads);
-        else
-            lfm2_conv_step(a, L->state, L->conv_w, L->conv_b, b, hidden, width);
-        lfm2_linear(L->out_w, L->out_s, b, y, 1, hidden, L->attention ? heads * d : hidden, L->out_s != 0, threads);
-        lfm2_add_rmsnorm(x, y, L->ffn_norm, h, hidden, eps);
-        lfm2_linear(L->w13, L->w13_s, h, a, 1, 2 * L->ff, hidden, L->w13_s != 0, threads);
-        lfm2_silu_mul(a, b, L->ff);
-        lfm2_linear(L->w2, L->w2_s, b, y, 1, hidden, L->ff, L->w2_s != 0, threads);
-        lfm2_add_rmsnorm(x, y, i + 1 < n ? layers[i + 1].op_norm : final_norm, i + 1 < n ? h : out, hidden, eps);
-    }
-    free(h); free(y); free(a); free(b);
-}
+#endif /* LFM2_ISA == 2 */

@@ -1,5 +1,6 @@
-"""`Proj`: the linear layer the model runs after `prepare_for_inference`. It holds one weight in the fastest form
-for the device: plain (any device), packed for lfm2's own CPU kernel (`lfm2cli.model.native`: bf16 or int8),
+"""`Proj`: the linear layer `lfm2cli.kernels.accelerate` swaps in for the model's `nn.Linear` layers. It holds one
+weight in the fastest form for the device: plain (any device), packed for lfm2's own CPU kernels
+(`lfm2cli.kernels.native`: bf16 or int8),
 prepacked for oneDNN (CPU, eager, where the native kernel cannot run), weight-only int8 (see `lfm2cli.quantize`),
 or blocked for the compiled decode step. Batch-1 decode is bound by reading weights, so the form decides its speed.
 
@@ -14,14 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2cli.model import native
+from lfm2cli import cpu
+from lfm2cli.kernels import native
 
 BLOCK = 32  # output channels per block in the blocked form (16 and 64 measured slower in the compiled step)
 _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj._unblocked_t
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    """oneDNN prepacking pays on CPU: torch's plain bf16 `linear` reorders the weight on every call."""
+    """oneDNN prepacking pays on CPU: torch's plain bf16 `linear` reorders the weight on every call. For bf16 it
+    needs a CPU that computes bf16 (elsewhere oneDNN raises or crawls): `lfm2cli.cpu` decides that."""
+    if weight.dtype == torch.bfloat16 and not cpu.onednn_bf16():
+        return False
     return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
@@ -58,6 +63,8 @@ class Proj(nn.Module):
     @classmethod
     def fuse(cls, layers: list[nn.Linear]) -> Proj:
         """One matrix for several projections of the same input (q/k/v, w1/w3): one weight read per token."""
+        if len(layers) == 1:
+            return cls.from_linear(layers[0])
         weights = [m.weight.detach() for m in layers]
         weight = _adjacent(weights)
         if weight is None:

@@ -1,0 +1,430 @@
+/* The matrix kernel for x86-64-v3 (AVX2 + FMA + F16C): LFM2_ISA 1. It reads the layouts of linear_avx512.c
+ * (bf16 pairs [out/16][in/2][16][2], int8 quads [out/16][in/4][16][4] stored as w + 128, rows padded to 64),
+ * so a model packed once runs at either level. A 64-byte chunk of a 16-row block is two 256-bit vectors of 8
+ * rows each. Without vdpbf16ps, a 32-bit lane (one row's two bf16 inputs) becomes two floats: the even input
+ * by a left shift, the odd one by masking off the low half; both are exact. */
+#if LFM2_ISA == 1
+
+#define HI16 (-65536)        /* 0xFFFF0000: keeps a lane's upper bf16, the odd input of a pair, as a float */
+
+static inline __m256 even_f32(__m256i v) { return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); }
+static inline __m256 odd_f32(__m256i v, __m256i hi) { return _mm256_castsi256_ps(_mm256_and_si256(v, hi)); }
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* a . b over d bf16 values, 32 at a time in four accumulators (a plain float loop is one serial chain of
+ * multiply-adds, which the compiler may not reorder). */
+static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
+    const __m256i hi = _mm256_set1_epi32(HI16);
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= d; i += 32) {
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + i)), b0 = _mm256_loadu_si256((const __m256i *)(b + i));
+        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + i + 16));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + i + 16));
+        s0 = _mm256_fmadd_ps(even_f32(a0), even_f32(b0), s0);
+        s1 = _mm256_fmadd_ps(odd_f32(a0, hi), odd_f32(b0, hi), s1);
+        s2 = _mm256_fmadd_ps(even_f32(a1), even_f32(b1), s2);
+        s3 = _mm256_fmadd_ps(odd_f32(a1, hi), odd_f32(b1, hi), s3);
+    }
+    if (i + 16 <= d) {
+        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + i)), b0 = _mm256_loadu_si256((const __m256i *)(b + i));
+        s0 = _mm256_fmadd_ps(even_f32(a0), even_f32(b0), s0);
+        s1 = _mm256_fmadd_ps(odd_f32(a0, hi), odd_f32(b0, hi), s1);
+        i += 16;
+    }
+    float s = hsum8(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; i < d; i++) s += f32(a[i]) * f32(b[i]);
+    return s;
+}
+
+#define TT 6                 /* tokens per bf16 register tile: 16 rows x 6 = 12 accumulators of the 16 registers */
+#define PANEL 8              /* 16-row blocks that share each chunk of x while it is in L1 (prefill) */
+#define KC 768               /* at most this many inputs per chunk: a panel's chunk of weights stays in L2 */
+#define I8_DIRECT_ROWS 8     /* up to this many tokens, int8 weights meet the split activations; beyond, bf16 */
+#define AHEAD 4096           /* bytes of a weight stream prefetched ahead into L2 where memory-bound */
+
+/* 8 floats -> bf16 (round to nearest even, NaN kept quiet, as bf() in common.h), one per 32-bit lane. */
+static inline __m256i bf16x8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v), top = _mm256_srli_epi32(u, 16);
+    const __m256i odd = _mm256_and_si256(top, _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(top, _mm256_set1_epi32(0x40)), nan);
+}
+
+/* Stores 16 sums (rows 0-7 in lo, 8-15 in hi; scaled when `scale`) as bf16 into y[0..n): n < 16 only in the
+ * last block, whose rows past `out` belong to no one. */
+static inline void store16(uint16_t *y, __m256 lo, __m256 hi, const float *scale, int64_t n) {
+    if (n <= 0) return;
+    if (scale) lo = _mm256_mul_ps(lo, _mm256_loadu_ps(scale)), hi = _mm256_mul_ps(hi, _mm256_loadu_ps(scale + 8));
+    /* packus works within 128-bit halves: lo0-3 hi0-3 | lo4-7 hi4-7, put back in row order */
+    const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16x8(lo), bf16x8(hi)), 0xD8);
+    if (n >= 16) {
+        _mm256_storeu_si256((__m256i *)y, p);
+    } else {
+        uint16_t tmp[16];
+        _mm256_storeu_si256((__m256i *)tmp, p);
+        memcpy(y, tmp, (size_t)n * 2);
+    }
+}
+
+/* bf16 [n] -> float [n]; vectorised by the compiler (a zero extend and a shift). */
+static void to_f32(const uint16_t *x, float *xf, int64_t n) {
+    for (int64_t i = 0; i < n; i++) xf[i] = f32(x[i]);
+}
+
+/* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four
+ * forward streams of weights, one per block. On a 2-core Zen 3 that read ~15 % faster than one stream per
+ * thread (more DRAM requests in flight), and faster than 2 or 8. x is float already, broadcast from memory; a
+ * pair's two FMAs go to one accumulator, 8 chains of two cover the FMA latency when the tile is in cache. */
+static void tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const float *xf, uint16_t *y, int64_t n) {
+    const __m256i hi = _mm256_set1_epi32(HI16);
+    __m256 tot[4][2];
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) tot[k][0] = tot[k][1] = _mm256_setzero_ps();
+    for (int64_t p0 = 0; p0 < pairs; p0 += KC / 2) { /* chunk sums added up: shorter float chains, as prefill */
+        const int64_t p1 = pairs - p0 < KC / 2 ? pairs : p0 + KC / 2;
+        __m256 a[4][2];
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
+        for (int64_t p = p0; p < p1; p++) {
+            const __m256 x0 = _mm256_broadcast_ss(xf + 2 * p), x1 = _mm256_broadcast_ss(xf + 2 * p + 1);
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + k * bs + p * 32));
+                const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + k * bs + p * 32 + 16));
+                a[k][0] = _mm256_fmadd_ps(odd_f32(v0, hi), x1, _mm256_fmadd_ps(even_f32(v0), x0, a[k][0]));
+                a[k][1] = _mm256_fmadd_ps(odd_f32(v1, hi), x1, _mm256_fmadd_ps(even_f32(v1), x0, a[k][1]));
+            }
+        }
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            tot[k][0] = _mm256_add_ps(tot[k][0], a[k][0]);
+            tot[k][1] = _mm256_add_ps(tot[k][1], a[k][1]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) store16(y + 16 * k, tot[k][0], tot[k][1], 0, n - 16 * k);
+}
+
+/* NT tokens (rows of xf, `in` floats apart) against one 16-row block of bf16 pairs, over `pairs` pairs: each
+ * weight vector is loaded once and used for every token, each broadcast of x for both halves of the block.
+ * 2 NT accumulators, two weight vectors and one broadcast: 15 of the 16 registers at NT = 6 (the mask of the
+ * odd inputs then comes from memory). Unless `first`, the sums are added to `part` (16 floats per token: the
+ * chunks of `in` before this one); they go to y as bf16 when y is given, else back to `part`. NT is a
+ * constant in each call (tile_bf16), so the arrays stay in registers. */
+static inline __attribute__((always_inline)) void tile_bf16_n(
+        const uint16_t *w, int64_t pairs, const float *xf, int64_t in, const int NT, float *part, int first,
+        uint16_t *y, int64_t out, const float *scale, int64_t n) {
+    const __m256i hi = _mm256_set1_epi32(HI16);
+    __m256 a[TT], b[TT];
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) a[t] = b[t] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        /* with few tokens the block streams from memory (~15 % faster at 2-8 tokens); with many it is in
+         * cache and this costs an issue slot per 24 FMAs */
+        _mm_prefetch((const char *)(w + p * 32) + AHEAD, _MM_HINT_T1);
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + p * 32));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + p * 32 + 16));
+        const __m256 e0 = even_f32(v0), e1 = even_f32(v1);
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+            const __m256 xv = _mm256_broadcast_ss(xf + t * in + 2 * p);
+            a[t] = _mm256_fmadd_ps(e0, xv, a[t]);
+            b[t] = _mm256_fmadd_ps(e1, xv, b[t]);
+        }
+        const __m256 o0 = odd_f32(v0, hi), o1 = odd_f32(v1, hi);
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+            const __m256 xv = _mm256_broadcast_ss(xf + t * in + 2 * p + 1);
+            a[t] = _mm256_fmadd_ps(o0, xv, a[t]);
+            b[t] = _mm256_fmadd_ps(o1, xv, b[t]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+        if (!first) { /* a chunk's sum joins the earlier ones' here, not as a start: shorter float chains */
+            a[t] = _mm256_add_ps(a[t], _mm256_loadu_ps(part + 16 * t));
+            b[t] = _mm256_add_ps(b[t], _mm256_loadu_ps(part + 16 * t + 8));
+        }
+        if (y) {
+            store16(y + t * out, a[t], b[t], scale, n);
+        } else {
+            _mm256_storeu_ps(part + 16 * t, a[t]);
+            _mm256_storeu_ps(part + 16 * t + 8, b[t]);
+        }
+    }
+}
+
+static void tile_bf16(const uint16_t *w, int64_t pairs, const float *xf, int64_t in, int64_t nt, float *part,
+                      int first, uint16_t *y, int64_t out, const float *scale, int64_t n) {
+#define LFM2_TILE(NT) tile_bf16_n(w, pairs, xf, in, NT, part, first, y, out, scale, n)
+    switch (nt) {
+    case 1: LFM2_TILE(1); break;
+    case 2: LFM2_TILE(2); break;
+    case 3: LFM2_TILE(3); break;
+    case 4: LFM2_TILE(4); break;
+    case 5: LFM2_TILE(5); break;
+    default: LFM2_TILE(6); break;
+    }
+#undef LFM2_TILE
+}
+
+/* ---- int8 weights. A token's activations are rounded to int16 with one scale, exactly as linear_avx512.c's
+ * split_rows does (q = round(x / s), s = max|x| / QMAX, q = 256 h + l with h, l signed bytes). Without VNNI
+ * the product is vpmaddubsw (u8 x s8, pairs summed to int16 with saturation), then vpmaddwd by ones (int16
+ * pairs -> int32 per row). Its unsigned operand is |x|; the signed one is the weight s = u - 128 where x >= 0
+ * and ~s = -s - 1 where x < 0, both made from the stored u by one xor with a per-token byte mask (0x80 or
+ * 0x7F). So the sum is sum s x - sum_{x<0} |x|, the second term a per-token constant added back at the end,
+ * and 32 weights cost an xor, vpmaddubsw, vpmaddwd and an add per byte of x: one op fewer than applying x's
+ * sign with vpsignb, which on Zen 3 competes for the two pipes that multiply. No pair saturates, whatever the
+ * stored bytes: products are |x| <= 127 times [-128, 127] for x >= 0 and |x| <= 128 times [-128, 127] for
+ * x < 0 (only l reaches -128), so a pair lies in [-32768, 32512]. The int32 sums sum s h and sum s l are then
+ * exact and equal the AVX512 path's, as are the float steps after them (join, store16): both levels give the
+ * same bits. */
+#define QMAX 32639           /* 127 * 257: the largest |q| whose two bytes both fit in int8 */
+
+/* 32 int32 (8 each in a, b, c, d) -> 32 int8 in order (saturating packs, then the lanes put back). */
+static inline __m256i pack_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
+    const __m256i v = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+    return _mm256_permutevar8x32_epi32(v, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+static inline __m256i round_q(const uint16_t *x, __m256 vinv, __m256i lim) {
+    const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x)), 16));
+    const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(f, vinv)); /* nearest even, as lrintf */
+    return _mm256_max_epi32(_mm256_min_epi32(q, lim), _mm256_sub_epi32(_mm256_setzero_si256(), lim));
+}
+
+/* Sum of the negative lanes' magnitudes, in int32. */
+static inline __m256i add_neg(__m256i acc, __m256i v) {
+    return _mm256_add_epi32(acc, _mm256_max_epi32(_mm256_sub_epi32(_mm256_setzero_si256(), v), _mm256_setzero_si256()));
+}
+
+/* x [T, in] bf16 -> per token, at hl + 4 in t: |h| [in], the masks of h [in], |l| [in], the masks of l [in]
+ * (|-128| reads 128 as an unsigned byte; a mask byte is 0x80 for x >= 0, 0x7F for x < 0), its scale xs, and
+ * the corrections ch = sum_{h<0} |h|, cl = sum_{l<0} |l|. h, l and xs are linear_avx512.c's split_rows'. */
+static void split_rows(const uint16_t *x, int64_t T, int64_t in, uint8_t *hl, float *xs, int32_t *ch, int32_t *cl) {
+    const __m256i lim = _mm256_set1_epi32(QMAX), r128 = _mm256_set1_epi32(128), m80 = _mm256_set1_epi8((char)0x80);
+    for (int64_t t = 0; t < T; t++) {
+        const uint16_t *xr = x + t * in;
+        uint8_t *ah = hl + t * 4 * in, *mh = ah + in, *al = mh + in, *ml = al + in;
+        __m256i top = _mm256_setzero_si256(); /* max |x| as bits: a non-negative float orders like its int */
+        int64_t i = 0;
+        for (; i + 8 <= in; i += 8) {
+            const __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(xr + i))), 16);
+            top = _mm256_max_epi32(top, _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)));
+        }
+        __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
+        m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
+        float m = _mm_cvtss_f32(_mm_castsi128_ps(m4));
+        for (; i < in; i++) m = fmaxf(m, fabsf(f32(xr[i])));
+        xs[t] = m > 0.0f ? m / (float)QMAX : 1.0f;
+        const float inv = 1.0f / xs[t];
+        const __m256 vinv = _mm256_set1_ps(inv);
+        __m256i nh = _mm256_setzero_si256(), nl = nh;
+        for (i = 0; i + 32 <= in; i += 32) {
+            __m256i hv[4], lv[4];
+            for (int k = 0; k < 4; k++) {
+                const __m256i q = round_q(xr + i + 8 * k, vinv, lim);
+                hv[k] = _mm256_srai_epi32(_mm256_add_epi32(q, r128), 8);
+                lv[k] = _mm256_sub_epi32(q, _mm256_slli_epi32(hv[k], 8));
+                nh = add_neg(nh, hv[k]), nl = add_neg(nl, lv[k]);
+            }
+            const __m256i hb = pack_i8(hv[0], hv[1], hv[2], hv[3]), lb = pack_i8(lv[0], lv[1], lv[2], lv[3]);
+            const __m256i zero = _mm256_setzero_si256();
+            _mm256_storeu_si256((__m256i *)(ah + i), _mm256_abs_epi8(hb));
+            _mm256_storeu_si256((__m256i *)(mh + i), _mm256_xor_si256(_mm256_cmpgt_epi8(zero, hb), m80));
+            _mm256_storeu_si256((__m256i *)(al + i), _mm256_abs_epi8(lb));
+            _mm256_storeu_si256((__m256i *)(ml + i), _mm256_xor_si256(_mm256_cmpgt_epi8(zero, lb), m80));
+        }
+        __m128i n4 = _mm_add_epi32(_mm256_castsi256_si128(nh), _mm256_extracti128_si256(nh, 1));
+        n4 = _mm_add_epi32(n4, _mm_shuffle_epi32(n4, 0x4E));
+        int32_t sum_h = _mm_cvtsi128_si32(_mm_add_epi32(n4, _mm_shuffle_epi32(n4, 0xB1)));
+        n4 = _mm_add_epi32(_mm256_castsi256_si128(nl), _mm256_extracti128_si256(nl, 1));
+        n4 = _mm_add_epi32(n4, _mm_shuffle_epi32(n4, 0x4E));
+        int32_t sum_l = _mm_cvtsi128_si32(_mm_add_epi32(n4, _mm_shuffle_epi32(n4, 0xB1)));
+        for (; i < in; i++) {
+            int32_t q = (int32_t)lrintf(f32(xr[i]) * inv);
+            q = q > QMAX ? QMAX : q < -QMAX ? -QMAX : q;
+            const int32_t hi = (q + 128) >> 8, lo = q - 256 * hi;
+            ah[i] = (uint8_t)(hi < 0 ? -hi : hi), mh[i] = hi < 0 ? 0x7F : 0x80;
+            al[i] = (uint8_t)(lo < 0 ? -lo : lo), ml[i] = lo < 0 ? 0x7F : 0x80;
+            sum_h += hi < 0 ? -hi : 0, sum_l += lo < 0 ? -lo : 0;
+        }
+        ch[t] = sum_h, cl[t] = sum_l;
+    }
+}
+
+/* acc += per row (32-bit lane) the four products of the stored bytes at w with the broadcast quad whose
+ * magnitudes are ax and whose masks are mk (see above: short of the per-token correction). */
+static inline __m256i dot4(__m256i acc, const uint8_t *w, __m256i ax, __m256i mk, __m256i ones) {
+    const __m256i t = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), mk);
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, t), ones));
+}
+
+static inline __m256i bcast4(const uint8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+
+/* 16 dot products from their two int32 sums and corrections, as linear_avx512.c's join: (256 h + l) * xs. */
+static inline __m256 join(__m256i h, __m256i l, int32_t ch, int32_t cl, float xs) {
+    const __m256 hf = _mm256_cvtepi32_ps(_mm256_add_epi32(h, _mm256_set1_epi32(ch)));
+    const __m256 lf = _mm256_cvtepi32_ps(_mm256_add_epi32(l, _mm256_set1_epi32(cl)));
+    return _mm256_mul_ps(_mm256_fmadd_ps(hf, _mm256_set1_ps(256.0f), lf), _mm256_set1_ps(xs));
+}
+
+/* NT (1 or 2) tokens against one 16-row block, each weight vector loaded for both (from L1 the second time),
+ * each broadcast serving both halves of the block. 4 NT accumulators, a token's four broadcasts and a
+ * temporary: 14 registers at NT = 2, so more tokens go in further passes over the block, which then comes
+ * from L1 or L2, not memory. */
+static inline __attribute__((always_inline)) void block_i8_n(
+        const uint8_t *w, int64_t quads, const uint8_t *hl, int64_t in, const int32_t *ch, const int32_t *cl,
+        const float *xs, const int NT, const float *scale, uint16_t *y, int64_t out, int64_t n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i h0[2], h1[2], l0[2], l1[2];
+    _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
+        h0[t] = h1[t] = l0[t] = l1[t] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < quads; q++) {
+        const uint8_t *wq = w + q * 64;
+        _mm_prefetch((const char *)wq + AHEAD, _MM_HINT_T1);
+        _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++) {
+            const uint8_t *p = hl + t * 4 * in + 4 * q;
+            const __m256i ah = bcast4(p), mh = bcast4(p + in), al = bcast4(p + 2 * in), ml = bcast4(p + 3 * in);
+            h0[t] = dot4(h0[t], wq, ah, mh, ones);
+            h1[t] = dot4(h1[t], wq + 32, ah, mh, ones);
+            l0[t] = dot4(l0[t], wq, al, ml, ones);
+            l1[t] = dot4(l1[t], wq + 32, al, ml, ones);
+        }
+    }
+    _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
+        store16(y + t * out, join(h0[t], l0[t], ch[t], cl[t], xs[t]), join(h1[t], l1[t], ch[t], cl[t], xs[t]), scale, n);
+}
+
+/* T (<= I8_DIRECT_ROWS) tokens against one 16-row block, two at a time. */
+static void block_i8(const uint8_t *w, int64_t quads, const uint8_t *hl, int64_t in, const int32_t *ch,
+                     const int32_t *cl, const float *xs, int64_t T, const float *scale, uint16_t *y, int64_t out,
+                     int64_t n) {
+    int64_t t = 0;
+    for (; t + 2 <= T; t += 2)
+        block_i8_n(w, quads, hl + t * 4 * in, in, ch + t, cl + t, xs + t, 2, scale, y + t * out, out, n);
+    if (t < T) block_i8_n(w, quads, hl + t * 4 * in, in, ch + t, cl + t, xs + t, 1, scale, y + t * out, out, n);
+}
+
+/* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four
+ * streams of weights, each also prefetched AHEAD bytes into L2. More streams keep more DRAM reads in flight:
+ * on a 2-core Zen 3 four read ~25 % faster than two, even though 16 sums do not fit in the registers with
+ * the four broadcasts (gcc keeps some in L1: the loop has load slots to spare). */
+static void tile_i8(const uint8_t *w, int64_t bs, int64_t quads, const uint8_t *hl, int64_t in, int32_t ch,
+                    int32_t cl, float xs, const float *scale, uint16_t *y, int64_t n) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i h[8], l[8];
+    _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) h[k] = l[k] = _mm256_setzero_si256();
+    for (int64_t q = 0; q < quads; q++) {
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+            _mm_prefetch((const char *)(w + k * bs + q * 64) + AHEAD, _MM_HINT_T1);
+        const uint8_t *p = hl + 4 * q;
+        const __m256i ah = bcast4(p), mh = bcast4(p + in), al = bcast4(p + 2 * in), ml = bcast4(p + 3 * in);
+        _Pragma("GCC unroll 8") for (int k = 0; k < 8; k++) { /* block k / 2, rows 8 (k % 2) .. + 7 */
+            const uint8_t *wk = w + (k >> 1) * bs + q * 64 + (k & 1) * 32;
+            h[k] = dot4(h[k], wk, ah, mh, ones);
+            l[k] = dot4(l[k], wk, al, ml, ones);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++)
+        store16(y + 16 * k, join(h[2 * k], l[2 * k], ch, cl, xs), join(h[2 * k + 1], l[2 * k + 1], ch, cl, xs),
+                scale + 16 * k, n - 16 * k);
+}
+
+/* One 16-row block of int8 quads -> bf16 pairs (prefill), where the bf16 tile's reuse of each weight vector
+ * pays for the conversion: each byte is sign-extended to int32 and converted to float, whose upper half is the
+ * exact bf16 (|w| <= 128 has at most 8 significant bits). */
+static void widen_block(const uint8_t *w, int64_t quads, uint16_t *dst) {
+    const __m256i flip = _mm256_set1_epi8((char)0x80), hi = _mm256_set1_epi32(HI16);
+    for (int64_t q = 0; q < quads; q++)
+        for (int j = 0; j < 2; j++) { /* rows 8j..8j+7: a lane holds one row's inputs 4q..4q+3 */
+            const __m256i s = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w + q * 64 + 32 * j)), flip);
+            const __m256i f0 = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(s, 24), 24)));
+            const __m256i f1 = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(s, 16), 24)));
+            const __m256i f2 = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(s, 8), 24)));
+            const __m256i f3 = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_srai_epi32(s, 24)));
+            _mm256_storeu_si256((__m256i *)(dst + 2 * q * 32 + 16 * j),
+                                _mm256_or_si256(_mm256_srli_epi32(f0, 16), _mm256_and_si256(f1, hi)));
+            _mm256_storeu_si256((__m256i *)(dst + (2 * q + 1) * 32 + 16 * j),
+                                _mm256_or_si256(_mm256_srli_epi32(f2, 16), _mm256_and_si256(f3, hi)));
+        }
+}
+
+/* W packed by lfm2_pack (bf16 pairs, or int8 quads with per-row `scales`; rows padded to a multiple of 64);
+ * x [T, in] bf16, y [T, out] bf16; `in` even (int8: a multiple of 4). Tiles, blocks or panels of rows are
+ * shared among `threads` threads dynamically: a core slowed by other work does not hold up the rest. */
+void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
+                 int64_t in, int int8, int threads) {
+    const int64_t blocks = (out + 15) / 16, bs = 16 * in, pairs = in / 2, quads = in / 4;
+    if (T <= 0 || out <= 0) return;
+    if (T == 1 && !int8) {
+        float *xf = (float *)malloc(sizeof(float) * (size_t)in);
+        to_f32(x, xf, in);
+        #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+        for (int64_t g = 0; g < (out + 63) / 64; g++)
+            tile_gemv((const uint16_t *)w + g * 4 * bs, bs, pairs, xf, y + 64 * g, out - 64 * g);
+        free(xf);
+        return;
+    }
+    if (int8 && T <= I8_DIRECT_ROWS) {
+        uint8_t *hl = (uint8_t *)malloc((size_t)(T * 4 * in));
+        float xs[I8_DIRECT_ROWS];
+        int32_t ch[I8_DIRECT_ROWS], cl[I8_DIRECT_ROWS];
+        split_rows(x, T, in, hl, xs, ch, cl);
+        if (T == 1) {
+            #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+            for (int64_t g = 0; g < (out + 63) / 64; g++)
+                tile_i8((const uint8_t *)w + g * 4 * bs, bs, quads, hl, in, ch[0], cl[0], xs[0], scales + 64 * g,
+                        y + 64 * g, out - 64 * g);
+        } else {
+            #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
+            for (int64_t b = 0; b < blocks; b++)
+                block_i8((const uint8_t *)w + b * bs, quads, hl, in, ch, cl, xs, T, scales + 16 * b, y + 16 * b, out, out - 16 * b);
+        }
+        free(hl);
+        return;
+    }
+    /* Many tokens (prefill), blocked as a GEMM: a thread takes a panel of up to PANEL blocks and walks `in` in
+     * chunks of at most KC inputs; per chunk, each group of TT tokens meets every block of the panel, so the
+     * group's chunk of x stays in L1 and the panel's chunk of weights (int8: widened once) in L2. Sums carry
+     * from chunk to chunk in `part`. x is converted to float once for all threads. */
+    int64_t pb = PANEL;
+    while (pb > 1 && blocks < 2 * pb * threads) pb /= 2; /* enough panels to share */
+    const int64_t panels = (blocks + pb - 1) / pb, chunks = (in + KC - 1) / KC;
+    const int64_t kc = ((in + chunks - 1) / chunks + 3) / 4 * 4; /* a multiple of 4 (int8 quads) */
+    float *xf = (float *)malloc(sizeof(float) * (size_t)(T * in));
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) to_f32(x + t * in, xf + t * in, in);
+        uint16_t *scratch = int8 ? (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(pb * 16 * kc)) : 0;
+        float *part = chunks > 1 ? (float *)malloc(sizeof(float) * (size_t)(pb * T * 16)) : 0;
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t pn = 0; pn < panels; pn++) {
+            const int64_t b0 = pn * pb, nb = blocks - b0 < pb ? blocks - b0 : pb;
+            for (int64_t k0 = 0; k0 < in; k0 += kc) {
+                const int64_t kn = in - k0 < kc ? in - k0 : kc;
+                const uint16_t *wc[PANEL];
+                for (int64_t j = 0; j < nb; j++) {
+                    if (scratch) {
+                        wc[j] = scratch + j * 16 * kc;
+                        widen_block((const uint8_t *)w + (b0 + j) * bs + k0 * 16, kn / 4, scratch + j * 16 * kc);
+                    } else {
+                        wc[j] = (const uint16_t *)w + (b0 + j) * bs + k0 * 16;
+                    }
+                }
+                for (int64_t t0 = 0; t0 < T; t0 += TT)
+                    for (int64_t j = 0; j < nb; j++) {
+                        const int64_t col = 16 * (b0 + j);
+                        tile_bf16(wc[j], kn / 2, xf + t0 * in + k0, in, T - t0 < TT ? T - t0 : TT,
+                                  part ? part + (j * T + t0) * 16 : 0, k0 == 0, k0 + kn == in ? y + t0 * out + col : 0,
+                                  out, scratch ? scales + col : 0, out - col);
+                    }
+            }
+        }
+        free(scratch);
+        free(part);
+    }
+    free(xf);
+}
+#endif /* LFM2_ISA == 1 */
