@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from lfm2cli import cpu
 from lfm2cli.kernels.proj import Proj, can_prepack
 from lfm2cli.model.layers import MLP, Attention, ShortConv, decode_attention
 from lfm2cli.model.lfm2 import Lfm2ForCausalLM
@@ -162,6 +163,21 @@ def native_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return native.load(paths.cache_dir() / "kernels")
 
 
+def torch_int8_slower(device: torch.device) -> str | None:
+    """Why int8 weights on torch's kernels would decode slower than the model's own dtype here, or None. Measured:
+    `_weight_int8pack_mm` beats bf16 on AVX512 CPUs (1.1-1.4x) but runs at ~0.3x float32 on AVX2-only ones."""
+    if device.type == "cpu" and not cpu.is_arm() and "avx512f" not in cpu.flags():
+        return ("without lfm2's native kernels, torch's int8 kernel is slower than unquantised weights on this "
+                f"CPU (no AVX512); native code {native_why_not()}")
+    return None
+
+
+def native_why_not() -> str:
+    from lfm2cli.kernels import native
+
+    return native.why_not() or "unused for this dtype (bf16 only)"
+
+
 def enable_compile(model: Lfm2ForCausalLM) -> str | None:
     """Run one-token decode steps through a compiled graph (see compiled.py). Returns why not, if it cannot."""
     from lfm2cli.kernels.compiled import CompiledDecoder, CudaGraphDecoder, compile_supported
@@ -179,6 +195,9 @@ def apply(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None 
     int8 weights), then compilation. `fast=False` keeps the model exactly as loaded: the reference path the
     tests compare against; `native=False` leaves the native code out (benchmarks compare with it)."""
     native = native and bool(fast or quantize or compile) and native_available(device, model.dtype) is None
+    if quantize == "int8" and not native and not compile and (reason := torch_int8_slower(device)):
+        sys.stderr.write(f"note: --quantize int8 ignored: {reason}\n")
+        quantize = None
     if compile:
         from lfm2cli.kernels.compiled import compile_supported
 

@@ -18,21 +18,21 @@ static inline float hsum8(__m256 v) {
 
 /* a . b over d bf16 values, 32 at a time in four accumulators (a plain float loop is one serial chain of
  * multiply-adds, which the compiler may not reorder). */
+static inline __m256i load8x32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
 static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
     const __m256i hi = _mm256_set1_epi32(HI16);
     __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t i = 0;
     for (; i + 32 <= d; i += 32) {
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + i)), b0 = _mm256_loadu_si256((const __m256i *)(b + i));
-        const __m256i a1 = _mm256_loadu_si256((const __m256i *)(a + i + 16));
-        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + i + 16));
+        const __m256i a0 = load8x32(a + i), b0 = load8x32(b + i), a1 = load8x32(a + i + 16), b1 = load8x32(b + i + 16);
         s0 = _mm256_fmadd_ps(even_f32(a0), even_f32(b0), s0);
         s1 = _mm256_fmadd_ps(odd_f32(a0, hi), odd_f32(b0, hi), s1);
         s2 = _mm256_fmadd_ps(even_f32(a1), even_f32(b1), s2);
         s3 = _mm256_fmadd_ps(odd_f32(a1, hi), odd_f32(b1, hi), s3);
     }
     if (i + 16 <= d) {
-        const __m256i a0 = _mm256_loadu_si256((const __m256i *)(a + i)), b0 = _mm256_loadu_si256((const __m256i *)(b + i));
+        const __m256i a0 = load8x32(a + i), b0 = load8x32(b + i);
         s0 = _mm256_fmadd_ps(even_f32(a0), even_f32(b0), s0);
         s1 = _mm256_fmadd_ps(odd_f32(a0, hi), odd_f32(b0, hi), s1);
         i += 16;
@@ -111,18 +111,18 @@ static void tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const float 
  * weight vector is loaded once and used for every token, each broadcast of x for both halves of the block.
  * 2 NT accumulators, two weight vectors and one broadcast: 15 of the 16 registers at NT = 6 (the mask of the
  * odd inputs then comes from memory). Unless `first`, the sums are added to `part` (16 floats per token: the
- * chunks of `in` before this one); they go to y as bf16 when y is given, else back to `part`. NT is a
- * constant in each call (tile_bf16), so the arrays stay in registers. */
+ * chunks of `in` before this one); they go to y as bf16 when y is given, else back to `part`. With `ahead`
+ * (a few tokens, where the block streams from memory) the weights are prefetched AHEAD bytes ahead: ~15 %
+ * faster at 2-8 tokens; with many tokens the block is in cache and the prefetch cost ~4 %. NT and `ahead` are
+ * constants in each call (tile_bf16), so the arrays stay in registers and the test leaves the loop. */
 static inline __attribute__((always_inline)) void tile_bf16_n(
-        const uint16_t *w, int64_t pairs, const float *xf, int64_t in, const int NT, float *part, int first,
-        uint16_t *y, int64_t out, const float *scale, int64_t n) {
+        const uint16_t *w, int64_t pairs, const float *xf, int64_t in, const int NT, const int ahead, float *part,
+        int first, uint16_t *y, int64_t out, const float *scale, int64_t n) {
     const __m256i hi = _mm256_set1_epi32(HI16);
     __m256 a[TT], b[TT];
     _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) a[t] = b[t] = _mm256_setzero_ps();
     for (int64_t p = 0; p < pairs; p++) {
-        /* with few tokens the block streams from memory (~15 % faster at 2-8 tokens); with many it is in
-         * cache and this costs an issue slot per 24 FMAs */
-        _mm_prefetch((const char *)(w + p * 32) + AHEAD, _MM_HINT_T1);
+        if (ahead) _mm_prefetch((const char *)(w + p * 32) + AHEAD, _MM_HINT_T1);
         const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + p * 32));
         const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + p * 32 + 16));
         const __m256 e0 = even_f32(v0), e1 = even_f32(v1);
@@ -152,16 +152,27 @@ static inline __attribute__((always_inline)) void tile_bf16_n(
     }
 }
 
-static void tile_bf16(const uint16_t *w, int64_t pairs, const float *xf, int64_t in, int64_t nt, float *part,
-                      int first, uint16_t *y, int64_t out, const float *scale, int64_t n) {
-#define LFM2_TILE(NT) tile_bf16_n(w, pairs, xf, in, NT, part, first, y, out, scale, n)
-    switch (nt) {
-    case 1: LFM2_TILE(1); break;
-    case 2: LFM2_TILE(2); break;
-    case 3: LFM2_TILE(3); break;
-    case 4: LFM2_TILE(4); break;
-    case 5: LFM2_TILE(5); break;
-    default: LFM2_TILE(6); break;
+static void tile_bf16(const uint16_t *w, int64_t pairs, const float *xf, int64_t in, int64_t nt, int ahead,
+                      float *part, int first, uint16_t *y, int64_t out, const float *scale, int64_t n) {
+#define LFM2_TILE(NT, A) tile_bf16_n(w, pairs, xf, in, NT, A, part, first, y, out, scale, n)
+    if (ahead) { /* few tokens: at most 2 TT */
+        switch (nt) {
+        case 1: LFM2_TILE(1, 1); break;
+        case 2: LFM2_TILE(2, 1); break;
+        case 3: LFM2_TILE(3, 1); break;
+        case 4: LFM2_TILE(4, 1); break;
+        case 5: LFM2_TILE(5, 1); break;
+        default: LFM2_TILE(6, 1); break;
+        }
+    } else {
+        switch (nt) {
+        case 1: LFM2_TILE(1, 0); break;
+        case 2: LFM2_TILE(2, 0); break;
+        case 3: LFM2_TILE(3, 0); break;
+        case 4: LFM2_TILE(4, 0); break;
+        case 5: LFM2_TILE(5, 0); break;
+        default: LFM2_TILE(6, 0); break;
+        }
     }
 #undef LFM2_TILE
 }
@@ -187,7 +198,8 @@ static inline __m256i pack_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
 }
 
 static inline __m256i round_q(const uint16_t *x, __m256 vinv, __m256i lim) {
-    const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x)), 16));
+    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
+    const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
     const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(f, vinv)); /* nearest even, as lrintf */
     return _mm256_max_epi32(_mm256_min_epi32(q, lim), _mm256_sub_epi32(_mm256_setzero_si256(), lim));
 }
@@ -293,7 +305,8 @@ static inline __attribute__((always_inline)) void block_i8_n(
         }
     }
     _Pragma("GCC unroll 2") for (int t = 0; t < NT; t++)
-        store16(y + t * out, join(h0[t], l0[t], ch[t], cl[t], xs[t]), join(h1[t], l1[t], ch[t], cl[t], xs[t]), scale, n);
+        store16(y + t * out, join(h0[t], l0[t], ch[t], cl[t], xs[t]), join(h1[t], l1[t], ch[t], cl[t], xs[t]),
+                scale, n);
 }
 
 /* T (<= I8_DIRECT_ROWS) tokens against one 16-row block, two at a time. */
@@ -308,7 +321,7 @@ static void block_i8(const uint8_t *w, int64_t quads, const uint8_t *hl, int64_t
 
 /* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four
  * streams of weights, each also prefetched AHEAD bytes into L2. More streams keep more DRAM reads in flight:
- * on a 2-core Zen 3 four read ~25 % faster than two, even though 16 sums do not fit in the registers with
+ * on a 2-core Zen 3 four read ~20 % faster than two, even though 16 sums do not fit in the registers with
  * the four broadcasts (gcc keeps some in L1: the loop has load slots to spare). */
 static void tile_i8(const uint8_t *w, int64_t bs, int64_t quads, const uint8_t *hl, int64_t in, int32_t ch,
                     int32_t cl, float xs, const float *scale, uint16_t *y, int64_t n) {
@@ -379,7 +392,8 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
         } else {
             #pragma omp parallel for num_threads(threads) schedule(dynamic, 4)
             for (int64_t b = 0; b < blocks; b++)
-                block_i8((const uint8_t *)w + b * bs, quads, hl, in, ch, cl, xs, T, scales + 16 * b, y + 16 * b, out, out - 16 * b);
+                block_i8((const uint8_t *)w + b * bs, quads, hl, in, ch, cl, xs, T, scales + 16 * b, y + 16 * b, out,
+                         out - 16 * b);
         }
         free(hl);
         return;
@@ -392,6 +406,7 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
     while (pb > 1 && blocks < 2 * pb * threads) pb /= 2; /* enough panels to share */
     const int64_t panels = (blocks + pb - 1) / pb, chunks = (in + KC - 1) / KC;
     const int64_t kc = ((in + chunks - 1) / chunks + 3) / 4 * 4; /* a multiple of 4 (int8 quads) */
+    const int ahead = T <= 2 * TT;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(T * in));
     #pragma omp parallel num_threads(threads)
     {
@@ -416,7 +431,7 @@ void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t
                 for (int64_t t0 = 0; t0 < T; t0 += TT)
                     for (int64_t j = 0; j < nb; j++) {
                         const int64_t col = 16 * (b0 + j);
-                        tile_bf16(wc[j], kn / 2, xf + t0 * in + k0, in, T - t0 < TT ? T - t0 : TT,
+                        tile_bf16(wc[j], kn / 2, xf + t0 * in + k0, in, T - t0 < TT ? T - t0 : TT, ahead,
                                   part ? part + (j * T + t0) * 16 : 0, k0 == 0, k0 + kn == in ? y + t0 * out + col : 0,
                                   out, scratch ? scales + col : 0, out - col);
                     }
