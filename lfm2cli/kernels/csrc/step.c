@@ -20,6 +20,16 @@ typedef struct {
 
 #define LFM2_MAX_TOPK 64
 
+#ifndef LFM2_HAVE_GROUP
+/* n one-token products of one shape (a MoE layer's routed experts): y[i] = x[i] W[i]^T. A level whose file
+ * defines LFM2_HAVE_GROUP shares the blocks of all n matrices among the threads in one parallel region (longer
+ * streams, one fork and join); elsewhere they run one after the other. */
+void lfm2_linear_group(int64_t n, const void *const *w, const float *const *scales, const uint16_t *const *x,
+                       uint16_t *const *y, int64_t out, int64_t in, int int8, int threads) {
+    for (int64_t i = 0; i < n; i++) lfm2_linear(w[i], int8 ? scales[i] : 0, x[i], y[i], 1, out, in, int8, threads);
+}
+#endif
+
 /* The experts a token goes to and their mixing weights, as SparseMoE.route does in bf16: sigmoid scores; the
  * k best of score + expert_bias (the bias only chooses); the unbiased scores, normalised to sum 1 and scaled. */
 static int64_t moe_route(const lfm2_layer *L, const bf16_t *logits, int64_t *ids, float *weights) {
@@ -48,23 +58,31 @@ static int64_t moe_route(const lfm2_layer *L, const bf16_t *logits, int64_t *ids
 }
 
 /* y = the sparse feed-forward of h: each routed expert's SwiGLU, weighted, added up in bf16 in routing order.
- * a, b: scratch of at least 2 * e_ff values; t: of hidden values. */
+ * The k experts' w13 products run as one group, then their w2 products. a: scratch of k * 2 * e_ff values,
+ * b: k * e_ff, t: k * hidden. */
 static void moe_step(const lfm2_layer *L, const bf16_t *h, bf16_t *y, bf16_t *a, bf16_t *b, bf16_t *t,
                      int64_t hidden, int threads) {
     bf16_t logits[L->experts];
     lfm2_linear(L->gate, 0, h, logits, 1, L->experts, hidden, 0, threads);
     int64_t ids[LFM2_MAX_TOPK];
     float weights[LFM2_MAX_TOPK];
-    const int64_t k = moe_route(L, logits, ids, weights);
-    memset(y, 0, sizeof(bf16_t) * hidden);
+    const int64_t k = moe_route(L, logits, ids, weights), ff = L->e_ff;
+    const int int8 = L->e_w13_s != 0;
+    const void *w13[LFM2_MAX_TOPK], *w2[LFM2_MAX_TOPK];
+    const float *s13[LFM2_MAX_TOPK], *s2[LFM2_MAX_TOPK];
+    const uint16_t *x13[LFM2_MAX_TOPK], *x2[LFM2_MAX_TOPK];
+    uint16_t *y13[LFM2_MAX_TOPK], *y2[LFM2_MAX_TOPK];
     for (int64_t j = 0; j < k; j++) {
-        const int64_t e = ids[j];
-        const float *s13 = L->e_w13_s ? L->e_w13_s[e] : 0, *s2 = L->e_w2_s ? L->e_w2_s[e] : 0;
-        lfm2_linear(L->e_w13[e], s13, h, a, 1, 2 * L->e_ff, hidden, s13 != 0, threads);
-        lfm2_silu_mul(a, b, L->e_ff);
-        lfm2_linear(L->e_w2[e], s2, b, t, 1, hidden, L->e_ff, s2 != 0, threads);
-        for (int64_t i = 0; i < hidden; i++) y[i] = bf(f32(y[i]) + rnd(f32(t[i]) * weights[j]));
+        w13[j] = L->e_w13[ids[j]], w2[j] = L->e_w2[ids[j]];
+        s13[j] = int8 ? L->e_w13_s[ids[j]] : 0, s2[j] = int8 ? L->e_w2_s[ids[j]] : 0;
+        x13[j] = h, y13[j] = a + j * 2 * ff, x2[j] = b + j * ff, y2[j] = t + j * hidden;
     }
+    lfm2_linear_group(k, w13, s13, x13, y13, 2 * ff, hidden, int8, threads);
+    for (int64_t j = 0; j < k; j++) lfm2_silu_mul(a + j * 2 * ff, b + j * ff, ff);
+    lfm2_linear_group(k, w2, s2, x2, y2, hidden, ff, int8, threads);
+    memset(y, 0, sizeof(bf16_t) * hidden);
+    for (int64_t j = 0; j < k; j++)
+        for (int64_t i = 0; i < hidden; i++) y[i] = bf(f32(y[i]) + rnd(f32(t[j * hidden + i]) * weights[j]));
 }
 
 /* x [hidden]: the token's embedding, updated in place as the residual stream; out [hidden]: the final norm of
@@ -72,14 +90,16 @@ static void moe_step(const lfm2_layer *L, const bf16_t *h, bf16_t *y, bf16_t *a,
 void lfm2_decode_step(const lfm2_layer *layers, int64_t n, bf16_t *x, const bf16_t *final_norm, bf16_t *out,
                       int64_t hidden, int64_t heads, int64_t kv_heads, int64_t d, int64_t width, int64_t pos,
                       int64_t cap, const bf16_t *cos, const bf16_t *sin, float eps, int threads) {
-    int64_t big = hidden > heads * d ? hidden : heads * d;
+    int64_t big = hidden > heads * d ? hidden : heads * d, topk = 1;
     for (int64_t i = 0; i < n; i++) {
+        const int64_t k = layers[i].top_k < LFM2_MAX_TOPK ? layers[i].top_k : LFM2_MAX_TOPK;
+        topk = layers[i].experts && k > topk ? k : topk;
         big = layers[i].in_rows > big ? layers[i].in_rows : big;
         big = 2 * layers[i].ff > big ? 2 * layers[i].ff : big;
-        big = 2 * layers[i].e_ff > big ? 2 * layers[i].e_ff : big;
+        big = 2 * k * layers[i].e_ff > big ? 2 * k * layers[i].e_ff : big;
     }
     bf16_t *h = malloc(sizeof(bf16_t) * hidden), *y = malloc(sizeof(bf16_t) * hidden);
-    bf16_t *t = malloc(sizeof(bf16_t) * hidden);
+    bf16_t *t = malloc(sizeof(bf16_t) * hidden * topk);
     bf16_t *a = malloc(sizeof(bf16_t) * big), *b = malloc(sizeof(bf16_t) * big);
     lfm2_add_rmsnorm(x, 0, layers[0].op_norm, h, hidden, eps);
     for (int64_t i = 0; i < n; i++) {
