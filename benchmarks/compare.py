@@ -380,7 +380,10 @@ def main() -> None:
     block = "\n".join(lines)
     print(block)
     if args.write:
-        write_doc(block, repo.split("/")[1].lower() + (f"-{args.native_isa}" if args.native_isa else ""))
+        from lfm2cli.kernels import native
+
+        # one table per model and native level: an AVX2 run does not overwrite the AVX512 one
+        write_doc(block, f"{repo.split('/')[1].lower()}-{native.level() or 'torch'}")
         print(f"wrote {DOC}", file=sys.stderr)
 
 
