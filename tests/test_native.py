@@ -90,6 +90,23 @@ def test_int8_product_is_within_its_bound(kernel: None, rows: int, width: int) -
         assert bf16_close(y, exact)  # the widened path is exact up to the final rounding
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_group_of_products_equals_each_product(kernel: None, int8: bool) -> None:
+    """The MoE step's routed experts run as one group: bit-identical to one product at a time."""
+    g = torch.Generator().manual_seed(12)
+    ws = [torch.randn(136, 96, generator=g).bfloat16() for _ in range(4)]
+    xs = [torch.randn(96, generator=g).bfloat16() for _ in range(4)]
+    if int8:
+        qs = [quantize_int8(w) for w in ws]
+        packed, scales = [native.pack(q) for q, _ in qs], [native.pad_scales(s) for _, s in qs]
+    else:
+        packed, scales = [native.pack(w) for w in ws], None
+    group = native.linear_group(xs, packed, 136, scales)
+    for i, y in enumerate(group):
+        one = native.linear(xs[i].view(1, -1), packed[i], 136, scales[i] if int8 else None).view(-1)
+        assert torch.equal(y, one)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
 def test_packing_in_place_equals_packing_a_copy(kernel: None, dtype: torch.dtype) -> None:
     w = (torch.randn(128, 96, generator=torch.Generator().manual_seed(3)) * 40).to(dtype)

@@ -34,6 +34,7 @@ _why_not: str | None = "not loaded"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "lfm2_linear": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "lfm2_linear_group": [_I, _P, _P, _P, _P, _I, _I, ctypes.c_int, ctypes.c_int],
     "lfm2_pack": [_P, _P, _I, _I, _I, _I, ctypes.c_int],
     "lfm2_pack_inplace": [_P, _I, _I, _I, ctypes.c_int],
     "lfm2_add_rmsnorm": [_P, _P, _P, _P, _I, _F],
@@ -184,6 +185,20 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scales: tor
     _lib.lfm2_linear(packed.data_ptr(), None if scales is None else scales.data_ptr(), x2.data_ptr(),
                      y.data_ptr(), rows, out_features, inn, scales is not None, torch.get_num_threads())
     return y
+
+
+def linear_group(xs: list[torch.Tensor], packed: list[torch.Tensor], out_features: int,
+                 scales: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """One token each, x [in] bf16 against its own packed W (a MoE layer's routed experts, as the decode step
+    runs them): the same numbers as `linear` on each, in one parallel pass where the level has a group kernel."""
+    def ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
+        return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
+
+    xs = [x.contiguous() for x in xs]
+    ys = [x.new_empty(out_features) for x in xs]
+    _lib.lfm2_linear_group(len(xs), ptrs(packed), ptrs(scales) if scales else None, ptrs(xs), ptrs(ys),
+                           out_features, xs[0].numel(), scales is not None, torch.get_num_threads())
+    return ys
 
 
 # ---- one decode step's small operations (see native.c); every tensor is contiguous bf16 on CPU
