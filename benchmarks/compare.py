@@ -357,7 +357,11 @@ def main() -> None:
         bandwidths = run_all(engines, lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
     bandwidth = med(bandwidths)
     base = engines[0] if not args.no_transformers else None
-    lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1", "",
+    from lfm2cli import cpu
+    from lfm2cli.kernels import native
+
+    lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1: {cpu.describe()} CPU, lfm2's "
+             f"{native.level() or 'torch'} kernels", "",
              f"Machine: {machine()}. Memory read bandwidth, measured before each of the {len(bandwidths)} runs: "
              f"median {bandwidth / 1e9:.1f} GB/s (range {min(bandwidths) / 1e9:.0f}-{max(bandwidths) / 1e9:.0f}). "
              f"{args.gen_tokens} new tokens per run, {args.repeat} repetitions "
