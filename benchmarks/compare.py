@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is insta
 import torch  # noqa: E402
 
 from lfm2cli import loading  # noqa: E402
-from lfm2cli.bench import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth, share_of_ceiling  # noqa: E402
+from lfm2cli.benchmark import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth, share_of_ceiling  # noqa: E402
 from lfm2cli.generation import GenerationStats, generate  # noqa: E402
-from lfm2cli.known_models import KNOWN_CONFIGS, known_config  # noqa: E402
+from lfm2cli.hub.known import KNOWN_CONFIGS, known_config  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 CPU = torch.device("cpu")
@@ -311,7 +311,7 @@ def main() -> None:
     if args.native_isa:
         os.environ["LFM2_NATIVE_ISA"] = args.native_isa
     lengths = [int(x) for x in args.prompt_tokens.split(",")]
-    from lfm2cli.hub import ALIASES
+    from lfm2cli.hub.names import ALIASES
 
     repo = ALIASES.get(args.model.lower(), args.model)
     if repo not in KNOWN_CONFIGS:

@@ -14,8 +14,6 @@ from lfm2cli.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 
 
@@ -169,9 +167,12 @@ def check_tensors(cfg: Lfm2Config, found: dict[str, TensorInfo], where: str) -> 
 
 
 def parameter_counts(cfg: Lfm2Config) -> tuple[int, int]:
-    """(total, active per token) parameter counts; the embedding counts once even when tied."""
+    """(total, active per token) parameter counts; the embedding counts once even when tied. `expert_bias` is
+    a buffer, not a parameter (as transformers registers it), so it does not count."""
     total = active = 0
     for name, shape in expected_tensors(cfg).items():
+        if name.endswith("expert_bias"):
+            continue
         n = 1
         for s in shape:
             n *= s
@@ -181,3 +182,52 @@ def parameter_counts(cfg: Lfm2Config) -> tuple[int, int]:
         else:
             active += n
     return total, active
+
+
+INT4_GROUP = 32  # inputs per int4 scale (lfm2cli.quantize)
+
+
+def _quantized_bytes(rows: int, cols: int, quantize: str | None, dtype_bytes: int) -> int:
+    """Bytes of one [rows, cols] projection weight in memory: int8 is a byte per weight plus a float32 scale per
+    row; int4 half a byte plus a bf16 scale per 32 inputs (int8 where the width is not a multiple of 32)."""
+    n = rows * cols
+    if quantize == "int4" and cols % INT4_GROUP == 0:
+        return n // 2 + (n // INT4_GROUP) * 2
+    if quantize in ("int8", "int4"):
+        return n + rows * 4
+    return n * dtype_bytes
+
+
+def weight_bytes(cfg: Lfm2Config, quantize: str | None = None, dtype_bytes: int = 2) -> int:
+    """Bytes the loaded model's weights take, as lfm2 holds them: projections in `quantize`'s form, the router and
+    the norms in the model dtype, the embedding table in the model dtype (it is looked up, one row a token), and
+    the LM head as its own copy (for a tied head too) in int8 when the projections are int4: the head decides
+    every token, and llama.cpp keeps it at 6-8 bits in its 4-bit files as well."""
+    total = 0
+    for name, shape in expected_tensors(cfg).items():
+        if name.endswith("expert_bias"):
+            total += shape[0] * 4
+        elif name == "model.embed_tokens.weight":
+            total += shape[0] * shape[1] * dtype_bytes
+        elif name == "lm_head.weight":
+            continue
+        elif len(shape) == 2 and not name.endswith("feed_forward.gate.weight"):
+            total += _quantized_bytes(shape[0], shape[1], quantize, dtype_bytes)
+        else:
+            n = 1
+            for s in shape:
+                n *= s
+            total += n * dtype_bytes
+    head = "int8" if quantize == "int4" else quantize
+    return total + _quantized_bytes(cfg.vocab_size, cfg.hidden_size, head, dtype_bytes)
+
+
+RUNTIME_BYTES = 600_000_000  # torch, the tokenizer, buffers and the largest tensor while it is converted
+CONTEXT_TOKENS = 4096  # the KV cache counted in `memory_needed` (a long chat; the cache grows as it goes)
+
+
+def memory_needed(cfg: Lfm2Config, quantize: str | None = None, dtype_bytes: int = 2) -> int:
+    """What running the model takes, about: its weights (`weight_bytes`), a KV cache of CONTEXT_TOKENS and the
+    runtime. The memory guard refuses loads above what is available, and `lfm2 info` shows it per precision."""
+    kv = len(cfg.attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes * CONTEXT_TOKENS
+    return weight_bytes(cfg, quantize, dtype_bytes) + kv + RUNTIME_BYTES

@@ -8,7 +8,7 @@ model code reads one name for each fact. Pure Python: no torch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ class Lfm2Config:
     num_key_value_heads: int
     head_dim: int
     layer_types: tuple[str, ...]  # "conv" or "full_attention" per layer
-    intermediate_size: int  # dense FFN width as stored (already adjusted, see dense_ff_dim)
+    intermediate_size: int  # the config's nominal FFN width; dense layers use dense_ff_dim
     dense_ff_dim: int  # the width of w1/w3 in dense feed-forward layers
     max_position_embeddings: int = 128_000
     norm_eps: float = 1e-5
@@ -48,7 +48,6 @@ class Lfm2Config:
     pad_token_id: int | None = 0
     eos_token_ids: tuple[int, ...] = (7,)
     torch_dtype: str | None = None  # dtype the checkpoint says it was saved in
-    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_moe(self) -> bool:
@@ -176,18 +175,20 @@ def parse_config(raw: dict[str, Any], source: str = "config.json",
         pad_token_id=raw.get("pad_token_id", 0),
         eos_token_ids=eos,
         torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
-        raw=dict(raw),
         **moe,
     )
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """One JSON object from a checkpoint's file (config, tokenizer config, ...), or ConfigError saying why not."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from e
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
@@ -200,5 +201,5 @@ def load_config(path: str | Path) -> Lfm2Config:
     if not cfg_path.is_file():
         raise ConfigError(f"{root}: no config.json here; is this a model checkpoint directory?")
     gen_path = cfg_path.parent / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.is_file() else None
-    return parse_config(_read_json(cfg_path), source=str(cfg_path), generation_config=gen)
+    gen = read_json_object(gen_path) if gen_path.is_file() else None
+    return parse_config(read_json_object(cfg_path), source=str(cfg_path), generation_config=gen)

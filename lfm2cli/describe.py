@@ -7,13 +7,13 @@ the command prints as a rich table (terminal) or `key: value` lines (pipes).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.checkpoint import check_tensors, parameter_counts, read_all_headers
-from lfm2cli.config import Lfm2Config, load_config
+from lfm2cli.checkpoint import check_tensors, memory_needed, parameter_counts, read_all_headers
+from lfm2cli.config import Lfm2Config, load_config, read_json_object
 from lfm2cli.errors import CheckpointError
+from lfm2cli.formatting import human_bytes, human_count
 from lfm2cli.tokenizer import token_text
 
 BF16_BYTES = 2
@@ -22,39 +22,15 @@ MAX_SHARD_ROWS = 6  # more shards than this are summarised in one row
 TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # earlier files win
 
 
-def human_count(n: int | float) -> str:
-    """1_170_340_608 -> '1.17B'; small numbers stay exact."""
-    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            value = n / div
-            digits = 2 if value < 10 else 1 if value < 100 else 0
-            return f"{value:.{digits}f}{suffix}"
-    return f"{n:g}"
-
-
-def human_bytes(n: int | float) -> str:
-    """Decimal units, as the hub shows file sizes: 2_340_000_000 -> '2.34 GB'."""
-    for div, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if n >= div:
-            value = n / div
-            digits = 2 if value < 10 else 1 if value < 100 else 0
-            return f"{value:.{digits}f} {unit}"
-    return f"{int(n)} B"
-
-
 def _read_json(path: Path, problems: list[str]) -> dict[str, Any] | None:
     """Tokenizer side files are optional for `info`: a broken one is reported, not fatal."""
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        problems.append(f"{path.name} cannot be read ({e})")
+        return read_json_object(path)
+    except CheckpointError as e:
+        problems.append(f"{path.name}: {str(e).removeprefix(str(path) + ': ')}")
         return None
-    if not isinstance(data, dict):
-        problems.append(f"{path.name} is not a JSON object")
-        return None
-    return data
 
 
 def _tokens(root: Path, cfg: Lfm2Config, problems: list[str]) -> dict[str, Any]:
@@ -71,8 +47,6 @@ def _tokens(root: Path, cfg: Lfm2Config, problems: list[str]) -> dict[str, Any]:
         source = "chat_template.jinja"
     elif tok_cfg.get("chat_template"):
         source = "tokenizer_config.json"
-    elif (root / "chat_template.json").is_file():
-        source = "chat_template.json"
     else:
         source = None
     out["chat_template"] = source is not None
@@ -129,6 +103,8 @@ def describe(path: Path) -> dict[str, Any]:
         # a conv layer remembers its last kernel-1 inputs (hidden_size wide), as lfm2's HybridCache does
         "conv_state_bf16_bytes": (n - len(attn)) * cfg.hidden_size * (cfg.conv_L_cache - 1) * BF16_BYTES,
     }
+    memory["to_run_bytes"] = {"bf16": memory_needed(cfg), "int8": memory_needed(cfg, "int8"),
+                              "int4": memory_needed(cfg, "int4")}
     if cfg.is_moe:
         memory["active_weights_bf16_bytes_per_token"] = active * BF16_BYTES
         memory["active_weights_stored_bytes_per_token"] = stored_active
@@ -255,6 +231,9 @@ def sections(desc: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
         memory += [("weights read per token (bf16)", human_bytes(mem["active_weights_bf16_bytes_per_token"])),
                    (f"weights read per token ({stored_as})",
                     human_bytes(mem["active_weights_stored_bytes_per_token"]))]
+    run = mem["to_run_bytes"]
+    memory += [(f"to run, {name}", f"~{human_bytes(run[key])}") for key, name in (
+        ("bf16", "bf16"), ("int8", "--quantize int8"), ("int4", "--quantize int4"))]
     memory += [
         ("KV cache per 1,000 tokens (bf16)", human_bytes(mem["kv_cache_bf16_bytes_per_1000_tokens"])),
         ("KV cache at full context (bf16)", human_bytes(mem["kv_cache_bf16_bytes_full_context"])),

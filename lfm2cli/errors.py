@@ -33,3 +33,7 @@ class GenerationError(Lfm2Error):
 
 class HistoryError(Lfm2Error):
     """The history database cannot be used, or a conversation id does not match."""
+
+
+class MemoryLimitError(Lfm2Error):
+    """The model would not fit in the memory available; the message names a precision that would."""

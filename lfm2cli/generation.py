@@ -3,8 +3,6 @@ or terminals; the caller turns ids into text and decides when to stop early."""
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -12,6 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lfm2cli.errors import GenerationError
+from lfm2cli.memory import peak_memory
 from lfm2cli.model import HybridCache, Lfm2ForCausalLM
 
 PREFILL_CHUNK = 512  # long prompts run in chunks so activations stay small
@@ -43,12 +42,6 @@ class GenerationStats:
         d["decode_tps"] = round(self.decode_tps, 2)
         return d
 
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
 def prefill(model: Lfm2ForCausalLM, ids: Sequence[int], cache: HybridCache, chunk: int = PREFILL_CHUNK

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,8 +27,12 @@ from lfm2cli.config import Lfm2Config, load_config
 from lfm2cli.errors import CheckpointError, UsageError
 from lfm2cli.model import Lfm2ForCausalLM
 
+if TYPE_CHECKING:
+    from lfm2cli.kernels import Plan
+
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
+READ_AHEAD = 256 << 20  # bytes of tensors read ahead of the one being placed (see _read_all)
 KEEP_FLOAT32 = ("expert_bias",)  # routing biases are tiny and only compared, never multiplied
 
 
@@ -38,7 +44,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     tokenizer: Any = None  # lfm2cli.tokenizer.Tokenizer when the checkpoint has tokenizer files
-    quantize: str | None = None  # "int8" when weights were quantised at load time
+    quantize: str | None = None  # "int8" or "int4" when weights were quantised at load time
+    skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -59,14 +66,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def native_available(device: torch.device, dtype: torch.dtype) -> str | None:
-    """None when lfm2's native CPU code runs models of this dtype on this device (building it once if needed),
-    else why not."""
-    from lfm2cli.kernels import native_available as available
-
-    return available(device, dtype)
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cuda":
@@ -75,6 +74,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         # bf16 weights where the CPU computes bf16 or lfm2's native kernels run (they read bf16 and compute in
         # float32 where the CPU has no bf16 arithmetic): half of float32's bytes. Elsewhere float32.
+        from lfm2cli.kernels import native_available
+
         native = native_available(device, torch.bfloat16) is None
         return torch.bfloat16 if cpu.bf16_compute() or native else torch.float32
     if dtype not in DTYPES:
@@ -142,16 +143,25 @@ def _read_all(file: Path, infos: list[TensorInfo], data_start: int, direct: dict
               ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
     """Tensors of one file in file order, read by a few threads where positioned reads allow it. Tensors named
     in `direct` are read straight into the given tensor."""
-    from concurrent.futures import ThreadPoolExecutor
-
     fd = os.open(file, os.O_RDONLY | getattr(os, "O_BINARY", 0))
     read = file_reader(fd)
     workers = min(4, cpu.physical_cores()) if hasattr(os, "preadv") else 1
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            # map() submits every read at once and yields them in file order as they complete
-            tensors = pool.map(lambda i: read_tensor(i, data_start, read, direct.get(i.name)), infos)
-            yield from zip(infos, tensors, strict=True)
+            # reads run ahead of the caller by READ_AHEAD bytes at most: the caller may convert each tensor to a
+            # smaller form, and reads that got far ahead would hold the full-precision model after all
+            pending: deque[tuple[TensorInfo, Future]] = deque()
+            ahead = 0
+            for info in infos:
+                while pending and ahead + (info.end - info.start) > READ_AHEAD:
+                    done, future = pending.popleft()
+                    ahead -= done.end - done.start
+                    yield done, future.result()
+                pending.append((info, pool.submit(read_tensor, info, data_start, read, direct.get(info.name))))
+                ahead += info.end - info.start
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
     finally:
         os.close(fd)
 
@@ -173,10 +183,11 @@ def fused_slots(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype
     return slots
 
 
-def configure_allocator(threshold: int = 1 << 20) -> None:
+def configure_allocator(threshold: int = 64 << 10) -> None:
     """glibc only: allocations of `threshold` bytes or more get their own mapping, returned to the OS when freed.
-    While loading, 1 MB: by default glibc raises the threshold after the first large free, so the transient
-    copies made while fusing and packing weights would stay in the heap (+10% resident memory for an 8B model).
+    While loading, 64 kB: by default glibc raises the threshold after the first large free, so the transient
+    copies made while fusing, quantising and packing weights would stay in the heap, and below 1 MB the freed
+    int4 scales of each expert left holes there (+7% resident memory for LFM2-24B-A2B in int4, measured).
     After loading, 32 MB (glibc's own upper limit): activations are then reused from the heap instead of being
     mapped and faulted in afresh at every layer."""
     if not sys.platform.startswith("linux"):
@@ -197,16 +208,59 @@ def configure_threads(device: torch.device) -> None:
             torch.set_num_threads(n)
 
 
-def finish_model(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None,
-                 compile: bool = False, fast: bool = True, native: bool = True) -> Lfm2ForCausalLM:
-    """Runtime tensors, then the fast paths (`lfm2cli.kernels.apply`). `fast=False` keeps the model exactly as
-    loaded: the reference path the tests compare against."""
+def plan_fast_form(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype, *, quantize: str | None,
+                   compile: bool, fast: bool, native: bool) -> Plan:
+    """What `lfm2cli.kernels` will make of the model (see `kernels.plan`), decided before any weight is read."""
+    from lfm2cli import kernels
+
+    configure_threads(device)
+    return kernels.plan(model, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
+
+
+class UnitTracker:
+    """Turns each part of the model (`kernels.units`: an attention, a conv, an MLP or expert, a router) into its
+    fast form as soon as its last tensor is in place, so that a quantised model never exists in full precision:
+    peak memory is the converted parts plus the few being read."""
+
+    def __init__(self, model: Lfm2ForCausalLM, plan: Plan, names: list[str], slots: dict[str, torch.Tensor]
+                 ) -> None:
+        from lfm2cli import kernels
+
+        self.model, self.plan, self.slots = model, plan, slots
+        units = kernels.units(model) if plan.accelerate else {}
+        self.unit_of: dict[str, str] = {}
+        for name in names:
+            parts = name.split(".")
+            unit = next((u for k in range(len(parts) - 1, 0, -1) if (u := ".".join(parts[:k])) in units), None)
+            if unit is not None:
+                self.unit_of[name] = unit
+        self.left: dict[str, list[str]] = {}
+        for name, unit in self.unit_of.items():
+            self.left.setdefault(unit, []).append(name)
+
+    def placed(self, name: str) -> None:
+        from lfm2cli import kernels
+
+        unit = self.unit_of.get(name)
+        if unit is None:
+            return
+        left = self.left[unit]
+        left.remove(name)
+        if not left:
+            kernels.accelerate_unit(self.model, unit, self.plan)
+            for n in (n for n, u in self.unit_of.items() if u == unit):
+                self.slots.pop(n, None)  # the fused buffer goes once its unit has its own form
+
+
+def finish_model(model: Lfm2ForCausalLM, device: torch.device, plan: Plan) -> Lfm2ForCausalLM:
+    """Runtime tensors, then the rest of the fast form (`lfm2cli.kernels.apply`). What the plan skipped, and why,
+    is left in `model.skipped_options` for the caller to tell the user."""
     from lfm2cli import kernels
 
     model.eval()
     model.setup_runtime(device)
-    configure_threads(device)
-    kernels.apply(model, device, quantize=quantize, compile=compile, fast=fast, native=native)
+    kernels.apply(model, plan)
+    model.skipped_options = plan.skipped
     configure_allocator(32 << 20)
     return model
 
@@ -221,7 +275,9 @@ def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.d
     with torch.device("meta"):
         model = Lfm2ForCausalLM(cfg, own_head=own_head)
     wanted = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    slots = fused_slots(model, device, dtype) if fast or quantize or compile else {}
+    plan = plan_fast_form(model, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
+    slots = fused_slots(model, device, dtype) if plan.accelerate else {}
+    units = UnitTracker(model, plan, sorted(wanted), slots)
     for file in weight_files(path):
         tensors, data_start = read_header(file)
         # in file order, so the disk reads sequentially; skip e.g. an lm_head stored next to tied embeddings
@@ -233,10 +289,12 @@ def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.d
             if info.name in slots and info.name not in direct:
                 raw = slots[info.name].copy_(raw)  # converts the dtype / moves to the device
             _assign(model, info.name, raw.to(device=device, dtype=target))
+            del raw
+            units.placed(info.name)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: tensors not loaded: {', '.join(left[:5])}")
-    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast, native=native)
+    return finish_model(model, device, plan)
 
 
 RANDOM_POOL = 1 << 22  # random values generated per model; tensors are tiled from them (fast for 8B models)
@@ -252,7 +310,10 @@ def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, q
     pool = torch.rand(RANDOM_POOL, generator=gen).mul_(2).sub_(1).to(device=device, dtype=dtype)
     with torch.device("meta"):
         model = Lfm2ForCausalLM(cfg)
-    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+    plan = plan_fast_form(model, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    units = UnitTracker(model, plan, [n for n, _ in tensors], {})
+    for name, p in tensors:
         target = torch.float32 if name.endswith(KEEP_FLOAT32) else dtype
         t = torch.empty(p.shape, device=device, dtype=target)
         if name.endswith(KEEP_FLOAT32):
@@ -270,13 +331,16 @@ def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, q
             fan_in = p.shape[-1] if p.dim() > 1 else 1
             t.mul_(3 ** 0.5 / max(fan_in, 1) ** 0.5)
         _assign(model, name, t)
-    return finish_model(model, device, quantize=quantize, compile=compile, fast=fast, native=native)
+        del t
+        units.placed(name)
+    return finish_model(model, device, plan)
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer: bool = True,
-         quantize: str | None = None, compile: bool = False) -> LoadedModel:
-    """Load config, weights and (when present) tokenizer from a checkpoint directory. `quantize="int8"`
-    quantises weights at load time; `compile=True` compiles the decode step with torch.compile."""
+         quantize: str | None = None, compile: bool = False, force: bool = False) -> LoadedModel:
+    """Load config, weights and (when present) tokenizer from a checkpoint directory. `quantize="int8"` or
+    `"int4"` quantises weights at load time; `compile=True` compiles the decode step with torch.compile.
+    Refuses (MemoryLimitError) a model that does not fit in the available memory unless `force`."""
     from lfm2cli.quantize import check_mode
 
     quantize = check_mode(quantize)
@@ -286,10 +350,15 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer:
     cfg = load_config(root)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if not force:
+        from lfm2cli.memory import check_fits
+
+        check_fits(cfg, quantize, dt, dev)
     model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile)
     tok = None
     if tokenizer and (root / "tokenizer.json").is_file():
         from lfm2cli.tokenizer import load_tokenizer
 
         tok = load_tokenizer(root)
-    return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=tok, quantize=quantize)
+    return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=tok, quantize=quantize,
+                       skipped=model.skipped_options)

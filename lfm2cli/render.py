@@ -250,12 +250,6 @@ class MarkdownStream:
         if note:
             self.console.print(Text(note, style="dim"))
 
-    def footer(self, stats: dict) -> None:
-        """Print the dim statistics line for the finished reply."""
-        line = stats_footer(stats)
-        if line:
-            self.console.print(Text(line, style="dim"))
-
 
 class PlainStream:
     """Writes the reply exactly as generated (piped output, --plain); notes and statistics go to `err`."""
@@ -289,13 +283,6 @@ class PlainStream:
             err.write(note + "\n")
             err.flush()
 
-    def footer(self, stats: dict) -> None:
-        line = stats_footer(stats)
-        if line:
-            err = self.err or sys.stderr
-            err.write(line + "\n")
-            err.flush()
-
 
 def stats_footer(stats: dict) -> str:
     """One line such as `42 tokens · 18.3 tok/s · first token 0.21 s`; missing (or None) keys are skipped."""
@@ -317,3 +304,48 @@ def make_stream(console: Console, plain: bool) -> MarkdownStream | PlainStream:
     if plain:
         return PlainStream(console.file)
     return MarkdownStream(console)
+
+
+def print_sections(sections: list[tuple[str, list[tuple[str, str]]]], console: Console | None = None) -> None:
+    """Titled groups of label/value rows as one table (`lfm2 info`, chat's /info)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for n, (title, rows) in enumerate(sections):
+        if n:
+            table.add_section()
+        table.add_row(Text(title, style="bold cyan"), "")
+        for label, value in rows:
+            # Text(), not markup: token strings such as "[PAD]" must print as they are
+            table.add_row(Text("  " + label), Text(value))
+    (console or Console()).print(table)
+
+
+def print_report(lines: list[str], columns: tuple[str, ...], rows: list[tuple[str, ...]], *, plain: bool,
+                 console: Console | None = None, out: TextIO | None = None) -> None:
+    """Summary lines, then a table whose first column is a label and the others numbers (`lfm2 bench`): plain
+    aligned text for pipes (`out`), or a rich table on `console`."""
+    if plain:
+        out = out or sys.stdout
+        for line in lines:
+            print(line, file=out)
+        table = [columns, *rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+        for r in table:
+            print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
+        return
+    from rich import box
+    from rich.table import Table
+
+    console = console or Console()
+    for line in lines:
+        console.print(Text(line))
+    grid = Table(box=box.SIMPLE, pad_edge=False)
+    for i, col in enumerate(columns):
+        grid.add_column(col, justify="left" if i == 0 else "right")
+    for r in rows:
+        grid.add_row(*r)
+    console.print(grid)

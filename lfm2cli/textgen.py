@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lfm2cli.detokenize import StreamingDetokenizer
-from lfm2cli.errors import CheckpointError, GenerationError
+from lfm2cli.errors import CheckpointError
 from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.loading import LoadedModel
 from lfm2cli.sampling import Sampler, SamplingParams
@@ -24,8 +24,6 @@ def require_tokenizer(lm: LoadedModel) -> Any:
 def prompt_ids(lm: LoadedModel, prompt: str, system: str | None = None, raw: bool = False) -> list[int]:
     """Token ids for a one-shot prompt: the model's chat template, or the text as is with `raw`."""
     tok = require_tokenizer(lm)
-    if not prompt.strip():
-        raise GenerationError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
     if raw:
         return tok.encode(prompt, add_special_tokens=True)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]

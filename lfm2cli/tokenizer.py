@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from lfm2cli import chat_template as _chat_template
+from lfm2cli.config import read_json_object
 from lfm2cli.errors import CheckpointError
 
 TEMPLATE_FILE = "chat_template.jinja"
@@ -24,15 +24,8 @@ def token_text(value: Any) -> str | None:
 
 
 def _read_json(file: Path) -> dict:
-    if not file.is_file():
-        return {}
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {file}: {' '.join(str(e).split())}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} should hold a JSON object")
-    return data
+    """A tokenizer side file; a missing one is empty."""
+    return read_json_object(file) if file.is_file() else {}
 
 
 def _templates(directory: Path, config: dict) -> dict[str, str]:

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,23 @@ def endless_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     make_tokenizer(path)
     return path
+
+
+@contextmanager
+def native_at_level(level: str, directory: Path) -> Iterator[None]:
+    """lfm2's native library built and loaded at one ISA level (LFM2_NATIVE_ISA); afterwards the process goes
+    back to the level it would pick itself."""
+    from lfm2cli.kernels import native
+
+    saved = os.environ.get("LFM2_NATIVE_ISA")
+    os.environ["LFM2_NATIVE_ISA"] = level
+    native.reset()
+    try:
+        native.load(directory)
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LFM2_NATIVE_ISA", None)
+        else:
+            os.environ["LFM2_NATIVE_ISA"] = saved
+        native.reset()

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli.bench import bench, decode_bytes, print_plain, random_config
+from lfm2cli.benchmark import COLUMNS, bench, decode_bytes, random_config, rows, summary
 from lfm2cli.checkpoint import parameter_counts
 from lfm2cli.errors import UsageError
 from lfm2cli.loading import load
+from lfm2cli.render import print_report
 
 RUN_FIELDS = {"prompt_tokens", "gen_tokens", "repeat", "prefill_tps", "decode_tps", "ttft_s",
               "ceiling_tps", "decode_fraction_of_ceiling"}
@@ -81,7 +82,7 @@ def test_bench_in_process_repeated_prompt_options(dense_ckpt: Path) -> None:
     from io import StringIO
 
     out = StringIO()
-    print_plain(result, out)
+    print_report(summary(result), COLUMNS, rows(result), plain=True, out=out)
     assert "median (min-max)" in out.getvalue()
     with pytest.raises(UsageError):
         bench(str(dense_ckpt), gen_tokens=1)
@@ -108,8 +109,8 @@ def test_decode_bytes_counts_active_weights(ckpt: str, fast: bool, request: pyte
     cfg = load_config(path)
     model = load_model(path, cfg, torch.device("cpu"), torch.bfloat16, fast=fast)
     _, active = parameter_counts(cfg)
-    # MoE routing biases are counted as parameters but kept in float32: 2 more bytes each
-    extra = sum(b.numel() * (b.element_size() - 2) for b in model.buffers())
+    # MoE routing biases are buffers, not parameters, and are read too (float32)
+    extra = sum(b.numel() * b.element_size() for b in model.buffers())
     assert decode_bytes(model) == active * 2 + cfg.hidden_size * 2 + extra
 
 
@@ -125,7 +126,7 @@ def test_bench_loaded_model_unchanged(dense_ckpt: Path) -> None:
     """Bench uses the same loader as generate: the model answers the same after a bench run."""
     model = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
     before = model(torch.tensor([[1, 2, 3]]))
-    from lfm2cli.bench import run_bench
+    from lfm2cli.benchmark import run_bench
 
     runs, _ = run_bench(model, [4], 3, 1, bytes_per_token=1000, bandwidth=1e5)
     assert runs[0].prompt_tokens == 4 and runs[0].decode_tps.median > 0
@@ -134,7 +135,7 @@ def test_bench_loaded_model_unchanged(dense_ckpt: Path) -> None:
 
 def test_each_run_is_set_against_the_bandwidth_measured_next_to_it(dense_ckpt: Path) -> None:
     """On a shared host the bandwidth moves between runs: each run's share of the ceiling uses its own probe."""
-    from lfm2cli.bench import run_bench
+    from lfm2cli.benchmark import run_bench
 
     model = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
     probes = iter([1e6, 4e6, 1e6, 4e6])
@@ -150,7 +151,7 @@ def test_each_run_is_set_against_the_bandwidth_measured_next_to_it(dense_ckpt: P
 def test_the_probe_reads_the_embedding_table_only_when_no_cache_holds_it(dense_ckpt: Path) -> None:
     from types import SimpleNamespace
 
-    from lfm2cli.bench import PROBE_MIN_BYTES, bandwidth_probe
+    from lfm2cli.benchmark import PROBE_MIN_BYTES, bandwidth_probe
 
     small = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False).model
     assert bandwidth_probe(small) is None  # the tiny table sits in a cache: bench keeps its first measurement

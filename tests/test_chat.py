@@ -19,15 +19,15 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 from typer.testing import CliRunner
 
-from lfm2cli.chat import ChatSession, ContextFullError, common_prefix
-from lfm2cli.chat_commands import ChatLoop, ChatUI, completions
-from lfm2cli.chat_input import ChatInput
+from lfm2cli.chat.input import ChatInput
+from lfm2cli.chat.repl import ChatLoop, ChatUI, completions
+from lfm2cli.chat.session import ChatSession, ContextFullError, common_prefix
 from lfm2cli.cli import app
 from lfm2cli.errors import UsageError
 from lfm2cli.generation import prefill
-from lfm2cli.history import HistoryStore
 from lfm2cli.loading import LoadedModel, load
 from lfm2cli.sampling import SamplingParams
+from lfm2cli.store.conversations import HistoryStore
 
 runner = CliRunner()
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)

@@ -10,7 +10,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
-from lfm2cli.chat_input import ChatInput, LineInput, SlashCompleter
+from lfm2cli.chat.input import ChatInput, LineInput, SlashCompleter
 
 COMMANDS = {"/help": "show the commands", "/exit": "leave the chat", "history": "past chats", "/reset": "new"}
 ENTER = "\r"

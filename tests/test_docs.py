@@ -30,3 +30,35 @@ def test_cli_reference_lists_every_command_and_option() -> None:
                 if opt.startswith("-") and f"`{opt}" not in text and f" {opt}" not in text:
                     missing.append(f"{' '.join(path) or 'lfm2'} {opt}")
     assert not missing, f"docs/cli.md is out of date (regenerate it, see its header): {missing}"
+
+
+MAP = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
+PACKAGE = Path(__file__).resolve().parents[1] / "lfm2cli"
+
+
+def test_module_map_matches_the_tree() -> None:
+    """Every module in docs/architecture.md's map exists, and every module with code is in the map once."""
+    import ast
+    import re
+
+    text = MAP.read_text(encoding="utf-8")
+    table = text[text.index("## Module map"):]
+    table = table[:table.index("\n## ", 4)]
+    listed: list[str] = []
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            first = line.split("|")[1]
+            listed += re.findall(r"`([\w/]+(?:\.py|/))`", first)
+    assert len(listed) == len(set(listed)), "a module is listed twice"
+    missing = [m for m in listed if not (PACKAGE / m).exists()]
+    assert not missing, f"listed in the map but not in the tree: {missing}"
+    unlisted = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel == "__main__.py" or any(rel.startswith(d) for d in listed if d.endswith("/")):
+            continue
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        only_docstring = path.name == "__init__.py" and all(isinstance(n, ast.Expr) for n in body)
+        if rel not in listed and not only_docstring:
+            unlisted.append(rel)
+    assert not unlisted, f"modules missing from docs/architecture.md's map: {unlisted}"

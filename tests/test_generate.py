@@ -111,6 +111,14 @@ def test_cli_errors_are_one_line(chat_ckpt: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2
 
 
+def test_options_the_loader_skips_are_noted_on_stderr(chat_moe_ckpt: Path) -> None:
+    """The library returns why it skipped --compile (MoE has no compiled step); the command says so on stderr."""
+    r = lfm2("generate", str(chat_moe_ckpt), "--prompt", "hi", "-n", "2", "--compile", "--dtype", "float32",
+             stdin="")
+    assert r.returncode == 0, r.stderr
+    assert "note: --compile ignored:" in r.stderr and "--compile" not in r.stdout
+
+
 @pytest.mark.slow
 def test_piped_stdin_and_plain_stdout(chat_ckpt: Path) -> None:
     r = subprocess.run(f"echo 'some notes' | {sys.executable} -m lfm2cli generate {chat_ckpt} "

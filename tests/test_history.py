@@ -1,4 +1,4 @@
-"""The chat history store (lfm2cli.history) and the `lfm2 history` commands."""
+"""The chat history store (lfm2cli.store.conversations) and the `lfm2 history` commands."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from lfm2cli.cli import app
 from lfm2cli.errors import UsageError
-from lfm2cli.history import (
+from lfm2cli.store.conversations import (
     MIGRATIONS,
     SCHEMA_VERSION,
     HistoryError,
@@ -105,7 +105,7 @@ def test_streaming_updates_are_visible_to_other_connections(tmp_path: Path) -> N
 
 
 def test_update_from_another_thread(store: HistoryStore) -> None:
-    # the chat streams on a worker thread and writes from there
+    # a store may be shared by threads (a server's workers): each statement runs under its lock
     conv = store.create_conversation("m")
     msg = store.add_message(conv.id, "assistant", "")
     worker = threading.Thread(target=lambda: store.update_message(msg, content="from a thread"))
@@ -117,7 +117,7 @@ def test_update_from_another_thread(store: HistoryStore) -> None:
 _STREAM_AND_WAIT = """
 import sys, time
 from pathlib import Path
-from lfm2cli.history import HistoryStore
+from lfm2cli.store.conversations import HistoryStore
 s = HistoryStore(Path(sys.argv[1]))
 conv = s.create_conversation("m")
 msg = s.add_message(conv.id, "assistant", "")
@@ -316,7 +316,7 @@ def test_file_that_is_not_a_database(tmp_path: Path) -> None:
 _APPEND = """
 import sys, time
 from pathlib import Path
-from lfm2cli.history import HistoryStore
+from lfm2cli.store.conversations import HistoryStore
 db, shared, tag, ready, go = sys.argv[1:6]
 with HistoryStore(Path(db)) as s:
     own = s.create_conversation("m", title=tag)
@@ -331,7 +331,7 @@ with HistoryStore(Path(db)) as s:
 _OPEN_FRESH = """
 import sys, time
 from pathlib import Path
-from lfm2cli.history import HistoryStore
+from lfm2cli.store.conversations import HistoryStore
 db, tag, ready, go = sys.argv[1:5]
 Path(ready).touch()
 while not Path(go).exists():

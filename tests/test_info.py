@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 from lfm2cli.checkpoint import expected_tensors, read_all_headers
 from lfm2cli.cli import app, main
 from lfm2cli.config import parse_config
-from lfm2cli.describe import describe, human_bytes, human_count, plain_lines
+from lfm2cli.describe import describe, plain_lines
 from lfm2cli.errors import Lfm2Error
+from lfm2cli.formatting import human_bytes, human_count
 from tests.tiny import edit_config, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,6 +92,7 @@ def test_dense_description_matches_headers_and_config(dense_ckpt: Path) -> None:
 def test_moe_description_counts_active_experts(moe_ckpt: Path) -> None:
     d = describe(moe_ckpt)
     numels = _numels(moe_ckpt)
+    numels = {k: v for k, v in numels.items() if not k.endswith("expert_bias")}  # a buffer, not a parameter
     total = sum(numels.values())
     experts = sum(n for name, n in numels.items() if ".experts." in name)
     active = total - experts + experts * 2 // 8  # top-2 of 8 experts
@@ -107,9 +109,19 @@ def test_moe_description_counts_active_experts(moe_ckpt: Path) -> None:
     }
     mem = d["memory"]
     assert mem["active_weights_bf16_bytes_per_token"] == active * 2
-    assert mem["active_weights_stored_bytes_per_token"] == active * 4
+    bias = sum(t.end - t.start for n, t in headers.items() if n.endswith("expert_bias"))  # read, not parameters
+    assert mem["active_weights_stored_bytes_per_token"] == active * 4 + bias
     assert mem["kv_cache_bf16_bytes_per_1000_tokens"] == 1 * 2 * 2 * 16 * 2 * 1000
     assert mem["conv_state_bf16_bytes"] == 3 * 64 * (3 - 1) * 2
+
+
+def test_parameter_count_is_what_transformers_counts(moe_ckpt: Path) -> None:
+    """`expert_bias` is a buffer in transformers, so `num_parameters()` leaves it out, and so does `info`."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(moe_ckpt)
+    assert any(n.endswith("expert_bias") for n, _ in ref.named_buffers())
+    assert describe(moe_ckpt)["parameters"]["total"] == ref.num_parameters()
 
 
 def test_sharded_checkpoint(sharded_ckpt: Path) -> None:
@@ -147,6 +159,11 @@ def test_tokens_and_chat_template(dense_ckpt: Path, tmp_path: Path) -> None:
     assert tok["eos_token"] == "<|im_end|>"  # tokenizer_config.json wins over special_tokens_map.json
     assert tok["pad_token"] == "<|pad|>"
     assert tok["chat_template"] is True and tok["chat_template_source"] == "tokenizer_config.json"
+    # chat_template.json belongs to processors: the tokenizer never reads it, so neither does info
+    (root / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (root / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    assert describe(root)["tokens"]["chat_template"] is False
+    (root / "chat_template.json").unlink()
     (root / "chat_template.jinja").write_text("{{ messages }}")
     d = describe(root)
     assert d["tokens"]["chat_template_source"] == "chat_template.jinja"
@@ -196,16 +213,18 @@ def test_table_rendering(dense_ckpt: Path) -> None:
     """The terminal table shows every section and value; token text is never read as rich markup."""
     from rich.console import Console
 
-    from lfm2cli.commands import info as info_cmd
+    from lfm2cli.describe import sections
+    from lfm2cli.render import print_sections
 
     d = describe(dense_ckpt)
     d["tokens"]["pad_token"] = "[PAD]"
     console = Console(record=True, width=100, force_terminal=True)
-    info_cmd.print_table(d, console)
+    print_sections(sections(d), console)
     text = console.export_text()
     for section in ("Model", "Layers", "Attention", "Feed-forward", "Tokens", "Files", "Memory"):
         assert section in text
     assert "[PAD] (id 0)" in text and "CACA" in text and "KV cache per 1,000 tokens" in text
+    assert "to run, --quantize int4" in text
 
 
 def _sparse_checkpoint(root: Path, raw: dict) -> Path:

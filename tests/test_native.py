@@ -21,6 +21,7 @@ from lfm2cli.kernels.proj import Proj
 from lfm2cli.loading import load, load_model
 from lfm2cli.model.layers import RMSNorm, apply_rope, decode_attention, rope_cos_sin
 from lfm2cli.quantize import quantize_int8
+from tests.conftest import native_at_level
 
 CPU = torch.device("cpu")
 
@@ -29,20 +30,10 @@ CPU = torch.device("cpu")
 def library(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """The library built and loaded at one ISA level this CPU executes (each test runs at every such level);
     afterwards the process goes back to the level it would pick itself."""
-    saved = os.environ.get("LFM2_NATIVE_ISA")
-    os.environ["LFM2_NATIVE_ISA"] = request.param
-    native.reset()
-    try:
-        native.load(tmp_path_factory.mktemp("kernels"))
+    with native_at_level(request.param, tmp_path_factory.mktemp("kernels")):
         if native._lib is None:
             pytest.skip(f"native code {native.why_not()}")
         yield request.param
-    finally:
-        if saved is None:
-            os.environ.pop("LFM2_NATIVE_ISA", None)
-        else:
-            os.environ["LFM2_NATIVE_ISA"] = saved
-        native.reset()
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +110,19 @@ def test_packing_in_place_equals_packing_a_copy(kernel: None, dtype: torch.dtype
     assert torch.equal(native.pack(odd, in_place=True), native.pack(before)) and torch.equal(odd, before)
 
 
+def test_native_int8_quantisation_equals_torch(kernel: None) -> None:
+    """Loading quantises with the native code: the same bytes as lfm2cli.quantize's torch definition, also for
+    zero rows, ties at .5 and odd widths."""
+    from lfm2cli.quantize import quantize_int8
+
+    g = torch.Generator().manual_seed(11)
+    w = (torch.randn(67, 100, generator=g) * torch.rand(67, 1, generator=g) * 50).to(torch.bfloat16)
+    w[3] = 0
+    w[5, :4] = torch.tensor([127.0, 0.5, -1.5, 2.5])  # scale 1: exact halves must round to even as torch does
+    for got, want in zip(native.quantize_int8(w), quantize_int8(w), strict=True):
+        assert torch.equal(got, want)
+
+
 def test_inputs_of_any_layout_and_leading_shape(kernel: None) -> None:
     g = torch.Generator().manual_seed(5)
     w = torch.randn(96, 64, generator=g).bfloat16()
@@ -140,13 +144,13 @@ def test_proj_switches_to_the_native_form(kernel: None) -> None:
     assert bf16_close(p(x), x.float() @ w.float().t())
     assert torch.equal(with_bias(x), p(x) + b)
     q = Proj(w.clone())
-    q.quantize_int8()
+    q.quantize("int8")
     q.to_native()
     assert q.kind == "int8-native" and q.qweight is None
     odd = Proj(torch.randn(16, 33, generator=g).bfloat16())
     assert not odd.can_native()  # inputs come in pairs: odd widths keep torch's kernels
     int8_pairs = Proj(torch.randn(16, 34, generator=g).bfloat16())
-    int8_pairs.quantize_int8()
+    int8_pairs.quantize("int8")
     assert not int8_pairs.can_native()  # int8 inputs come in fours
 
 
@@ -322,9 +326,10 @@ def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dens
 def test_compile_is_ignored_where_the_native_code_runs(kernel: None, dense_ckpt: Path,
                                                        capfd: pytest.CaptureFixture) -> None:
     """The native step decodes faster than the compiled one and compiles nothing: --compile gives way to it."""
-    model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False, compile=True).model
-    assert isinstance(model.step, NativeDecoder)
-    assert "--compile ignored: lfm2's native CPU code" in capfd.readouterr().err
+    lm = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False, compile=True)
+    assert isinstance(lm.model.step, NativeDecoder)
+    assert lm.skipped == {"compile": "lfm2's native CPU code runs this model faster"}
+    assert capfd.readouterr().err == ""
 
 
 def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path) -> None:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lfm2cli import hub as lfm2hub
-from lfm2cli import model_cache
 from lfm2cli.cli import app
+from lfm2cli.commands.confirm import ask_yes_no
 from lfm2cli.errors import CheckpointError, HubError, UsageError
+from lfm2cli.hub import download, local, names
+from lfm2cli.hub.progress import LineProgress, RichProgress
 from tests.hub_server import FakeHub
 
 REPO = "test-org/tiny-lfm2"
@@ -48,12 +49,12 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_hub: FakeHub) -> d
     # tests, and let them reach the fake hub when the user runs the suite with HF_HUB_OFFLINE=1 exported
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(lfm2hub, "RETRY_DELAY", 0.0)
+    monkeypatch.setattr(download, "RETRY_DELAY", 0.0)
     return values
 
 
-def quiet() -> lfm2hub.LineProgress:
-    return lfm2hub.LineProgress(io.StringIO())
+def quiet() -> LineProgress:
+    return LineProgress(io.StringIO())
 
 
 def run_cli(args: list[str], env_vars: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -67,13 +68,13 @@ def run_cli(args: list[str], env_vars: dict[str, str]) -> subprocess.CompletedPr
 # ---- pull ----
 
 def test_full_pull_downloads_only_needed_files_and_verifies(env, fake_hub, dense_ckpt):
-    result = lfm2hub.pull_model(REPO, progress=quiet())
+    result = download.pull_model(REPO, progress=quiet())
     assert result.source == "downloaded"
     files = sorted(p.name for p in result.path.iterdir())
     assert files == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]
     assert (result.path / "model.safetensors").read_bytes() == (dense_ckpt / "model.safetensors").read_bytes()
-    assert result.path == model_cache.find_cached(REPO)
+    assert result.path == local.find_cached(REPO)
     assert result.path.is_relative_to(Path(env["LFM2_CACHE"]))
     assert not any(r.path.endswith(("README.md", "model.onnx")) for r in fake_hub.log)
 
@@ -81,7 +82,7 @@ def test_full_pull_downloads_only_needed_files_and_verifies(env, fake_hub, dense
 def test_pull_cut_mid_file_resumes_with_range_in_the_same_run(env, fake_hub, dense_ckpt):
     size = (dense_ckpt / "model.safetensors").stat().st_size
     fake_hub.cut["model.safetensors"] = 10_000
-    path = lfm2hub.pull_model(REPO, progress=quiet()).path
+    path = download.pull_model(REPO, progress=quiet()).path
     gets = fake_hub.requests("GET", file="model.safetensors")
     assert [g.headers.get("range") for g in gets if g.path.startswith("/cdn/")] == [None, "bytes=10000-"]
     assert fake_hub.file_bytes["model.safetensors"] == size  # nothing was sent twice
@@ -92,15 +93,15 @@ def test_pull_interrupted_then_resumed_by_the_next_pull(env, fake_hub, dense_ckp
     fake_hub.cut["model.safetensors"] = 123_456
     fake_hub.after_cut = 503  # the first run cannot continue: it must fail and leave its partial file
     with pytest.raises(HubError, match="run the same command again to resume"):
-        lfm2hub.pull_model(REPO, progress=quiet())
+        download.pull_model(REPO, progress=quiet())
     commit = fake_hub.repos[REPO].refs["main"]
-    partial = model_cache.snapshot_dir(REPO, commit) / "model.safetensors.incomplete"
+    partial = local.snapshot_dir(REPO, commit) / "model.safetensors.incomplete"
     assert partial.stat().st_size == 123_456
-    assert model_cache.find_cached(REPO) is None  # an incomplete model is never used
+    assert local.find_cached(REPO) is None  # an incomplete model is never used
 
     fake_hub.fail.clear()
     fake_hub.reset_log()
-    path = lfm2hub.pull_model(REPO, progress=quiet()).path
+    path = download.pull_model(REPO, progress=quiet()).path
     content = [g for g in fake_hub.requests("GET", file="model.safetensors") if g.path.startswith("/cdn/")]
     assert [g.headers.get("range") for g in content] == ["bytes=123456-"]
     assert (path / "model.safetensors").read_bytes() == (dense_ckpt / "model.safetensors").read_bytes()
@@ -108,37 +109,37 @@ def test_pull_interrupted_then_resumed_by_the_next_pull(env, fake_hub, dense_ckp
 
 
 def test_second_pull_transfers_nothing(env, fake_hub):
-    lfm2hub.pull_model(REPO, progress=quiet())
+    download.pull_model(REPO, progress=quiet())
     fake_hub.reset_log()
-    result = lfm2hub.pull_model(REPO, progress=quiet())
+    result = download.pull_model(REPO, progress=quiet())
     assert result.source == "up to date" and result.downloaded == 0
     assert fake_hub.downloads() == [] and sum(fake_hub.file_bytes.values()) == 0
     assert all(r.path.startswith("/api/") for r in fake_hub.log)
 
 
 def test_pull_of_a_moved_branch_fetches_the_new_commit_and_drops_the_old(env, fake_hub, dense_ckpt):
-    old = lfm2hub.pull_model(REPO, progress=quiet()).path
+    old = download.pull_model(REPO, progress=quiet()).path
     new_commit = fake_hub.add_repo(REPO, {**EXTRA, "tokenizer.json": b'{"version": "2.0"}'}, source=dense_ckpt)
-    new = lfm2hub.pull_model(REPO, progress=quiet()).path
+    new = download.pull_model(REPO, progress=quiet()).path
     assert new.name == new_commit and not old.exists()
-    assert model_cache.find_cached(REPO) == new
+    assert local.find_cached(REPO) == new
 
 
 def test_pull_revision_is_resolved_by_that_revision_only(env, fake_hub, dense_ckpt):
     tag_commit = fake_hub.add_repo(REPO, {**EXTRA, "tokenizer.json": b"{}"}, source=dense_ckpt, branch="v1")
-    path = lfm2hub.pull_model(REPO, revision="v1", progress=quiet()).path
+    path = download.pull_model(REPO, revision="v1", progress=quiet()).path
     assert path.name == tag_commit
-    assert lfm2hub.resolve_model(REPO, revision="v1") == path
-    assert lfm2hub.resolve_model(REPO, revision=tag_commit) == path
+    assert names.resolve_model(REPO, revision="v1") == path
+    assert names.resolve_model(REPO, revision=tag_commit) == path
     with pytest.raises(HubError, match="not downloaded"):
-        lfm2hub.resolve_model(REPO)  # main was never pulled
+        names.resolve_model(REPO)  # main was never pulled
 
 
 def test_not_an_lfm2_checkpoint_is_refused_before_the_weights(env, fake_hub):
     config = json.dumps({"model_type": "llama", "hidden_size": 8}).encode()
     fake_hub.add_repo("test-org/llama", {"config.json": config, "model.safetensors": b"x" * 1000})
     with pytest.raises(HubError, match=r"not an LFM2 checkpoint \(model_type 'llama'\).*lfm2_moe"):
-        lfm2hub.pull_model("test-org/llama", progress=quiet())
+        download.pull_model("test-org/llama", progress=quiet())
     assert fake_hub.requests("GET", file="model.safetensors") == []
 
 
@@ -150,29 +151,29 @@ def test_checkpoint_missing_tensors_is_not_reported_as_success(env, fake_hub, de
              "model.safetensors": (dense_ckpt / "model.safetensors").read_bytes()}
     fake_hub.add_repo("test-org/broken", files)
     with pytest.raises(CheckpointError, match=r"missing: model\.layers\.4\."):
-        lfm2hub.pull_model("test-org/broken", progress=quiet())
-    assert model_cache.find_cached("test-org/broken") is None
+        download.pull_model("test-org/broken", progress=quiet())
+    assert local.find_cached("test-org/broken") is None
 
 
 def test_repo_without_safetensors_says_so(env, fake_hub):
     fake_hub.add_repo("test-org/gguf", {"config.json": b'{"model_type": "lfm2"}', "model.gguf": b"x"})
     with pytest.raises(HubError, match="no safetensors weights"):
-        lfm2hub.pull_model("test-org/gguf", progress=quiet())
+        download.pull_model("test-org/gguf", progress=quiet())
 
 
 def test_gated_repo_needs_a_token(env, fake_hub, dense_ckpt, monkeypatch):
     fake_hub.add_repo("test-org/gated", EXTRA, source=dense_ckpt, gated=True)
     fake_hub.token = "hf_secret"
     with pytest.raises(HubError, match=r"is gated: accept its terms at .*(HF_TOKEN|hf auth login)"):
-        lfm2hub.pull_model("test-org/gated", progress=quiet())
+        download.pull_model("test-org/gated", progress=quiet())
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    assert lfm2hub.pull_model("test-org/gated", progress=quiet()).source == "downloaded"
+    assert download.pull_model("test-org/gated", progress=quiet()).source == "downloaded"
     assert fake_hub.requests("GET", file="config.json")[-1].headers["authorization"] == "Bearer hf_secret"
 
 
 def test_disk_full_is_one_clear_line():
     with pytest.raises(HubError, match="disk full while downloading x/y; free some space"):
-        with lfm2hub._explained("x/y", None):
+        with download._explained("x/y", None):
             raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -180,17 +181,17 @@ def test_rich_progress_bar_renders_the_whole_download(env, fake_hub):
     from rich.console import Console
 
     out = io.StringIO()
-    progress = lfm2hub.RichProgress(Console(file=out, force_terminal=True, width=120))
-    lfm2hub.pull_model(REPO, progress=progress)
+    progress = RichProgress(Console(file=out, force_terminal=True, width=120))
+    download.pull_model(REPO, progress=progress)
     assert REPO in out.getvalue() and "566.3" in out.getvalue()  # total bytes of the served files
 
 
 def test_plain_progress_lines(env, fake_hub):
     progress = quiet()
-    lfm2hub.pull_model(REPO, progress=progress)
+    download.pull_model(REPO, progress=progress)
     text = progress.stream.getvalue()
-    assert text.startswith(f"pulling {REPO}: 566.3 kB to download\n")
-    assert "  model.safetensors (565.2 kB)\n" in text and "100% (566.3 kB of 566.3 kB)" in text
+    assert text.startswith(f"pulling {REPO}: 566 kB to download\n")
+    assert "  model.safetensors (565 kB)\n" in text and "100% (566 kB of 566 kB)" in text
 
 
 # ---- errors through the real CLI (one line, exit code 1, no traceback) ----
@@ -226,56 +227,59 @@ def test_cli_pull_prints_the_path(env, fake_hub):
     r = run_cli(["pull", REPO], env)
     assert r.returncode == 0, r.stderr
     path = Path(r.stdout.strip())
-    assert path == model_cache.find_cached(REPO) and (path / "model.safetensors").is_file()
+    assert path == local.find_cached(REPO) and (path / "model.safetensors").is_file()
     assert f"{REPO} (main = " in r.stderr and "is ready" in r.stderr
 
 
 # ---- resolution ----
 
 def test_resolve_uses_the_cache_without_any_request(env, fake_hub):
-    path = lfm2hub.pull_model(REPO, progress=quiet()).path
+    path = download.pull_model(REPO, progress=quiet()).path
     fake_hub.reset_log()
-    assert lfm2hub.resolve_model(REPO) == path
-    assert lfm2hub.resolve_model(REPO, pull=True) == path
+    assert names.resolve_model(REPO) == path
+    assert names.resolve_model(REPO, pull=True) == path
     assert fake_hub.log == []
 
 
 def test_offline_resolution_works_with_no_server(env, fake_hub):
-    path = lfm2hub.pull_model(REPO, progress=quiet()).path
+    path = download.pull_model(REPO, progress=quiet()).path
     fake_hub.stop()
-    assert lfm2hub.resolve_model(REPO) == path
-    assert lfm2hub.resolve_model(REPO, offline=True) == path
+    assert names.resolve_model(REPO) == path
+    assert names.resolve_model(REPO, offline=True) == path
     r = run_cli(["list"], {**env, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0 and r.stdout.startswith(f"{REPO}\tmain\t")
 
 
 def test_offline_missing_model_never_touches_the_network(env, fake_hub, monkeypatch):
     with pytest.raises(HubError, match="not downloaded and offline mode is on; run `lfm2 pull test-org/other`"):
-        lfm2hub.resolve_model("test-org/other", offline=True, pull=True)
+        names.resolve_model("test-org/other", offline=True, pull=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError, match="offline mode is on"):
-        lfm2hub.resolve_model(REPO, pull=True)
+        names.resolve_model(REPO, pull=True)
     with pytest.raises(HubError, match="offline mode is on"):
-        lfm2hub.pull_model(REPO)
+        download.pull_model(REPO)
     assert fake_hub.log == []
 
 
 def test_missing_model_without_pull_says_how_to_get_it(env, fake_hub):
     with pytest.raises(HubError, match=rf"{REPO} is not downloaded yet; run: lfm2 pull {REPO} \(or pass --pull\)"):
-        lfm2hub.resolve_model(REPO)
+        names.resolve_model(REPO)
     assert fake_hub.log == []
-    path = lfm2hub.resolve_model(REPO, pull=True, progress=quiet())
-    assert path == model_cache.find_cached(REPO)
+    path = names.resolve_model(REPO, pull=True, progress=quiet())
+    assert path == local.find_cached(REPO)
 
 
 def test_interactive_resolution_asks_first(env, fake_hub, monkeypatch, capsys):
+    def ask(question: str) -> bool:
+        return ask_yes_no(question, default=True)
+
     monkeypatch.setattr(sys, "stdin", io.StringIO("n\n"))
     with pytest.raises(HubError, match="was not downloaded"):
-        lfm2hub.resolve_model(REPO, interactive=True, progress=quiet())
-    assert f"Download {REPO} (566.3 kB)? [Y/n]" in capsys.readouterr().err
+        names.resolve_model(REPO, confirm=ask, progress=quiet())
+    assert f"Download {REPO} (566 kB)? [Y/n]" in capsys.readouterr().err
     assert fake_hub.downloads() == []
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n"))  # Enter means yes
-    assert lfm2hub.resolve_model(REPO, interactive=True, progress=quiet()) == model_cache.find_cached(REPO)
+    assert names.resolve_model(REPO, confirm=ask, progress=quiet()) == local.find_cached(REPO)
 
 
 def test_model_in_the_standard_hf_cache_is_reused(env, fake_hub):
@@ -284,26 +288,26 @@ def test_model_in_the_standard_hf_cache_is_reused(env, fake_hub):
     hf_cache = Path(env["HF_HOME"]) / "hub"
     hf_path = Path(snapshot_download(REPO, cache_dir=hf_cache, endpoint=fake_hub.url))
     fake_hub.reset_log()
-    assert lfm2hub.resolve_model(REPO) == hf_path
+    assert names.resolve_model(REPO) == hf_path
     assert fake_hub.log == []
-    result = lfm2hub.pull_model(REPO, progress=quiet())  # pull asks which commit main is, then downloads nothing
+    result = download.pull_model(REPO, progress=quiet())  # pull asks which commit main is, then downloads nothing
     assert result.source == "hf cache" and result.path == hf_path
     assert fake_hub.downloads() == []
-    assert not model_cache.model_dir(REPO).exists()
+    assert not local.model_dir(REPO).exists()
 
 
 def test_names_aliases_and_directories(dense_ckpt, tmp_path):
-    assert lfm2hub.repo_id_for(None) == "LiquidAI/LFM2-350M"
-    assert lfm2hub.repo_id_for("lfm2-1.2b") == "LiquidAI/LFM2-1.2B"
-    assert lfm2hub.repo_id_for("LFM2-8B-A1B") == "LiquidAI/LFM2-8B-A1B"
-    assert lfm2hub.repo_id_for("lfm2.5-1.2b-instruct") == "LiquidAI/LFM2.5-1.2B-Instruct"
-    assert lfm2hub.repo_id_for("liquidai/lfm2-700m") == "LiquidAI/LFM2-700M"
-    assert lfm2hub.repo_id_for("someone/their-model") == "someone/their-model"
+    assert names.repo_id_for(None) == "LiquidAI/LFM2-350M"
+    assert names.repo_id_for("lfm2-1.2b") == "LiquidAI/LFM2-1.2B"
+    assert names.repo_id_for("LFM2-8B-A1B") == "LiquidAI/LFM2-8B-A1B"
+    assert names.repo_id_for("lfm2.5-1.2b-instruct") == "LiquidAI/LFM2.5-1.2B-Instruct"
+    assert names.repo_id_for("liquidai/lfm2-700m") == "LiquidAI/LFM2-700M"
+    assert names.repo_id_for("someone/their-model") == "someone/their-model"
     with pytest.raises(UsageError, match="not a local directory, a hub repo id"):
-        lfm2hub.repo_id_for("no spaces allowed")
-    assert lfm2hub.resolve_model(str(dense_ckpt)) == dense_ckpt
+        names.repo_id_for("no spaces allowed")
+    assert names.resolve_model(str(dense_ckpt)) == dense_ckpt
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        lfm2hub.resolve_model(str(tmp_path / "missing"))
+        names.resolve_model(str(tmp_path / "missing"))
 
 
 # ---- list and rm ----
@@ -312,11 +316,11 @@ def test_list_shows_models_and_last_use(env, fake_hub):
     runner = CliRunner()
     empty = runner.invoke(app, ["list"])
     assert empty.exit_code == 0 and empty.stdout == ""
-    path = lfm2hub.pull_model(REPO, progress=quiet()).path
+    path = download.pull_model(REPO, progress=quiet()).path
     size = sum(f.stat().st_size for f in path.iterdir())
     lines = runner.invoke(app, ["list"]).stdout.splitlines()
     assert lines == [f"{REPO}\tmain\t{size}\tLFM2\tnever"]
-    lfm2hub.resolve_model(REPO)
+    names.resolve_model(REPO)
     fields = runner.invoke(app, ["list"]).stdout.strip().split("\t")
     assert fields[:4] == [REPO, "main", str(size), "LFM2"] and fields[4][:2] == "20"  # an ISO date
 
@@ -325,20 +329,20 @@ def test_list_shows_an_interrupted_download(env, fake_hub):
     fake_hub.cut["model.safetensors"] = 1000
     fake_hub.after_cut = 503
     with pytest.raises(HubError):
-        lfm2hub.pull_model(REPO, progress=quiet())
+        download.pull_model(REPO, progress=quiet())
     out = CliRunner().invoke(app, ["list"]).stdout
     assert out.startswith(f"{REPO}\t") and "(incomplete)" in out
 
 
 def test_rm_asks_for_yes_when_not_interactive(env, fake_hub):
-    lfm2hub.pull_model(REPO, progress=quiet())
+    download.pull_model(REPO, progress=quiet())
     runner = CliRunner()
     refused = runner.invoke(app, ["rm", REPO])
     assert isinstance(refused.exception, UsageError) and "--yes" in str(refused.exception)
-    assert model_cache.find_cached(REPO) is not None
+    assert local.find_cached(REPO) is not None
     done = runner.invoke(app, ["rm", REPO, "--yes"])
     assert done.exit_code == 0, done.output
-    assert not model_cache.model_dir(REPO).exists()
+    assert not local.model_dir(REPO).exists()
     assert runner.invoke(app, ["list"]).stdout == ""
     missing = runner.invoke(app, ["rm", REPO, "--yes"])
     assert isinstance(missing.exception, HubError) and "not in the lfm2 cache" in str(missing.exception)
@@ -356,8 +360,8 @@ def test_cache_dir_option_overrides_the_environment(env, fake_hub, tmp_path):
 
 def test_yes_no_question():
     out = io.StringIO()
-    assert lfm2hub.ask_yes_no("Go?", True, io.StringIO("\n"), out) is True
+    assert ask_yes_no("Go?", True, io.StringIO("\n"), out) is True
     assert out.getvalue() == "Go? [Y/n] "
-    assert lfm2hub.ask_yes_no("Go?", False, io.StringIO("\n"), io.StringIO()) is False
-    assert lfm2hub.ask_yes_no("Go?", False, io.StringIO("YES\n"), io.StringIO()) is True
-    assert lfm2hub.ask_yes_no("Go?", True, io.StringIO(""), io.StringIO()) is False  # end of input
+    assert ask_yes_no("Go?", False, io.StringIO("\n"), io.StringIO()) is False
+    assert ask_yes_no("Go?", False, io.StringIO("YES\n"), io.StringIO()) is True
+    assert ask_yes_no("Go?", True, io.StringIO(""), io.StringIO()) is False  # end of input

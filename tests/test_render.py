@@ -243,9 +243,7 @@ def test_plain_stream_writes_the_text_exactly(chunk):
     assert out.getvalue() == text
     stream.finish()
     assert out.getvalue() == text + "\n"  # the prompt that follows starts on its own line
-    stream.footer({"generated_tokens": 3})
-    assert out.getvalue() == text + "\n"
-    assert err.getvalue() == "3 tokens\n"
+    assert err.getvalue() == ""
 
 
 def test_plain_stream_does_not_add_a_second_newline_and_notes_go_to_stderr():
@@ -264,14 +262,6 @@ def test_stats_footer():
     assert stats_footer({"decode_tps": 7, "ttft_s": None}) == "7.0 tok/s"
     assert stats_footer({}) == ""
 
-
-def test_markdown_stream_footer_is_printed_after_the_reply():
-    console = Console(file=io.StringIO(), width=60, force_terminal=False)
-    stream = MarkdownStream(console)
-    stream.feed("Answer.")
-    stream.finish()
-    stream.footer({"generated_tokens": 2, "decode_tps": 10.0})
-    assert console.file.getvalue().splitlines()[-1] == "2 tokens · 10.0 tok/s"
 
 
 def test_make_stream():

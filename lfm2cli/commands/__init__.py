@@ -19,23 +19,9 @@ COMMANDS = [
 GROUPS = [("history", "history", "history_app")]
 
 
-def _load(module: str):
-    """The command module, or None while a command does not exist in this build."""
-    try:
-        return importlib.import_module(f"lfm2cli.commands.{module}")
-    except ModuleNotFoundError as e:
-        if e.name != f"lfm2cli.commands.{module}":
-            raise
-        return None
-
-
 def register(app: typer.Typer) -> None:
-    """Attach every command that exists to the app."""
+    """Attach every command to the app. A module that fails to import is an error, not a missing command."""
     for name, module, func in COMMANDS:
-        mod = _load(module)
-        if mod is not None and hasattr(mod, func):
-            app.command(name)(getattr(mod, func))
+        app.command(name)(getattr(importlib.import_module(f"lfm2cli.commands.{module}"), func))
     for name, module, attr in GROUPS:
-        mod = _load(module)
-        if mod is not None:
-            app.add_typer(getattr(mod, attr), name=name)
+        app.add_typer(getattr(importlib.import_module(f"lfm2cli.commands.{module}"), attr), name=name)

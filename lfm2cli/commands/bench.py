@@ -38,31 +38,32 @@ def bench(
     dtype: str = o.DTYPE,
     quantize: str = o.QUANTIZE,
     compile: bool = o.COMPILE,
+    force: bool = o.FORCE,
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
 ) -> None:
     """Measure prefill and decode speed, time to first token and peak memory; decode is also shown as a
     share of the ceiling that this machine's memory bandwidth sets."""
-    from lfm2cli.bench import bench as run_bench
-    from lfm2cli.bench import print_plain, print_rich
+    from lfm2cli.benchmark import COLUMNS, rows, summary
+    from lfm2cli.benchmark import bench as run_bench
+    from lfm2cli.commands.confirm import confirm_download
+    from lfm2cli.render import print_report
 
     def progress(message: str) -> None:
         if sys.stderr.isatty():
             sys.stderr.write(f"\r\033[K{message}")
             sys.stderr.flush()
 
-    interactive = sys.stdin.isatty() and sys.stderr.isatty()
     result = run_bench(model, random_weights=random, prompt_lengths=_lengths(prompt_tokens), gen_tokens=gen_tokens,
-                 repeat=repeat, device=device, dtype=dtype, quantize=quantize, compile=compile, offline=offline,
-                 pull=pull, interactive=interactive, progress=progress)
+                       repeat=repeat, device=device, dtype=dtype, quantize=quantize, compile=compile,
+                       offline=offline, force=force, pull=pull, confirm=confirm_download(), progress=progress)
     if sys.stderr.isatty():
         sys.stderr.write("\r\033[K")
+    o.report_skipped(result.skipped)
     if json_out:
         import json
 
         print(json.dumps(result.to_dict(), indent=2))
-    elif sys.stdout.isatty():
-        print_rich(result)
     else:
-        print_plain(result)
+        print_report(summary(result), COLUMNS, rows(result), plain=not sys.stdout.isatty())

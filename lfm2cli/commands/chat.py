@@ -23,7 +23,7 @@ def _model_label(name: str | None) -> str:
     """What the store records as the model: a directory's absolute path, else the hub repo id."""
     from pathlib import Path
 
-    from lfm2cli.hub import repo_id_for
+    from lfm2cli.hub.names import repo_id_for
 
     if name is not None and Path(name).expanduser().is_dir():
         return str(Path(name).expanduser().resolve())
@@ -45,6 +45,7 @@ def chat(
     dtype: str = o.DTYPE,
     quantize: str = o.QUANTIZE,
     compile: bool = o.COMPILE,
+    force: bool = o.FORCE,
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
     plain: bool = typer.Option(False, "--plain", help="Print replies as plain text (no markdown rendering)."),
@@ -55,7 +56,7 @@ def chat(
     from rich.console import Console
 
     from lfm2cli.errors import UsageError
-    from lfm2cli.history import HistoryStore
+    from lfm2cli.store.conversations import HistoryStore
 
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     if cont and resume:
@@ -69,16 +70,18 @@ def chat(
         if model is None and saved is not None:
             model = saved.model  # continue with the model it was held with unless told otherwise
 
-        from lfm2cli.hub import resolve_model
+        from lfm2cli.commands.confirm import confirm_download
+        from lfm2cli.hub.names import resolve_model
 
-        path = resolve_model(model, offline=offline, pull=pull, interactive=tty_in and sys.stderr.isatty())
+        path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
         if tty_in:
             err.print(f"loading {path.name}…", style="dim", markup=False, highlight=False)
-        from lfm2cli.chat import ChatSession
-        from lfm2cli.chat_commands import ChatLoop, ChatUI
+        from lfm2cli.chat.repl import ChatLoop, ChatUI
+        from lfm2cli.chat.session import ChatSession
         from lfm2cli.loading import load
 
-        lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile)
+        lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
+        o.report_skipped(lm.skipped)
         session = ChatSession(lm, store, _model_label(model), params, max_tokens, system)
         if saved is not None:
             session.load(saved.id)
@@ -101,13 +104,13 @@ def chat(
 def _reader(tty_in: bool) -> Any:
     """prompt-toolkit on a terminal; plain lines from anything else, so the chat can be scripted."""
     if not tty_in:
-        from lfm2cli.chat_input import LineInput
+        from lfm2cli.chat.input import LineInput
 
         return LineInput(sys.stdin)
     from prompt_toolkit.output import create_output
 
-    from lfm2cli.chat_commands import completions
-    from lfm2cli.chat_input import ChatInput
+    from lfm2cli.chat.input import ChatInput
+    from lfm2cli.chat.repl import completions
     from lfm2cli.paths import data_dir
 
     # with stdout redirected, the prompt is drawn on stderr so that only replies reach the file

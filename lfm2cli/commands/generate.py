@@ -44,6 +44,7 @@ def generate(
     dtype: str = o.DTYPE,
     quantize: str = o.QUANTIZE,
     compile: bool = o.COMPILE,
+    force: bool = o.FORCE,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats on stderr."),
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
@@ -55,13 +56,15 @@ def generate(
         from lfm2cli.errors import UsageError
 
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
-    from lfm2cli.hub import resolve_model
+    from lfm2cli.commands.confirm import confirm_download
+    from lfm2cli.hub.names import resolve_model
 
-    path = resolve_model(model, offline=offline, pull=pull, interactive=sys.stdin.isatty() and sys.stderr.isatty())
+    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
     from lfm2cli.loading import load
     from lfm2cli.textgen import TextRun, prompt_ids
 
-    lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile)
+    lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
+    o.report_skipped(lm.skipped)
     run = TextRun(lm, prompt_ids(lm, text, system, raw), params, max_tokens, stops=stop or ())
     tty = sys.stdout.isatty() and not json_out
     interrupted = False

@@ -14,7 +14,7 @@ import typer
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from lfm2cli.history import Conversation, HistoryStore, SearchHit
+    from lfm2cli.store.conversations import Conversation, HistoryStore, SearchHit
 
 history_app = typer.Typer(
     help="Browse, export and delete saved chat conversations.",
@@ -25,7 +25,7 @@ history_app = typer.Typer(
 
 def _open(must_exist: bool) -> HistoryStore | None:
     """The store, or None when nothing was ever saved (reading should not create an empty database)."""
-    from lfm2cli.history import HistoryError, HistoryStore, history_path
+    from lfm2cli.store.conversations import HistoryError, HistoryStore, history_path
 
     path = history_path()
     if not path.exists():
@@ -41,15 +41,6 @@ def _get(conv_id: str) -> Conversation:
     with store:
         return store.get(conv_id)
 
-
-def _local(stamp: str) -> str:
-    """A stored UTC timestamp as local time, to the minute."""
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return stamp
 
 
 def _plain(text: str) -> str:
@@ -72,6 +63,8 @@ def _console() -> Console:
 def render_list(console: Console, convs: list[Conversation]) -> None:
     from rich.table import Table
 
+    from lfm2cli.formatting import local_time
+
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("id", style="cyan", no_wrap=True)
     table.add_column("updated", no_wrap=True)
@@ -79,7 +72,7 @@ def render_list(console: Console, convs: list[Conversation]) -> None:
     table.add_column("msgs", justify="right")
     table.add_column("title", overflow="ellipsis", no_wrap=True)
     for c in convs:
-        table.add_row(c.id, _local(c.updated_at), c.model, str(c.message_count), c.display_title)
+        table.add_row(c.id, local_time(c.updated_at), c.model, str(c.message_count), c.display_title)
     console.print(table)
 
 
@@ -87,8 +80,10 @@ def render_conversation(console: Console, conv: Conversation) -> None:
     from rich.markdown import Markdown
     from rich.text import Text
 
+    from lfm2cli.formatting import local_time
+
     console.print(Text(conv.display_title, style="bold"))
-    details = [conv.id, conv.model, _local(conv.updated_at)]
+    details = [conv.id, conv.model, local_time(conv.updated_at)]
     details += [f"{k}={v}" for k, v in conv.options.items()]
     console.print(Text("  ·  ".join(details), style="dim"))
     if conv.system:
@@ -149,7 +144,7 @@ def show(
     conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
 ) -> None:
     """Show a conversation: rendered on a terminal, Markdown text when piped."""
-    from lfm2cli.history import to_markdown
+    from lfm2cli.store.conversations import to_markdown
 
     conv = _get(conv_id)
     if _tty():
@@ -168,7 +163,7 @@ def export(
     from pathlib import Path
 
     from lfm2cli.errors import Lfm2Error, UsageError
-    from lfm2cli.history import to_json, to_markdown
+    from lfm2cli.store.conversations import to_json, to_markdown
 
     fmt = fmt.lower()
     if fmt not in ("md", "markdown", "json"):

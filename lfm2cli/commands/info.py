@@ -2,30 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import typer
-
-
-def print_table(desc: dict[str, Any], console: Any = None) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    from lfm2cli.describe import sections
-
-    table = Table(show_header=False, box=box.SIMPLE, pad_edge=False)
-    table.add_column(no_wrap=True)
-    table.add_column()
-    for n, (title, rows) in enumerate(sections(desc)):
-        if n:
-            table.add_section()
-        table.add_row(Text(title, style="bold cyan"), "")
-        for label, value in rows:
-            # Text(), not markup: token strings such as "[PAD]" must print as they are
-            table.add_row(Text("  " + label), Text(value))
-    (console or Console()).print(table)
 
 
 def info(
@@ -38,12 +15,15 @@ def info(
     import sys
 
     from lfm2cli.describe import describe, plain_lines
-    from lfm2cli.hub import resolve_model
+    from lfm2cli.hub.names import resolve_model
 
-    desc = describe(resolve_model(model, offline=offline, interactive=False))
+    desc = describe(resolve_model(model, offline=offline))
     if json_out:
         print(json.dumps(desc, indent=2))
     elif sys.stdout.isatty():
-        print_table(desc)
+        from lfm2cli.describe import sections
+        from lfm2cli.render import print_sections
+
+        print_sections(sections(desc))
     else:
         print("\n".join(plain_lines(desc)))

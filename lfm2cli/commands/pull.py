@@ -21,11 +21,13 @@ def pull(
 
     Prints the checkpoint directory on stdout.
     """
-    from lfm2cli.hub import human_size, pull_model, repo_id_for
+    from lfm2cli.formatting import human_bytes
+    from lfm2cli.hub.download import pull_model
+    from lfm2cli.hub.names import repo_id_for
 
     repo_id = repo_id_for(model)
     result = pull_model(repo_id, revision=revision, cache_dir=cache_dir)
-    what = f"{repo_id} ({revision or 'main'} = {result.commit[:12]}, {human_size(result.total)})"
+    what = f"{repo_id} ({revision or 'main'} = {result.commit[:12]}, {human_bytes(result.total)})"
     if result.source == "up to date":
         sys.stderr.write(f"{what} is already downloaded and up to date\n")
     elif result.source == "hf cache":
@@ -33,19 +35,6 @@ def pull(
     else:
         sys.stderr.write(f"{what} is ready: lfm2 chat {repo_id}\n")
     print(result.path)
-
-
-def _ago(t: float | None) -> str:
-    import time
-
-    if t is None:
-        return "never"
-    s = max(0, int(time.time() - t))
-    for unit, span in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if s >= span:
-            n = s // span
-            return f"{n} {unit}{'s' if n > 1 else ''} ago"
-    return "just now"
 
 
 def list_models(
@@ -57,8 +46,8 @@ def list_models(
     """
     from datetime import datetime
 
-    from lfm2cli.hub import human_size
-    from lfm2cli.model_cache import cache_root, list_cached
+    from lfm2cli.formatting import ago, human_bytes
+    from lfm2cli.hub.local import cache_root, list_cached
 
     models = list_cached(cache_dir)
     if not models:
@@ -78,7 +67,7 @@ def list_models(
         table.add_column(column, justify="right" if column == "SIZE" else "left")
     for m in models:
         revision = m.revision + ("" if m.complete else " [yellow](incomplete)[/yellow]")
-        table.add_row(m.repo_id, revision, human_size(m.size), m.architecture, _ago(m.last_used))
+        table.add_row(m.repo_id, revision, human_bytes(m.size), m.architecture, ago(m.last_used))
     Console().print(table)
 
 
@@ -88,9 +77,11 @@ def rm(
     cache_dir: Path | None = typer.Option(None, "--cache-dir", help=CACHE_HELP),
 ) -> None:
     """Delete a downloaded model (every revision of it) from the cache."""
+    from lfm2cli.commands.confirm import ask_yes_no
     from lfm2cli.errors import HubError, UsageError
-    from lfm2cli.hub import ask_yes_no, human_size, repo_id_for
-    from lfm2cli.model_cache import find_in_hf_cache, list_cached, model_dir, remove
+    from lfm2cli.formatting import human_bytes
+    from lfm2cli.hub.local import find_in_hf_cache, list_cached, model_dir, remove
+    from lfm2cli.hub.names import repo_id_for
 
     repo_id = repo_id_for(model)
     found = [m for m in list_cached(cache_dir) if m.repo_id == repo_id]
@@ -103,9 +94,9 @@ def rm(
     if not yes:
         if not sys.stdin.isatty():
             raise UsageError(f"not deleting {repo_id} without confirmation; pass --yes")
-        if not ask_yes_no(f"Delete {repo_id} ({human_size(size)}) from {model_dir(repo_id, cache_dir)}?",
+        if not ask_yes_no(f"Delete {repo_id} ({human_bytes(size)}) from {model_dir(repo_id, cache_dir)}?",
                           default=False):
             sys.stderr.write("nothing deleted\n")
             return
     freed = remove(repo_id, cache_dir)
-    sys.stderr.write(f"deleted {repo_id} ({human_size(freed)} freed)\n")
+    sys.stderr.write(f"deleted {repo_id} ({human_bytes(freed)} freed)\n")

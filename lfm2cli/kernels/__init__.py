@@ -10,7 +10,7 @@ has the table of which code runs the model on which machine.
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,6 @@ from lfm2cli import cpu
 from lfm2cli.kernels.proj import Proj, can_prepack
 from lfm2cli.model.layers import MLP, Attention, ShortConv, decode_attention
 from lfm2cli.model.lfm2 import Lfm2ForCausalLM
-from lfm2cli.model.moe import SparseMoE
 
 
 class FastAttention(Attention):
@@ -115,38 +114,99 @@ def projections(model: torch.nn.Module) -> list[Proj]:
     return [m for m in model.modules() if isinstance(m, Proj)]
 
 
+@dataclass
+class Plan:
+    """What `apply` will do to a model, decided before its weights are read so that the loader can turn each part
+    into its fast form as soon as that part is in memory (`accelerate_unit`)."""
+
+    accelerate: bool = False  # swap in the fast modules at all
+    quantize: str | None = None
+    prepack: bool = True
+    native: bool = False
+    compile: bool = False
+    skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
+
+
+def plan(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
+         compile: bool = False, fast: bool = True, native: bool = True) -> Plan:
+    """Decide the fast form (fused projections; native, prepacked, int8 or int4 weights) and compilation. `fast=False`
+    keeps the model exactly as loaded: the reference path the tests compare against; `native=False` leaves the
+    native code out (benchmarks compare with it)."""
+    skipped: dict[str, str] = {}
+    native = native and bool(fast or quantize or compile) and native_available(device, dtype) is None
+    if quantize == "int8" and not native and not compile and (reason := torch_int8_slower(device)):
+        skipped["quantize"] = reason
+        quantize = None
+    if compile:
+        from lfm2cli.kernels.compiled import compile_supported
+
+        # the native step decodes faster than the compiled one and needs no compilation (docs/performance.md)
+        reason = ("lfm2's native CPU code runs this model faster" if native
+                  else "int4 weights have no compiled form" if quantize == "int4" else compile_supported(model))
+        if reason is not None:
+            skipped["compile"] = reason
+            compile = False
+    # the compiled step reads its own (blocked) weight form, so nothing is packed for it
+    return Plan(accelerate=bool(fast or quantize or compile), quantize=quantize, prepack=not compile,
+                native=native and not compile, compile=compile, skipped=skipped)
+
+
+def units(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The parts `accelerate_unit` converts one at a time, by module name: attention, short conv, each MLP (dense
+    or expert) and each MoE router."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, (Attention, ShortConv, MLP)) or name.endswith("feed_forward.gate")}
+
+
+def _convert(proj: Proj, p: Plan, quantize: str | None, in_place: bool = True) -> None:
+    if quantize and not proj.keep_precision:
+        proj.quantize(quantize)
+    if p.native and proj.can_native():
+        proj.to_native(in_place=in_place)
+    elif p.prepack and proj.weight is not None and can_prepack(proj.weight):
+        proj.prepack()
+
+
+@torch.no_grad()
+def accelerate_unit(model: torch.nn.Module, name: str, p: Plan) -> None:
+    """Turn one part of the model (see `units`) into its fast form: its projections fused and made `Proj`s,
+    quantised and packed as planned. The loader calls it as soon as the part's tensors are read, so that at most
+    a few parts are ever in memory in the checkpoint's precision."""
+    module = model.get_submodule(name)
+    if isinstance(module, (FastAttention, FastShortConv, FastMLP, Proj)):
+        return  # done already
+    if isinstance(module, Attention):
+        FastAttention.swap(module)
+    elif isinstance(module, ShortConv):
+        FastShortConv.swap(module)
+    elif isinstance(module, MLP):
+        FastMLP.swap(module)
+    else:  # a MoE router: tiny, and it picks the experts, so it keeps the model's precision
+        parent, _, attr = name.rpartition(".")
+        module = Proj.from_linear(module)
+        module.keep_precision = True
+        setattr(model.get_submodule(parent), attr, module)
+    for proj in projections(module):
+        _convert(proj, p, p.quantize)
+
+
 @torch.no_grad()
 def accelerate(model: Lfm2ForCausalLM, quantize: str | None = None, prepack: bool = True, native: bool = False
                ) -> None:
-    """Turn a loaded model into its fast form, once: fused projections, every projection a `Proj`, then int8
-    weights (`quantize="int8"`) and, on CPU, each weight in the native kernels' layout (`native=True`, the
-    library loaded) or else prepacked for oneDNN where that is possible (`prepack`)."""
+    """Turn a loaded model into its fast form, once: fused projections, every projection a `Proj`, then int8 or
+    int4 weights (`quantize`) and, on CPU, each weight in the native kernels' layout (`native=True`, the library
+    loaded) or else prepacked for oneDNN where that is possible (`prepack`). Parts the loader converted already
+    are kept. The LM head is int8 when the rest is int4: it decides every token and is read once per token."""
     if is_accelerated(model):
         return
-    for layer in model.model.layers:
-        if layer.is_attention:
-            FastAttention.swap(layer.self_attn)
-        else:
-            FastShortConv.swap(layer.conv)
-        ff = layer.feed_forward
-        if isinstance(ff, SparseMoE):
-            ff.gate = Proj.from_linear(ff.gate)
-            ff.gate.keep_precision = True  # tiny, and it picks the experts
-            for expert in ff.experts:
-                FastMLP.swap(expert)
-        else:
-            FastMLP.swap(ff)
+    p = Plan(accelerate=True, quantize=quantize, prepack=prepack, native=native)
+    for name in units(model):
+        accelerate_unit(model, name, p)
     head = model.lm_head.weight if model.lm_head is not None else model.model.embed_tokens.weight
     model.lm_head = Proj(head.detach())
     model.__class__ = FastLfm2
-    for proj in projections(model):
-        if quantize == "int8" and not proj.keep_precision:
-            proj.quantize_int8()
-        if native and proj.can_native():
-            proj.to_native(in_place=not (model.tied and proj is model.lm_head))  # a tied head shares the table
-        elif prepack and proj.weight is not None and can_prepack(proj.weight):
-            proj.prepack()
-    if native and all(p.native is not None for p in projections(model)):
+    _convert(model.lm_head, p, "int8" if quantize == "int4" else quantize, in_place=not model.tied)
+    if native and all(q.native is not None for q in projections(model)):
         from lfm2cli.kernels.native_step import NativeDecoder
 
         model.step = NativeDecoder(model)
@@ -189,27 +249,11 @@ def enable_compile(model: Lfm2ForCausalLM) -> str | None:
     return reason
 
 
-def apply(model: Lfm2ForCausalLM, device: torch.device, *, quantize: str | None = None, compile: bool = False,
-          fast: bool = True, native: bool = True) -> None:
-    """What loading does after the weights are in place: the fast form (fused projections; native, prepacked or
-    int8 weights), then compilation. `fast=False` keeps the model exactly as loaded: the reference path the
-    tests compare against; `native=False` leaves the native code out (benchmarks compare with it)."""
-    native = native and bool(fast or quantize or compile) and native_available(device, model.dtype) is None
-    if quantize == "int8" and not native and not compile and (reason := torch_int8_slower(device)):
-        sys.stderr.write(f"note: --quantize int8 ignored: {reason}\n")
-        quantize = None
-    if compile:
-        from lfm2cli.kernels.compiled import compile_supported
-
-        # the native step decodes faster than the compiled one and needs no compilation (docs/performance.md)
-        reason = "lfm2's native CPU code runs this model faster" if native else compile_supported(model)
-        if reason is not None:
-            sys.stderr.write(f"note: --compile ignored: {reason}\n")
-            compile = False
-    if fast or quantize or compile:
-        # the compiled step reads its own (blocked) weight form, so nothing is packed for it
-        accelerate(model, quantize=quantize, prepack=not compile, native=native and not compile)
-    if compile:
+def apply(model: Lfm2ForCausalLM, p: Plan) -> None:
+    """What loading does after the weights are in place (see `plan`): the fast form, then compilation."""
+    if p.accelerate:
+        accelerate(model, quantize=p.quantize, prepack=p.prepack, native=p.native)
+    if p.compile:
         enable_compile(model)
 
 

@@ -1,7 +1,8 @@
 """`Proj`: the linear layer `lfm2cli.kernels.accelerate` swaps in for the model's `nn.Linear` layers. It holds one
 weight in the fastest form for the device: plain (any device), packed for lfm2's own CPU kernels
-(`lfm2cli.kernels.native`: bf16 or int8),
-prepacked for oneDNN (CPU, eager, where the native kernel cannot run), weight-only int8 (see `lfm2cli.quantize`),
+(`lfm2cli.kernels.native`: bf16, int8 or int4),
+prepacked for oneDNN (CPU, eager, where the native kernel cannot run), weight-only int8 or int4 (see
+`lfm2cli.quantize`; int4 outside the native kernels runs torch's slow fallback),
 or blocked for the compiled decode step. Batch-1 decode is bound by reading weights, so the form decides its speed.
 
 The blocked form stores [out, in] as [out / BLOCK, in, BLOCK]: a decode product then walks the weights in memory
@@ -53,10 +54,11 @@ class Proj(nn.Module):
         self.weight: torch.Tensor | None = weight
         self.bias = bias
         self.packed: torch.Tensor | None = None  # oneDNN's blocked layout (an opaque tensor)
-        self.qweight: torch.Tensor | None = None  # int8 [out, in]
-        self.scales: torch.Tensor | None = None  # per output channel, model dtype
+        self.quant: str | None = None  # "int8" or "int4" once quantised
+        self.qweight: torch.Tensor | None = None  # int8 [out, in]; int4: nibbles uint8 [out, in / 2]
+        self.scales: torch.Tensor | None = None  # int8: per output channel, model dtype; int4: bf16 [out, in / 32]
         self.blocked: torch.Tensor | None = None  # [out / BLOCK, in, BLOCK]: plain or int8 values
-        self.native: torch.Tensor | None = None  # the native kernel's layout: bf16, or int8 with native_scales
+        self.native: torch.Tensor | None = None  # the native kernel's layout: bf16, int8 with native_scales, int4
         self.native_scales: torch.Tensor | None = None  # float32, padded
         self.keep_precision = False  # never quantised (the MoE router: tiny, and it picks the experts)
 
@@ -84,22 +86,42 @@ class Proj(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
         self.weight = None  # the packed copy replaces it: no second copy in memory
 
-    def quantize_int8(self) -> None:
-        from lfm2cli.quantize import quantize_int8
+    def quantize(self, mode: str) -> None:
+        """Weight-only int8 or int4 (`lfm2cli.quantize`): made by the native code where it runs (the same bytes as
+        the torch definition, far faster at load time). int4 groups 32 inputs; a weight whose input width is not
+        a multiple of 32 is quantised to int8 instead (none in the LFM2 checkpoints: their widths are multiples
+        of 256)."""
+        from lfm2cli import quantize
 
-        assert self.weight is not None
-        self.qweight, self.scales = quantize_int8(self.weight)
+        w = self.weight
+        assert w is not None and mode in ("int8", "int4")
+        if mode == "int4" and self.in_features % quantize.INT4_GROUP:
+            mode = "int8"
+        fast = native.ready() and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+        make = getattr(native if fast else quantize, f"quantize_{mode}")
+        self.qweight, self.scales = make(w)
         self.weight = None
+        self.quant = mode
 
     def can_native(self) -> bool:
+        if self.quant == "int4":
+            return self.qweight is not None and native.can_pack_int4(self.in_features)
         w = self.qweight if self.qweight is not None else self.weight
         return w is not None and native.can_pack(w)
 
+    @property
+    def native_format(self) -> int:
+        """The native form's weight format: native.BF16, INT8 or INT4."""
+        return {"int8": native.INT8, "int4": native.INT4}.get(self.quant or "", native.BF16)
+
     def to_native(self, in_place: bool = False) -> None:
-        """Switch to the native kernel's layout (bf16 or int8 weights; see native.c). Replaces the plain copy;
+        """Switch to the native kernel's layout (bf16, int8 or int4 weights; see native.c). Replaces the plain copy;
         `in_place` rewrites the weight's own memory (only when nothing else uses that tensor)."""
         assert self.can_native()
-        if self.qweight is not None:
+        if self.quant == "int4":
+            self.native = native.pack_int4(self.qweight, self.scales)  # scales travel inside the packed layout
+            self.scales = None
+        elif self.qweight is not None:
             self.native = native.pack(self.qweight, in_place=True)  # made by quantize_int8: ours alone
             self.native_scales = native.pad_scales(self.scales)
         else:
@@ -107,7 +129,7 @@ class Proj(nn.Module):
         self.weight = self.qweight = None
 
     def can_block(self) -> bool:
-        return self.packed is None and self.out_features % BLOCK == 0
+        return self.packed is None and self.quant != "int4" and self.out_features % BLOCK == 0
 
     def block(self) -> None:
         """Switch to the blocked form (plain or int8) used by the compiled decode step."""
@@ -131,7 +153,7 @@ class Proj(nn.Module):
 
     @property
     def kind(self) -> str:
-        quant = "int8" if self.scales is not None else ""
+        quant = self.quant or ""
         form = ("blocked" if self.blocked is not None else "packed" if self.packed is not None
                 else "native" if self.native is not None else "")
         return "-".join(p for p in (quant, form) if p) or "plain"
@@ -139,6 +161,8 @@ class Proj(nn.Module):
     def nbytes(self) -> int:
         """Bytes read to apply this layer once (what batch-1 decode costs)."""
         n = self.out_features * self.in_features
+        if self.quant == "int4":  # half a byte per weight, a bf16 scale per 32
+            return n // 2 + 2 * (n // 32)
         if self.scales is not None:
             return n + self.scales.numel() * self.scales.element_size()
         for t in (self.packed, self.blocked, self.native, self.weight):
@@ -148,7 +172,7 @@ class Proj(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:  # bf16 models only (see prepare_for_inference)
-            y = native.linear(x, self.native, self.out_features, self.native_scales)
+            y = native.linear(x, self.native, self.out_features, self.native_scales, self.native_format)
             return y if self.bias is None else y + self.bias
         if self.blocked is not None:
             if torch.compiler.is_compiling() and x.numel() == self.in_features:
@@ -161,9 +185,12 @@ class Proj(nn.Module):
                 y = torch.matmul(x, self._unblocked_t(x.dtype))
             return y if self.bias is None else y + self.bias
         if self.qweight is not None:
-            from lfm2cli.quantize import int8_linear
+            from lfm2cli.quantize import int4_linear, int8_linear
 
-            y = int8_linear(x, self.qweight, self.scales)
+            if self.quant == "int4":
+                y = int4_linear(x, self.qweight, self.scales)
+            else:
+                y = int8_linear(x, self.qweight, self.scales)
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

@@ -4,6 +4,7 @@
  *   pack.c            W [out, in] into the kernels' layout, into new memory or in place
  *   linear_*.c        y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights, one file per ISA
  *                     level (only the one matching LFM2_ISA compiles), plus the attention dot product
+ *   linear_int4.c     the same for int4 weights (groups of 32), 256-bit code for both levels
  *   ops.c             one decode step's norms, SwiGLU, short conv and attention, rounding to bf16 where the torch
  *                     code does (portable C)
  *   step.c            a whole one-token decode step in one call (dense layers and MoE layers)
@@ -17,5 +18,7 @@
 #include "linear_avx512.c"
 #include "linear_avx2.c"
 #include "linear_none.c"
+#include "linear_int4.c"
+#include "quantize.c"
 #include "ops.c"
 #include "step.c"

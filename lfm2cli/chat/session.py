@@ -20,10 +20,10 @@ from typing import Any
 
 from lfm2cli.errors import GenerationError, Lfm2Error, UsageError
 from lfm2cli.generation import GenerationStats, prefill
-from lfm2cli.history import Conversation, HistoryStore, to_json, to_markdown
 from lfm2cli.loading import LoadedModel
 from lfm2cli.model.cache import CacheSnapshot
 from lfm2cli.sampling import SamplingParams
+from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
 from lfm2cli.textgen import TextRun, require_tokenizer
 
 MAX_SNAPSHOTS = 64  # a few hundred KB each for the largest LFM2; the oldest go first

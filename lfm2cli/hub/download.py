@@ -1,11 +1,9 @@
-"""Model names to checkpoint directories, and downloads from the Hugging Face hub.
+"""Downloads from the Hugging Face hub into our cache (see `lfm2cli.hub.local` for the layout).
 
-`resolve_model` is what every command calls with the name the user typed. `pull_model` downloads a
-repository into our cache (see `lfm2cli.model_cache` for the layout). huggingface_hub does the API calls
-(repo info, file listing), authentication (HF_TOKEN, `hf auth login`) and error classification; the file
-transfer itself is ours so that a partial file survives an interrupted run and the next pull asks only for
-the rest with a Range request. Heavy imports (huggingface_hub, rich) happen inside functions, so resolving
-a local directory or a cached model costs nothing.
+huggingface_hub does the API calls (repo info, file listing), authentication (HF_TOKEN, `hf auth login`) and
+error classification; the file transfer itself is ours so that a partial file survives an interrupted run and
+the next pull asks only for the rest with a Range request. Heavy imports (huggingface_hub) happen inside
+functions, so resolving a local directory or a cached model costs nothing.
 """
 
 from __future__ import annotations
@@ -14,43 +12,29 @@ import errno
 import fnmatch
 import json
 import os
-import re
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO
 from urllib.parse import quote
 
-from lfm2cli import __version__, model_cache
-from lfm2cli.errors import CheckpointError, HubError, Lfm2Error, UsageError
-
-DEFAULT_MODEL = "LiquidAI/LFM2-350M"  # the smallest LFM2: used when no model is named
-
-# Published text models that lfm2 runs; the alias is the repo name in lower case (`lfm2-1.2b`).
-PUBLISHED = (
-    "LFM2-350M", "LFM2-700M", "LFM2-1.2B", "LFM2-2.6B", "LFM2-8B-A1B",
-    "LFM2.5-230M", "LFM2.5-350M", "LFM2.5-350M-Base", "LFM2.5-1.2B-Base", "LFM2.5-1.2B-Instruct",
-    "LFM2.5-1.2B-Thinking", "LFM2.5-1.2B-JP", "LFM2.5-8B-A1B",
-)
-ALIASES: dict[str, str] = {name.lower(): f"LiquidAI/{name}" for name in PUBLISHED}
-ALIASES["lfm2.5-1.2b"] = "LiquidAI/LFM2.5-1.2B-Instruct"
+from lfm2cli import __version__
+from lfm2cli.errors import HubError, Lfm2Error
+from lfm2cli.formatting import human_bytes
+from lfm2cli.hub import local
+from lfm2cli.hub.progress import Progress, make_progress
 
 # Everything lfm2 reads from a checkpoint repo; READMEs, GGUF/ONNX exports and images are skipped.
 ALLOW_PATTERNS = (
     "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
 )
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 MAX_STALLS = 5  # consecutive attempts that bring no new byte before a file download gives up
 RETRY_DELAY = 1.0  # seconds between those attempts
 
-
-# ---- names ----
 
 def is_offline(offline: bool = False) -> bool:
     """--offline, or HF_HUB_OFFLINE=1 (read now: huggingface_hub reads it once, at import)."""
@@ -63,67 +47,6 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
-def repo_id_for(name: str | None) -> str:
-    """An alias or repo id as typed -> the repo id; None -> the default model."""
-    if name is None:
-        return DEFAULT_MODEL
-    key = name.strip()
-    if key.lower() in ALIASES:
-        return ALIASES[key.lower()]
-    for repo in ALIASES.values():  # the hub ignores case in ids, but our cache folders do not
-        if repo.lower() == key.lower():
-            return repo
-    if _REPO_ID.match(key) and "--" not in key and ".." not in key:
-        return key
-    examples = ", ".join(list(ALIASES)[:3])
-    raise UsageError(f"'{name}' is not a local directory, a hub repo id (owner/name) or an alias "
-                     f"({examples}, ...; see docs/models.md)")
-
-
-def _looks_like_path(name: str) -> bool:
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-            or Path(name).expanduser().exists())
-
-
-def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False, interactive: bool = False,
-                  revision: str | None = None, cache_dir: str | Path | None = None,
-                  progress: Progress | None = None) -> Path:
-    """Turn what the user typed (a directory, a repo id, an alias or None) into a local checkpoint directory.
-
-    A directory is used as is. A repo id is taken from our cache, else from the standard Hugging Face
-    cache, without any network call. When it is in neither: offline -> HubError; `pull` -> download;
-    `interactive` (the caller checked for a terminal) -> ask on stderr first; otherwise HubError that
-    says how to download it.
-    """
-    if name is not None:
-        path = Path(name).expanduser()
-        if path.is_dir():
-            return path
-        if _looks_like_path(name):
-            raise CheckpointError(f"{name}: no such checkpoint directory")
-    repo_id = repo_id_for(name)
-    found = model_cache.find_cached(repo_id, revision, cache_dir)
-    if found is not None:
-        model_cache.mark_used(repo_id, cache_dir)
-        return found
-    found = model_cache.find_in_hf_cache(repo_id, revision)
-    if found is not None:
-        return found
-
-    how = f"lfm2 pull {repo_id}" + (f" --revision {revision}" if revision else "")
-    if is_offline(offline):
-        raise HubError(f"{repo_id} is not downloaded and offline mode is on; run `{how}` while online")
-    if not (pull or interactive):
-        raise HubError(f"{repo_id} is not downloaded yet; run: {how} (or pass --pull)")
-    plan = fetch_plan(repo_id, revision)
-    if not pull and not ask_yes_no(f"Download {repo_id} ({human_size(plan.total)})?", default=True):
-        raise HubError(f"{repo_id} was not downloaded; run `{how}` when you want it")
-    result = pull_model(repo_id, revision=revision, cache_dir=cache_dir, progress=progress, plan=plan)
-    model_cache.mark_used(repo_id, cache_dir)
-    return result.path
-
-
-# ---- talking to the hub ----
 
 @dataclass(frozen=True)
 class RemoteFile:
@@ -255,13 +178,13 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
     A commit that is already in the standard Hugging Face cache is used from there instead.
     """
     plan = plan or fetch_plan(repo_id, revision)
-    ref = revision or model_cache.DEFAULT_REVISION
-    snap = model_cache.snapshot_dir(repo_id, plan.commit, cache_dir)
-    if model_cache.is_complete(repo_id, plan.commit, cache_dir):
-        model_cache.write_ref(repo_id, ref, plan.commit, cache_dir)
-        model_cache.prune(repo_id, cache_dir)
+    ref = revision or local.DEFAULT_REVISION
+    snap = local.snapshot_dir(repo_id, plan.commit, cache_dir)
+    if local.is_complete(repo_id, plan.commit, cache_dir):
+        local.write_ref(repo_id, ref, plan.commit, cache_dir)
+        local.prune(repo_id, cache_dir)
         return PullResult(snap, plan.commit, 0, plan.total, "up to date")
-    in_hf = model_cache.find_in_hf_cache(repo_id, plan.commit)
+    in_hf = local.find_in_hf_cache(repo_id, plan.commit)
     if in_hf is not None:
         return PullResult(in_hf, plan.commit, 0, plan.total, "hf cache")
 
@@ -271,8 +194,8 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
         needed = plan.total - sum(have.values())
         free = shutil.disk_usage(snap).free
         if needed > free:
-            raise HubError(f"not enough disk space for {repo_id}: {human_size(needed)} to download, "
-                           f"{human_size(free)} free in {snap.parent}; free some space or use --cache-dir")
+            raise HubError(f"not enough disk space for {repo_id}: {human_bytes(needed)} to download, "
+                           f"{human_bytes(free)} free in {snap.parent}; free some space or use --cache-dir")
         from huggingface_hub.utils import build_hf_headers
 
         headers = build_hf_headers(library_name="lfm2", library_version=__version__)
@@ -294,15 +217,15 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
             progress.finish(ok)
 
     _verify(repo_id, snap)
-    model_cache.mark_complete(repo_id, plan.commit, {f.name: f.size for f in plan.files}, cache_dir)
-    model_cache.write_ref(repo_id, ref, plan.commit, cache_dir)
-    model_cache.prune(repo_id, cache_dir)
+    local.mark_complete(repo_id, plan.commit, {f.name: f.size for f in plan.files}, cache_dir)
+    local.write_ref(repo_id, ref, plan.commit, cache_dir)
+    local.prune(repo_id, cache_dir)
     return PullResult(snap, plan.commit, needed, plan.total, "downloaded")
 
 
 def _on_disk(path: Path) -> int:
     """Bytes of a file already here: the finished file, else its partial download."""
-    for p in (path, path.with_name(path.name + model_cache.PARTIAL_SUFFIX)):
+    for p in (path, path.with_name(path.name + local.PARTIAL_SUFFIX)):
         if p.is_file():
             return p.stat().st_size
     return 0
@@ -313,7 +236,7 @@ def _download(url: str, dest: Path, size: int, headers: dict[str, str], progress
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session, hf_raise_for_status
 
-    part = dest.with_name(dest.name + model_cache.PARTIAL_SUFFIX)
+    part = dest.with_name(dest.name + local.PARTIAL_SUFFIX)
     stalls = 0
     while True:
         have = part.stat().st_size if part.is_file() else 0
@@ -375,108 +298,3 @@ def _verify(repo_id: str, snap: Path) -> None:
 
     cfg = load_config(snap)
     check_tensors(cfg, read_all_headers(snap), repo_id)
-
-
-# ---- talking to the user ----
-
-def human_size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def ask_yes_no(question: str, default: bool, stdin: TextIO | None = None, out: TextIO | None = None) -> bool:
-    """Ask on stderr (stdout may be piped into something); end of input means no."""
-    stdin = stdin or sys.stdin
-    out = out or sys.stderr
-    out.write(f"{question} {'[Y/n]' if default else '[y/N]'} ")
-    out.flush()
-    line = stdin.readline()
-    if not line:
-        out.write("\n")
-        return False
-    answer = line.strip().lower()
-    return default if not answer else answer in ("y", "yes")
-
-
-class Progress(Protocol):
-    def start(self, name: str, total: int, done: int) -> None: ...
-    def file(self, name: str, size: int) -> None: ...
-    def advance(self, n: int) -> None: ...
-    def finish(self, ok: bool) -> None: ...
-
-
-class LineProgress:
-    """Plain lines for pipes and logs: one per file, one per tenth of the download, one at the end."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stderr
-        self.total = self.done = self.first = 0
-        self.started = 0.0
-        self.next_tenth = 1
-
-    def _say(self, line: str) -> None:
-        self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def start(self, name: str, total: int, done: int) -> None:
-        self.total, self.done, self.first, self.started = total, done, done, time.monotonic()
-        self.next_tenth = done * 10 // total + 1 if total else 11
-        resumed = f", {human_size(done)} already here" if done else ""
-        self._say(f"pulling {name}: {human_size(total - done)} to download{resumed}")
-
-    def file(self, name: str, size: int) -> None:
-        self._say(f"  {name} ({human_size(size)})")
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if self.total and self.next_tenth <= 10 and self.done * 10 >= self.next_tenth * self.total:
-            self.next_tenth = self.done * 10 // self.total + 1
-            self._say(f"  {self.done * 100 // self.total}% ({human_size(self.done)} of {human_size(self.total)})")
-
-    def finish(self, ok: bool) -> None:
-        if ok:
-            took = max(time.monotonic() - self.started, 1e-3)
-            got = self.done - self.first
-            self._say(f"downloaded {human_size(got)} in {took:.1f} s ({human_size(got / took)}/s)")
-
-
-class RichProgress:
-    """One bar for the whole download on a terminal: bytes, speed and time left."""
-
-    def __init__(self, console: Any = None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-        from rich.progress import Progress as Bar
-
-        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                       TimeRemainingColumn(), console=console or Console(stderr=True))
-        self.name = ""
-        self.task: Any = None
-
-    def start(self, name: str, total: int, done: int) -> None:
-        from rich.markup import escape
-
-        self.name = escape(name)
-        self.bar.start()
-        self.task = self.bar.add_task(self.name, total=total, completed=done)
-
-    def file(self, name: str, size: int) -> None:
-        from rich.markup import escape
-
-        self.bar.update(self.task, description=f"{self.name} [dim]{escape(name)}[/dim]")
-
-    def advance(self, n: int) -> None:
-        self.bar.update(self.task, advance=n)
-
-    def finish(self, ok: bool) -> None:
-        self.bar.update(self.task, description=self.name)
-        self.bar.stop()
-
-
-def make_progress(stream: TextIO | None = None) -> Progress:
-    """A bar on a terminal, plain lines otherwise; both on stderr so stdout stays the answer."""
-    stream = stream or sys.stderr
-    return RichProgress() if stream.isatty() else LineProgress(stream)

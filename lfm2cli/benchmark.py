@@ -7,7 +7,6 @@ moves from minute to minute; each run is set against the bandwidth measured next
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from lfm2cli.config import Lfm2Config, load_config
 from lfm2cli.errors import UsageError
 from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.kernels.proj import Proj
+from lfm2cli.memory import check_fits, peak_memory, reset_peak_memory
 from lfm2cli.model import Lfm2ForCausalLM
 
 BANDWIDTH_BYTES = 512 * 1024 * 1024  # far larger than any CPU cache
@@ -71,6 +71,7 @@ class BenchResult:
     decode_ceiling_tps: float  # at the median bandwidth
     peak_memory_bytes: int
     runs: list[BenchRun] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,30 +106,6 @@ def measure_bandwidth(device: torch.device, nbytes: int = BANDWIDTH_BYTES, repea
     return nbytes / best
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a fresh high-water mark (Linux: VmHWM via clear_refs) so the bandwidth buffer does not count."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from lfm2cli.generation import peak_memory as rusage_peak
-
-    return rusage_peak(device)
-
 
 # ---- bytes per decoded token ----
 
@@ -159,7 +136,7 @@ def decode_bytes(model: Lfm2ForCausalLM) -> int:
 
 def random_config(name: str) -> tuple[Lfm2Config, str]:
     """A published model's shape by alias or repo id, or a config.json (or a directory holding one)."""
-    from lfm2cli.known_models import known_config, known_names
+    from lfm2cli.hub.known import known_config, known_names
 
     cfg = known_config(name)
     if cfg is not None:
@@ -233,7 +210,9 @@ def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens:
 def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Sequence[int] = (128, 512),
           gen_tokens: int = 64, repeat: int = 3, device: str = "auto", dtype: str = "auto",
           quantize: str | None = None, compile: bool = False, offline: bool = False, pull: bool = False,
-          interactive: bool = False, progress: Callable[[str], None] | None = None) -> BenchResult:
+          force: bool = False,
+          confirm: Callable[[str], bool] | None = None, progress: Callable[[str], None] | None = None
+          ) -> BenchResult:
     """Build or load the model, measure bandwidth, run the prompts; returns everything the command prints."""
     from lfm2cli import loading
     from lfm2cli.quantize import check_mode
@@ -249,23 +228,28 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     dt = loading.resolve_dtype(dtype, dev)
     loading.configure_threads(dev)
     say = progress or (lambda _msg: None)
+    if random_weights:
+        if name is None:
+            raise UsageError("--random needs a model name, e.g. lfm2 bench --random lfm2-350m")
+        cfg, label = random_config(name)
+        if not force:  # before anything is measured or built
+            check_fits(cfg, quantize, dt, dev)
     say("measuring memory bandwidth")
     bandwidth = measure_bandwidth(dev)
     reset_peak_memory(dev)
     t0 = time.perf_counter()
     if random_weights:
-        if name is None:
-            raise UsageError("--random needs a model name, e.g. lfm2 bench --random lfm2-350m")
-        cfg, label = random_config(name)
         say(f"building {label} with random weights ({str(dt).removeprefix('torch.')})")
         model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile)
         label += " (random weights)"
     else:
-        from lfm2cli.hub import resolve_model
+        from lfm2cli.hub.names import resolve_model
 
-        path = resolve_model(name, offline=offline, pull=pull, interactive=interactive)
+        path = resolve_model(name, offline=offline, pull=pull, confirm=confirm)
         say(f"loading {path}")
         cfg = load_config(path)
+        if not force:
+            check_fits(cfg, quantize, dt, dev)
         model = loading.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile)
         label = str(path)
     load_s = time.perf_counter() - t0
@@ -289,7 +273,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         memory_bandwidth_gbs=round(bandwidth / 1e9, 2),
         memory_bandwidth_range_gbs=(round(min(samples) / 1e9, 2), round(max(samples) / 1e9, 2)),
         decode_bytes_per_token=per_token, decode_ceiling_tps=round(bandwidth / per_token, 2),
-        peak_memory_bytes=peak_memory(dev), runs=runs,
+        peak_memory_bytes=peak_memory(dev), runs=runs, skipped=model.skipped_options,
     )
 
 
@@ -314,7 +298,7 @@ def _range(gbs: tuple[float, float]) -> str:
 
 
 def summary(result: BenchResult) -> list[str]:
-    from lfm2cli.describe import human_bytes, human_count
+    from lfm2cli.formatting import human_bytes, human_count
 
     params = human_count(result.parameters)
     if result.active_parameters != result.parameters:
@@ -332,30 +316,3 @@ def summary(result: BenchResult) -> list[str]:
         f"{result.runs[0].gen_tokens} tokens generated per run, {result.runs[0].repeat} runs each; "
         "median (min-max)" if result.runs else "",
     ]
-
-
-def print_plain(result: BenchResult, out: Any = None) -> None:
-    out = out or sys.stdout
-    for line in summary(result):
-        print(line, file=out)
-    table = [COLUMNS, *rows(result)]
-    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip(), file=out)
-
-
-def print_rich(result: BenchResult, console: Any = None) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    console = console or Console()
-    for line in summary(result):
-        console.print(Text(line))
-    table = Table(box=box.SIMPLE, pad_edge=False)
-    for i, col in enumerate(COLUMNS):
-        table.add_column(col, justify="left" if i == 0 else "right")
-    for r in rows(result):
-        table.add_row(*r)
-    console.print(table)

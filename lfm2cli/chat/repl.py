@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from lfm2cli.chat import ChatMessage, ChatSession, TurnResult
+from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
 from lfm2cli.errors import Lfm2Error, UsageError
-from lfm2cli.history import shorten
-from lfm2cli.render import PlainStream, make_stream, stats_footer
+from lfm2cli.formatting import local_time
+from lfm2cli.render import PlainStream, make_stream, print_sections, stats_footer
+from lfm2cli.store.conversations import shorten
 
 # name -> (arguments, help); the completer shows the help next to each name
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -202,7 +202,7 @@ class ChatLoop:
             return
         for c in convs:
             mark = "*" if c.id == self.session.conversation_id else " "
-            when = _local_time(c.updated_at)
+            when = local_time(c.updated_at)
             self.ui.say(f"{mark} {c.id}  {when}  {c.message_count:>3} msgs  {shorten(c.display_title, 50)}")
 
     def _cmd_load(self, arg: str) -> None:
@@ -219,7 +219,7 @@ class ChatLoop:
         self.ui.note(f"saved {len(self.session.messages)} messages to {path} ({kind})")
 
     def _cmd_info(self, arg: str) -> None:
-        from lfm2cli.describe import describe, plain_lines
+        from lfm2cli.describe import describe, plain_lines, sections
 
         s = self.session
         desc = describe(s.lm.path)
@@ -227,9 +227,7 @@ class ChatLoop:
             for line in plain_lines(desc):
                 self.ui.say(line)
         else:
-            from lfm2cli.commands.info import print_table
-
-            print_table(desc, self.ui.err)
+            print_sections(sections(desc), self.ui.err)
         self.ui.say(f"device: {s.lm.device}  dtype: {str(s.lm.dtype).removeprefix('torch.')}  "
                     f"context: {s.context_used()} of {s.context_limit} tokens used")
 
@@ -257,13 +255,6 @@ class ChatLoop:
         for m in s.messages[-RECAP_MESSAGES:]:
             self.ui.note(_recap_line(m))
 
-
-def _local_time(stamp: str) -> str:
-    """A stored UTC timestamp as local time, to the minute."""
-    try:
-        return datetime.fromisoformat(stamp).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return stamp
 
 
 def _recap_line(m: ChatMessage) -> str:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from lfm2cli.errors import HistoryError
-from lfm2cli.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
 from lfm2cli.paths import data_dir
+from lfm2cli.store.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations",
            "to_json", "to_markdown"]
@@ -136,7 +136,7 @@ class HistoryStore:
 
     def __init__(self, path: Path | None = None, timeout: float = 30.0) -> None:
         self.path = Path(path) if path is not None else history_path()
-        # the chat may write from its generation thread, so share the connection behind a lock
+        # usable from any thread (a server's workers, a test's threads), one statement at a time
         self._lock = threading.RLock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,91 @@
+"""What the user types to name a model (a directory, a hub repo id, an alias) and where that model is on disk.
+
+`resolve_model` is what every command calls with that name. It looks in our cache and in the standard Hugging
+Face cache without any network call, and downloads (`lfm2cli.hub.download`) only when asked to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from lfm2cli.errors import CheckpointError, HubError, UsageError
+from lfm2cli.formatting import human_bytes
+from lfm2cli.hub import download, local
+from lfm2cli.hub.progress import Progress
+
+DEFAULT_MODEL = "LiquidAI/LFM2-350M"  # the smallest LFM2: used when no model is named
+
+# Published text models that lfm2 runs; the alias is the repo name in lower case (`lfm2-1.2b`).
+PUBLISHED = (
+    "LFM2-350M", "LFM2-700M", "LFM2-1.2B", "LFM2-2.6B", "LFM2-8B-A1B", "LFM2-24B-A2B",
+    "LFM2.5-230M", "LFM2.5-230M-Base", "LFM2.5-350M", "LFM2.5-350M-Base", "LFM2.5-1.2B-Base",
+    "LFM2.5-1.2B-Instruct", "LFM2.5-1.2B-Thinking", "LFM2.5-1.2B-JP", "LFM2.5-2.6B", "LFM2.5-2.6B-Base",
+    "LFM2.5-8B-A1B", "LFM2.5-8B-A1B-Base",
+)
+ALIASES: dict[str, str] = {name.lower(): f"LiquidAI/{name}" for name in PUBLISHED}
+ALIASES["lfm2.5-1.2b"] = "LiquidAI/LFM2.5-1.2B-Instruct"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def repo_id_for(name: str | None) -> str:
+    """An alias or repo id as typed -> the repo id; None -> the default model."""
+    if name is None:
+        return DEFAULT_MODEL
+    key = name.strip()
+    if key.lower() in ALIASES:
+        return ALIASES[key.lower()]
+    for repo in ALIASES.values():  # the hub ignores case in ids, but our cache folders do not
+        if repo.lower() == key.lower():
+            return repo
+    if _REPO_ID.match(key) and "--" not in key and ".." not in key:
+        return key
+    examples = ", ".join(list(ALIASES)[:3])
+    raise UsageError(f"'{name}' is not a local directory, a hub repo id (owner/name) or an alias "
+                     f"({examples}, ...; see docs/models.md)")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+            or Path(name).expanduser().exists())
+
+
+def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False,
+                  confirm: Callable[[str], bool] | None = None, revision: str | None = None,
+                  cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
+    """Turn what the user typed (a directory, a repo id, an alias or None) into a local checkpoint directory.
+
+    A directory is used as is. A repo id is taken from our cache, else from the standard Hugging Face
+    cache, without any network call. When it is in neither: offline -> HubError; `pull` -> download;
+    `confirm` given -> download if it answers yes to the question it is asked; otherwise HubError that says
+    how to download it.
+    """
+    if name is not None:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return path
+        if _looks_like_path(name):
+            raise CheckpointError(f"{name}: no such checkpoint directory")
+    repo_id = repo_id_for(name)
+    found = local.find_cached(repo_id, revision, cache_dir)
+    if found is not None:
+        local.mark_used(repo_id, cache_dir)
+        return found
+    found = local.find_in_hf_cache(repo_id, revision)
+    if found is not None:
+        return found
+
+    how = f"lfm2 pull {repo_id}" + (f" --revision {revision}" if revision else "")
+    if download.is_offline(offline):
+        raise HubError(f"{repo_id} is not downloaded and offline mode is on; run `{how}` while online")
+    if not (pull or confirm):
+        raise HubError(f"{repo_id} is not downloaded yet; run: {how} (or pass --pull)")
+    plan = download.fetch_plan(repo_id, revision)
+    if not pull and confirm is not None and not confirm(f"Download {repo_id} ({human_bytes(plan.total)})?"):
+        raise HubError(f"{repo_id} was not downloaded; run `{how}` when you want it")
+    result = download.pull_model(repo_id, revision=revision, cache_dir=cache_dir, progress=progress, plan=plan)
+    local.mark_used(repo_id, cache_dir)
+    return result.path
+
+

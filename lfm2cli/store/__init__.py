@@ -1,0 +1,2 @@
+"""The chat history: a SQLite database of conversations (`conversations`) and its schema migrations, in order
+(`migrations`)."""
