@@ -229,14 +229,14 @@ class UnitTracker:
         self.model, self.plan, self.slots = model, plan, slots
         units = kernels.units(model) if plan.accelerate else {}
         self.unit_of: dict[str, str] = {}
+        self.names: dict[str, list[str]] = {}  # each unit's tensors
         for name in names:
             parts = name.split(".")
             unit = next((u for k in range(len(parts) - 1, 0, -1) if (u := ".".join(parts[:k])) in units), None)
             if unit is not None:
                 self.unit_of[name] = unit
-        self.left: dict[str, list[str]] = {}
-        for name, unit in self.unit_of.items():
-            self.left.setdefault(unit, []).append(name)
+                self.names.setdefault(unit, []).append(name)
+        self.left = {unit: len(tensors) for unit, tensors in self.names.items()}
 
     def placed(self, name: str) -> None:
         from lfm2cli import kernels
@@ -244,11 +244,10 @@ class UnitTracker:
         unit = self.unit_of.get(name)
         if unit is None:
             return
-        left = self.left[unit]
-        left.remove(name)
-        if not left:
+        self.left[unit] -= 1
+        if not self.left[unit]:
             kernels.accelerate_unit(self.model, unit, self.plan)
-            for n in (n for n, u in self.unit_of.items() if u == unit):
+            for n in self.names[unit]:
                 self.slots.pop(n, None)  # the fused buffer goes once its unit has its own form
 
 

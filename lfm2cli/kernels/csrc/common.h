@@ -22,12 +22,6 @@ int lfm2_native_isa(void) { return LFM2_ISA; }
 /* The weight formats of lfm2_linear's `int8` argument: 0 bf16, 1 int8 (per-row scales), 2 int4 (linear_int4.c,
  * scales inside the packed weights). */
 #define LFM2_INT4 2
-#if LFM2_ISA >= 1
-void lfm2_linear_int4(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
-                      int threads);
-void lfm2_linear_group_int4(int64_t n, const void *const *w, const uint16_t *const *x, uint16_t *const *y,
-                            int64_t out, int64_t in, int threads);
-#endif
 
 typedef uint16_t bf16_t;
 

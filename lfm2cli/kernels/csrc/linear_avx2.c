@@ -441,12 +441,9 @@ static void span_i8(const group_job *J, int64_t g0, int64_t g1) {
  * products all read the same one). bf16 keeps the 64-row tile kernel, its tiles of all n matrices taken
  * dynamically: four long runs per thread measured no faster there. Per block the arithmetic is as before
  * (int8: exact int32 sums, then join and store16 as at the AVX512 level), so the bits are too. */
-void lfm2_linear_group(int64_t n, const void *const *w, const float *const *scales, const uint16_t *const *x,
-                       uint16_t *const *y, int64_t out, int64_t in, int int8, int threads) {
-    if (int8 == LFM2_INT4) {
-        lfm2_linear_group_int4(n, w, x, y, out, in, threads);
-        return;
-    }
+static void linear_group_packed(int64_t n, const void *const *w, const float *const *scales,
+                                const uint16_t *const *x, uint16_t *const *y, int64_t out, int64_t in, int int8,
+                                int threads) {
     if (n <= 0 || out <= 0) return;
     int64_t *u = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n)), *first = u + n, nu = 0;
     for (int64_t i = 0; i < n; i++) {
@@ -495,21 +492,16 @@ void lfm2_linear_group(int64_t n, const void *const *w, const float *const *scal
 }
 #define LFM2_HAVE_GROUP 1
 
-/* W packed by lfm2_pack (bf16 pairs, or int8 quads with per-row `scales`; rows padded to a multiple of 64), or
- * int4 (int8 == LFM2_INT4: linear_int4.c); x [T, in] bf16, y [T, out] bf16; `in` even (int8: a multiple of 4).
- * One token is a group of one. Otherwise
- * blocks or panels of rows are shared among `threads` threads dynamically: a core slowed by other work does not
- * hold up the rest. */
-void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
-                 int64_t in, int int8, int threads) {
+/* lfm2_linear (step.c) for this level's formats: W packed by lfm2_pack (bf16 pairs, or int8 quads with per-row
+ * `scales`; rows padded to a multiple of 64); x [T, in] bf16, y [T, out] bf16; `in` even (int8: a multiple of 4).
+ * One token is a group of one. Otherwise blocks or panels of rows are shared among `threads` threads dynamically:
+ * a core slowed by other work does not hold up the rest. */
+static void linear_packed(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T,
+                          int64_t out, int64_t in, int int8, int threads) {
     const int64_t blocks = (out + 15) / 16, bs = 16 * in, quads = in / 4;
     if (T <= 0 || out <= 0) return;
-    if (int8 == LFM2_INT4) {
-        lfm2_linear_int4(w, x, y, T, out, in, threads);
-        return;
-    }
     if (T == 1) {
-        lfm2_linear_group(1, &w, &scales, &x, &y, out, in, int8, threads);
+        linear_group_packed(1, &w, &scales, &x, &y, out, in, int8, threads);
         return;
     }
     if (int8 && T <= I8_DIRECT_ROWS) {

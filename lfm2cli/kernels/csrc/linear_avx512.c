@@ -212,17 +212,13 @@ static void widen_tile(const uint8_t *w, int64_t bs, int64_t quads, uint16_t *ds
         }
 }
 
-/* W packed by lfm2_pack (bf16 pairs, or int8 quads with per-row `scales`; rows padded to a multiple of 64), or
- * int4 (int8 == LFM2_INT4: linear_int4.c); x [T, in] bf16, y [T, out] bf16; `in` even (int8: a multiple of 4).
- * Blocks or tiles of 64 outputs are shared
- * among `threads` threads, dynamically: a core slowed by other work does not hold up the rest. */
-void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
-                 int64_t in, int int8, int threads) {
+/* lfm2_linear (step.c) for this level's formats: W packed by lfm2_pack (bf16 pairs, or int8 quads with per-row
+ * `scales`; rows padded to a multiple of 64); x [T, in] bf16, y [T, out] bf16; `in` even (int8: a multiple of 4).
+ * Blocks or tiles of 64 outputs are shared among `threads` threads, dynamically: a core slowed by other work does
+ * not hold up the rest. */
+static void linear_packed(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T,
+                          int64_t out, int64_t in, int int8, int threads) {
     const int64_t tiles = (out + 16 * NB - 1) / (16 * NB), bs = 16 * in, pairs = in / 2, quads = in / 4;
-    if (int8 == LFM2_INT4) {
-        lfm2_linear_int4(w, x, y, T, out, in, threads);
-        return;
-    }
     if (T == 1 && !int8) {
         #pragma omp parallel for num_threads(threads) schedule(dynamic, 8)
         for (int64_t b = 0; b < tiles * NB; b++) block_bf16((const uint16_t *)w + b * bs, pairs, x, y + 16 * b, out - 16 * b);

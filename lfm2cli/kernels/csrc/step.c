@@ -21,20 +21,35 @@ typedef struct {
 
 #define LFM2_MAX_TOPK 64
 
-#ifndef LFM2_HAVE_GROUP
-/* n one-token products of one shape (a MoE layer's routed experts): y[i] = x[i] W[i]^T. A level whose file
- * defines LFM2_HAVE_GROUP shares the blocks of all n matrices among the threads in one parallel region (longer
- * streams, one fork and join); elsewhere they run one after the other. */
-void lfm2_linear_group(int64_t n, const void *const *w, const float *const *scales, const uint16_t *const *x,
-                       uint16_t *const *y, int64_t out, int64_t in, int int8, int threads) {
 #if LFM2_ISA >= 1
-    if (int8 == LFM2_INT4) { /* linear_int4.c has a group kernel at every level */
-        lfm2_linear_group_int4(n, w, x, y, out, in, threads);
-        return;
-    }
+#ifndef LFM2_HAVE_GROUP
+/* A level whose file defines LFM2_HAVE_GROUP shares the blocks of all n matrices among the threads in one
+ * parallel region (longer streams, one fork and join); elsewhere they run one after the other. */
+static void linear_group_packed(int64_t n, const void *const *w, const float *const *scales,
+                                const uint16_t *const *x, uint16_t *const *y, int64_t out, int64_t in, int int8,
+                                int threads) {
+    for (int64_t i = 0; i < n; i++) linear_packed(w[i], int8 ? scales[i] : 0, x[i], y[i], 1, out, in, int8, threads);
+}
 #endif
-    for (int64_t i = 0; i < n; i++)
-        lfm2_linear(w[i], int8 == 1 ? scales[i] : 0, x[i], y[i], 1, out, in, int8, threads);
+
+/* y[T, out] = x[T, in] W^T, W in the format `fmt` names (LFM2_INT4 or the level's bf16/int8 forms): the one
+ * place that picks the code; int4 runs linear_int4.c at every level. */
+void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
+                 int64_t in, int fmt, int threads) {
+    if (fmt == LFM2_INT4) lfm2_linear_int4(w, x, y, T, out, in, threads);
+    else linear_packed(w, scales, x, y, T, out, in, fmt, threads);
+}
+
+/* n one-token products of one shape (a MoE layer's routed experts): y[i] = x[i] W[i]^T. */
+void lfm2_linear_group(int64_t n, const void *const *w, const float *const *scales, const uint16_t *const *x,
+                       uint16_t *const *y, int64_t out, int64_t in, int fmt, int threads) {
+    if (fmt == LFM2_INT4) lfm2_linear_group_int4(n, w, x, y, out, in, threads);
+    else linear_group_packed(n, w, scales, x, y, out, in, fmt, threads);
+}
+#else
+void lfm2_linear_group(int64_t n, const void *const *w, const float *const *scales, const uint16_t *const *x,
+                       uint16_t *const *y, int64_t out, int64_t in, int fmt, int threads) {
+    for (int64_t i = 0; i < n; i++) lfm2_linear(w[i], fmt ? scales[i] : 0, x[i], y[i], 1, out, in, fmt, threads);
 }
 #endif
 
