@@ -300,6 +300,7 @@ def main() -> None:
     ap.add_argument("--no-transformers", action="store_true", help="lfm2 only")
     ap.add_argument("--no-compile", action="store_true", help="skip the --compile variants")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 variants")
+    ap.add_argument("--no-int4", action="store_true", help="skip the int4 variant")
     ap.add_argument("--torch-kernels", action="store_true", help="add lfm2 bf16 without its native code")
     ap.add_argument("--no-process", action="store_true", help="skip cold start and --help timings")
     ap.add_argument("--llama-cpp", type=Path, metavar="DIR",
@@ -332,6 +333,8 @@ def main() -> None:
         if not args.no_compile and not cfg.is_moe:
             variants.append(("lfm2 int8 --compile, torch kernels",
                              {"quantize": "int8", "compile": True, "native": False}))
+    if not args.no_int4:
+        variants.append(("lfm2 int4", {"quantize": "int4"}))
     builders: list[Callable[[], Engine]] = [lambda n=n, kw=kw: lfm2_engine(n, cfg, **kw) for n, kw in variants]
     if not args.no_transformers:
         builders.insert(0, lambda: transformers_engine(repo))
@@ -367,7 +370,8 @@ def main() -> None:
              f"{args.gen_tokens} new tokens per run, {args.repeat} repetitions "
              f"{'one engine after the other (two models do not fit in memory together)' if big else 'interleaved'}"
              f"; medians. Decode / ceiling: each run's decode speed over bandwidth / bytes a decode step reads "
-             f"(bf16: {next(e for e in engines if e.decode_bytes).decode_bytes / 1e6:.0f} MB; int8 about half), "
+             f"(bf16: {next(e for e in engines if e.decode_bytes).decode_bytes / 1e6:.0f} MB; int8 about 0.53x, "
+             f"int4 0.28x), "
              f"with the bandwidth measured just before that run.",
              "", *table(engines, lengths, base)]
     peers = [e for e in engines if e.name.startswith("llama.cpp")]

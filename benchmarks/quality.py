@@ -181,11 +181,10 @@ def build_model(cfg: Lfm2Config, dist: str, seed: int) -> tuple[Lfm2ForCausalLM,
 # ---- the four formats: bf16 weight -> (float32 weight as the format stores it, storage bits) ----
 
 def ours_int8(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from lfm2cli.quantize import quantize_int8
+    from lfm2cli.quantize import dequantize_int8, quantize_int8
 
     q, scales = quantize_int8(w)
-    # what the kernels multiply: int8 values times the stored (model dtype) scale, the product in float32
-    return q.float() * scales.float()[:, None], 8 * (q.nbytes + scales.nbytes)
+    return dequantize_int8(q, scales), 8 * (q.nbytes + scales.nbytes)
 
 
 def ours_int4(w: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -214,18 +213,16 @@ ROUNDTRIP: dict[str, Callable[[torch.Tensor], tuple[torch.Tensor, int]]] = {
 
 def bits_per_weight(fmt: str, shapes: Iterable[tuple[int, int]]) -> float:
     """Storage bits per projection weight of a format over weights of these [out, in] shapes (by the format's own
-    sizes: int8 one model-dtype (bf16) scale per row; int4 a bf16 scale per 32; Q8_0/Q4_0 per gguf's block sizes)."""
+    sizes: int8 and int4 a bf16 scale per 32; Q8_0/Q4_0 per gguf's block sizes)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from lfm2cli.quantize import INT4_GROUP
+    from lfm2cli.quantize import GROUP
 
     bits = count = 0
     for out, inn in shapes:
         count += out * inn
-        if fmt == "int8":
-            bits += out * inn * 8 + out * 16
-        elif fmt == "int4":
-            bits += out * inn * 4 + out * (inn // INT4_GROUP) * 16
+        if fmt in ("int8", "int4"):
+            bits += out * inn * (8 if fmt == "int8" else 4) + out * (inn // GROUP) * 16
         else:
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType[fmt]]
             bits += out * (inn // block) * size * 8
@@ -345,9 +342,12 @@ def ratios(rows: list[Row]) -> dict[str, list[tuple[float, Row]]]:
 def summary(rows: list[Row], tolerance: float = WORSE) -> list[str]:
     """One line per format of ours: no worse than its GGUF peer everywhere, or where and by how much it is."""
     lines = []
+    by_key = {(r.shape, r.dist, r.fmt): r for r in rows}
     for fmt, pairs in ratios(rows).items():
         lo, hi = min(x for x, _ in pairs), max(x for x, _ in pairs)
-        span = f"{lo:.3f}x to {hi:.3f}x {PEER[fmt]}'s mean logit error"
+        weight = [r.weight_err / by_key[(r.shape, r.dist, PEER[fmt])].weight_err for _, r in pairs]
+        span = (f"{lo:.3f}x to {hi:.3f}x {PEER[fmt]}'s mean logit error (weight error {min(weight):.3f}x to "
+                f"{max(weight):.3f}x)")
         worse = [(x, r) for x, r in pairs if x > tolerance]
         if not worse:
             lines.append(f"{fmt} against {PEER[fmt]}: no worse anywhere (within {tolerance - 1:.0%}): {span}.")

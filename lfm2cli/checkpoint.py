@@ -184,18 +184,16 @@ def parameter_counts(cfg: Lfm2Config) -> tuple[int, int]:
     return total, active
 
 
-INT4_GROUP = 32  # inputs per int4 scale (lfm2cli.quantize)
+GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.quantize)
 
 
 def _quantized_bytes(rows: int, cols: int, quantize: str | None, dtype_bytes: int) -> int:
-    """Bytes of one [rows, cols] projection weight in memory: int8 is a byte per weight plus a float32 scale per
-    row; int4 half a byte plus a bf16 scale per 32 inputs (int8 where the width is not a multiple of 32)."""
+    """Bytes of one [rows, cols] projection weight in memory: int8 is a byte per weight, int4 half a byte, plus a
+    bf16 scale per 32 inputs each (the model's precision where the width is not a multiple of 32)."""
     n = rows * cols
-    if quantize == "int4" and cols % INT4_GROUP == 0:
-        return n // 2 + (n // INT4_GROUP) * 2
-    if quantize in ("int8", "int4"):
-        return n + rows * 4
-    return n * dtype_bytes
+    if quantize not in ("int8", "int4") or cols % GROUP:
+        return n * dtype_bytes
+    return (n // 2 if quantize == "int4" else n) + (n // GROUP) * 2
 
 
 def weight_bytes(cfg: Lfm2Config, quantize: str | None = None, dtype_bytes: int = 2) -> int:

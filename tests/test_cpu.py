@@ -121,23 +121,3 @@ def test_model_runs_on_torch_in_bf16_with_bf16_hidden(dense_ckpt: Path, monkeypa
         assert torch.isfinite(model(torch.tensor([[int(logits.argmax())]]), cache)).all()
     finally:
         native.reset()
-
-
-def test_int8_on_torch_kernels_falls_back_where_it_is_slower(dense_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             capfd: pytest.CaptureFixture) -> None:
-    """torch's int8 kernel decodes at ~0.3x float32 on AVX2-only CPUs: there, without the native kernels,
-    --quantize int8 says so and keeps the weights as they are."""
-    from lfm2cli.kernels import native
-    from lfm2cli.kernels.proj import Proj
-
-    monkeypatch.setenv("LFM2_CPU_HIDE", "avx512*,amx*,avx_ne_convert")
-    monkeypatch.setenv("LFM2_NATIVE", "0")
-    native.reset()
-    try:
-        lm = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False, quantize="int8")
-        model = lm.model
-        assert "slower" in lm.skipped["quantize"] and "compile" not in lm.skipped
-        assert capfd.readouterr().err == ""  # the library tells the caller, not the terminal
-        assert not any(p.scales is not None for p in model.modules() if isinstance(p, Proj))
-    finally:
-        native.reset()

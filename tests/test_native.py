@@ -1,6 +1,6 @@
 """lfm2's native CPU code (lfm2cli/kernels/csrc): at every ISA level this CPU can execute (AVX512-BF16 and AVX2 on
-a Zen 4/5, AVX2 alone on older CPUs), its products equal float32 matmuls rounded to bf16, for bf16 and int8
-weights, every padding case and both int8 paths; the decode step's small ops are bit-identical to the torch
+a Zen 4/5, AVX2 alone on older CPUs), its bf16 products equal float32 matmuls rounded to bf16, in every padding
+case (int8 and int4: tests/test_grouped.py); the decode step's small ops are bit-identical to the torch
 layers; it is built once per level and cached; models use it for bf16 on CPU and give the reference path's
 answers; without it (no compiler, LFM2_NATIVE=0) everything still runs."""
 
@@ -20,7 +20,6 @@ from lfm2cli.kernels.native_step import NativeDecoder
 from lfm2cli.kernels.proj import Proj
 from lfm2cli.loading import load, load_model
 from lfm2cli.model.layers import RMSNorm, apply_rope, decode_attention, rope_cos_sin
-from lfm2cli.quantize import quantize_int8
 from tests.conftest import native_at_level
 
 CPU = torch.device("cpu")
@@ -62,45 +61,18 @@ def test_bf16_product_is_the_rounded_float_product(kernel: None, shape: tuple[in
     assert bf16_close(y, x.float() @ w.float().t())
 
 
-@pytest.mark.parametrize("width", [96, 100])  # 100: tails of the 16-wide activation split and of the quad pairs
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40])  # up to 8 rows against int16 activations, beyond bf16
-def test_int8_product_is_within_its_bound(kernel: None, rows: int, width: int) -> None:
-    g = torch.Generator().manual_seed(rows)
-    w = torch.randn(136, width, generator=g) * torch.linspace(0.1, 2, 136)[:, None]
-    q, scales = quantize_int8(w.bfloat16())
-    x = torch.randn(rows, width, generator=g).bfloat16()
-    y = native.linear(x, native.pack(q), 136, native.pad_scales(scales)).float()
-    exact = (x.float() @ q.float().t()) * scales.float()
-    # one bf16 rounding of the result, plus (few rows) each activation rounded to int16 with one scale per row
-    step = exact.abs() * 2.0 ** -8 + 1e-6
-    if rows <= 8:
-        half_step = x.float().abs().amax(1, keepdim=True) / 32639 / 2
-        step = step + (half_step * q.float().abs().sum(1)) * scales.float()
-    assert ((y - exact).abs() <= step).all()
-    if rows > 8:
-        assert bf16_close(y, exact)  # the widened path is exact up to the final rounding
-
-
-@pytest.mark.parametrize("int8", [False, True])
-def test_group_of_products_equals_each_product(kernel: None, int8: bool) -> None:
+def test_group_of_products_equals_each_product(kernel: None) -> None:
     """The MoE step's routed experts run as one group: bit-identical to one product at a time."""
     g = torch.Generator().manual_seed(12)
-    ws = [torch.randn(136, 96, generator=g).bfloat16() for _ in range(4)]
+    packed = [native.pack(torch.randn(136, 96, generator=g).bfloat16()) for _ in range(4)]
     xs = [torch.randn(96, generator=g).bfloat16() for _ in range(4)]
-    if int8:
-        qs = [quantize_int8(w) for w in ws]
-        packed, scales = [native.pack(q) for q, _ in qs], [native.pad_scales(s) for _, s in qs]
-    else:
-        packed, scales = [native.pack(w) for w in ws], None
-    group = native.linear_group(xs, packed, 136, scales)
+    group = native.linear_group(xs, packed, 136)
     for i, y in enumerate(group):
-        one = native.linear(xs[i].view(1, -1), packed[i], 136, scales[i] if int8 else None).view(-1)
-        assert torch.equal(y, one)
+        assert torch.equal(y, native.linear(xs[i].view(1, -1), packed[i], 136).view(-1))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.int8])
-def test_packing_in_place_equals_packing_a_copy(kernel: None, dtype: torch.dtype) -> None:
-    w = (torch.randn(128, 96, generator=torch.Generator().manual_seed(3)) * 40).to(dtype)
+def test_packing_in_place_equals_packing_a_copy(kernel: None) -> None:
+    w = torch.randn(128, 96, generator=torch.Generator().manual_seed(3)).bfloat16()
     expected = native.pack(w)
     mine = w.clone()
     packed = native.pack(mine, in_place=True)
@@ -108,19 +80,6 @@ def test_packing_in_place_equals_packing_a_copy(kernel: None, dtype: torch.dtype
     odd = torch.randn(70, 32).bfloat16()  # needs padding rows: packed into new memory, the weight untouched
     before = odd.clone()
     assert torch.equal(native.pack(odd, in_place=True), native.pack(before)) and torch.equal(odd, before)
-
-
-def test_native_int8_quantisation_equals_torch(kernel: None) -> None:
-    """Loading quantises with the native code: the same bytes as lfm2cli.quantize's torch definition, also for
-    zero rows, ties at .5 and odd widths."""
-    from lfm2cli.quantize import quantize_int8
-
-    g = torch.Generator().manual_seed(11)
-    w = (torch.randn(67, 100, generator=g) * torch.rand(67, 1, generator=g) * 50).to(torch.bfloat16)
-    w[3] = 0
-    w[5, :4] = torch.tensor([127.0, 0.5, -1.5, 2.5])  # scale 1: exact halves must round to even as torch does
-    for got, want in zip(native.quantize_int8(w), quantize_int8(w), strict=True):
-        assert torch.equal(got, want)
 
 
 def test_inputs_of_any_layout_and_leading_shape(kernel: None) -> None:
@@ -149,9 +108,9 @@ def test_proj_switches_to_the_native_form(kernel: None) -> None:
     assert q.kind == "int8-native" and q.qweight is None
     odd = Proj(torch.randn(16, 33, generator=g).bfloat16())
     assert not odd.can_native()  # inputs come in pairs: odd widths keep torch's kernels
-    int8_pairs = Proj(torch.randn(16, 34, generator=g).bfloat16())
-    int8_pairs.quantize("int8")
-    assert not int8_pairs.can_native()  # int8 inputs come in fours
+    partial = Proj(torch.randn(16, 34, generator=g).bfloat16())
+    partial.quantize("int8")  # not whole groups of 32: kept in bf16, and native as such
+    assert partial.quant is None and partial.can_native()
 
 
 # ---- the decode step's small ops: bit-identical to the torch code of lfm2cli/model/layers.py
@@ -264,29 +223,6 @@ def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path, moe_c
                 assert (whole - per_op).abs().max() <= 0.01 * (per_op.max() - per_op.min())
 
 
-def test_levels_give_the_same_int8_sums(library: str) -> None:
-    """Both levels read the same packed layouts, and for up to 8 tokens both multiply int8 weights by the same
-    int16-rounded activations with exact integer sums: their int8 products are bit-identical."""
-    levels = cpu.native_levels()
-    if len(levels) < 2 or library != levels[0]:
-        pytest.skip("needs a CPU that executes both levels (AVX512-BF16)")
-    g = torch.Generator().manual_seed(11)
-    q, scales = quantize_int8(torch.randn(200, 96, generator=g).bfloat16())
-    x = torch.randn(5, 96, generator=g).bfloat16()
-    packed, s = native.pack(q), native.pad_scales(scales)
-    results = {}
-    for level in levels:
-        os.environ["LFM2_NATIVE_ISA"] = level
-        native.reset()
-        native.load(Path(os.environ["LFM2_CACHE"]) / "kernels")
-        results[level] = [native.linear(x[:n], packed, 200, s) for n in (1, 2, 5)]
-    os.environ["LFM2_NATIVE_ISA"] = library
-    native.reset()
-    native.load(Path(os.environ["LFM2_CACHE"]) / "kernels")
-    for a, b in zip(*results.values(), strict=True):
-        assert torch.equal(a, b)
-
-
 def test_build_is_cached_and_keyed_by_source_and_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
@@ -310,7 +246,7 @@ def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dens
                                                              moe_ckpt: Path) -> None:
     from tests.test_fastpath import teacher_forced
 
-    for path in (dense_ckpt, moe_ckpt):
+    for path, int8_bound in ((dense_ckpt, 0.1), (moe_ckpt, 0.25)):
         ref = load_model(path, load_config(path), CPU, torch.float32, fast=False)
         fast = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
         kinds = {m.kind for m in fast.modules() if isinstance(m, Proj)}
@@ -320,7 +256,8 @@ def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dens
         quant = load(path, device="cpu", dtype="bfloat16", tokenizer=False, quantize="int8").model
         assert "int8-native" in {m.kind for m in quant.modules() if isinstance(m, Proj)}
         worst, agree, _, _ = teacher_forced(ref, quant)
-        assert worst < 0.15 and agree >= 19  # the int8 bound of docs/performance.md
+        # int8 weights and, in the kernels, int8 activations (lfm2cli/quantize.py): measured 4-7 % dense, 5-17 % MoE
+        assert worst < int8_bound and agree >= 19
 
 
 def test_compile_is_ignored_where_the_native_code_runs(kernel: None, dense_ckpt: Path,

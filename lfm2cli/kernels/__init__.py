@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from lfm2cli import cpu
 from lfm2cli.kernels.proj import Proj, can_prepack
 from lfm2cli.model.layers import MLP, Attention, ShortConv, decode_attention
 from lfm2cli.model.lfm2 import Lfm2ForCausalLM
@@ -134,9 +133,6 @@ def plan(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype, *, qu
     native code out (benchmarks compare with it)."""
     skipped: dict[str, str] = {}
     native = native and bool(fast or quantize or compile) and native_available(device, dtype) is None
-    if quantize == "int8" and not native and not compile and (reason := torch_int8_slower(device)):
-        skipped["quantize"] = reason
-        quantize = None
     if compile:
         from lfm2cli.kernels.compiled import compile_supported
 
@@ -221,15 +217,6 @@ def native_available(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type != "cpu" or dtype != torch.bfloat16:
         return "used for bf16 on CPU only"
     return native.load(paths.cache_dir() / "kernels")
-
-
-def torch_int8_slower(device: torch.device) -> str | None:
-    """Why int8 weights on torch's kernels would decode slower than the model's own dtype here, or None. Measured:
-    `_weight_int8pack_mm` beats bf16 on AVX512 CPUs (1.1-1.4x) but runs at ~0.3x float32 on AVX2-only ones."""
-    if device.type == "cpu" and not cpu.is_arm() and "avx512f" not in cpu.flags():
-        return ("without lfm2's native kernels, torch's int8 kernel is slower than unquantised weights on this "
-                f"CPU (no AVX512); native code {native_why_not()}")
-    return None
 
 
 def native_why_not() -> str:

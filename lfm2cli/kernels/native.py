@@ -33,11 +33,11 @@ _level: str | None = None  # its kernel level; models use the library only when 
 _why_not: str | None = "not loaded"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "lfm2_linear": [_P, _P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
-    "lfm2_linear_group": [_I, _P, _P, _P, _P, _I, _I, ctypes.c_int, ctypes.c_int],
-    "lfm2_pack": [_P, _P, _I, _I, _I, _I, ctypes.c_int],
-    "lfm2_pack_inplace": [_P, _I, _I, _I, ctypes.c_int],
-    "lfm2_pack_int4": [_P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "lfm2_linear": [_P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
+    "lfm2_linear_group": [_I, _P, _P, _P, _I, _I, ctypes.c_int, ctypes.c_int],
+    "lfm2_pack": [_P, _P, _I, _I, _I, ctypes.c_int],
+    "lfm2_pack_inplace": [_P, _I, _I, ctypes.c_int],
+    "lfm2_pack_grouped": [_P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "lfm2_quantize_int4": [_P, _I, _I, _P, _P, ctypes.c_int],
     "lfm2_quantize_int8": [_P, _I, _I, _P, _P, ctypes.c_int],
     "lfm2_add_rmsnorm": [_P, _P, _P, _P, _I, _F],
@@ -51,11 +51,11 @@ _SIGNATURES = {
 class Layer(ctypes.Structure):
     """One layer of `lfm2_decode_step` (csrc/step.c's lfm2_layer): pointers to its weights and caches."""
 
-    _fields_ = [("attention", _I), ("op_norm", _P), ("ffn_norm", _P), ("in_w", _P), ("in_s", _P), ("in_rows", _I),
-                ("out_w", _P), ("out_s", _P), ("w13", _P), ("w13_s", _P), ("w2", _P), ("w2_s", _P), ("ff", _I),
+    _fields_ = [("attention", _I), ("op_norm", _P), ("ffn_norm", _P), ("in_w", _P), ("in_rows", _I),
+                ("out_w", _P), ("w13", _P), ("w2", _P), ("ff", _I),
                 ("conv_w", _P), ("conv_b", _P), ("state", _P), ("q_norm", _P), ("k_norm", _P), ("k_cache", _P),
                 ("v_cache", _P), ("experts", _I), ("top_k", _I), ("norm_topk", _I), ("scaling", _F), ("gate", _P),
-                ("expert_bias", _P), ("e_w13", _P), ("e_w13_s", _P), ("e_w2", _P), ("e_w2_s", _P), ("e_ff", _I),
+                ("expert_bias", _P), ("e_w13", _P), ("e_w2", _P), ("e_ff", _I),
                 # each weight's format (BF16, INT8, INT4), the experts' per kind
                 ("in_f", _I), ("out_f", _I), ("w13_f", _I), ("w2_f", _I), ("e_w13_f", _I), ("e_w2_f", _I)]
 
@@ -142,40 +142,34 @@ def why_not() -> str | None:
     return _why_not
 
 
-INT8_MAX_IN = 65536  # native.c's int8 sums are exact in int32 up to this many inputs
-BF16, INT8, INT4 = 0, 1, 2  # the weight formats lfm2_linear takes (LFM2_INT4 in csrc/common.h)
-INT4_GROUP = 32  # inputs per int4 scale (lfm2cli.quantize.INT4_GROUP)
-INT4_BYTES = 288  # one 16-row block's group in the int4 layout: 16 bf16 scales, 16 x 32 nibbles
+BF16, INT8, INT4 = 0, 1, 2  # the weight formats lfm2_linear takes (LFM2_BF16, LFM2_INT8, LFM2_INT4 in common.h)
+GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.quantize.GROUP)
+GROUP_BYTES = {INT8: 544, INT4: 288}  # one 16-row block's group: 16 bf16 scales, then 16 x 32 values
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    if not (ready() and weight.device.type == "cpu" and weight.dim() == 2):
-        return False
-    if weight.dtype == torch.int8:  # quads of inputs, and int32 sums that cannot overflow
-        return weight.shape[1] % 4 == 0 and weight.shape[1] <= INT8_MAX_IN
-    return weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
+    """Whether a bf16 weight can take the native layout."""
+    return (ready() and weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.bfloat16
+            and weight.shape[1] % 2 == 0)
 
 
 def pack(weight: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-    """[out, in] bf16 -> the pairs layout [out'/16, in/2, 16, 2]; [out, in] int8 -> the quads layout
-    [out'/16, in/4, 16, 4] of uint8 (each value plus 128); out' = out rounded up to 64 (see native.c).
+    """[out, in] bf16 -> the pairs layout [out'/16, in/2, 16, 2], out' = out rounded up to 64 (see native.c).
     `in_place` reuses the weight's memory when no padding is needed (the weight is then gone)."""
     out, inn = weight.shape
     padded = -(-out // ROWS) * ROWS
-    group = 2 if weight.dtype == torch.bfloat16 else 4  # inputs side by side per output channel
-    dtype = weight.dtype if group == 2 else torch.uint8
     threads = torch.get_num_threads()
     if in_place and padded == out and weight.is_contiguous():
-        _lib.lfm2_pack_inplace(weight.data_ptr(), out, inn, weight.element_size(), threads)
-        return weight.view(dtype).view(out // 16, inn // group, 16, group)
+        _lib.lfm2_pack_inplace(weight.data_ptr(), out, inn, threads)
+        return weight.view(out // 16, inn // 2, 16, 2)
     src = weight.contiguous()
-    dst = torch.empty(padded // 16, inn // group, 16, group, dtype=dtype)
-    _lib.lfm2_pack(src.data_ptr(), dst.data_ptr(), out, padded, inn, weight.element_size(), threads)
+    dst = torch.empty(padded // 16, inn // 2, 16, 2, dtype=weight.dtype)
+    _lib.lfm2_pack(src.data_ptr(), dst.data_ptr(), out, padded, inn, threads)
     return dst
 
 
-def can_pack_int4(in_features: int) -> bool:
-    return ready() and in_features % INT4_GROUP == 0
+def can_pack_grouped(in_features: int) -> bool:
+    return ready() and in_features % GROUP == 0
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +177,7 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out, inn = weight.shape
     w = weight.contiguous()
     nib = torch.empty(out, inn // 2, dtype=torch.uint8)
-    scales = torch.empty(out, inn // INT4_GROUP, dtype=torch.bfloat16)
+    scales = torch.empty(out, inn // GROUP, dtype=torch.bfloat16)
     _lib.lfm2_quantize_int4(w.data_ptr(), out, inn, nib.data_ptr(), scales.data_ptr(), torch.get_num_threads())
     return nib, scales
 
@@ -193,62 +187,51 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out, inn = weight.shape
     w = weight.contiguous()
     q = torch.empty(out, inn, dtype=torch.int8)
-    scales = torch.empty(out, dtype=torch.float32)
+    scales = torch.empty(out, inn // GROUP, dtype=torch.float16)
     _lib.lfm2_quantize_int8(w.data_ptr(), out, inn, q.data_ptr(), scales.data_ptr(), torch.get_num_threads())
-    return q, scales.to(torch.bfloat16)
+    return q, scales
 
 
-def pack_int4(nibbles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int4 weights from `lfm2cli.quantize.quantize_int4` (nibbles [out, in/2], bf16 scales [out, in/32]) -> the
-    layout of csrc/linear_int4.c: uint8 [out'/16, in/32, INT4_BYTES] with out' = out rounded up to 64 (zero
-    scales in the padding): each 16-row block's groups one after another, each group's scales before its
-    nibbles, so a decode product reads the weights once, in memory order."""
-    out, half = nibbles.shape
+def pack_grouped(q: torch.Tensor, scales: torch.Tensor, fmt: int) -> torch.Tensor:
+    """int8 or int4 weights from `lfm2cli.quantize` (int8 q [out, in] with fp16 scales, or int4 nibbles
+    [out, in/2] with bf16 scales; scales [out, in/32]) -> the layout of csrc/linear_grouped.c: uint8
+    [out'/16, in/32, GROUP_BYTES[fmt]] with out' = out rounded up to 64 (zero scales in the padding): each 16-row
+    block's groups one after another, each group's scales before its values, so a decode product reads the
+    weights once, in memory order."""
+    out, inn = scales.shape[0], scales.shape[1] * GROUP
     padded = -(-out // ROWS) * ROWS
-    nib, sc = nibbles.contiguous(), scales.contiguous()
-    dst = torch.empty(padded // 16, 2 * half // INT4_GROUP, INT4_BYTES, dtype=torch.uint8)
-    _lib.lfm2_pack_int4(nib.data_ptr(), sc.data_ptr(), dst.data_ptr(), out, padded, 2 * half,
-                        torch.get_num_threads())
+    src, sc = q.contiguous(), scales.contiguous()
+    dst = torch.empty(padded // 16, inn // GROUP, GROUP_BYTES[fmt], dtype=torch.uint8)
+    _lib.lfm2_pack_grouped(src.data_ptr(), sc.data_ptr(), dst.data_ptr(), out, padded, inn,
+                           4 if fmt == INT4 else 8, torch.get_num_threads())
     return dst
 
 
-def pad_scales(scales: torch.Tensor) -> torch.Tensor:
-    """Per-row scales as float32, padded like the packed rows (the kernel reads whole tiles of them)."""
-    s = scales.float()
-    return torch.cat([s, s.new_zeros((-s.numel()) % ROWS)]).contiguous()
-
-
-def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, scales: torch.Tensor | None = None,
-           fmt: int | None = None) -> torch.Tensor:
-    """x [..., in] bf16 -> x W^T [..., out] bf16 with W packed by `pack` (int8 when `scales` is given) or by
-    `pack_int4` (fmt=INT4). With int8 weights and up to 8 tokens, each token is rounded to int16 with one scale
-    (max|x| / 32639) first; with int4 weights, to int8 per group of 32 (max|x| / 127 each)."""
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, fmt: int = BF16) -> torch.Tensor:
+    """x [..., in] bf16 -> x W^T [..., out] bf16 with W packed by `pack` (BF16) or `pack_grouped` (INT8, INT4).
+    With int8 or int4 weights each token is rounded to int8 per group of 32 (max|x| / 127 each) first."""
     inn = x.shape[-1]
     rows = x.numel() // inn
     x2 = x.reshape(rows, inn)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y = x.new_empty(*x.shape[:-1], out_features)
-    if fmt is None:
-        fmt = BF16 if scales is None else INT8
-    _lib.lfm2_linear(packed.data_ptr(), None if scales is None else scales.data_ptr(), x2.data_ptr(),
-                     y.data_ptr(), rows, out_features, inn, fmt, torch.get_num_threads())
+    _lib.lfm2_linear(packed.data_ptr(), x2.data_ptr(), y.data_ptr(), rows, out_features, inn, fmt,
+                     torch.get_num_threads())
     return y
 
 
-def linear_group(xs: list[torch.Tensor], packed: list[torch.Tensor], out_features: int,
-                 scales: list[torch.Tensor] | None = None, fmt: int | None = None) -> list[torch.Tensor]:
+def linear_group(xs: list[torch.Tensor], packed: list[torch.Tensor], out_features: int, fmt: int = BF16
+                 ) -> list[torch.Tensor]:
     """One token each, x [in] bf16 against its own packed W (a MoE layer's routed experts, as the decode step
-    runs them): the same numbers as `linear` on each, in one parallel pass where the level has a group kernel."""
+    runs them): the same numbers as `linear` on each, in one parallel pass."""
     def ptrs(ts: list[torch.Tensor]) -> ctypes.Array:
         return (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])
 
     xs = [x.contiguous() for x in xs]
     ys = [x.new_empty(out_features) for x in xs]
-    if fmt is None:
-        fmt = INT8 if scales else BF16
-    _lib.lfm2_linear_group(len(xs), ptrs(packed), ptrs(scales) if scales else None, ptrs(xs), ptrs(ys),
-                           out_features, xs[0].numel(), fmt, torch.get_num_threads())
+    _lib.lfm2_linear_group(len(xs), ptrs(packed), ptrs(xs), ptrs(ys), out_features, xs[0].numel(), fmt,
+                           torch.get_num_threads())
     return ys
 
 

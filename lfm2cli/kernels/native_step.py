@@ -27,9 +27,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _weights(proj: Proj) -> tuple[int, int | None, int]:
-    """A native weight's pointers (packed weights, int8 scales or None) and format (native.BF16/INT8/INT4)."""
-    return proj.native.data_ptr(), _ptr(proj.native_scales), proj.native_format
+def _weights(proj: Proj) -> tuple[int, int]:
+    """A native weight's pointer (packed weights, with their scales when quantised) and format
+    (native.BF16/INT8/INT4)."""
+    return proj.native.data_ptr(), proj.native_format
 
 
 class NativeDecoder:
@@ -53,13 +54,13 @@ class NativeDecoder:
             inner = op.qkv_proj if layer.is_attention else op.in_proj
             entry.attention = int(layer.is_attention)
             entry.op_norm, entry.ffn_norm = _ptr(layer.operator_norm.weight), _ptr(layer.ffn_norm.weight)
-            entry.in_w, entry.in_s, entry.in_f = _weights(inner)
+            entry.in_w, entry.in_f = _weights(inner)
             entry.in_rows = inner.out_features
-            entry.out_w, entry.out_s, entry.out_f = _weights(op.out_proj)
+            entry.out_w, entry.out_f = _weights(op.out_proj)
             ff = layer.feed_forward
             if isinstance(ff, MLP):
-                entry.w13, entry.w13_s, entry.w13_f = _weights(ff.w13)
-                entry.w2, entry.w2_s, entry.w2_f = _weights(ff.w2)
+                entry.w13, entry.w13_f = _weights(ff.w13)
+                entry.w2, entry.w2_f = _weights(ff.w2)
                 entry.ff = ff.w2.in_features
             else:
                 self._moe_entry(entry, ff)
@@ -82,9 +83,7 @@ class NativeDecoder:
         entry.norm_topk, entry.scaling = int(moe.norm_topk_prob), moe.scaling
         entry.gate, entry.expert_bias = moe.gate.native.data_ptr(), _ptr(moe.expert_bias)
         entry.e_w13 = array([e.w13.native.data_ptr() for e in moe.experts])
-        entry.e_w13_s = array([_ptr(e.w13.native_scales) for e in moe.experts])
         entry.e_w2 = array([e.w2.native.data_ptr() for e in moe.experts])
-        entry.e_w2_s = array([_ptr(e.w2.native_scales) for e in moe.experts])
         entry.e_ff = moe.experts[0].w2.in_features
         # one format per kind of expert weight: the experts share their shapes, so their quantisation
         entry.e_w13_f, entry.e_w2_f = moe.experts[0].w13.native_format, moe.experts[0].w2.native_format

@@ -1,9 +1,9 @@
 """`Proj`: the linear layer `lfm2cli.kernels.accelerate` swaps in for the model's `nn.Linear` layers. It holds one
 weight in the fastest form for the device: plain (any device), packed for lfm2's own CPU kernels
-(`lfm2cli.kernels.native`: bf16, int8 or int4),
-prepacked for oneDNN (CPU, eager, where the native kernel cannot run), weight-only int8 or int4 (see
-`lfm2cli.quantize`; int4 outside the native kernels runs torch's slow fallback),
-or blocked for the compiled decode step. Batch-1 decode is bound by reading weights, so the form decides its speed.
+(`lfm2cli.kernels.native`: bf16, int8 or int4), prepacked for oneDNN (CPU, eager, where the native kernel cannot
+run), weight-only int8 or int4 (see `lfm2cli.quantize`; outside the native kernels they run torch's slow
+fallback), or blocked for the compiled decode step (plain or int8). Batch-1 decode is bound by reading weights,
+so the form decides its speed.
 
 The blocked form stores [out, in] as [out / BLOCK, in, BLOCK]: a decode product then walks the weights in memory
 order with BLOCK output channels side by side in one vector, no horizontal sums; inductor compiles
@@ -18,6 +18,7 @@ from torch import nn
 
 from lfm2cli import cpu
 from lfm2cli.kernels import native
+from lfm2cli.quantize import GROUP
 
 BLOCK = 32  # output channels per block in the blocked form (16 and 64 measured slower in the compiled step)
 _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj._unblocked_t
@@ -56,10 +57,10 @@ class Proj(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN's blocked layout (an opaque tensor)
         self.quant: str | None = None  # "int8" or "int4" once quantised
         self.qweight: torch.Tensor | None = None  # int8 [out, in]; int4: nibbles uint8 [out, in / 2]
-        self.scales: torch.Tensor | None = None  # int8: per output channel, model dtype; int4: bf16 [out, in / 32]
+        self.scales: torch.Tensor | None = None  # [out, in / 32]: int8 fp16, int4 bf16
         self.blocked: torch.Tensor | None = None  # [out / BLOCK, in, BLOCK]: plain or int8 values
-        self.native: torch.Tensor | None = None  # the native kernel's layout: bf16, int8 with native_scales, int4
-        self.native_scales: torch.Tensor | None = None  # float32, padded
+        self.blocked_scales: torch.Tensor | None = None  # int8 blocked: float32 [out / BLOCK, in / 32, BLOCK]
+        self.native: torch.Tensor | None = None  # the native kernel's layout: bf16, or int8 / int4 with scales
         self.keep_precision = False  # never quantised (the MoE router: tiny, and it picks the experts)
 
     @classmethod
@@ -88,15 +89,14 @@ class Proj(nn.Module):
 
     def quantize(self, mode: str) -> None:
         """Weight-only int8 or int4 (`lfm2cli.quantize`): made by the native code where it runs (the same bytes as
-        the torch definition, far faster at load time). int4 groups 32 inputs; a weight whose input width is not
-        a multiple of 32 is quantised to int8 instead (none in the LFM2 checkpoints: their widths are multiples
-        of 256)."""
+        the torch definition, far faster at load time). Both group 32 inputs; a weight whose input width is not
+        a multiple of 32 keeps its precision (none in the LFM2 checkpoints: their widths are multiples of 256)."""
         from lfm2cli import quantize
 
         w = self.weight
         assert w is not None and mode in ("int8", "int4")
-        if mode == "int4" and self.in_features % quantize.INT4_GROUP:
-            mode = "int8"
+        if self.in_features % quantize.GROUP:
+            return
         fast = native.ready() and w.dtype == torch.bfloat16 and w.device.type == "cpu"
         make = getattr(native if fast else quantize, f"quantize_{mode}")
         self.qweight, self.scales = make(w)
@@ -104,10 +104,9 @@ class Proj(nn.Module):
         self.quant = mode
 
     def can_native(self) -> bool:
-        if self.quant == "int4":
-            return self.qweight is not None and native.can_pack_int4(self.in_features)
-        w = self.qweight if self.qweight is not None else self.weight
-        return w is not None and native.can_pack(w)
+        if self.quant is not None:
+            return self.qweight is not None and native.can_pack_grouped(self.in_features)
+        return self.weight is not None and native.can_pack(self.weight)
 
     @property
     def native_format(self) -> int:
@@ -118,12 +117,9 @@ class Proj(nn.Module):
         """Switch to the native kernel's layout (bf16, int8 or int4 weights; see native.c). Replaces the plain copy;
         `in_place` rewrites the weight's own memory (only when nothing else uses that tensor)."""
         assert self.can_native()
-        if self.quant == "int4":
-            self.native = native.pack_int4(self.qweight, self.scales)  # scales travel inside the packed layout
+        if self.quant is not None:  # the scales travel inside the packed layout
+            self.native = native.pack_grouped(self.qweight, self.scales, self.native_format)
             self.scales = None
-        elif self.qweight is not None:
-            self.native = native.pack(self.qweight, in_place=True)  # made by quantize_int8: ours alone
-            self.native_scales = native.pad_scales(self.scales)
         else:
             self.native = native.pack(self.weight, in_place=in_place)
         self.weight = self.qweight = None
@@ -135,7 +131,10 @@ class Proj(nn.Module):
         """Switch to the blocked form (plain or int8) used by the compiled decode step."""
         w = self.qweight if self.qweight is not None else self.weight
         assert w is not None and self.can_block()
-        self.blocked = w.view(self.out_features // BLOCK, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        nb = self.out_features // BLOCK
+        self.blocked = w.view(nb, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        if self.scales is not None:  # int8: [out, in / 32] -> [out / BLOCK, in / 32, BLOCK], as the values
+            self.blocked_scales = self.scales.float().view(nb, BLOCK, -1).transpose(1, 2).contiguous()
         self.weight = self.qweight = None
 
     def _unblocked_t(self, dtype: torch.dtype) -> torch.Tensor:
@@ -149,7 +148,9 @@ class Proj(nn.Module):
             buf = _SCRATCH[key] = torch.empty(n, dtype=dtype, device=self.blocked.device)
         w = buf[:n].view(self.in_features, self.out_features)
         w.view(self.in_features, -1, BLOCK).copy_(self.blocked.permute(1, 0, 2))
-        return w if self.scales is None else w.mul_(self.scales.to(dtype))
+        if self.scales is not None:  # int8: each group of 32 inputs times its scale per output
+            w.view(-1, GROUP, self.out_features).mul_(self.scales.t().to(dtype)[:, None, :])
+        return w
 
     @property
     def kind(self) -> str:
@@ -161,10 +162,8 @@ class Proj(nn.Module):
     def nbytes(self) -> int:
         """Bytes read to apply this layer once (what batch-1 decode costs)."""
         n = self.out_features * self.in_features
-        if self.quant == "int4":  # half a byte per weight, a bf16 scale per 32
-            return n // 2 + 2 * (n // 32)
-        if self.scales is not None:
-            return n + self.scales.numel() * self.scales.element_size()
+        if self.quant is not None:  # a byte (int4: half) per weight, a bf16 scale per 32
+            return (n // 2 if self.quant == "int4" else n) + 2 * (n // GROUP)
         for t in (self.packed, self.blocked, self.native, self.weight):
             if t is not None:
                 return n * t.dtype.itemsize
@@ -172,25 +171,26 @@ class Proj(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None:  # bf16 models only (see prepare_for_inference)
-            y = native.linear(x, self.native, self.out_features, self.native_scales, self.native_format)
+            y = native.linear(x, self.native, self.out_features, self.native_format)
             return y if self.bias is None else y + self.bias
         if self.blocked is not None:
             if torch.compiler.is_compiling() and x.numel() == self.in_features:
                 # batch-1 decode inside the compiled step: one fused pass over the blocked weights
-                y = (self.blocked.float() * x.reshape(1, -1, 1).float()).sum(1).reshape(-1)
-                if self.scales is not None:
-                    y = y * self.scales.float()
+                if self.blocked_scales is None:
+                    y = (self.blocked.float() * x.reshape(1, -1, 1).float()).sum(1).reshape(-1)
+                else:  # int8: each group's sums times its scale, then the groups added up
+                    nb, groups = self.blocked.shape[0], self.in_features // GROUP
+                    part = (self.blocked.view(nb, groups, GROUP, BLOCK).float()
+                            * x.reshape(1, groups, GROUP, 1).float()).sum(2)
+                    y = (part * self.blocked_scales).sum(1).reshape(-1)
                 y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
             else:
                 y = torch.matmul(x, self._unblocked_t(x.dtype))
             return y if self.bias is None else y + self.bias
         if self.qweight is not None:
-            from lfm2cli.quantize import int4_linear, int8_linear
+            from lfm2cli.quantize import grouped_linear
 
-            if self.quant == "int4":
-                y = int4_linear(x, self.qweight, self.scales)
-            else:
-                y = int8_linear(x, self.qweight, self.scales)
+            y = grouped_linear(x, self.qweight, self.scales, self.quant)
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")

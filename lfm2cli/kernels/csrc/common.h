@@ -19,8 +19,10 @@
 
 int lfm2_native_isa(void) { return LFM2_ISA; }
 
-/* The weight formats of lfm2_linear's `int8` argument: 0 bf16, 1 int8 (per-row scales), 2 int4 (linear_int4.c,
- * scales inside the packed weights). */
+/* The weight formats lfm2_linear takes: bf16 pairs (linear_avx512.c / linear_avx2.c), int8 and int4 in groups
+ * of 32 with their scales inside the packed weights (linear_grouped.c). */
+#define LFM2_BF16 0
+#define LFM2_INT8 1
 #define LFM2_INT4 2
 
 typedef uint16_t bf16_t;
@@ -45,3 +47,15 @@ static inline float exp_f(float x) { /* expf to ~2 ulp, branch-free so loops ove
     return p * e.f;
 }
 
+/* The distinct inputs of n products (a MoE layer's w13 products all read one token): u[i] = which distinct input
+ * x[i] is, first[k] = the first product with input k. Returns how many there are. */
+static inline int64_t distinct_inputs(int64_t n, const uint16_t *const *x, int64_t *u, int64_t *first) {
+    int64_t nu = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t j = 0;
+        while (j < nu && x[first[j]] != x[i]) j++;
+        if (j == nu) first[nu++] = i;
+        u[i] = j;
+    }
+    return nu;
+}

@@ -7,8 +7,8 @@ static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
     return s;
 }
 
-void lfm2_linear(const void *w, const float *scales, const uint16_t *x, uint16_t *y, int64_t T, int64_t out,
-                 int64_t in, int int8, int threads) {
-    (void)w; (void)scales; (void)x; (void)y; (void)T; (void)out; (void)in; (void)int8; (void)threads;
+void lfm2_linear(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in, int fmt,
+                 int threads) {
+    (void)w; (void)x; (void)y; (void)T; (void)out; (void)in; (void)fmt; (void)threads;
 }
 #endif /* LFM2_ISA == 0 */

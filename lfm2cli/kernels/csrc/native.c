@@ -2,9 +2,10 @@
  * parts are included, so the compiler sees and inlines across all of them). In order:
  *   common.h          bf16 helpers, and LFM2_ISA: the level the -march flags of this build allow
  *   pack.c            W [out, in] into the kernels' layout, into new memory or in place
- *   linear_*.c        y[T, out] = x[T, in] W^T for bf16 activations and bf16 or int8 weights, one file per ISA
+ *   simd256.h         256-bit helpers of the AVX2 level and the grouped kernels
+ *   linear_avx*.c     y[T, out] = x[T, in] W^T for bf16 activations and bf16 weights, one file per ISA
  *                     level (only the one matching LFM2_ISA compiles), plus the attention dot product
- *   linear_int4.c     the same for int4 weights (groups of 32), 256-bit code for both levels
+ *   linear_grouped.c  the same for int8 and int4 weights (groups of 32), 256-bit code for both levels
  *   ops.c             one decode step's norms, SwiGLU, short conv and attention, rounding to bf16 where the torch
  *                     code does (portable C)
  *   step.c            a whole one-token decode step in one call (dense layers and MoE layers)
@@ -15,10 +16,10 @@
  * already loaded, so there is one thread pool). */
 #include "common.h"
 #include "pack.c"
+#include "simd256.h"
 #include "linear_avx512.c"
 #include "linear_avx2.c"
 #include "linear_none.c"
-#include "linear_int4.c"
-#include "quantize.c"
+#include "linear_grouped.c"
 #include "ops.c"
 #include "step.c"
