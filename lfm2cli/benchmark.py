@@ -17,7 +17,7 @@ import torch
 
 from lfm2cli.checkpoint import parameter_counts
 from lfm2cli.config import Lfm2Config, load_config
-from lfm2cli.errors import UsageError
+from lfm2cli.errors import MemoryLimitError, UsageError
 from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.kernels.proj import Proj
 from lfm2cli.memory import check_fits, peak_memory, reset_peak_memory
@@ -148,6 +148,17 @@ def random_config(name: str) -> tuple[Lfm2Config, str]:
                      f"'{name}' is neither")
 
 
+def _out_of_memory(e: BaseException, label: str) -> BaseException:
+    """torch's allocator failure (a RuntimeError on CPU, OutOfMemoryError on CUDA) or MemoryError while building a
+    random model becomes the tool's own out-of-memory line; any other error is passed on as it was."""
+    message = str(e)
+    if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in message \
+            and "out of memory" not in message.lower():
+        return e
+    return MemoryLimitError(f"out of memory while building {label} with random weights (torch could not allocate "
+                            "its tensors); try a smaller shape, --dtype bfloat16 or --quantize int8")
+
+
 def greedy(logits: torch.Tensor, _seen: torch.Tensor | None = None) -> int:
     return int(logits.argmax())
 
@@ -240,7 +251,10 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     t0 = time.perf_counter()
     if random_weights:
         say(f"building {label} with random weights ({str(dt).removeprefix('torch.')})")
-        model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile)
+        try:
+            model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile)
+        except (MemoryError, RuntimeError) as e:
+            raise _out_of_memory(e, label) from None
         label += " (random weights)"
     else:
         from lfm2cli.hub.names import resolve_model

@@ -6,13 +6,20 @@ trained with. Without a template we write the LFM2 format directly."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from lfm2cli.errors import CheckpointError, GenerationError, UsageError
+from lfm2cli.errors import CheckpointError, GenerationError, TemplateError, UsageError
+from lfm2cli.template_sandbox import (
+    BUDGET,
+    MAX_CHARS,
+    Budget,
+    LimitExceeded,
+    environment,
+    text_size,
+    tojson,
+)
 
 LFM2_BOS = "<|startoftext|>"
 
@@ -24,89 +31,30 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-    # Jinja's own tojson HTML-escapes `<`, `>` and `&` and sorts keys; chat templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+def _where(source: str | None) -> str:
+    return f"the chat template in {source}" if source else "the model's chat template"
 
 
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _raise_exception(message: str) -> None:
-    import jinja2
-
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _make_dict(*args: Any, **kwargs: Any) -> dict:
-    return dict(*args, **kwargs)
-
-
-@lru_cache(maxsize=1)
-def _environment() -> Any:
-    import jinja2
-    import jinja2.ext
-    import jinja2.nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(jinja2.ext.Extension):
-        """Accept `{% generation %}...{% endgeneration %}` (used by training templates to mark assistant
-        text); rendering just emits the body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller: Any) -> str:
-            return caller()
-
-    class SafeNamespace(jinja2.utils.Namespace):
-        """`namespace()` that refuses underscore attributes, which could reach Python internals."""
-
-        def __init__(*args: Any, **kwargs: Any) -> None:  # `self` travels in args, as in jinja's Namespace
-            self, rest = args[0], args[1:]
-            attrs = dict(*rest, **kwargs)
-            for key in attrs:
-                SafeNamespace._check(key)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, key: str, value: Any) -> None:
-            SafeNamespace._check(key)
-            jinja2.utils.Namespace.__setitem__(self, key, value)
-
-        @staticmethod
-        def _check(key: Any) -> None:
-            if isinstance(key, str) and key.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {key!r} is not allowed")
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _make_dict
-    env.globals["namespace"] = SafeNamespace
-    return env
+_ADVICE = "fix or remove it (`lfm2 generate --raw` sends a prompt without any template)"
 
 
 @lru_cache(maxsize=16)
-def compile_template(template: str) -> Any:
-    """Compile once per distinct template text; a syntax error is the checkpoint's fault."""
+def compile_template(template: str, source: str | None = None) -> Any:
+    """Compile once per distinct template text; a syntax error is the checkpoint's fault. `source` names the
+    file the template came from, for messages."""
     import jinja2
 
+    # Compiling evaluates filters on constants (`'x' | center(10**9)` written out): under a budget too.
+    token = BUDGET.set(Budget(MAX_CHARS))
     try:
-        return _environment().from_string(template)
+        return environment().from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
         raise CheckpointError(
-            f"the model's chat template is invalid (line {e.lineno}: {_one_line(e.message or str(e))}); "
-            "fix or remove chat_template in the checkpoint"
+            f"{_where(source)} is invalid (line {e.lineno}: {_one_line(e.message or str(e))}); "
+            f"fix or remove {source or 'chat_template in the checkpoint'}"
         ) from None
+    finally:
+        BUDGET.reset(token)
 
 
 def _plain(value: Any) -> Any:
@@ -157,7 +105,7 @@ def _fallback(messages: list[dict], bos_token: str | None, add_generation_prompt
     """The LFM2 chat format, for checkpoints that ship no template."""
 
     def text(content: Any) -> str:
-        return content if isinstance(content, str) else _tojson(content)
+        return content if isinstance(content, str) else tojson(content)
 
     parts = [bos_token if bos_token is not None else LFM2_BOS]
     system = ""
@@ -165,7 +113,7 @@ def _fallback(messages: list[dict], bos_token: str | None, add_generation_prompt
         system = text(messages[0].get("content", ""))
         messages = messages[1:]
     if tools:
-        listed = ", ".join(t if isinstance(t, str) else _tojson(t) for t in tools)
+        listed = ", ".join(t if isinstance(t, str) else tojson(t) for t in tools)
         system += ("\n" if system else "") + f"List of tools: <|tool_list_start|>[{listed}]<|tool_list_end|>"
     if system:
         parts.append(f"<|im_start|>system\n{system}<|im_end|>\n")
@@ -180,28 +128,52 @@ def _fallback(messages: list[dict], bos_token: str | None, add_generation_prompt
 
 
 def render(template: str | None, messages: list[dict], *, bos_token: str | None, eos_token: str | None,
-           add_generation_prompt: bool = True, tools: list | None = None, **kwargs: Any) -> str:
+           add_generation_prompt: bool = True, tools: list | None = None, template_source: str | None = None,
+           **kwargs: Any) -> str:
     """Render `messages` (dicts with role/content) into the prompt text the model continues.
 
-    Extra keyword arguments become template variables (e.g. `keep_past_thinking=True` for LFM2.5)."""
+    Extra keyword arguments become template variables (e.g. `keep_past_thinking=True` for LFM2.5).
+    `template_source` names the file the template came from, for messages. The template runs under a
+    budget of time, steps and sizes (see TIME_LIMIT_S and below); running out raises TemplateError."""
     import jinja2
 
     msgs = _prepare_messages(messages)
     tool_list = _prepare_tools(tools)
     if template is None:
         return _fallback(msgs, bos_token, add_generation_prompt, tool_list)
-    compiled = compile_template(template)
+    compiled = compile_template(template, template_source)
     variables: dict[str, Any] = {"bos_token": bos_token, "eos_token": eos_token}
     variables = {k: v for k, v in variables.items() if v is not None}
     variables.update(_plain(kwargs))
     variables.update(messages=msgs, tools=tool_list, add_generation_prompt=add_generation_prompt)
     variables.setdefault("documents", None)
+    where, advice = _where(template_source), _ADVICE
+    # A long conversation may rightly make a long prompt: the size limits grow with what the template is given.
+    budget = Budget(MAX_CHARS + 2 * text_size(variables, 10 * MAX_CHARS))
+    token = BUDGET.set(budget)
     try:
-        return compiled.render(**variables)
+        parts, size = [], 0
+        for part in compiled.generate(**variables):
+            size += len(part)
+            budget.size(size, "a prompt")
+            parts.append(part)
+        text = "".join(parts)
+    except LimitExceeded as e:
+        raise TemplateError(f"{where} {e}; {advice}") from None
+    except RecursionError:
+        raise TemplateError(f"{where} made calls nested too deep (a macro that calls itself?); {advice}") from None
+    except MemoryError:
+        raise TemplateError(f"{where} ran out of memory; {advice}") from None
     except jinja2.exceptions.SecurityError as e:
-        raise GenerationError(f"the chat template tried something unsafe: {_one_line(str(e))}") from None
+        raise GenerationError(f"{where} tried something unsafe: {_one_line(str(e))}") from None
     except jinja2.exceptions.TemplateError as e:
         # raise_exception() in a template is how it rejects a conversation (e.g. roles out of order).
-        raise GenerationError(f"the chat template rejected the conversation: {_one_line(str(e))}") from None
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
-        raise GenerationError(f"the chat template failed on this conversation: {_one_line(str(e))}") from None
+        raise GenerationError(f"{where} rejected the conversation: {_one_line(str(e))}") from None
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+        raise GenerationError(f"{where} failed on this conversation: {_one_line(str(e))}") from None
+    finally:
+        BUDGET.reset(token)
+    if not text:
+        # Tokenized, an empty prompt would be blamed on the user's prompt: the template made it empty.
+        raise TemplateError(f"{where} rendered nothing for this conversation; {advice}")
+    return text

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from lfm2cli.config import Lfm2Config
+from lfm2cli.config import Lfm2Config, load_config, read_json_object
 from lfm2cli.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -34,19 +35,48 @@ class TensorInfo:
         return n
 
 
+# safetensors dtypes and their bits per element. lfm2 can describe every one of them, but weights must be one of
+# FLOAT_DTYPES: an integer or 8-bit float tensor read as weights would run and give garbage.
+SAFETENSORS_DTYPES = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                      "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "I64": 64, "U64": 64,
+                      "F64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")
+
+
+def _shard_path(root: Path, name: object, index: Path) -> Path:
+    """A weight_map entry as a file of this checkpoint: a plain file name, never a path out of the directory. A
+    symlink may point into the checkpoint or, in the standard Hugging Face cache, into the repo's blobs/."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"{index}: weight_map value {json.dumps(name)} is not a string; expected the file "
+                              "name of a shard such as model-00001-of-00002.safetensors")
+    if name in ("", ".", "..") or "/" in name or "\\" in name or Path(name).is_absolute() or "\0" in name:
+        raise CheckpointError(f"{index}: weight_map names {name!r}, which is not a file of this checkpoint; "
+                              "expected a plain file name inside the checkpoint directory")
+    file = root / name
+    if file.is_symlink():
+        real, home = file.resolve(), root.resolve()
+        allowed = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+        if not any(real.is_relative_to(a) for a in allowed):
+            raise CheckpointError(f"{index}: shard {name} is a link to {real}, outside the checkpoint directory; "
+                                  "expected the shard file itself in the checkpoint directory")
+    return file
+
+
 def weight_files(root: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, single-file or sharded (hub layout)."""
+    """The safetensors files of a checkpoint, single-file or sharded (hub layout). Shards named by the index must
+    be files of the checkpoint itself: an index cannot make lfm2 read `../../etc/passwd`."""
     root = Path(root)
-    if (root / INDEX_FILE).is_file():
-        try:
-            index = json.loads((root / INDEX_FILE).read_text(encoding="utf-8"))
-            shards = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{root / INDEX_FILE}: not a valid safetensors index") from e
-        missing = [s for s in shards if not (root / s).is_file()]
+    index_path = root / INDEX_FILE
+    if index_path.is_file():
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: 'weight_map' is {'missing' if weight_map is None else 'not valid'}; "
+                                  "expected an object mapping tensor names to shard file names")
+        shards = {_shard_path(root, name, index_path) for name in weight_map.values()}
+        missing = sorted(s.name for s in shards if not s.is_file())
         if missing:
             raise CheckpointError(f"{root}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing)}")
-        return [root / s for s in shards]
+        return sorted(shards)
     if (root / SINGLE_FILE).is_file():
         return [root / SINGLE_FILE]
     if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
@@ -54,9 +84,44 @@ def weight_files(root: Path) -> list[Path]:
     raise CheckpointError(f"{root}: no model.safetensors or {INDEX_FILE} found")
 
 
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(path: Path, name: str, meta: object, size: int, data_start: int) -> TensorInfo:
+    """One header entry, checked: a damaged header is one line naming the file, the tensor and the field."""
+    damaged = "the file is damaged; download it again"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: header entry {name!r} is not an object; expected "
+                              '{"dtype": ..., "shape": [...], "data_offsets": [start, end]} (' + damaged + ")")
+    dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+    if dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {name} has unknown dtype {json.dumps(dtype)}; expected a safetensors "
+                              f"dtype such as {', '.join(FLOAT_DTYPES)}")
+    if not isinstance(shape, list) or not all(_whole(s) for s in shape):
+        raise CheckpointError(f"{path}: tensor {name} has shape {json.dumps(shape)}; expected a list of whole "
+                              f"numbers >= 0 ({damaged})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {json.dumps(offsets)}; expected [start, end] "
+                              f"with 0 <= start <= end ({damaged})")
+    info = TensorInfo(name, dtype, tuple(shape), path, offsets[0], offsets[1])
+    need = (info.numel * SAFETENSORS_DTYPES[dtype] + 7) // 8
+    if info.end - info.start != need:
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {offsets} ({info.end - info.start} bytes) "
+                              f"but {dtype} {list(shape)} takes {need} bytes ({damaged})")
+    if data_start + info.end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file ({size} bytes, tensor {name} needs {data_start + info.end});"
+            " download it again"
+        )
+    return info
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
     """Parse one safetensors header; returns the tensors and the byte offset where data begins.
-    Checks that every tensor's bytes lie inside the file, so truncated downloads are caught early."""
+    Checks every entry's form and that its bytes lie inside the file, so damaged or truncated downloads are caught
+    before anything is read."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -68,22 +133,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {n})")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}); expected an "
+                              "object of tensor entries; download it again")
     data_start = 8 + n
-    tensors: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = meta["data_offsets"]
-        info = TensorInfo(name, meta["dtype"], tuple(meta["shape"]), path, start, end)
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: truncated safetensors file ({size} bytes, tensor {name} needs {data_start + end});"
-                " download it again"
-            )
-        tensors[name] = info
-    return tensors, data_start
+    return {name: _tensor_info(path, name, meta, size, data_start)
+            for name, meta in header.items() if name != "__metadata__"}, data_start
 
 
 def read_all_headers(root: Path) -> dict[str, TensorInfo]:
@@ -147,8 +204,8 @@ def uses_own_head(cfg: Lfm2Config, names: set[str] | dict) -> bool:
     return not cfg.tie_word_embeddings and "lm_head.weight" in names
 
 
-def check_tensors(cfg: Lfm2Config, found: dict[str, TensorInfo], where: str) -> None:
-    """Raise one CheckpointError listing missing, unexpected and wrongly shaped tensors."""
+def tensor_problems(cfg: Lfm2Config, found: dict[str, TensorInfo], where: str) -> list[str]:
+    """One line listing missing, unexpected, wrongly shaped and non-float tensors; empty when all agree."""
     want = expected_tensors(cfg)
     if "lm_head.weight" in want and "lm_head.weight" not in found:
         del want["lm_head.weight"]  # untied in name only: fall back to the embedding, as the reference does
@@ -157,13 +214,83 @@ def check_tensors(cfg: Lfm2Config, found: dict[str, TensorInfo], where: str) -> 
     unexpected = [n for n in found if n not in want and n not in optional]
     wrong = [f"{n} {list(found[n].shape)} (expected {list(s)})" for n, s in want.items()
              if n in found and tuple(found[n].shape) != s]
+    dtypes = [f"{n} {found[n].dtype} in {found[n].file.name}" for n in want
+              if n in found and found[n].dtype not in FLOAT_DTYPES]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong),
+                         ("not a float dtype", dtypes)):
         if items:
             shown = ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
             problems.append(f"{label}: {shown}")
+    if dtypes:
+        problems[-1] += f" (expected {', '.join(FLOAT_DTYPES[:-1])} or {FLOAT_DTYPES[-1]})"
+    if not problems:
+        return []
+    return [f"{where}: checkpoint does not match its config.json; " + "; ".join(problems)]
+
+
+def check_tensors(cfg: Lfm2Config, found: dict[str, TensorInfo], where: str) -> None:
+    """Raise one CheckpointError listing missing, unexpected, wrongly shaped and non-float tensors."""
+    problems = tensor_problems(cfg, found, where)
     if problems:
-        raise CheckpointError(f"{where}: checkpoint does not match its config.json; " + "; ".join(problems))
+        raise CheckpointError(problems[0])
+
+
+@dataclass
+class Inspection:
+    """A checkpoint as read without its weights, and every reason it cannot be loaded: the one check that both
+    loading and `lfm2 info` run, so that info never says ok to what generate refuses."""
+
+    root: Path
+    config: Lfm2Config
+    headers: dict[str, TensorInfo]
+    tokenizer: Any = None  # lfm2cli.tokenizer.Tokenizer, when asked for and the checkpoint has tokenizer.json
+    problems: list[str] = field(default_factory=list)
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise CheckpointError("; ".join(self.problems))
+
+
+def _token_problems(root: Path, cfg: Lfm2Config, tokenizer: Any) -> list[str]:
+    """Token ids must index the embedding table: the config's special ids, and every id the tokenizer can give."""
+    v = cfg.vocab_size
+    problems = []
+    generation = root / "generation_config.json"  # its eos_token_id wins over config.json's (lfm2cli.config)
+    eos_file = "config.json"
+    if generation.is_file() and read_json_object(generation).get("eos_token_id") is not None:
+        eos_file = generation.name
+    special = [("bos_token_id", cfg.bos_token_id, "config.json"), ("pad_token_id", cfg.pad_token_id, "config.json")]
+    special += [("eos_token_id", i, eos_file) for i in cfg.eos_token_ids]
+    for key, value, file in special:
+        if value is not None and value >= v:
+            problems.append(f"{root / file}: '{key}' {value} is past the embedding table ('vocab_size' {v} in "
+                            f"config.json); expected an id below {v}")
+    if tokenizer is not None and tokenizer.max_token_id >= v:
+        problems.append(f"{root / 'tokenizer.json'}: token ids go up to {tokenizer.max_token_id} but the embedding "
+                        f"table has {v} rows ('vocab_size' in config.json); expected a tokenizer whose ids are "
+                        f"below {v}")
+    return problems
+
+
+def inspect_checkpoint(root: Path, tokenizer: bool = True) -> Inspection:
+    """Read config, headers and (when `tokenizer` and present) the tokenizer, and check that they agree. A config
+    or header that cannot be read at all raises (ConfigError/CheckpointError); everything else that would stop a
+    load is collected in `problems`."""
+    root = Path(root)
+    cfg = load_config(root)
+    headers = read_all_headers(root)
+    found = Inspection(root, cfg, headers)
+    found.problems += tensor_problems(cfg, headers, str(root))
+    if tokenizer and (root / "tokenizer.json").is_file():
+        from lfm2cli.tokenizer import load_tokenizer
+
+        try:
+            found.tokenizer = load_tokenizer(root)
+        except CheckpointError as e:
+            found.problems.append(str(e))
+    found.problems += _token_problems(root, cfg, found.tokenizer)
+    return found
 
 
 def parameter_counts(cfg: Lfm2Config) -> tuple[int, int]:

@@ -8,6 +8,7 @@ model code reads one name for each fact. Pure Python: no torch.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,113 +69,234 @@ class Lfm2Config:
         return [i for i in range(self.num_hidden_layers) if self.is_attention(i)]
 
 
-def _dense_ff_dim(raw: dict[str, Any], intermediate_size: int) -> int:
+class _Reader:
+    """Typed reads of one config dict: a value of the wrong type or range becomes one ConfigError naming the file,
+    the key, the value and the form expected, instead of a bare ValueError from int() or a model that is wrong."""
+
+    def __init__(self, raw: dict[str, Any], source: str) -> None:
+        self.raw, self.source = raw, source
+
+    def fail(self, key: str, value: Any, expected: str) -> ConfigError:
+        shown = json.dumps(value) if _jsonable(value) else repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        return ConfigError(f"{self.source}: '{key}' is {shown}; expected {expected}")
+
+    def find(self, key: str, *alternatives: str, required: bool = False) -> tuple[str, Any]:
+        """The first of `key` and its other spellings with a value (null counts as absent); (key, None) if none."""
+        for k in (key, *alternatives):
+            if self.raw.get(k) is not None:
+                return k, self.raw[k]
+        if required:
+            raise ConfigError(f"{self.source}: required key '{key}' is missing")
+        return key, None
+
+    def whole(self, key: str, *alternatives: str, minimum: int = 1, default: int | None = None,
+              required: bool = False, null_ok: bool = False) -> int | None:
+        # an explicit null where no default makes sense (max_position_embeddings: null) is an error, not "absent"
+        if not required and not null_ok and key in self.raw and self.raw[key] is None and not alternatives:
+            raise self.fail(key, None, f"a whole number >= {minimum}")
+        name, value = self.find(key, *alternatives, required=required)
+        if value is None:
+            return default
+        # JSON writers sometimes spell whole numbers as 64.0; bools are ints to Python but never a size
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(name, value, f"a whole number >= {minimum}")
+        return value
+
+    def number(self, key: str, *alternatives: str, default: float, positive: bool = True) -> float:
+        name, value = self.find(key, *alternatives)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise self.fail(name, value, "a number > 0" if positive else "a finite number")
+        return float(value)
+
+    def flag(self, key: str, *alternatives: str, default: bool) -> bool:
+        name, value = self.find(key, *alternatives)
+        if value is None:
+            return default
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise self.fail(name, value, "true or false")
+        return bool(value)
+
+    def token_id(self, key: str, default: int | None) -> int | None:
+        if key not in self.raw:
+            return default
+        value = self.raw[key]
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(key, value, "a token id (a whole number >= 0) or null")
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...] | None:
+        """A token id or a list of them (`eos_token_id`); None when absent."""
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+            raise self.fail(key, value, "a token id or a list of token ids (whole numbers >= 0)")
+        return tuple(values)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.raw.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, value, 'an object such as {"rope_type": "default", "rope_theta": 1000000.0}')
+        return value
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _dense_ff_dim(r: _Reader, intermediate_size: int) -> int:
     """LFM2 dense checkpoints store a nominal width that the model shrinks to 2/3, scales and rounds."""
-    if not raw.get("block_auto_adjust_ff_dim", True):
+    if not r.flag("block_auto_adjust_ff_dim", default=True):
         return intermediate_size
     width = int(2 * intermediate_size / 3)
-    multiplier = raw.get("block_ffn_dim_multiplier", 1.0)
-    if multiplier is not None:
-        multiple_of = int(raw.get("block_multiple_of", 256))
+    if r.raw.get("block_ffn_dim_multiplier", 1.0) is not None:
+        multiplier = r.number("block_ffn_dim_multiplier", default=1.0)
+        multiple_of = r.whole("block_multiple_of", default=256)
         width = int(multiplier * width)
         width = multiple_of * ((width + multiple_of - 1) // multiple_of)
+    if width < 1:
+        raise ConfigError(f"{r.source}: the feed-forward width works out to {width}; 'intermediate_size' "
+                          "(or 'block_ff_dim') must be larger")
     return width
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
-
-
-def parse_config(raw: dict[str, Any], source: str = "config.json",
-                 generation_config: dict[str, Any] | None = None) -> Lfm2Config:
-    """Normalise a config dict; `source` names the file in error messages."""
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported; lfm2 runs LFM2 ('lfm2') and "
-            f"LFM2-MoE ('lfm2_moe') checkpoints"
-        )
-
-    def need(key: str, *alternatives: str) -> Any:
-        for k in (key, *alternatives):
-            if raw.get(k) is not None:
-                return raw[k]
-        raise ConfigError(f"{source}: required key '{key}' is missing")
-
-    hidden = int(need("hidden_size"))
-    layers = int(need("num_hidden_layers"))
-    heads = int(need("num_attention_heads", "num_heads"))
-    kv_heads = int(raw.get("num_key_value_heads") or heads)
+def _layer_types(r: _Reader, layers: int, model_type: str) -> tuple[str, ...]:
+    raw, source = r.raw, r.source
     if raw.get("layer_types") is not None:
-        layer_types = tuple(str(t) for t in raw["layer_types"])
+        value = raw["layer_types"]
+        if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+            raise r.fail("layer_types", value, 'a list of "conv" or "full_attention", one per layer')
+        layer_types = tuple(value)
     elif raw.get("full_attn_idxs") is not None:
-        idxs = set(raw["full_attn_idxs"])
+        value = raw["full_attn_idxs"]
+        if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                  and 0 <= i < layers for i in value):
+            raise r.fail("full_attn_idxs", value, f"a list of layer indices from 0 to {layers - 1}")
+        idxs = set(value)
         layer_types = tuple("full_attention" if i in idxs else "conv" for i in range(layers))
     elif model_type == "lfm2":
         layer_types = ("full_attention",) * layers  # what the reference does with neither key
     else:
         raise ConfigError(f"{source}: required key 'layer_types' is missing")
     if len(layer_types) != layers:
-        raise ConfigError(f"{source}: 'layer_types' has {len(layer_types)} entries for {layers} layers")
+        raise ConfigError(f"{source}: 'layer_types' has {len(layer_types)} entries for {layers} layers "
+                          "('num_hidden_layers'); expected one per layer")
     unknown = sorted(set(layer_types) - {"conv", "full_attention"})
     if unknown:
-        raise ConfigError(f"{source}: unknown layer type(s) {', '.join(unknown)} in 'layer_types'")
+        raise ConfigError(f"{source}: unknown layer type(s) {', '.join(unknown)} in 'layer_types'; "
+                          'expected "conv" or "full_attention"')
+    return layer_types
 
-    rope = raw.get("rope_parameters") or {}
-    rope_theta = float(rope.get("rope_theta", raw.get("rope_theta", 1_000_000.0)))
-    rope_type = rope.get("rope_type", (raw.get("rope_scaling") or {}).get("rope_type", "default"))
+
+def parse_config(raw: dict[str, Any], source: str = "config.json",
+                 generation_config: dict[str, Any] | None = None,
+                 generation_source: str = "generation_config.json") -> Lfm2Config:
+    """Normalise a config dict; `source` (and `generation_source`) name the files in error messages. Every value
+    is checked for type and range here, so nothing downstream meets a size of "sixty-four" or zero heads."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{source}: model_type {model_type!r} is not supported; lfm2 runs LFM2 ('lfm2') and "
+            f"LFM2-MoE ('lfm2_moe') checkpoints"
+        )
+    r = _Reader(raw, source)
+    hidden = r.whole("hidden_size", required=True)
+    layers = r.whole("num_hidden_layers", required=True)
+    heads = r.whole("num_attention_heads", "num_heads", required=True)
+    kv_heads = r.whole("num_key_value_heads", default=heads, null_ok=True)
+    layer_types = _layer_types(r, layers, model_type)
+
+    rope = r.mapping("rope_parameters")
+    scaling = r.mapping("rope_scaling")
+    rope_theta = r.number("rope_theta", default=1_000_000.0)
+    if rope.get("rope_theta") is not None:  # the newer spelling wins
+        rope_theta = _Reader({"rope_parameters.rope_theta": rope["rope_theta"]}, source).number(
+            "rope_parameters.rope_theta", default=rope_theta)
+    rope_type = rope.get("rope_type", scaling.get("rope_type", "default"))
     if rope_type not in ("default", None):
         raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
 
     # block_ff_dim wins over intermediate_size, as in the reference implementation
-    inter = int(need("block_ff_dim", "intermediate_size"))
-    tie = raw.get("tie_embedding", raw.get("tie_word_embeddings", True))
+    inter = r.whole("block_ff_dim", "intermediate_size", required=True)
+    tie = r.flag("tie_embedding", "tie_word_embeddings", default=True)
 
     moe: dict[str, Any] = {}
     if model_type == "lfm2_moe":
+        experts = r.whole("num_experts", required=True)
+        top_k = r.whole("num_experts_per_tok", required=True)
+        if top_k > experts:
+            raise r.fail("num_experts_per_tok", top_k, f"a whole number from 1 to num_experts ({experts})")
+        dense_layers = r.whole("num_dense_layers", default=2, minimum=0)
+        if dense_layers > layers:
+            raise r.fail("num_dense_layers", dense_layers, f"a whole number from 0 to num_hidden_layers ({layers})")
         moe = dict(
-            num_experts=int(need("num_experts")),
-            num_experts_per_tok=int(need("num_experts_per_tok")),
-            moe_intermediate_size=int(need("moe_intermediate_size")),
-            num_dense_layers=int(raw.get("num_dense_layers", 2)),
-            use_expert_bias=bool(raw.get("use_expert_bias", True)),
-            norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0) or 1.0),
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=r.whole("moe_intermediate_size", required=True),
+            num_dense_layers=dense_layers,
+            use_expert_bias=r.flag("use_expert_bias", default=True),
+            norm_topk_prob=r.flag("norm_topk_prob", default=True),
+            routed_scaling_factor=r.number("routed_scaling_factor", default=1.0),
         )
-        if moe["num_experts_per_tok"] > moe["num_experts"]:
-            raise ConfigError(f"{source}: num_experts_per_tok exceeds num_experts")
-    dense_ff = inter if model_type == "lfm2_moe" else _dense_ff_dim(raw, inter)
+    dense_ff = inter if model_type == "lfm2_moe" else _dense_ff_dim(r, inter)
 
-    eos = _eos_ids(raw.get("eos_token_id"))
-    if generation_config and generation_config.get("eos_token_id") is not None:
-        eos = _eos_ids(generation_config["eos_token_id"])
+    eos = r.token_ids("eos_token_id") or ()
+    if generation_config:
+        gen_eos = _Reader(generation_config, generation_source).token_ids("eos_token_id")
+        if gen_eos is not None:
+            eos = gen_eos
     if heads % kv_heads:
-        raise ConfigError(f"{source}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads")
+        raise ConfigError(f"{source}: 'num_attention_heads' ({heads}) is not a multiple of 'num_key_value_heads' "
+                          f"({kv_heads}); expected a whole multiple")
+    head_dim = r.whole("head_dim", default=None, null_ok=True)
+    if head_dim is None:
+        head_dim = hidden // heads
+        if head_dim < 1:
+            raise ConfigError(f"{source}: 'hidden_size' ({hidden}) is smaller than 'num_attention_heads' ({heads}); "
+                              "expected at least one dimension per head")
+    torch_dtype = raw.get("dtype") or raw.get("torch_dtype")
+    if torch_dtype is not None and not isinstance(torch_dtype, str):
+        raise r.fail("torch_dtype" if raw.get("dtype") is None else "dtype", torch_dtype,
+                     'a dtype name such as "bfloat16"')
     return Lfm2Config(
         model_type=model_type,
-        vocab_size=int(need("vocab_size")),
+        vocab_size=r.whole("vocab_size", required=True),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        head_dim=int(raw.get("head_dim") or hidden // heads),
+        head_dim=head_dim,
         layer_types=layer_types,
         intermediate_size=inter,
         dense_ff_dim=dense_ff,
-        max_position_embeddings=int(raw.get("max_position_embeddings", 128_000)),
-        norm_eps=float(raw.get("norm_eps", raw.get("block_norm_eps", 1e-5))),
+        max_position_embeddings=r.whole("max_position_embeddings", default=128_000),
+        norm_eps=r.number("norm_eps", "block_norm_eps", default=1e-5),
         rope_theta=rope_theta,
-        conv_bias=bool(raw.get("conv_bias", False)),
-        conv_L_cache=int(raw.get("conv_L_cache", 3)),
-        tie_word_embeddings=bool(tie),
-        bos_token_id=raw.get("bos_token_id", 1),
-        pad_token_id=raw.get("pad_token_id", 0),
+        conv_bias=r.flag("conv_bias", default=False),
+        conv_L_cache=r.whole("conv_L_cache", default=3),
+        tie_word_embeddings=tie,
+        bos_token_id=r.token_id("bos_token_id", 1),
+        pad_token_id=r.token_id("pad_token_id", 0),
         eos_token_ids=eos,
-        torch_dtype=raw.get("dtype") or raw.get("torch_dtype"),
+        torch_dtype=torch_dtype,
         **moe,
     )
 
@@ -186,7 +308,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+        raise ConfigError(f"{path}: not UTF-8 text; expected a JSON object in UTF-8") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     if not isinstance(data, dict):
@@ -202,4 +324,5 @@ def load_config(path: str | Path) -> Lfm2Config:
         raise ConfigError(f"{root}: no config.json here; is this a model checkpoint directory?")
     gen_path = cfg_path.parent / "generation_config.json"
     gen = read_json_object(gen_path) if gen_path.is_file() else None
-    return parse_config(read_json_object(cfg_path), source=str(cfg_path), generation_config=gen)
+    return parse_config(read_json_object(cfg_path), source=str(cfg_path), generation_config=gen,
+                        generation_source=str(gen_path))

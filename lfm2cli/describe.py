@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.checkpoint import check_tensors, memory_needed, parameter_counts, read_all_headers
-from lfm2cli.config import Lfm2Config, load_config, read_json_object
+from lfm2cli.checkpoint import inspect_checkpoint, memory_needed, parameter_counts
+from lfm2cli.config import Lfm2Config, read_json_object
 from lfm2cli.errors import CheckpointError
 from lfm2cli.formatting import human_bytes, human_count
 from lfm2cli.tokenizer import token_text
@@ -63,17 +63,14 @@ def _files(root: Path) -> list[dict[str, Any]]:
 
 def describe(path: Path) -> dict[str, Any]:
     """Everything `lfm2 info` shows, as a JSON-ready dict. Reads only config, headers and small files.
-    Raises CheckpointError/ConfigError for a directory that is not a usable checkpoint."""
+    Raises CheckpointError/ConfigError where the config or a header cannot be read; what else would stop a load
+    (tensors, dtypes, token ids, tokenizer files) is listed in "problems"."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
-    cfg = load_config(root)
-    headers = read_all_headers(root)
-    problems: list[str] = []
-    try:
-        check_tensors(cfg, headers, str(root))
-    except CheckpointError as e:
-        problems.append(str(e))
+    # the check loading runs: what it finds is in "problems", and `lfm2 info` exits 1 for it
+    found = inspect_checkpoint(root)
+    cfg, headers, problems = found.config, found.headers, list(found.problems)
     total, active = parameter_counts(cfg)
 
     n = cfg.num_hidden_layers
@@ -115,7 +112,8 @@ def describe(path: Path) -> dict[str, Any]:
                    experts_per_token=cfg.num_experts_per_tok, num_dense_layers=cfg.num_dense_layers)
 
     files = _files(root)
-    return {
+    side_problems: list[str] = []  # tokenizer side files info reads itself; loading reports them as well
+    desc = {
         "path": str(root.resolve()),
         "architecture": cfg.architecture,
         "model_type": cfg.model_type,
@@ -141,12 +139,14 @@ def describe(path: Path) -> dict[str, Any]:
         "attention": {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                       "head_dim": cfg.head_dim, "layers": attn},
         "feed_forward": ffn,
-        "tokens": _tokens(root, cfg, problems),
+        "tokens": _tokens(root, cfg, side_problems),
         "files": files,
         "files_total_bytes": sum(f["bytes"] for f in files),
         "memory": memory,
         "problems": problems,
     }
+    problems += [p for p in side_problems if not any(p.split(":")[0] in q for q in problems)]
+    return desc
 
 
 def _dtypes_text(dtypes: dict[str, int]) -> str:

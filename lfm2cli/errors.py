@@ -37,3 +37,7 @@ class HistoryError(Lfm2Error):
 
 class MemoryLimitError(Lfm2Error):
     """The model would not fit in the memory available; the message names a precision that would."""
+
+
+class TemplateError(CheckpointError):
+    """A checkpoint's chat template ran out of its budget (time, steps, sizes) or rendered nothing."""

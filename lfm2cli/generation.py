@@ -25,6 +25,10 @@ class GenerationStats:
     decode_s: float = 0.0
     peak_memory_bytes: int = 0
     finish_reason: str | None = None  # stop, length or interrupted
+    # with finish_reason "length", what ended the reply: "max_tokens" (the caller's cap) or "context" (the
+    # model's context was full first); the two need different advice
+    length_limit: str | None = None
+    context_tokens: int = 0  # the context the reply ran in, for that advice
 
     @property
     def prefill_tps(self) -> float:
@@ -43,7 +47,6 @@ class GenerationStats:
         return d
 
 
-
 def prefill(model: Lfm2ForCausalLM, ids: Sequence[int], cache: HybridCache, chunk: int = PREFILL_CHUNK
             ) -> torch.Tensor:
     """Run new tokens through the model in chunks; returns the logits after the last one."""
@@ -53,6 +56,16 @@ def prefill(model: Lfm2ForCausalLM, ids: Sequence[int], cache: HybridCache, chun
         logits = model(tokens[:, start:start + chunk], cache)
     assert logits is not None
     return logits
+
+
+def _check_finite(logits: torch.Tensor, index: int) -> None:
+    """NaN or inf logits would be sampled into garbage tokens (or crash the sampler): stop with a reason instead.
+    One reduction per token; a sum overflows only for logits no real model produces."""
+    if not bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        raise GenerationError(
+            f"the model produced NaN/inf logits at generated token {index + 1}; likely damaged weights: check the "
+            "checkpoint's files (with --dtype float16, try bfloat16)"
+        )
 
 
 def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Callable[..., int], max_tokens: int,
@@ -71,7 +84,10 @@ def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Call
             f"the prompt needs {cache.pos + len(prompt_ids)} tokens but the model's context holds {limit}; "
             "shorten it"
         )
-    max_tokens = min(max_tokens, limit - cache.pos - len(prompt_ids))
+    room = limit - cache.pos - len(prompt_ids)
+    length_limit = "context" if room < max_tokens else "max_tokens"
+    max_tokens = min(max_tokens, room)
+    stats.context_tokens = limit
     eos = set(eos_ids)
     history = list(context_ids) if context_ids is not None else list(prompt_ids)
     seen = torch.empty(len(history) + max_tokens, dtype=torch.long, device=model.device)
@@ -85,6 +101,7 @@ def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Call
     t_decode = t0
     try:
         for i in range(max_tokens):
+            _check_finite(logits[0], i)
             tok = sampler(logits[0], seen[:n_seen])
             now = time.perf_counter()
             if i == 0:
@@ -102,5 +119,6 @@ def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Call
                 step[0, 0] = tok
                 logits = model(step, cache)
         stats.finish_reason = "length"
+        stats.length_limit = length_limit
     finally:
         stats.peak_memory_bytes = peak_memory(model.device)

@@ -18,12 +18,13 @@ from lfm2cli import cpu
 from lfm2cli.checkpoint import (
     TensorInfo,
     check_tensors,
+    inspect_checkpoint,
     read_all_headers,
     read_header,
     uses_own_head,
     weight_files,
 )
-from lfm2cli.config import Lfm2Config, load_config
+from lfm2cli.config import Lfm2Config
 from lfm2cli.errors import CheckpointError, UsageError
 from lfm2cli.model import Lfm2ForCausalLM
 
@@ -265,11 +266,14 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, plan: Plan) -> Lf
 
 
 def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *,
-               quantize: str | None = None, compile: bool = False, fast: bool = True, native: bool = True
-               ) -> Lfm2ForCausalLM:
+               quantize: str | None = None, compile: bool = False, fast: bool = True, native: bool = True,
+               headers: dict[str, TensorInfo] | None = None) -> Lfm2ForCausalLM:
+    """The model of checkpoint `path`. `headers`: its headers as `inspect_checkpoint` read and checked them;
+    without them they are read and checked here."""
     configure_allocator()
-    headers = read_all_headers(path)  # raises for missing shards and truncated files
-    check_tensors(cfg, headers, str(path))
+    if headers is None:
+        headers = read_all_headers(path)  # raises for missing shards and damaged or truncated files
+        check_tensors(cfg, headers, str(path))
     own_head = uses_own_head(cfg, headers)
     with torch.device("meta"):
         model = Lfm2ForCausalLM(cfg, own_head=own_head)
@@ -346,18 +350,16 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory holding a model checkpoint")
-    cfg = load_config(root)
+    # the same check as `lfm2 info`'s, before any weight is read
+    found = inspect_checkpoint(root, tokenizer=tokenizer)
+    found.raise_problems()
+    cfg = found.config
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if not force:
         from lfm2cli.memory import check_fits
 
         check_fits(cfg, quantize, dt, dev)
-    model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile)
-    tok = None
-    if tokenizer and (root / "tokenizer.json").is_file():
-        from lfm2cli.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(root)
-    return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=tok, quantize=quantize,
-                       skipped=model.skipped_options)
+    model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile, headers=found.headers)
+    return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=found.tokenizer,
+                       quantize=quantize, skipped=model.skipped_options)

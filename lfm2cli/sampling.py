@@ -6,6 +6,8 @@ this runs once per generated token."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,64 @@ from lfm2cli.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported lazily so commands can import SamplingParams cheaply
     import torch
+
+
+SEED_MAX = 2**63 - 1  # torch seeds a generator with a 64-bit integer; a stored seed must also fit SQLite's
+COUNT_MAX = 2**63 - 1  # top_k and max_tokens: anything larger cannot be stored or compared in torch
+
+# The one set of rules for every sampling setting, whoever sets it: the command-line options, /set in chat, a
+# conversation's saved settings. name -> (kind, check, what a valid value is)
+_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "temperature": (float, lambda v: 0 <= v, "a finite number >= 0 (0 means greedy)"),
+    "top_k": (int, lambda v: 0 <= v <= COUNT_MAX, "a whole number >= 0 (0 disables it)"),
+    "top_p": (float, lambda v: 0 < v <= 1, "a number in (0, 1] (1 disables it)"),
+    "min_p": (float, lambda v: 0 <= v <= 1, "a number in [0, 1] (0 disables it)"),
+    "repetition_penalty": (float, lambda v: 0 < v, "a finite number > 0 (1 disables it)"),
+    "seed": (int, lambda v: 0 <= v <= SEED_MAX, f"a whole number from 0 to {SEED_MAX} (2**63-1)"),
+    "max_tokens": (int, lambda v: 1 <= v <= COUNT_MAX, "a whole number >= 1"),
+}
+SETTINGS = tuple(_RULES)
+
+
+def flag(name: str) -> str:
+    """The command-line option of a setting: top_p -> --top-p."""
+    return "--" + name.replace("_", "-")
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """A setting typed as text (`/set NAME VALUE`) -> its validated value; `none`, `off` or `random` clear
+    the seed."""
+    if name not in _RULES:
+        raise UsageError(f"unknown setting {name!r}; settings: {', '.join(SETTINGS)}")
+    raw = text.strip()
+    if name == "seed" and raw.lower() in ("none", "off", "random"):
+        return None
+    kind = _RULES[name][0]
+    try:
+        value: Any = int(raw) if kind is int else float(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be {_RULES[name][2]}, got {raw!r}") from None
+    return validate_setting(name, value)
+
+
+def validate_setting(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` if it is valid for the setting `name`, as the setting's type (an int given for a float is
+    widened); else UsageError naming `label` (default: the setting's name) and what a valid value is."""
+    if name not in _RULES:
+        raise UsageError(f"unknown setting {name!r}; settings: {', '.join(SETTINGS)}")
+    kind, check, expected = _RULES[name]
+    if name == "seed" and value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        # an int this large would overflow float() itself: it is out of range for every float setting
+        value = float(value) if abs(value) < 2**1023 else math.inf
+    # bool is an int to Python but never a sensible setting; nan and inf fail every check
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and kind is float:
+        ok = math.isfinite(value)
+    if not ok or not check(value):
+        raise UsageError(f"{label or name} must be {expected}, got {value!r}")
+    return value
 
 
 @dataclass
@@ -26,18 +86,9 @@ class SamplingParams:
     seed: int | None = None
 
     def validate(self) -> SamplingParams:
-        if not self.temperature >= 0:
-            raise UsageError(f"--temperature must be >= 0 (0 means greedy), got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise UsageError(f"--top-k must be a whole number >= 0 (0 disables it), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1] (1 disables it), got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise UsageError(f"--min-p must be in [0, 1] (0 disables it), got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            raise UsageError(f"--repetition-penalty must be > 0 (1 disables it), got {self.repetition_penalty}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise UsageError(f"--seed must be a whole number, got {self.seed!r}")
+        """Check every field by the rules of `validate_setting` (messages name the command-line flags)."""
+        for f in fields(self):
+            validate_setting(f.name, getattr(self, f.name), label=flag(f.name))
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@ stop strings held back) and records why generation stopped. Shared by `generate`
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,48 @@ from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.loading import LoadedModel
 from lfm2cli.sampling import Sampler, SamplingParams
 from lfm2cli.stops import StopMatcher
+
+
+def as_text(data: bytes | str) -> tuple[str, bool]:
+    """Text the tokenizer can take from bytes or a str that may hold invalid UTF-8: bad bytes become U+FFFD.
+    Returns (text, whether anything was replaced). Python hands undecodable stdin and argv bytes over as lone
+    surrogates (surrogateescape), which the tokenizer refuses, so a str is turned back into its bytes first."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+            return data, False
+        except UnicodeEncodeError:
+            try:
+                data = data.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:  # surrogates that did not come from bytes
+                data = data.encode("utf-8", "surrogatepass")
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace"), True
+
+
+def read_stdin_text(stream: Any = None) -> tuple[str, bool]:
+    """All of stdin (or `stream`) as text, invalid UTF-8 replaced: see `as_text`. Reads the bytes underneath when
+    there are any, so neither a strict locale decoder nor surrogateescape sees them first."""
+    stream = sys.stdin if stream is None else stream
+    raw = getattr(stream, "buffer", None)
+    return as_text(raw.read() if raw is not None else stream.read())
+
+
+def replaced_note(sources: Sequence[str]) -> str:
+    """The one note a run prints when `as_text` had to replace bytes, naming where they came from."""
+    return (f"note: {' and '.join(dict.fromkeys(sources))} held invalid UTF-8; the bad bytes were replaced with "
+            "U+FFFD, the replacement character")
+
+
+def length_stop_note(stats: GenerationStats, max_tokens: int) -> str | None:
+    """Why a reply that finished with "length" stopped: the caller's cap or a full context. None otherwise."""
+    if stats.finish_reason != "length":
+        return None
+    if stats.length_limit == "context":
+        return f"stopped because the model's context is full ({stats.context_tokens} tokens)"
+    return f"stopped at the max_tokens limit ({max_tokens} tokens)"
 
 
 def require_tokenizer(lm: LoadedModel) -> Any:

@@ -48,6 +48,8 @@ def _templates(directory: Path, config: dict) -> dict[str, str]:
 class Tokenizer:
     """Encode/decode text and render chats for one checkpoint."""
 
+    template_source: str | None = None  # the file the chat templates came from, named in template errors
+
     def __init__(self, backend: Any, *, bos_token: str | None, eos_token: str | None, pad_token: str | None,
                  templates: dict[str, str] | None = None) -> None:
         self._tok = backend
@@ -62,6 +64,11 @@ class Tokenizer:
             t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special
         }
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def max_token_id(self) -> int:
+        """The largest id this tokenizer can give (ids may be sparse, so not vocab_size - 1); -1 when empty."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1)
 
     @property
     def chat_template(self) -> str | None:
@@ -93,7 +100,8 @@ class Tokenizer:
             template_kwargs.setdefault("pad_token", self.pad_token)
         return _chat_template.render(
             template, list(messages), bos_token=self.bos_token, eos_token=self.eos_token,
-            add_generation_prompt=add_generation_prompt, tools=tools, **template_kwargs,
+            add_generation_prompt=add_generation_prompt, tools=tools, template_source=self.template_source,
+            **template_kwargs,
         )
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
@@ -131,10 +139,13 @@ def load_tokenizer(path: Path) -> Tokenizer:
         # LFM2 checkpoints without configs still use the LFM2 control tokens.
         return lfm2_default if backend.token_to_id(lfm2_default) is not None else None
 
-    return Tokenizer(
+    tokenizer = Tokenizer(
         backend,
         bos_token=special("bos_token", "<|startoftext|>"),
         eos_token=special("eos_token", "<|im_end|>"),
         pad_token=special("pad_token", "<|pad|>"),
         templates=_templates(path, config),
     )
+    template_file = path / TEMPLATE_FILE  # the one _templates preferred, when it is there
+    tokenizer.template_source = str(template_file if template_file.is_file() else path / "tokenizer_config.json")
+    return tokenizer

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,3 +89,16 @@ def native_at_level(level: str, directory: Path) -> Iterator[None]:
         else:
             os.environ["LFM2_NATIVE_ISA"] = saved
         native.reset()
+
+
+def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple:
+    """The real entry point in this process, its error boundary included (so a test can patch the library):
+    (exit code, stdout, stderr)."""
+    from lfm2cli.cli import main
+
+    monkeypatch.delenv("LFM2_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["lfm2", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -292,7 +293,7 @@ def test_scripted_chat_through_stdin(chat_ckpt: Path, home: Path, tmp_path: Path
     replies = [m.content for m in conv.messages[1::2]]
     assert result.stdout == "".join(r if r.endswith("\n") else r + "\n" for r in replies)
     assert "unknown command /nonsense" in result.stderr and "/help" in result.stderr
-    assert "top-p must be in (0, 1]" in result.stderr
+    assert "top_p must be a number in (0, 1] (1 disables it), got 7.0" in result.stderr
     assert "tokens" in result.stderr and "first token" in result.stderr  # the stats footer
     data = json.loads(js.read_text())
     assert [m["content"] for m in data["messages"]] == [m.content for m in conv.messages]
@@ -358,8 +359,10 @@ def test_load_switches_conversation(lm: LoadedModel, store: HistoryStore) -> Non
 
 def test_refused_message_keeps_the_chat_going(chat_ckpt: Path, home: Path) -> None:
     result = chat_cli(chat_ckpt, "-n", "3", input="word " * 3000 + "\nHello\n")
-    assert result.exit_code == 0, result.output
+    # the chat goes on, but a script learns from the exit status that a message got no reply
+    assert result.exit_code == 1, result.output
     assert "does not fit" in result.stderr
+    assert str(result.exception) == "1 of 2 messages failed; see the errors above"
     with HistoryStore() as st:
         assert [m.content for m in only_conversation(st).messages[::2]] == ["Hello"]
 
@@ -430,3 +433,181 @@ def test_killed_process_keeps_the_streamed_reply(endless_ckpt: Path, home: Path)
         conv = only_conversation(st)
     assert [m.role for m in conv.messages] == ["user", "assistant"]
     assert conv.messages[1].content and conv.messages[1].finish_reason is None
+    # kept, but not shown as a complete reply
+    shown = subprocess.run([sys.executable, "-m", "lfm2cli", "history", "show", conv.id], capture_output=True,
+                           text=True, env={**os.environ, "LFM2_HOME": str(home)}, timeout=60)
+    assert shown.returncode == 0 and shown.stdout.rstrip().endswith("*[incomplete]*"), shown.stderr
+
+
+# ---------------------------------------------------------------- damaged history, bad settings, bad bytes
+
+
+def run_chat(ckpt: Path, home: Path, *args: str, stdin: bytes, greedy: bool = True,
+             prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`lfm2 chat` in its own process, through main(): what a script sees (stderr as text)."""
+    env = {**os.environ, "LFM2_HOME": str(home)}
+    env.pop("LFM2_DEBUG", None)
+    options = GREEDY_ARGS if greedy else ["--device", "cpu", "--dtype", "float32"]
+    proc = subprocess.run([*prefix, sys.executable, "-m", "lfm2cli", "chat", str(ckpt), *options, *args],
+                          input=stdin, capture_output=True, env=env, timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout, proc.stderr.decode())
+
+
+def saved_history(home: Path, messages: int = 40) -> Path:
+    """A history with one conversation of `messages` messages, closed (checkpointed into the file)."""
+    with HistoryStore(home / "history.db") as st:
+        conv = st.create_conversation("tiny")
+        for i in range(messages):
+            st.add_message(conv.id, "user" if i % 2 == 0 else "assistant", f"message {i} " + "x" * 300,
+                           finish_reason=None if i % 2 == 0 else "stop")
+    return home / "history.db"
+
+
+def drop_messages_table(db: Path) -> None:
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("DROP TABLE messages")
+    conn.close()  # the last connection to close moves the change from the WAL into the file
+
+
+def damage_a_page(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) >= 6 * page
+    data[3 * page:5 * page] = b"\xa5" * (2 * page)  # two pages of the tables' b-trees, not the schema page
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, culprit", [(drop_messages_table, "the messages table is missing"),
+                                             (damage_a_page, "is damaged")])
+def test_chat_refuses_a_history_it_cannot_write_before_loading(chat_ckpt: Path, home: Path, damage,
+                                                               culprit: str) -> None:
+    db = saved_history(home)
+    damage(db)
+    before = db.read_bytes()
+    result = run_chat(chat_ckpt, home, stdin=b"Hello\n")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert str(db) in result.stderr and culprit in result.stderr
+    assert "LFM2_HOME" in result.stderr and "move it aside" in result.stderr
+    assert "saved" not in result.stderr and result.stdout == b""  # refused before the model loaded
+    assert db.read_bytes() == before
+
+
+def bound_by_permissions(tmp_path: Path) -> tuple[str, ...]:
+    """A command prefix under which file permissions apply: none needed for a user; for root (CI containers),
+    setpriv without the capability to override them. Skips the test where neither works."""
+    if os.geteuid() != 0:
+        return ()
+    prefix = ("setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--")
+    probe = tmp_path / "read-only"
+    probe.write_text("")
+    probe.chmod(0o444)
+    try:
+        denied = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe)!r}, 'a')"],
+                                capture_output=True).returncode != 0
+    except OSError:
+        denied = False
+    if not denied:
+        pytest.skip("running as root, and setpriv cannot drop the right to write read-only files")
+    return prefix
+
+
+@pytest.mark.parametrize("what", ["file", "directory", "empty directory"])
+def test_chat_refuses_a_read_only_history(chat_ckpt: Path, home: Path, tmp_path: Path, what: str) -> None:
+    prefix = bound_by_permissions(tmp_path)
+    db = saved_history(home) if what != "empty directory" else home / "history.db"
+    home.mkdir(exist_ok=True)
+    before = db.read_bytes() if db.exists() else None
+    target = db if what == "file" else home
+    mode = target.stat().st_mode
+    target.chmod(0o444 if what == "file" else 0o555)
+    try:
+        result = run_chat(chat_ckpt, home, stdin=b"Hello\n", prefix=prefix)
+    finally:
+        target.chmod(mode)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert str(db) in result.stderr and "permissions" in result.stderr and "LFM2_HOME" in result.stderr
+    assert f"permissions of {target} " in result.stderr  # the file, or the directory that must be writable
+    assert (db.read_bytes() if db.exists() else None) == before
+
+
+def test_chat_never_says_saved_when_the_history_failed(chat_ckpt: Path, home: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from lfm2cli.errors import HistoryError
+
+    def fail(*args, **kwargs):
+        raise HistoryError(f"history database {home / 'history.db'}: disk I/O error")
+
+    monkeypatch.setattr(HistoryStore, "add_message", fail)
+    result = chat_cli(chat_ckpt, "-n", "3", input="Hello\nAgain\n")
+    assert result.exit_code == 1
+    assert str(result.exception) == "2 of 2 messages failed; see the errors above"
+    assert result.stderr.count("disk I/O error") == 2
+    assert "saved;" not in result.stderr and "not completely saved" in result.stderr
+
+
+def options_of(db: Path, conv_id: str) -> str:
+    return sqlite3.connect(db).execute("SELECT options FROM conversations WHERE id = ?", (conv_id,)).fetchone()[0]
+
+
+def test_set_refuses_what_the_command_line_refuses(chat_ckpt: Path, home: Path) -> None:
+    script = "Hello\n/set seed 99999999999999999999999\n/set temperature inf\n/set top_p nan\n"
+    result = chat_cli(chat_ckpt, "-n", "3", input=script)
+    assert result.exit_code == 0, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: seed must be a whole number from 0 to 9223372036854775807 (2**63-1), got 99999999999999999999999",
+        "error: temperature must be a finite number >= 0 (0 means greedy), got inf",
+        "error: top_p must be a number in (0, 1] (1 disables it), got nan"]
+    with HistoryStore() as st:
+        conv = only_conversation(st)
+    assert conv.options["seed"] is None and conv.options["temperature"] == 0 and conv.options["top_p"] == 1
+    # the same values on the command line: exit 2, one line naming the option and the value
+    for option, value in (("--seed", "99999999999999999999999"), ("--temperature", "inf"), ("--seed", "-1")):
+        proc = run_chat(chat_ckpt, home, option, value, stdin=b"Hello\n")
+        assert proc.returncode == 2
+        assert proc.stderr.startswith(f"error: {option} must be ") and proc.stderr.count("\n") == 1
+        assert proc.stderr.rstrip().endswith(f"got {float(value) if value == 'inf' else value}")
+    with HistoryStore() as st:
+        assert only_conversation(st).messages == conv.messages  # nothing added by the refused runs
+
+
+@pytest.mark.parametrize("bad", [{"seed": 99999999999999999999999}, {"temperature": float("inf")},
+                                 {"top_k": -4, "max_tokens": 0}])
+def test_resume_skips_a_bad_saved_setting(chat_ckpt: Path, home: Path, bad: dict) -> None:
+    first = run_chat(chat_ckpt, home, "-n", "3", stdin=b"Hello\n")
+    assert first.returncode == 0, first.stderr
+    db = home / "history.db"
+    with HistoryStore(db) as st:
+        conv = only_conversation(st)
+    # as an older lfm2 (or a hand edit) could have saved it; Python's json writes inf as Infinity
+    stored = json.dumps({**conv.options, **bad})
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("UPDATE conversations SET options = ? WHERE id = ?", (stored, conv.id))
+    conn.close()
+    # no sampling options on the command line: the saved ones are all there is
+    again = run_chat(chat_ckpt, home, "--resume", conv.id, stdin=b"Again\n", greedy=False)
+    assert again.returncode == 0, again.stderr
+    notes = [line for line in again.stderr.splitlines() if "ignored a saved setting" in line]
+    assert len(notes) == 1 and conv.id in notes[0]
+    for key, value in bad.items():
+        assert f"{key} must be" in notes[0] and f"got {value!r}" in notes[0]
+    with HistoryStore(db) as st:
+        after = only_conversation(st)
+    # the earlier messages are as they were, and the new turn got a real reply, not an error
+    assert after.messages[:2] == conv.messages
+    assert [m.role for m in after.messages[2:]] == ["user", "assistant"]
+    assert after.messages[3].finish_reason in ("stop", "length") and after.messages[3].tokens > 0
+    assert options_of(db, conv.id) == stored  # nothing was rewritten behind the user's back
+
+
+def test_piped_invalid_utf8_is_replaced_not_fatal(chat_ckpt: Path, home: Path) -> None:
+    result = run_chat(chat_ckpt, home, "-n", "3", stdin=b"hello \xff\xfe world\nsecond \xc3\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stderr.splitlines() if "not valid UTF-8" in line]
+    assert len(notes) == 1 and "\ufffd" in notes[0]
+    with HistoryStore(home / "history.db") as st:
+        conv = only_conversation(st)
+    assert [m.content for m in conv.messages[::2]] == ["hello \ufffd\ufffd world", "second \ufffd"]
+    assert all(m.finish_reason == "length" for m in conv.messages[1::2])

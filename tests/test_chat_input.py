@@ -10,7 +10,7 @@ from prompt_toolkit.document import Document
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
-from lfm2cli.chat.input import ChatInput, LineInput, SlashCompleter
+from lfm2cli.chat.input import ChatInput, LineInput, SlashCompleter, replace_undecodable
 
 COMMANDS = {"/help": "show the commands", "/exit": "leave the chat", "history": "past chats", "/reset": "new"}
 ENTER = "\r"
@@ -124,3 +124,27 @@ def test_line_input_keeps_an_empty_line_and_a_last_line_without_newline():
     assert reader.read() == "no newline"
     with pytest.raises(EOFError):
         reader.read()
+
+
+def test_line_input_replaces_bytes_that_are_not_utf8_and_says_so_once():
+    notes = []
+    reader = LineInput(io.BytesIO(b"hello \xff\xfe world\r\n\xc3\n\"\"\"\nblock \xe9\n\"\"\"\nfine \xc3\xa9\n"),
+                       on_note=notes.append)
+    assert reader.read() == "hello \ufffd\ufffd world"
+    assert reader.read() == "\ufffd"
+    assert reader.read() == "block \ufffd"
+    assert reader.read() == "fine \u00e9"
+    with pytest.raises(EOFError):
+        reader.read()
+    assert len(notes) == 1 and "not valid UTF-8" in notes[0]
+
+
+def test_line_input_replaces_escaped_bytes_of_a_text_stream():
+    # Python's stdin in the C locale keeps a bad byte as a lone surrogate (surrogateescape)
+    notes = []
+    reader = LineInput(io.StringIO("caf\udce9\nplain\n\ud800x\n"), on_note=notes.append)
+    assert reader.read() == "caf\ufffd"
+    assert reader.read() == "plain"
+    assert reader.read() == "?x"  # a surrogate that was never a byte
+    assert len(notes) == 1
+    assert replace_undecodable("ok") == "ok"

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from lfm2cli.chat_template import compile_template, render
-from lfm2cli.errors import CheckpointError, GenerationError
+from lfm2cli.chat_template import MAX_CHARS, compile_template, render
+from lfm2cli.errors import CheckpointError, GenerationError, TemplateError
 from lfm2cli.tokenizer import load_tokenizer
 from tests.tiny_tokenizer import BUILTIN_TEMPLATE, SHARED_TEMPLATES, default_template, make_tokenizer
 
@@ -196,3 +202,111 @@ def test_template_compiled_once() -> None:
 def test_empty_conversation_is_an_error() -> None:
     with pytest.raises(GenerationError):
         render(None, [], bos_token="<|startoftext|>", eos_token="<|im_end|>")
+
+
+# Hostile templates from issue 14, each with what its one error line must say.
+HOSTILE = {
+    "nested-loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                     "loop iterations and calls"),
+    "huge-string": ("{{ 'x' * 10**10 }}", "10,000,000,000 characters"),
+    "recursive-macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "nested"),
+    "huge-range": ("{% for i in range(10**9) %}{{ i }}{% endfor %}", "range of 1,000,000,000"),
+    "empty": ("{% if false %}{{ bos_token }}{% endif %}", "rendered nothing"),
+}
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
+
+
+def _with_template(base: Path, directory: Path, template: str, as_file: bool) -> Path:
+    """A copy of `base` whose chat template is `template`, in chat_template.jinja or tokenizer_config.json."""
+    shutil.copytree(base, directory)
+    if as_file:
+        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+        return directory / "chat_template.jinja"
+    config_file = directory / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    return config_file
+
+
+# Every template as chat_template.jinja; one limit and the empty rendering also from tokenizer_config.json.
+LAYOUTS = [pytest.param(name, True, id=f"{name}-jinja-file") for name in HOSTILE] + [
+    pytest.param(name, False, id=f"{name}-tokenizer-config") for name in ("recursive-macro", "empty")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, as_file", LAYOUTS)
+def test_hostile_template_is_one_line_naming_its_file(chat_ckpt: Path, tmp_path: Path, name: str,
+                                                      as_file: bool) -> None:
+    template, says = HOSTILE[name]
+    d = tmp_path / "ckpt"
+    culprit = _with_template(chat_ckpt, d, template, as_file)
+    before = _snapshot(d)
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "lfm2cli", "generate", str(d), "-p", "hello", "-n", "2",
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                       env={k: v for k, v in os.environ.items() if k != "LFM2_DEBUG"})
+    elapsed = time.monotonic() - start
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1, r.stderr
+    assert r.stdout == "" and "Traceback" not in r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: the chat template in "), r.stderr
+    assert str(culprit) in lines[0] and says in lines[0] and "prompt is empty" not in lines[0]
+    assert _snapshot(d) == before  # the checkpoint is only read
+    assert elapsed < 120  # unbounded, the nested loops alone would run for hours
+
+
+TINY_CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("template, says", [
+    pytest.param("{{ 'x' | center(1000000000) }}", "center", id="filter-width-folded-at-compile"),
+    pytest.param("{{ 'x'.ljust(10**9) }}", "ljust", id="str-method-width"),
+    pytest.param("{{ '%0999999999d' % 1 }}", "format", id="percent-format-width"),
+    pytest.param("{{ '{:>999999999}'.format(1) }}", "format", id="str-format-width"),
+    pytest.param("{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}",
+                 "characters", id="doubling-concat"),
+    pytest.param("{% set ns = namespace(x=[1]) %}{% for i in range(64) %}{% set ns.x = ns.x + ns.x %}{% endfor %}",
+                 "items", id="doubling-list"),
+    pytest.param("{% set s = 'x' * 1000000 %}{{ ([s] * 1000000) | join }}", "joined", id="join-of-references"),
+    pytest.param("{% set s = 'x' * 1000000 %}{{ s.replace('x', s) }}", "characters", id="replace-growth"),
+    pytest.param("{% macro m() %}{% for i in range(100000) %}{{ 'y' * 1000000 }}{% endfor %}{% endmacro %}"
+                 "{{ m() | length }}", "wrote more than", id="output-in-macro"),
+    pytest.param("{% set s = 'x' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+                 "loop iterations", id="nested-loops-over-a-string"),
+    pytest.param("{{ 7 ** 10000000 }}", "bits", id="huge-power"),
+    pytest.param("{{ lipsum(1000000) }}", "lipsum", id="lipsum"),
+])
+def test_budget_stops_hostile_templates(template: str, says: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(TemplateError) as e:
+        render(template, TINY_CHAT, bos_token="<s>", eos_token="</s>", template_source="ckpt/chat_template.jinja")
+    message = str(e.value)
+    assert says in message and "ckpt/chat_template.jinja" in message and "\n" not in message
+    assert time.monotonic() - start < 30
+
+
+def test_budget_grows_with_the_conversation() -> None:
+    """A conversation bigger than the fixed limits still renders: they scale with what the template is given."""
+    big = "word " * (MAX_CHARS // 4)
+    messages = [{"role": "user", "content": big}, {"role": "assistant", "content": big},
+                {"role": "user", "content": "?"}]
+    text = render(BUILTIN_TEMPLATE, messages, bos_token="<|startoftext|>", eos_token="<|im_end|>")
+    assert text.count(big) == 2 and len(text) > 2 * MAX_CHARS
+
+
+def test_template_errors_still_name_the_file() -> None:
+    with pytest.raises(GenerationError, match="chat template in ckpt/tokenizer_config.json failed") as e:
+        render("{{ 1 / 0 }}", TINY_CHAT, bos_token="", eos_token="", template_source="ckpt/tokenizer_config.json")
+    assert "division by zero" in str(e.value)
+
+
+def test_budget_leaves_big_numbers_in_text_alone() -> None:
+    """Only widths and precisions are checked: numbers in the text, or formatted, are just numbers."""
+    tpl = ("{{ 'call 1234567890 %s' % 'now' }}|{{ 'id=%d' | format(1234567890) }}|{{ '{} {}'.format(1, 10**9) }}"
+           "|{{ 'a,b'.split(',', 10**12) | join('+') }}|{{ 'x' * 3 }}|{{ range(3) | list | length }}")
+    assert render(tpl, TINY_CHAT, bos_token="", eos_token="") == (
+        "call 1234567890 now|id=1234567890|1 1000000000|a+b|xxx|3")

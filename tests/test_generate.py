@@ -169,3 +169,187 @@ def test_ctrl_c_keeps_output_and_exits_130(endless_ckpt: Path) -> None:
     assert proc.returncode == 130, err
     data = json.loads(out)
     assert data["finish_reason"] == "interrupted" and data["stats"]["generated_tokens"] > 0
+
+
+def _damaged_copy(src: Path, dst: Path, name: str, value: float) -> Path:
+    """A copy of a checkpoint with every value of one tensor set to `value` (NaN or inf)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (dst / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(src / "model.safetensors")
+    tensors[name] = torch.full_like(tensors[name], value)
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value, sampling", [(float("nan"), ["-t", "0"]), (float("inf"), ["-t", "1", "--seed", "1"]),
+                                             (float("nan"), ["-t", "1", "--seed", "1"])])
+def test_non_finite_logits_stop_with_one_line(chat_ckpt: Path, tmp_path: Path, value: float,
+                                              sampling: list[str]) -> None:
+    """NaN/inf weights used to give 'generated' tokens of empty text (greedy) or an IndexError (sampled)."""
+    damaged = _damaged_copy(chat_ckpt, tmp_path / "damaged", "model.embedding_norm.weight", value)
+    before = (damaged / "model.safetensors").read_bytes()
+    r = lfm2("generate", str(damaged), "-p", "hello", "-n", "8", "--dtype", "float32", *sampling, stdin="")
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+    assert "NaN/inf logits at generated token 1" in lines[0] and "damaged" in lines[0]
+    assert r.stdout == ""  # no garbage text made it out
+    assert (damaged / "model.safetensors").read_bytes() == before
+
+
+def test_generate_refuses_non_finite_logits_from_the_loop(chat_ckpt: Path) -> None:
+    """The check sits in the generation loop, so chat and bench get it too; a finite row passes."""
+    lm = load(chat_ckpt, device="cpu", dtype="float32")
+    ids = prompt_ids(lm, "Hello")
+    calls = []
+
+    def spy(logits: torch.Tensor, seen: torch.Tensor) -> int:
+        calls.append(1)
+        return 9
+
+    original = lm.model.forward
+
+    def poisoned(ids_: torch.Tensor, cache: object) -> torch.Tensor:
+        out = original(ids_, cache)
+        return out if len(calls) < 3 else out.clone().fill_(float("nan"))
+
+    lm.model.forward = poisoned
+    with pytest.raises(GenerationError, match="NaN/inf logits at generated token 4"):
+        list(generate(lm.model, ids, sampler=spy, max_tokens=10))
+    assert len(calls) == 3  # the sampler never saw the bad row
+
+
+def test_as_text_replaces_invalid_utf8_only() -> None:
+    from lfm2cli.textgen import as_text, read_stdin_text
+
+    assert as_text(b"hello \xff\xfe world") == ("hello \ufffd\ufffd world", True)
+    # what Python makes of those bytes in argv or a surrogateescape stdin
+    assert as_text(b"hi \xff".decode("utf-8", "surrogateescape")) == ("hi \ufffd", True)
+    assert as_text("caf\u00e9 \ufffd") == ("caf\u00e9 \ufffd", False)  # a real U+FFFD is no damage
+    assert as_text("x \ud800") == ("x " + "\ufffd" * 3, True)
+    import io
+
+    stream = io.TextIOWrapper(io.BytesIO(b"a\xc3(b"), encoding="utf-8", errors="strict")
+    assert read_stdin_text(stream) == ("a\ufffd(b", True)
+
+
+@pytest.mark.slow
+def test_invalid_utf8_on_stdin_and_prompt_is_replaced_with_one_note(chat_ckpt: Path) -> None:
+    def run(stdin: bytes, prompt: bytes) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lfm2cli", "generate", str(chat_ckpt), "-p", prompt, "-n", "2",
+                               "--json", "--dtype", "float32"], input=stdin, capture_output=True, timeout=120)
+
+    bad = run(b"hello \xff\xfe world", b"sum \xff up")
+    assert bad.returncode == 0, bad.stderr
+    lines = bad.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: ") and "Traceback" not in lines[0]
+    assert "stdin and --prompt" in lines[0] and "invalid UTF-8" in lines[0]
+    # the prompt the model saw is the text with U+FFFD in place of the bad bytes
+    same = run("hello \ufffd\ufffd world".encode(), "sum \ufffd up".encode())
+    assert same.returncode == 0 and same.stderr == b""
+    assert json.loads(bad.stdout)["stats"]["prompt_tokens"] == json.loads(same.stdout)["stats"]["prompt_tokens"]
+
+
+def _sh(command: str, **env: str) -> subprocess.CompletedProcess:
+    """`command` under bash with pipefail, `lfm2` standing for this checkout's entry point."""
+    lfm2_cmd = f"{sys.executable} -m lfm2cli"
+    return subprocess.run(["bash", "-c", "set -o pipefail; " + command.replace("lfm2 ", lfm2_cmd + " ")],
+                          capture_output=True, text=True, errors="replace", timeout=180,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.slow
+def test_closed_pipe_exits_0_for_every_command(chat_ckpt: Path, tmp_path: Path) -> None:
+    """`| true` closes the pipe long before Python starts writing, so each command meets a broken pipe; `head -c1`
+    closes it in the middle of a streamed answer. click and rich both used to turn that into exit 1."""
+    from lfm2cli.store.conversations import HistoryStore
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with HistoryStore(home / "history.db") as store:
+        for i in range(30):
+            conv = store.create_conversation("tiny")
+            store.add_message(conv.id, "user", f"question {i}")
+            store.add_message(conv.id, "assistant", "answer " * 200, finish_reason="stop")
+    before = (home / "history.db").read_bytes()
+    m = str(chat_ckpt)
+    commands = [
+        f"lfm2 generate {m} -p hello -n 40 --dtype float32 </dev/null | head -c1",
+        f"lfm2 generate {m} -p hello -n 4 --dtype float32 --json </dev/null | true",
+        f"lfm2 info {m} | true",
+        f"lfm2 info {m} --json | true",
+        "lfm2 history list | true",
+        f"lfm2 history show {conv.id} | true",
+        "lfm2 --help | true",
+    ]
+    for command in commands:
+        r = _sh(command, LFM2_HOME=str(home))
+        assert r.returncode == 0, (command, r.stderr)
+        assert r.stderr == "", (command, r.stderr)
+    assert (home / "history.db").read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("redirect, message", [(">&-", "error: stdout is closed"),
+                                               (">/dev/full", "error: writing to stdout failed: No space left on "
+                                                              "device (ENOSPC)")])
+def test_unwritable_stdout_is_one_line(chat_ckpt: Path, redirect: str, message: str) -> None:
+    if redirect == ">/dev/full" and not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    for command in (f"lfm2 generate {chat_ckpt} -p hello -n 4 --dtype float32 </dev/null {redirect}",
+                    f"lfm2 info {chat_ckpt} {redirect}"):
+        r = _sh(command)
+        assert r.returncode == 1, (command, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(message), (command, r.stderr)
+        assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+
+
+@pytest.fixture(scope="module")
+def short_context(endless_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The endless checkpoint (greedy never picks EOS) with a 40-token context: replies run into its end."""
+    import shutil
+
+    from tests.tiny import edit_config
+
+    path = Path(shutil.copytree(endless_ckpt, tmp_path_factory.mktemp("short") / "ckpt"))
+    edit_config(path, max_position_embeddings=40)
+    return path
+
+
+def test_context_limit_is_told_apart_from_max_tokens(short_context: Path) -> None:
+    from lfm2cli.textgen import length_stop_note
+
+    lm = load(short_context, device="cpu", dtype="float32")
+    ids = prompt_ids(lm, "hi")
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    full = TextRun(lm, ids, greedy, 1000)
+    full.run()
+    s = full.stats
+    assert s.finish_reason == "length" and s.length_limit == "context" and s.context_tokens == 40
+    assert s.prompt_tokens + s.generated_tokens == 40  # every position used: the last token is never fed back
+    assert length_stop_note(s, 1000) == "stopped because the model's context is full (40 tokens)"
+    capped = TextRun(lm, ids, greedy, 3)
+    capped.run()
+    assert capped.stats.finish_reason == "length" and capped.stats.length_limit == "max_tokens"
+    assert length_stop_note(capped.stats, 3) == "stopped at the max_tokens limit (3 tokens)"
+
+
+@pytest.mark.slow
+def test_cli_says_the_context_not_max_tokens_ended_the_reply(short_context: Path) -> None:
+    r = lfm2("generate", str(short_context), "-p", "hi", "-n", "1000", "--json", *GREEDY, "--dtype", "float32",
+             stdin="")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] == "length" and out["stats"]["length_limit"] == "context"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "context is full (40 tokens)" in lines[0] and "max_tokens" not in lines[0]
+    capped = lfm2("generate", str(short_context), "-p", "hi", "-n", "3", "--json", *GREEDY, "--dtype", "float32",
+                  stdin="")
+    assert capped.returncode == 0 and capped.stderr == ""
+    assert json.loads(capped.stdout)["stats"]["length_limit"] == "max_tokens"

@@ -512,3 +512,144 @@ def test_terminal_rendering(home: tuple[Path, list[str]]) -> None:
     buf.seek(0), buf.truncate()
     render_hits(console, hits, "paris")
     assert ids[1] in buf.getvalue() and "assistant #1" in buf.getvalue()
+
+
+# ---------------------------------------------------------------- files that are refused are left as they were
+
+def _lfm2(home: Path, *args: str | bytes) -> subprocess.CompletedProcess:
+    """The real command, through main(): exit status and stderr as a script sees them."""
+    env = {**os.environ, "LFM2_HOME": str(home)}
+    env.pop("LFM2_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lfm2cli", *args], env=env, capture_output=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
+def _future_schema(path: Path) -> None:
+    with HistoryStore(path) as s:
+        s.add_message(s.create_conversation("m").id, "user", "kept")
+    db = _raw(path)
+    db.execute("PRAGMA journal_mode = DELETE")  # as a newer lfm2 might keep it: a switch to WAL would show
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+
+
+def _foreign(path: Path) -> None:
+    db = _raw(path)
+    db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    db.execute("INSERT INTO notes (body) VALUES ('not a chat')")
+    db.close()
+
+
+@pytest.mark.parametrize("make, culprit", [(_future_schema, "newer lfm2"), (_foreign, "not lfm2's chat history")])
+@pytest.mark.parametrize("command", [["history", "list"], ["history", "search", "kept"], ["chat", "/no/model"]])
+def test_refused_history_file_is_not_changed(tmp_path: Path, make, culprit: str, command: list[str]) -> None:
+    path = tmp_path / "history.db"
+    make(path)
+    before = path.read_bytes()
+    result = _lfm2(tmp_path, *command)
+    assert result.returncode == 1, result.stderr
+    err = result.stderr.decode()
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert str(path) in err and culprit in err and "LFM2_HOME" in err
+    assert result.stdout == b""
+    # not switched to WAL, no lfm2 tables added: byte for byte what it was, and no WAL beside it
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.db"]
+
+
+def test_damaged_history_names_the_file_and_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    with HistoryStore(path) as s:
+        s.add_message(s.create_conversation("m").id, "user", "kept")
+    db = _raw(path)
+    db.execute("DROP TABLE messages")
+    db.close()
+    before = path.read_bytes()
+    result = _lfm2(tmp_path, "history", "list")
+    err = result.stderr.decode()
+    assert result.returncode == 1 and err.count("\n") == 1
+    assert f"the history database {path} is damaged: the messages table is missing; move it aside" in err
+    assert path.read_bytes() == before
+
+
+def test_store_says_why_a_read_only_file_cannot_be_written(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    with HistoryStore(path) as s:
+        s.add_message(s.create_conversation("m").id, "user", "kept")
+    with HistoryStore(path) as s:
+        # SQLite's own words for a file it opened read-only, as the store turns them into one line
+        hint = s._hint("attempt to write a readonly database")
+    assert str(path) in hint and "permissions" in hint and "LFM2_HOME" in hint
+
+
+# ---------------------------------------------------------------- strict JSON, bad bytes, unfinished replies
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON")
+
+
+def test_export_json_is_strict_json(tmp_path: Path) -> None:
+    path = tmp_path / "history.db"
+    with HistoryStore(path) as s:
+        conv = s.create_conversation("m", options={"temperature": 0.3})
+        s.add_message(conv.id, "user", "hi")
+        s.add_message(conv.id, "assistant", "yo", timings={"decode_tps": float("inf")}, finish_reason="stop")
+    # what an older lfm2 saved for `/set temperature inf` and `/set top_p nan`
+    db = _raw(path)
+    db.execute("UPDATE conversations SET options = ? WHERE id = ?",
+               ('{"temperature": Infinity, "top_p": NaN, "seed": 5}', conv.id))
+    db.close()
+    before = path.read_bytes()
+    result = _lfm2(tmp_path, "history", "export", conv.id, "-f", "json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout, parse_constant=_no_constants)
+    assert data["options"] == {"temperature": None, "top_p": None, "seed": 5}
+    assert data["messages"][1]["timings"] == {"decode_tps": None}
+    assert path.read_bytes() == before
+    # nothing that is not finite is written in the first place
+    with HistoryStore(path) as s:
+        s.update_conversation(conv.id, options={"temperature": float("nan")})
+    assert json.loads(_raw(path).execute("SELECT options FROM conversations").fetchone()[0],
+                      parse_constant=_no_constants) == {"temperature": None}
+
+
+def test_search_and_show_with_arguments_that_are_not_utf8(home: tuple[Path, list[str]]) -> None:
+    path, ids = home
+    with HistoryStore(path / "history.db") as s:
+        s.add_message(ids[0], "user", "caf\ufffd au lait")  # what a byte that was not UTF-8 became
+        before = [(c.id, c.message_count) for c in s.list()]
+    found = _lfm2(path, "history", "search", b"caf\xe9")
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.decode().split("\t")[:2] == [ids[0], "user#1"]
+    none = _lfm2(path, "history", "search", b"tea\xff")
+    assert none.returncode == 0 and none.stdout == b""
+    assert none.stderr.decode() == "no conversation contains 'tea\ufffd'\n"
+    missing = _lfm2(path, "history", "show", b"\xff\xfe")
+    assert missing.returncode == 1 and missing.stderr.decode().count("\n") == 1
+    assert "no conversation with id '\ufffd\ufffd'" in missing.stderr.decode()
+    with HistoryStore(path / "history.db") as s:
+        assert [(c.id, c.message_count) for c in s.list()] == before
+
+
+def test_reply_without_a_finish_reason_is_shown_as_incomplete(tmp_path: Path) -> None:
+    """A process killed while it streamed a reply leaves the reply without a finish reason."""
+    path = tmp_path / "history.db"
+    with HistoryStore(path) as s:
+        conv = s.create_conversation("m")
+        s.add_message(conv.id, "user", "hi")
+        s.add_message(conv.id, "assistant", "Half a sent")
+        got = s.get(conv.id)
+    assert to_markdown(got).rstrip().endswith("Half a sent\n\n*[incomplete]*")
+    shown = _lfm2(tmp_path, "history", "show", conv.id)
+    assert shown.returncode == 0 and shown.stdout.decode().rstrip().endswith("*[incomplete]*")
+    assert "[incomplete]" not in to_markdown(got).split("## Assistant")[0]  # the user's message is whole
+
+    from rich.console import Console
+
+    from lfm2cli.commands.history import render_conversation
+
+    buf = io.StringIO()
+    render_conversation(Console(file=buf, width=100, color_system=None), got)
+    assert buf.getvalue().rstrip().endswith("[incomplete]")
+    with HistoryStore(path) as s:
+        assert s.get(conv.id).messages[1].finish_reason is None  # shown so, not rewritten

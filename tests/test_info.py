@@ -15,11 +15,12 @@ import pytest
 from typer.testing import CliRunner
 
 from lfm2cli.checkpoint import expected_tensors, read_all_headers
-from lfm2cli.cli import app, main
+from lfm2cli.cli import app
 from lfm2cli.config import parse_config
 from lfm2cli.describe import describe, plain_lines
 from lfm2cli.errors import Lfm2Error
 from lfm2cli.formatting import human_bytes, human_count
+from tests.conftest import run_main
 from tests.tiny import edit_config, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,16 +44,6 @@ def _copy(src: Path, tmp_path: Path) -> Path:
 
 def _numels(root: Path) -> dict[str, int]:
     return {name: t.numel for name, t in read_all_headers(root).items()}
-
-
-def _run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple:
-    """Run the real entry point (with its error boundary) in-process."""
-    monkeypatch.delenv("LFM2_DEBUG", raising=False)
-    monkeypatch.setattr(sys, "argv", ["lfm2", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def test_dense_description_matches_headers_and_config(dense_ckpt: Path) -> None:
@@ -181,13 +172,19 @@ def test_broken_tokenizer_config_is_reported_not_fatal(dense_ckpt: Path, tmp_pat
     assert len(d["problems"]) == 1 and "tokenizer_config.json" in d["problems"][0]
 
 
-def test_mismatched_checkpoint_is_described_with_its_problem(dense_ckpt: Path, tmp_path: Path) -> None:
+def test_mismatched_checkpoint_is_described_with_its_problem(dense_ckpt: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """Described as far as it can be, but the check fails, so the exit code says so (scripts see 1)."""
     root = _copy(dense_ckpt, tmp_path)
     edit_config(root, vocab_size=1024)
     result = runner.invoke(app, ["info", str(root)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     check = [line for line in result.stdout.splitlines() if line.startswith("check: ")]
     assert len(check) == 1 and "wrong shape" in check[0] and "embed_tokens" in check[0]
+    code, out, err = run_main(["info", str(root)], monkeypatch, capsys)
+    assert code == 1 and "architecture: LFM2" in out
+    assert err.count("\n") == 1 and err.startswith("error: ") and "embed_tokens" in err
 
 
 def test_plain_output_has_no_escape_codes(moe_ckpt: Path) -> None:
@@ -308,7 +305,7 @@ def test_errors_are_one_line(kind: str, dense_ckpt: Path, sharded_ckpt: Path, tm
     result = runner.invoke(app, ["info", str(root)])
     assert result.exit_code == 1
     assert isinstance(result.exception, Lfm2Error) and result.stdout == ""
-    code, out, err = _run_main(["info", str(root)], monkeypatch, capsys)
+    code, out, err = run_main(["info", str(root)], monkeypatch, capsys)
     assert code == 1 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and phrase in err
     assert "Traceback" not in err
@@ -332,3 +329,29 @@ def test_subprocess_never_imports_torch_and_pipes_plain_text(dense_ckpt: Path) -
     assert piped.returncode == 0 and piped.stderr == ""
     assert "\x1b" not in piped.stdout
     assert piped.stdout.splitlines() == plain_lines(describe(dense_ckpt))
+
+
+def test_failed_check_still_describes_then_exits_1(dense_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """A weight stored as I8 is described (JSON for scripts), its problem listed, and the exit code is 1 with one
+    stderr line naming the tensor, as `generate` refuses the same checkpoint."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root = _copy(dense_ckpt, tmp_path)
+    name = "model.layers.2.conv.in_proj.weight"
+    tensors = load_file(root / "model.safetensors")
+    tensors[name] = (tensors[name] * 100).round().clamp(-128, 127).to(torch.int8)
+    save_file(tensors, root / "model.safetensors")
+    code, out, err = run_main(["info", str(root), "--json"], monkeypatch, capsys)
+    desc = json.loads(out)
+    assert code == 1 and "I8" in desc["dtypes"]
+    assert len(desc["problems"]) == 1 and f"{name} I8 in model.safetensors" in desc["problems"][0]
+    assert err == f"error: {desc['problems'][0]}\n"
+
+
+def test_healthy_checkpoint_with_tokenizer_passes_the_check(chat_ckpt: Path) -> None:
+    """The check reads the tokenizer (its ids must fit the embedding table); a good one passes with exit 0."""
+    result = runner.invoke(app, ["info", str(chat_ckpt)])
+    assert result.exit_code == 0, result.output
+    assert "check: ok" in result.stdout.splitlines()

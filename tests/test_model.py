@@ -158,3 +158,56 @@ def test_bf16_runtime_is_close_to_float32(dense_ckpt: Path) -> None:
     ids = prompt(16)
     a, b = f32(ids), bf16(ids)
     assert (a - b).abs().max().item() < 0.1 * a.abs().max().item()
+
+
+BAD_CONFIG_VALUES = [
+    ({"hidden_size": "sixty-four"}, "'hidden_size' is \"sixty-four\"; expected a whole number >= 1"),
+    ({"hidden_size": True}, "'hidden_size' is true"),
+    ({"num_hidden_layers": 2.5}, "'num_hidden_layers' is 2.5"),
+    ({"num_attention_heads": 0}, "'num_attention_heads' is 0"),
+    ({"num_key_value_heads": 3}, "not a multiple of 'num_key_value_heads' (3)"),
+    ({"vocab_size": -1}, "'vocab_size' is -1"),
+    ({"max_position_embeddings": None}, "'max_position_embeddings' is null"),
+    ({"conv_L_cache": 0}, "'conv_L_cache' is 0"),
+    ({"rope_parameters": [1]}, "'rope_parameters' is [1]; expected an object"),
+    ({"rope_parameters": None, "rope_theta": float("nan")}, "'rope_theta' is nan; expected a number > 0"),
+    ({"norm_eps": -1e-5}, "'norm_eps' is -1e-05"),
+    ({"conv_bias": "no"}, "'conv_bias' is \"no\"; expected true or false"),
+    ({"bos_token_id": -1}, "'bos_token_id' is -1; expected a token id"),
+    ({"eos_token_id": "7"}, "'eos_token_id' is \"7\""),
+    ({"layer_types": ["conv", "mamba", "conv", "conv"]}, "unknown layer type(s) mamba"),
+    ({"layer_types": None, "full_attn_idxs": [9]}, "'full_attn_idxs' is [9]; expected a list of layer indices"),
+    ({"block_ffn_dim_multiplier": "x"}, "'block_ffn_dim_multiplier' is \"x\""),
+    ({"hidden_size": 2, "num_attention_heads": 4, "num_key_value_heads": 4}, "smaller than 'num_attention_heads'"),
+    ({"dtype": 16}, "'dtype' is 16"),
+]
+
+
+@pytest.mark.parametrize("change,words", BAD_CONFIG_VALUES, ids=[str(c) for c, _ in BAD_CONFIG_VALUES])
+def test_config_values_are_checked(change: dict, words: str) -> None:
+    """A value of the wrong type or range is one ConfigError naming the file and the key, never a bare
+    ValueError or TypeError from int(), nor a config that builds a broken model."""
+    from lfm2cli.config import parse_config
+    from lfm2cli.errors import ConfigError
+    from tests.tiny import DENSE
+
+    with pytest.raises(ConfigError) as info:
+        parse_config({**DENSE, "model_type": "lfm2", **change}, source="/ckpt/config.json")
+    message = str(info.value)
+    assert message.startswith("/ckpt/config.json: ") and "\n" not in message
+    assert words in message, message
+
+
+def test_config_forms_that_stay_accepted() -> None:
+    """Whole numbers written as floats, a null kv-head count or head_dim, and every published shape parse."""
+    from lfm2cli.config import parse_config
+    from lfm2cli.hub.known import KNOWN_CONFIGS
+    from tests.tiny import DENSE, MOE
+
+    cfg = parse_config({**DENSE, "model_type": "lfm2", "hidden_size": 64.0, "num_key_value_heads": None,
+                        "head_dim": None, "bos_token_id": None})
+    assert (cfg.hidden_size, cfg.num_key_value_heads, cfg.head_dim, cfg.bos_token_id) == (64, 4, 16, None)
+    moe = parse_config({**MOE, "model_type": "lfm2_moe", "routed_scaling_factor": None})
+    assert moe.routed_scaling_factor == 1.0 and moe.num_experts_per_tok == 2
+    for raw in KNOWN_CONFIGS.values():
+        assert parse_config(raw).vocab_size in (65536, 128000)

@@ -19,6 +19,7 @@ from lfm2cli.commands.confirm import ask_yes_no
 from lfm2cli.errors import CheckpointError, HubError, UsageError
 from lfm2cli.hub import download, local, names
 from lfm2cli.hub.progress import LineProgress, RichProgress
+from tests.conftest import run_main
 from tests.hub_server import FakeHub
 
 REPO = "test-org/tiny-lfm2"
@@ -57,12 +58,17 @@ def quiet() -> LineProgress:
     return LineProgress(io.StringIO())
 
 
-def run_cli(args: list[str], env_vars: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def run_cli(args: list[str], env_vars: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """The real entry point in a fresh process, so the error boundary and import-time settings are real."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(env_vars)
     return subprocess.run([sys.executable, "-m", "lfm2cli", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+                          timeout=60, cwd=cwd)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root with its content: what "nothing was changed" compares."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
 
 
 # ---- pull ----
@@ -365,3 +371,133 @@ def test_yes_no_question():
     assert ask_yes_no("Go?", False, io.StringIO("\n"), io.StringIO()) is False
     assert ask_yes_no("Go?", False, io.StringIO("YES\n"), io.StringIO()) is True
     assert ask_yes_no("Go?", True, io.StringIO(""), io.StringIO()) is False  # end of input
+
+
+# ---- names that are paths, a cache that is a file, a cache that cannot be changed ----
+
+def test_cli_a_mistyped_path_is_not_sent_to_the_hub(env, fake_hub, tmp_path):
+    # the rule (hub/names.py): `owner/name` is a path when the folder `owner` is here and no cache holds it;
+    # a leading `.`, `/` or `~`, a backslash, a second `/` or a trailing `/` always make a path
+    (tmp_path / "some").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"not a directory")
+    cases = {
+        "some/typo": "error: some/typo: no such checkpoint directory (some/ has no typo); check the path, or run "
+                     "`lfm2 pull some/typo` if you meant the hub repo",
+        "some/typo/": "error: some/typo/: no such checkpoint directory (some/ has no typo); check the path",
+        "./some/deeper/typo": "error: ./some/deeper/typo: no such checkpoint directory; check the path",
+        "weights.safetensors": "error: weights.safetensors is a file, not a checkpoint directory; pass the folder "
+                               "that holds config.json and the .safetensors files",
+    }
+    before = tree(tmp_path)
+    for name, line in cases.items():
+        r = run_cli(["info", name], env, cwd=tmp_path)
+        assert r.returncode == 1, (name, r.stderr)
+        assert r.stderr.splitlines() == [line] and r.stdout == ""
+    assert tree(tmp_path) == before and not Path(env["LFM2_CACHE"]).exists()
+    assert fake_hub.log == []
+    # without the local folder the same shape is a hub id, and the message says how to pull it
+    r = run_cli(["info", "other/typo"], env, cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: other/typo is not downloaded yet; run: lfm2 pull other/typo (or pass --pull)"]
+
+
+def test_a_downloaded_model_resolves_even_where_its_owner_is_a_folder(env, fake_hub, tmp_path, monkeypatch):
+    path = download.pull_model(REPO, progress=quiet()).path
+    (tmp_path / REPO.split("/")[0]).mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert names.resolve_model(REPO) == path
+    with pytest.raises(CheckpointError, match="test-org/other: no such checkpoint directory"):
+        names.resolve_model("test-org/other")
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["the-file", "below-the-file"])
+def test_cli_cache_setting_that_is_a_file_is_one_line(env, fake_hub, tmp_path, inside):
+    blocker = tmp_path / "cache-file"
+    blocker.write_text("my notes\n")
+    setting = blocker / "sub" if inside else blocker
+    what = f"is inside {blocker}, which is a file" if inside else "is a file, not a directory"
+    for args in (["list"], ["rm", REPO, "--yes"], ["pull", REPO], ["info", REPO]):
+        r = run_cli(args, {**env, "LFM2_CACHE": str(setting)})
+        assert r.returncode == 1, (args, r.stderr)
+        assert r.stderr.splitlines() == [
+            f"error: LFM2_CACHE={setting} {what}; point LFM2_CACHE at a directory, or unset it"], args
+        assert r.stdout == ""
+    r = run_cli(["list", "--cache-dir", str(setting)], env)
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"error: --cache-dir {setting} {what}; pass a directory to --cache-dir"]
+    assert blocker.read_text() == "my notes\n"
+    assert fake_hub.downloads() == []
+
+
+def _pulled(env: dict[str, str]) -> tuple[Path, dict[str, bytes]]:
+    download.pull_model(REPO, progress=quiet())
+    root = local.model_dir(REPO)
+    return root, tree(root)
+
+
+def test_cli_rm_on_a_read_only_cache_deletes_nothing(env, fake_hub):
+    root, before = _pulled(env)
+    snapshots = root / "snapshots"
+    snapshots.chmod(0o555)  # rmtree would delete refs/ and meta/, then stop here: half a model
+    try:
+        if os.access(snapshots, os.W_OK):
+            pytest.skip("running as root: chmod does not stop deletion (the patched test covers this path)")
+        r = run_cli(["rm", REPO, "--yes"], env)
+    finally:
+        snapshots.chmod(0o755)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.splitlines() == [
+        f"error: cannot delete {REPO}: {snapshots} is not writable by this user; nothing was deleted; make it "
+        f"writable (chmod -R u+w {root}) or run lfm2 rm as its owner"]
+    assert tree(root) == before and local.find_cached(REPO) is not None
+
+
+def test_cli_rm_checks_every_folder_before_deleting(env, fake_hub, monkeypatch, capsys):
+    root, before = _pulled(env)
+    locked = next(root.glob("snapshots/*"))
+    real_access = os.access
+
+    def access(path, mode, **kw):  # what a user who does not own the snapshot sees after chmod 555
+        return False if Path(path) == locked and mode & os.W_OK else real_access(path, mode, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    code, out, err = run_main(["rm", REPO, "--yes"], monkeypatch, capsys)
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"error: cannot delete {REPO}: {locked} is not writable by this user; nothing was deleted; make it "
+        f"writable (chmod -R u+w {root}) or run lfm2 rm as its owner"]
+    assert tree(root) == before and local.find_cached(REPO) is not None
+
+
+def test_cli_rm_that_cannot_move_the_model_deletes_nothing(env, fake_hub, monkeypatch, capsys):
+    root, before = _pulled(env)
+
+    def rename(src, dst):  # a read-only file system refuses even root
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(os, "rename", rename)
+    code, out, err = run_main(["rm", REPO, "--yes"], monkeypatch, capsys)
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"error: cannot delete {REPO} from {root.parent}: Read-only file system; nothing was deleted"]
+    assert tree(root) == before and local.find_cached(REPO) is not None
+
+
+def test_cli_rm_failing_midway_leaves_no_half_model(env, fake_hub, monkeypatch, capsys):
+    root, _ = _pulled(env)
+    real_rmtree = local.shutil.rmtree
+
+    def rmtree(path, *args, **kw):  # the first file goes, then the disk says no
+        next(f for f in Path(path).rglob("*") if f.is_file()).unlink()
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(local.shutil, "rmtree", rmtree)
+    code, out, err = run_main(["rm", REPO, "--yes"], monkeypatch, capsys)
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {REPO} is out of the cache, but its files in ")
+    assert lines[0].endswith("could not all be deleted (Permission denied); delete that folder by hand")
+    trash = Path(lines[0].split(" files in ")[1].split(" could not")[0])
+    assert trash.parent == root.parent and trash.is_dir()
+    assert not root.exists() and local.list_cached() == []  # gone as a whole, not listed as incomplete
+    real_rmtree(trash)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from lfm2cli.errors import UsageError
-from lfm2cli.sampling import Sampler, SamplingParams
+from lfm2cli.sampling import Sampler, SamplingParams, flag, parse_setting, validate_setting
 
 V = 512
 
@@ -146,3 +149,56 @@ def test_pipeline_matches_transformers_processors(cfg: dict) -> None:
         ours = Sampler(p).filtered_logits(logits, generated)
         assert support(ours) == support(ref[0])
         torch.testing.assert_close(ours.softmax(-1), ref[0].softmax(-1))
+
+
+# ---------------------------------------------------------------- one set of rules for every setting
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("seed", 2**63, "9223372036854775808"), ("seed", 99999999999999999999999, "99999999999999999999999"),
+    ("seed", -1, "-1"), ("seed", 1.5, "1.5"), ("seed", True, "True"), ("temperature", math.inf, "inf"),
+    ("temperature", math.nan, "nan"), ("temperature", -0.5, "-0.5"), ("temperature", 10**400, "inf"),
+    ("top_p", math.nan, "nan"), ("top_p", 0, "0.0"), ("min_p", math.inf, "inf"),
+    ("repetition_penalty", math.inf, "inf"), ("top_k", -1, "-1"), ("top_k", 2**63, "9223372036854775808"),
+    ("top_k", 2.0, "2.0"), ("max_tokens", 0, "0"), ("max_tokens", "5", "'5'"),
+])
+def test_validate_setting_refuses_with_the_name_and_the_value(name: str, value, shown: str) -> None:
+    with pytest.raises(UsageError) as e:
+        validate_setting(name, value)
+    assert e.value.exit_code == 2
+    assert str(e.value).startswith(f"{name} must be ") and str(e.value).endswith(f", got {shown}")
+    with pytest.raises(UsageError, match=f"^{flag(name)} must be "):
+        validate_setting(name, value, label=flag(name))
+
+
+def test_validate_setting_accepts_and_normalises() -> None:
+    assert validate_setting("seed", 2**63 - 1) == 2**63 - 1 and validate_setting("seed", None) is None
+    assert validate_setting("temperature", 0) == 0.0 and isinstance(validate_setting("temperature", 0), float)
+    assert validate_setting("top_p", 1) == 1.0 and validate_setting("max_tokens", 1) == 1
+    with pytest.raises(UsageError, match="unknown setting 'nope'"):
+        validate_setting("nope", 1)
+
+
+def test_params_and_parse_use_the_same_rules() -> None:
+    with pytest.raises(UsageError, match=r"^--seed must be a whole number from 0 to 9223372036854775807"):
+        SamplingParams(seed=2**64).validate()
+    with pytest.raises(UsageError, match=r"^--temperature must be a finite number"):
+        SamplingParams(temperature=math.inf).validate()
+    assert parse_setting("seed", " off ") is None and parse_setting("seed", "42") == 42
+    assert parse_setting("temperature", "0.5") == 0.5
+    for text in ("inf", "nan", "-1", "hot"):
+        with pytest.raises(UsageError, match=f"^temperature must be .*got .*{text}"):
+            parse_setting("temperature", text)
+
+
+@pytest.mark.parametrize("option, value", [("--seed", "99999999999999999999999"), ("--seed", "-3"),
+                                           ("--temperature", "inf"), ("--top-p", "nan"), ("--max-tokens", "0")])
+def test_generate_refuses_an_out_of_range_option_in_one_line(option: str, value: str, tmp_path) -> None:
+    """Checked by the option itself, before a model is looked for: exit 2, the option and the value named."""
+    env = {**os.environ, "LFM2_HOME": str(tmp_path)}
+    env.pop("LFM2_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "lfm2cli", "generate", str(tmp_path / "no-model"), "-p", "hi",
+                           option, value], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"error: {option} must be ") and proc.stderr.count("\n") == 1
+    assert proc.stderr.rstrip().endswith(f"got {float(value) if value in ('inf', 'nan') else value}")
+    assert list(tmp_path.iterdir()) == []  # nothing created

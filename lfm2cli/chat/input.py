@@ -7,9 +7,9 @@ message, and another such line.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
@@ -130,15 +130,47 @@ class ChatInput:
         return _message(self.session.prompt())
 
 
-class LineInput:
-    """The same `read()` for a stdin that is not a terminal: one line per message, or a `\"\"\"` block."""
+def replace_undecodable(text: str) -> str:
+    """`text` with the bytes that were not UTF-8 as U+FFFD. Python keeps such bytes in command-line arguments
+    (and in stdin, in the C locale) as lone surrogates, which neither the tokenizer nor SQLite accepts."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that was never a byte
+        raw = text.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
 
-    def __init__(self, stream: TextIO) -> None:
+
+class LineInput:
+    """The same `read()` for a stdin that is not a terminal: one line per message, or a `\"\"\"` block.
+
+    Bytes that are not UTF-8 become U+FFFD, so a stray byte costs a character, never the session; `on_note`
+    hears about it once."""
+
+    def __init__(self, stream: TextIO | BinaryIO, on_note: Callable[[str], None] | None = None) -> None:
         self.stream = stream
+        self.on_note = on_note
+        self._noted = False
 
     def _line(self) -> str | None:
         line = self.stream.readline()
-        return None if line == "" else line.rstrip("\r\n")
+        if not line:
+            return None
+        if isinstance(line, bytes):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = line.decode("utf-8", "replace")
+                self._note()
+        else:
+            text = replace_undecodable(line)
+            if text != line:
+                self._note()
+        return text.rstrip("\r\n")
+
+    def _note(self) -> None:
+        if not self._noted and self.on_note is not None:
+            self.on_note("note: the input is not valid UTF-8; its undecodable bytes were replaced with \ufffd")
+        self._noted = True
 
     def read(self) -> str:
         line = self._line()

@@ -15,10 +15,10 @@ from rich.console import Console
 from rich.text import Text
 
 from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
-from lfm2cli.errors import Lfm2Error, UsageError
+from lfm2cli.errors import HistoryError, Lfm2Error, UsageError
 from lfm2cli.formatting import local_time
 from lfm2cli.render import PlainStream, make_stream, print_sections, stats_footer
-from lfm2cli.store.conversations import shorten
+from lfm2cli.store.conversations import finish_label, shorten
 
 # name -> (arguments, help); the completer shows the help next to each name
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -81,6 +81,9 @@ class ChatLoop:
         self.reader = reader
         self.ui = ui
         session.on_notice = ui.warn
+        self.turns = 0  # messages sent and /retry, for a script's exit status
+        self.failed_turns = 0
+        self.unsaved = False  # a write to the history failed: "saved" would be a lie
 
     def run(self) -> None:
         while True:
@@ -103,6 +106,9 @@ class ChatLoop:
                         return
                 else:
                     self.send(line)
+            except HistoryError as e:
+                self.unsaved = True
+                self.ui.error(str(e))
             except Lfm2Error as e:
                 self.ui.error(str(e))
             except KeyboardInterrupt:
@@ -111,7 +117,9 @@ class ChatLoop:
     def farewell(self) -> None:
         """Leaving: say where the conversation went, so it is easy to find again."""
         conv_id = self.session.conversation_id
-        if conv_id is not None:
+        if conv_id is not None and self.unsaved:
+            self.ui.warn(f"conversation {conv_id} is not completely saved: writing the history failed (see above)")
+        elif conv_id is not None:
             self.ui.note(f"conversation {conv_id} saved; lfm2 chat --resume {conv_id} picks it up again")
 
     def send(self, line: str) -> None:
@@ -125,18 +133,25 @@ class ChatLoop:
 
     def _show_reply(self, produce: Callable[[Callable[[str], None]], TurnResult]) -> None:
         stream = self.ui.stream()
+        self.turns += 1
         try:
             result = produce(stream.feed)
-        except BaseException:
+        except BaseException as e:
             stream.abort(None)
+            if not isinstance(e, KeyboardInterrupt):
+                self.failed_turns += 1
             raise
         if result.interrupted:
             stream.abort("[interrupted]")
         else:
             stream.finish()
             if result.stats.finish_reason == "length":
-                limit = self.session.max_tokens
-                self.ui.note(f"[stopped at the length limit ({limit} tokens); /set max_tokens N allows more]")
+                if result.stats.length_limit == "context":
+                    self.ui.note(f"[stopped: the model's context is full ({result.stats.context_tokens} tokens); "
+                                 "/new starts an empty conversation]")
+                else:
+                    limit = self.session.max_tokens
+                    self.ui.note(f"[stopped at the length limit ({limit} tokens); /set max_tokens N allows more]")
         line = stats_footer(result.stats.to_dict())
         if line:
             self.ui.note(line)
@@ -256,8 +271,8 @@ class ChatLoop:
             self.ui.note(_recap_line(m))
 
 
-
 def _recap_line(m: ChatMessage) -> str:
     who = "you" if m.role == "user" else m.role
-    mark = f" [{m.finish_reason}]" if m.finish_reason not in (None, "stop") else ""
+    label = finish_label(m.role, m.finish_reason)
+    mark = f" [{label}]" if label else ""
     return f"  {who}: {shorten(m.content, 100)}{mark}"

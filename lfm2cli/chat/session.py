@@ -22,19 +22,13 @@ from lfm2cli.errors import GenerationError, Lfm2Error, UsageError
 from lfm2cli.generation import GenerationStats, prefill
 from lfm2cli.loading import LoadedModel
 from lfm2cli.model.cache import CacheSnapshot
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
 from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
 from lfm2cli.textgen import TextRun, require_tokenizer
 
 MAX_SNAPSHOTS = 64  # a few hundred KB each for the largest LFM2; the oldest go first
 SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
 NEAR_FULL = 0.9  # warn once the conversation fills this share of the context
-
-# /set names -> parser; max_tokens is a session setting, the rest are SamplingParams fields
-_OPTION_TYPES: dict[str, Callable[[str], Any]] = {
-    "temperature": float, "top_k": int, "top_p": float, "min_p": float, "repetition_penalty": float,
-    "seed": int, "max_tokens": int,
-}
 
 
 class ContextFullError(GenerationError):
@@ -118,39 +112,30 @@ class ChatSession:
     def set_option(self, name: str, value: str) -> None:
         """`/set NAME VALUE`: parse, validate, apply and save with the conversation."""
         key = name.strip().lower().replace("-", "_")
-        if key not in _OPTION_TYPES:
-            raise UsageError(f"unknown setting {name!r}; settings: {', '.join(_OPTION_TYPES)}")
-        raw = value.strip()
-        if key == "seed" and raw.lower() in ("none", "off", "random"):
-            parsed: Any = None
-        else:
-            try:
-                parsed = _OPTION_TYPES[key](raw)
-            except ValueError:
-                kind = "a whole number" if _OPTION_TYPES[key] is int else "a number"
-                raise UsageError(f"{key} needs {kind}, got {raw!r}") from None
+        parsed = parse_setting(key, value)  # the same rules as the command-line options
         if key == "max_tokens":
-            if parsed < 1:
-                raise UsageError(f"max_tokens must be at least 1, got {parsed}")
             self.max_tokens = parsed
         else:
-            candidate = SamplingParams.from_dict({**self.params.to_dict(), key: parsed})
-            try:
-                self.params = candidate.validate()
-            except UsageError as e:  # its messages name the command-line flags
-                raise UsageError(str(e).removeprefix("--")) from None
+            self.params = SamplingParams.from_dict({**self.params.to_dict(), key: parsed})
         self._save_settings(options=self.options())
 
-    def apply_options(self, options: dict[str, Any]) -> None:
-        """Settings saved with a conversation (unknown keys ignored, invalid values kept as they were)."""
-        params = SamplingParams.from_dict({**self.params.to_dict(), **options})
-        try:
-            self.params = params.validate()
-        except UsageError:
-            pass
-        max_tokens = options.get("max_tokens")
-        if isinstance(max_tokens, int) and max_tokens >= 1:
-            self.max_tokens = max_tokens
+    def apply_options(self, options: dict[str, Any]) -> list[str]:
+        """Settings saved with a conversation. Unknown keys are ignored; a value that breaks the rules (saved by
+        an older lfm2, or edited) is skipped, so it cannot fail every later turn. Returns what was skipped."""
+        skipped = []
+        for key, value in options.items():
+            if key not in SETTINGS:
+                continue
+            try:
+                value = validate_setting(key, value)
+            except UsageError as e:
+                skipped.append(str(e))
+                continue
+            if key == "max_tokens":
+                self.max_tokens = value
+            else:
+                self.params = SamplingParams.from_dict({**self.params.to_dict(), key: value})
+        return skipped
 
     def set_system(self, text: str | None) -> None:
         """A new system prompt changes the first tokens of the conversation: the cache starts over."""
@@ -179,7 +164,9 @@ class ChatSession:
         self.conversation_id = conv.id
         self.messages = [ChatMessage(m.role, m.content, m.id, m.finish_reason) for m in conv.messages]
         self.system = conv.system or None
-        self.apply_options(conv.options)
+        skipped = self.apply_options(conv.options)
+        if skipped:
+            self.on_notice(f"note: ignored a saved setting of conversation {conv.id}: {'; '.join(skipped)}")
         if conv.model != self.model_name:
             self.store.update_conversation(conv.id, model=self.model_name)
         # the cache is kept: whatever prefix the two conversations share is reused by the next turn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import typer
@@ -55,15 +56,22 @@ def chat(
     """Chat with a model. Conversations are saved; /help lists the commands, Ctrl-D or /exit leaves."""
     from rich.console import Console
 
-    from lfm2cli.errors import UsageError
+    from lfm2cli.errors import GenerationError, HistoryError, UsageError
     from lfm2cli.store.conversations import HistoryStore
 
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     if cont and resume:
         raise UsageError("use either --continue or --resume ID, not both")
+    from lfm2cli.chat.input import replace_undecodable
+
+    # arguments that were not UTF-8: replacement characters, as for piped input
+    system = replace_undecodable(system) if system is not None else None
+    resume = replace_undecodable(resume) if resume is not None else None
     tty_in = sys.stdin is not None and sys.stdin.isatty()
     err = Console(stderr=True)
     with HistoryStore() as store:
+        # before the model loads: a history that cannot take a message would fail every turn
+        store.check_writable()
         saved = store.get(resume) if resume else store.latest() if cont else None
         if cont and saved is None:
             err.print("no saved conversation to continue; starting a new one", style="dim", markup=False)
@@ -82,7 +90,9 @@ def chat(
 
         lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
         o.report_skipped(lm.skipped)
+        ui = ChatUI(Console(), err, plain=plain or not (tty_in and sys.stdout.isatty()))
         session = ChatSession(lm, store, _model_label(model), params, max_tokens, system)
+        session.on_notice = ui.warn  # a saved setting that is skipped on resume is said before the banner
         if saved is not None:
             session.load(saved.id)
             # what was typed on this command line wins over what was saved, and is saved in turn
@@ -93,20 +103,31 @@ def chat(
             if _given(ctx, "system"):
                 session.set_system(system)
 
-        ui = ChatUI(Console(), err, plain=plain or not (tty_in and sys.stdout.isatty()))
-        loop = ChatLoop(session, _reader(tty_in), ui)
+        loop = ChatLoop(session, _reader(tty_in, ui.note), ui)
         ui.note(banner(session))
         if saved is not None:
             loop.recap()
         loop.run()
+        # a script learns from the exit status that a message got no reply or was not saved
+        if not tty_in and loop.failed_turns:
+            n = loop.failed_turns
+            raise GenerationError(f"{n} of {loop.turns} message{'s' if loop.turns != 1 else ''} failed; "
+                                  "see the errors above")
+        if not tty_in and loop.unsaved:
+            raise HistoryError(f"the conversation was not completely saved to {store.path}; "
+                               "see the errors above")
 
 
-def _reader(tty_in: bool) -> Any:
+def _reader(tty_in: bool, note: Callable[[str], None]) -> Any:
     """prompt-toolkit on a terminal; plain lines from anything else, so the chat can be scripted."""
     if not tty_in:
+        import io
+
         from lfm2cli.chat.input import LineInput
 
-        return LineInput(sys.stdin)
+        # bytes, decoded by LineInput: a byte that is not UTF-8 costs one character, not the session
+        stream = io.BytesIO() if sys.stdin is None else getattr(sys.stdin, "buffer", sys.stdin)
+        return LineInput(stream, on_note=note)
     from prompt_toolkit.output import create_output
 
     from lfm2cli.chat.input import ChatInput

@@ -9,21 +9,34 @@ import typer
 from lfm2cli.commands import options as o
 
 
-def _read_prompt(prompt: str | None) -> str:
+def _read_prompt(prompt: str | None, system: str | None) -> tuple[str, str | None]:
     """Piped stdin comes before the instruction (`cat notes | lfm2 generate -p "Summarise"`);
-    `--prompt -` reads the whole prompt from stdin."""
+    `--prompt -` reads the whole prompt from stdin. Invalid UTF-8 anywhere becomes U+FFFD, with one note."""
     from lfm2cli.errors import UsageError
+    from lfm2cli.textgen import as_text, read_stdin_text, replaced_note
 
-    piped = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+    bad: list[str] = []
+    piped = None
+    if sys.stdin is not None and not sys.stdin.isatty():
+        piped, replaced = read_stdin_text(sys.stdin)
+        bad += ["stdin"] if replaced else []
+    if prompt is not None and prompt != "-":
+        prompt, replaced = as_text(prompt)
+        bad += ["--prompt"] if replaced else []
+    if system is not None:
+        system, replaced = as_text(system)
+        bad += ["--system"] if replaced else []
+    if bad:
+        sys.stderr.write(replaced_note(bad) + "\n")
     if prompt == "-":
         if piped is None:
             raise UsageError("--prompt - reads the prompt from stdin, but stdin is a terminal; pipe text in")
-        return piped
+        return piped, system
     if piped and piped.strip():
-        return piped.rstrip("\n") + ("\n\n" + prompt if prompt else "")
+        return piped.rstrip("\n") + ("\n\n" + prompt if prompt else ""), system
     if prompt is None:
         raise UsageError("no prompt: pass --prompt TEXT or pipe text on stdin")
-    return prompt
+    return prompt, system
 
 
 def generate(
@@ -51,7 +64,7 @@ def generate(
 ) -> None:
     """Generate a reply to one prompt. Piped stdin is added before the prompt."""
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
-    text = _read_prompt(prompt)
+    text, system = _read_prompt(prompt, system)
     if not text.strip():
         from lfm2cli.errors import UsageError
 
@@ -61,7 +74,7 @@ def generate(
 
     path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
     from lfm2cli.loading import load
-    from lfm2cli.textgen import TextRun, prompt_ids
+    from lfm2cli.textgen import TextRun, length_stop_note, prompt_ids
 
     lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
     o.report_skipped(lm.skipped)
@@ -102,6 +115,10 @@ def generate(
 
         print(json.dumps({"text": run.text, "finish_reason": run.stats.finish_reason, "model": str(path),
                           "stats": run.stats.to_dict()}, ensure_ascii=False))
+    if run.stats.length_limit == "context":
+        # a cut the user did not ask for: say so, and that --max-tokens cannot help
+        sys.stderr.write(f"note: the reply {length_stop_note(run.stats, max_tokens)}; a shorter prompt leaves more "
+                         "room\n")
     if verbose:
         s = run.stats
         sys.stderr.write(

@@ -39,7 +39,17 @@ def _get(conv_id: str) -> Conversation:
     store = _open(must_exist=True)
     assert store is not None
     with store:
-        return store.get(conv_id)
+        return store.get(_text(conv_id))
+
+
+def _text(arg: str) -> str:
+    """A command-line argument with the bytes that were not UTF-8 as U+FFFD: Python keeps them as lone
+    surrogates, which SQLite refuses (and a conversation never holds)."""
+    try:
+        raw = arg.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = arg.encode("utf-8", "replace")
+    return raw.decode("utf-8", "replace")
 
 
 
@@ -81,6 +91,7 @@ def render_conversation(console: Console, conv: Conversation) -> None:
     from rich.text import Text
 
     from lfm2cli.formatting import local_time
+    from lfm2cli.store.conversations import finish_label
 
     console.print(Text(conv.display_title, style="bold"))
     details = [conv.id, conv.model, local_time(conv.updated_at)]
@@ -97,8 +108,8 @@ def render_conversation(console: Console, conv: Conversation) -> None:
         console.print(Text(label, style=style))
         # user text is shown as typed; replies are Markdown, which LFM2 writes a lot of
         console.print(Markdown(m.content) if m.role == "assistant" else Text(m.content))
-        if m.finish_reason not in (None, "stop"):
-            console.print(Text(f"[{m.finish_reason}]", style="dim italic"))
+        if label := finish_label(m.role, m.finish_reason):
+            console.print(Text(f"[{label}]", style="dim italic"))
 
 
 def render_hits(console: Console, hits: list[SearchHit], text: str) -> None:
@@ -191,7 +202,7 @@ def rm(
     store = _open(must_exist=True)
     assert store is not None
     with store:
-        conv = store.get(conv_id)
+        conv = store.get(_text(conv_id))
         if not yes:
             if not sys.stdin.isatty():
                 raise UsageError("refusing to delete without confirmation (stdin is not a terminal); "
@@ -213,6 +224,7 @@ def search(
     """Find conversations whose title or messages contain TEXT."""
     from lfm2cli.errors import UsageError
 
+    text = _text(text)
     if not text.strip():
         raise UsageError("give some text to search for")
     store = _open(must_exist=False)

@@ -10,7 +10,8 @@ def info(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network; use the local cache."),
 ) -> None:
-    """Describe a checkpoint: architecture, layers, parameters, tokens, files, memory (no weights loaded)."""
+    """Describe a checkpoint: architecture, layers, parameters, tokens, files, memory (no weights loaded). Exits 1
+    when the checkpoint fails the check that loading runs."""
     import json
     import sys
 
@@ -27,3 +28,9 @@ def info(
         print_sections(sections(desc))
     else:
         print("\n".join(plain_lines(desc)))
+    if desc["problems"]:
+        # described as far as it can be, but a checkpoint that would not load fails the check: exit 1 for scripts
+        from lfm2cli.errors import CheckpointError
+
+        sys.stdout.flush()
+        raise CheckpointError("; ".join(desc["problems"]))

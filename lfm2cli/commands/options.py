@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -10,14 +12,32 @@ MODEL = typer.Argument(None, help="Checkpoint directory, hub repo id or alias (d
                        show_default=False)
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 DTYPE = typer.Option("auto", "--dtype", help="auto, bfloat16, float16 or float32.")
-MAX_TOKENS = typer.Option(1024, "--max-tokens", "-n", min=1, help="Most tokens to generate.")
+
+
+def _checked(name: str) -> Callable[[Any], Any]:
+    """An option callback that applies the sampling setting's one rule (lfm2cli.sampling.validate_setting),
+    so the command line accepts exactly what /set accepts; the error names the option and its value."""
+
+    def check(value: Any) -> Any:
+        from lfm2cli.sampling import flag, validate_setting
+
+        return validate_setting(name, value, label=flag(name))
+
+    return check
+
+
+MAX_TOKENS = typer.Option(1024, "--max-tokens", "-n", callback=_checked("max_tokens"),
+                          help="Most tokens to generate.")
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
-TEMPERATURE = typer.Option(0.3, "--temperature", "-t", min=0.0, help="0 is greedy.")
-TOP_K = typer.Option(0, "--top-k", min=0, help="Keep the k likeliest tokens (0: off).")
-TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1: off).")
-MIN_P = typer.Option(0.15, "--min-p", min=0.0, max=1.0, help="Drop tokens below min-p x the best one's chance.")
-REPETITION_PENALTY = typer.Option(1.05, "--repetition-penalty", min=0.0, help="1 is off.")
-SEED = typer.Option(None, "--seed", help="Random seed, for reproducible sampling.")
+TEMPERATURE = typer.Option(0.3, "--temperature", "-t", callback=_checked("temperature"), help="0 is greedy.")
+TOP_K = typer.Option(0, "--top-k", callback=_checked("top_k"), help="Keep the k likeliest tokens (0: off).")
+TOP_P = typer.Option(1.0, "--top-p", callback=_checked("top_p"), help="Nucleus sampling mass, in (0, 1] (1: off).")
+MIN_P = typer.Option(0.15, "--min-p", callback=_checked("min_p"),
+                     help="Drop tokens below min-p x the best one's chance, in [0, 1].")
+REPETITION_PENALTY = typer.Option(1.05, "--repetition-penalty", callback=_checked("repetition_penalty"),
+                                  help="1 is off.")
+SEED = typer.Option(None, "--seed", callback=_checked("seed"),
+                    help="Random seed (0 to 2**63-1), for reproducible sampling.")
 OFFLINE = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
 PULL = typer.Option(False, "--pull", help="Download the model without asking if it is not cached.")
 QUANTIZE = typer.Option("none", "--quantize", help="none, int8 or int4: weights quantised while loading "

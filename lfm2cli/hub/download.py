@@ -181,7 +181,8 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
     ref = revision or local.DEFAULT_REVISION
     snap = local.snapshot_dir(repo_id, plan.commit, cache_dir)
     if local.is_complete(repo_id, plan.commit, cache_dir):
-        local.write_ref(repo_id, ref, plan.commit, cache_dir)
+        with _explained(repo_id, revision):  # a read-only cache: one line, not PermissionError
+            local.write_ref(repo_id, ref, plan.commit, cache_dir)
         local.prune(repo_id, cache_dir)
         return PullResult(snap, plan.commit, 0, plan.total, "up to date")
     in_hf = local.find_in_hf_cache(repo_id, plan.commit)
@@ -217,8 +218,9 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
             progress.finish(ok)
 
     _verify(repo_id, snap)
-    local.mark_complete(repo_id, plan.commit, {f.name: f.size for f in plan.files}, cache_dir)
-    local.write_ref(repo_id, ref, plan.commit, cache_dir)
+    with _explained(repo_id, revision, resumable=True):
+        local.mark_complete(repo_id, plan.commit, {f.name: f.size for f in plan.files}, cache_dir)
+        local.write_ref(repo_id, ref, plan.commit, cache_dir)
     local.prune(repo_id, cache_dir)
     return PullResult(snap, plan.commit, needed, plan.total, "downloaded")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from lfm2cli import paths
-from lfm2cli.errors import CheckpointError, Lfm2Error
+from lfm2cli.errors import CheckpointError, HubError, Lfm2Error
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_REVISION = "main"
@@ -35,7 +36,29 @@ PARTIAL_SUFFIX = ".incomplete"
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else paths.cache_dir()
+    """The cache directory: `cache_dir` (--cache-dir), else LFM2_CACHE, else the user cache directory.
+
+    HubError when it, or a folder above it, is a file: otherwise `list` would show an empty cache and
+    `pull` fail deep inside, neither saying that the setting is wrong.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else paths.cache_dir()
+    for path in (root, *root.parents):
+        try:
+            if path.is_dir():
+                break
+            if not path.exists():
+                continue
+        except OSError:
+            break  # cannot tell (no permission): the operation itself will say what is wrong
+        if cache_dir:
+            setting, fix = f"--cache-dir {cache_dir}", "pass a directory to --cache-dir"
+        elif os.environ.get("LFM2_CACHE"):
+            setting, fix = f"LFM2_CACHE={os.environ['LFM2_CACHE']}", "point LFM2_CACHE at a directory, or unset it"
+        else:
+            setting, fix = f"the model cache {root}", "move that file away, or set LFM2_CACHE to a directory"
+        what = "is a file, not a directory" if path == root else f"is inside {path}, which is a file"
+        raise HubError(f"{setting} {what}; {fix}")
+    return root
 
 
 def model_dir(repo_id: str, cache_dir: str | Path | None = None) -> Path:
@@ -123,7 +146,10 @@ def prune(repo_id: str, cache_dir: str | Path | None = None) -> None:
     for snap in (root / "snapshots").glob("*"):
         if snap.name not in wanted:
             shutil.rmtree(snap, ignore_errors=True)
-            (root / "meta" / f"{snap.name}.json").unlink(missing_ok=True)
+            try:
+                (root / "meta" / f"{snap.name}.json").unlink(missing_ok=True)
+            except OSError:
+                pass  # a read-only cache: the old snapshot stays, listed, until `lfm2 rm`
 
 
 def _read(path: Path) -> str | None:
@@ -225,10 +251,50 @@ def list_cached(cache_dir: str | Path | None = None) -> list[CachedModel]:
 
 
 def remove(repo_id: str, cache_dir: str | Path | None = None) -> int:
-    """Delete every revision of a model from our cache; returns the bytes freed."""
+    """Delete every revision of a model from our cache; returns the bytes freed.
+
+    All or nothing: HubError before anything is deleted when a folder of it cannot be changed, and the
+    model leaves the cache in one rename before its files are deleted, so a failure never leaves half a model.
+    """
     root = model_dir(repo_id, cache_dir)
     if not root.is_dir():
         return 0
+    locked = _not_deletable(root)
+    if locked is not None:
+        fix = f"chmod -R u+w {shlex.quote(str(root))}" if locked != root.parent else \
+            f"chmod u+w {shlex.quote(str(locked))}"
+        raise HubError(f"cannot delete {repo_id}: {locked} {_why_locked(locked)}; nothing was deleted; make it "
+                       f"writable ({fix}) or run lfm2 rm as its owner")
     freed = _size(root)
-    shutil.rmtree(root)
+    trash = root.with_name(f".deleting-{os.getpid()}-{time.time_ns()}")  # no "--": list_cached skips it
+    try:
+        os.rename(root, trash)
+    except OSError as e:
+        raise HubError(f"cannot delete {repo_id} from {root.parent}: {e.strerror or e}; nothing was deleted") from e
+    try:
+        shutil.rmtree(trash)
+    except OSError as e:
+        raise HubError(f"{repo_id} is out of the cache, but its files in {trash} could not all be deleted "
+                       f"({e.strerror or e}); delete that folder by hand") from e
     return freed
+
+
+def _not_deletable(root: Path) -> Path | None:
+    """The first folder whose entries this user cannot remove (the one holding `root`, `root` or a folder
+    inside it), or None. Checked up front because rmtree stops at the first one, halfway through."""
+    if not os.access(root.parent, os.W_OK | os.X_OK):
+        return root.parent
+    unreadable: list[OSError] = []
+    for top, _, _ in os.walk(root, onerror=unreadable.append):
+        if not os.access(top, os.R_OK | os.W_OK | os.X_OK):
+            return Path(top)
+    return Path(unreadable[0].filename or root) if unreadable else None
+
+
+def _why_locked(path: Path) -> str:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "is on a read-only file system"
+    except (OSError, AttributeError):  # no statvfs on Windows
+        pass
+    return "is not writable by this user"

@@ -47,8 +47,30 @@ def repo_id_for(name: str | None) -> str:
 
 
 def _looks_like_path(name: str) -> bool:
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+    """A name that can only mean a path: it is on disk, or it is no hub repo id's shape (ids are exactly
+    `owner/name`, each part starting with a letter or digit): it starts with `.`, `/` or `~`, has a
+    backslash or more than one `/`, or ends with `/`."""
+    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
             or Path(name).expanduser().exists())
+
+
+def _local_parent(name: str) -> Path | None:
+    """For an `owner/name` that could be either: the local folder `owner` when there is one, else None.
+    `some/typo` typed where `some/` is a folder is a mistyped path, not a hub id."""
+    owner, sep, _ = name.partition("/")
+    if not sep or not owner:
+        return None
+    folder = Path(owner).expanduser()
+    return folder if folder.is_dir() else None
+
+
+def _missing_path(name: str) -> CheckpointError:
+    path = Path(name).expanduser()
+    if path.exists():
+        return CheckpointError(f"{name} is a file, not a checkpoint directory; pass the folder that holds "
+                               "config.json and the .safetensors files")
+    where = f" ({path.parent}/ has no {path.name})" if path.parent != Path(".") and path.parent.is_dir() else ""
+    return CheckpointError(f"{name}: no such checkpoint directory{where}; check the path")
 
 
 def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False,
@@ -56,8 +78,10 @@ def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False
                   cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Turn what the user typed (a directory, a repo id, an alias or None) into a local checkpoint directory.
 
-    A directory is used as is. A repo id is taken from our cache, else from the standard Hugging Face
-    cache, without any network call. When it is in neither: offline -> HubError; `pull` -> download;
+    A directory is used as is; a name that can only be a path, or an `owner/name` whose `owner` is a local
+    folder and that no cache holds, is a missing directory (CheckpointError). A repo id is taken from our
+    cache, else from the standard Hugging Face cache, without any network call. When it is in neither:
+    offline -> HubError; `pull` -> download;
     `confirm` given -> download if it answers yes to the question it is asked; otherwise HubError that says
     how to download it.
     """
@@ -66,7 +90,7 @@ def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False
         if path.is_dir():
             return path
         if _looks_like_path(name):
-            raise CheckpointError(f"{name}: no such checkpoint directory")
+            raise _missing_path(name)
     repo_id = repo_id_for(name)
     found = local.find_cached(repo_id, revision, cache_dir)
     if found is not None:
@@ -77,6 +101,11 @@ def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False
         return found
 
     how = f"lfm2 pull {repo_id}" + (f" --revision {revision}" if revision else "")
+    folder = _local_parent(name) if name is not None and not pull else None
+    if folder is not None:
+        # checked after both caches, so a downloaded model whose owner is also a local folder still resolves
+        raise CheckpointError(f"{name}: no such checkpoint directory ({folder}/ has no {Path(name).name}); "
+                              f"check the path, or run `{how}` if you meant the hub repo")
     if download.is_offline(offline):
         raise HubError(f"{repo_id} is not downloaded and offline mode is on; run `{how}` while online")
     if not (pull or confirm):

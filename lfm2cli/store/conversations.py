@@ -9,6 +9,8 @@ and upgraded at open by an ordered list of migrations, all applied in one transa
 from __future__ import annotations
 
 import json
+import math
+import os
 import secrets
 import sqlite3
 import threading
@@ -25,10 +27,11 @@ from lfm2cli.paths import data_dir
 from lfm2cli.store.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations",
-           "to_json", "to_markdown"]
+           "finish_label", "to_json", "to_markdown"]
 
 ROLES = ("system", "user", "assistant", "tool")
 FINISH_REASONS = ("stop", "length", "interrupted", "error")
+_TABLES = ("conversations", "messages")
 TITLE_CHARS = 60
 
 
@@ -118,8 +121,28 @@ def _loads(value: str | None) -> Any:
     return None if value is None else json.loads(value)
 
 
+def _finite(value: Any) -> Any:
+    """`value` with every inf and nan replaced by None: JSON has no spelling for them (Python's `Infinity` is
+    not JSON), and a number that is not finite is no setting or timing anyway."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _dumps(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+    return None if value is None else json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
+
+
+def finish_label(role: str, finish_reason: str | None) -> str | None:
+    """How a message ended, when that is worth showing: None for a complete one. A reply with no finish
+    reason was never finished: its process was killed (or is still writing it)."""
+    if finish_reason is None:
+        return "incomplete" if role == "assistant" else None
+    return None if finish_reason == "stop" else finish_reason
 
 
 def _check(role: str | None, finish_reason: str | None) -> None:
@@ -147,7 +170,7 @@ class HistoryStore:
                                        check_same_thread=False)
             self._timeout = timeout
         except sqlite3.Error as e:
-            raise HistoryError(f"cannot open the history database {self.path}: {e}") from e
+            raise HistoryError(f"cannot open the history database {self.path}: {e}{self._hint(str(e))}") from e
         try:
             with self._errors():
                 self._setup()
@@ -157,12 +180,60 @@ class HistoryStore:
 
     def _setup(self) -> None:
         db = self._db
+        self._check_file()  # before the first write: a file that is refused is left exactly as it was
         self._enable_wal()
         # in WAL mode NORMAL commits without fsync yet survives a killed process: cheap streaming updates
         db.execute("PRAGMA synchronous = NORMAL")
         db.execute("PRAGMA foreign_keys = ON")
         db.create_function("lfm2_contains", 2, _contains, deterministic=True)
         apply_migrations(db)
+
+    def _check_file(self) -> None:
+        """Refuse a database written by a newer lfm2, another program's SQLite file, or a history whose tables
+        are gone, with one line naming the file. Reads only, in one snapshot: a concurrent first open
+        creates the tables and sets the version in one transaction, so both are seen or neither."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            if db.in_transaction:
+                db.execute("COMMIT")
+        aside = "move it aside (lfm2 then starts a new history) or set LFM2_HOME to use another directory"
+        if version > SCHEMA_VERSION:
+            raise HistoryError(f"the history database {self.path} was written by a newer lfm2 (schema version "
+                               f"{version}, this one knows {SCHEMA_VERSION}); upgrade lfm2, or set LFM2_HOME "
+                               "to use another directory")
+        if version == 0 and tables:
+            names = ", ".join(sorted(tables)[:5])
+            raise HistoryError(f"{self.path} is an SQLite database but not lfm2's chat history (it holds the "
+                               f"tables {names}); {aside}")
+        missing = [t for t in _TABLES if t not in tables]
+        if version > 0 and missing:
+            raise HistoryError(f"the history database {self.path} is damaged: the {' and '.join(missing)} "
+                               f"table{'s are' if len(missing) > 1 else ' is'} missing; {aside}")
+
+    def check_writable(self) -> None:
+        """Raise HistoryError, naming the file and what to do, unless messages can be saved now: no damaged
+        page, and a write of each table goes through (rolled back, so nothing changes). For `lfm2 chat`,
+        so that it fails before the model loads rather than after every turn."""
+        with self._lock, self._errors():
+            problem = " ".join(self._db.execute("PRAGMA quick_check(1)").fetchone()[0].split())
+            if problem != "ok":
+                raise HistoryError(f"the history database {self.path} is damaged ({problem}); move it aside "
+                                   "(lfm2 then starts a new history) or set LFM2_HOME to use another directory")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                # the columns add_message writes, in a row that never commits
+                self._db.execute("INSERT INTO conversations (id, title, model, system, options, created_at, "
+                                 "updated_at) VALUES ('lfm2-write-check', NULL, '', NULL, NULL, '', '')")
+                self._db.execute("INSERT INTO messages (conversation_id, position, role, content, tokens, "
+                                 "timings, finish_reason, created_at) "
+                                 "VALUES ('lfm2-write-check', 0, 'user', '', NULL, NULL, NULL, '')")
+            finally:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
 
     def _enable_wal(self) -> None:
         """Switch a new database to WAL. SQLite answers "locked" at once, without its busy handler, while
@@ -186,8 +257,20 @@ class HistoryStore:
         try:
             yield
         except sqlite3.DatabaseError as e:
-            hint = "; another lfm2 may be holding it, try again" if "locked" in str(e) else ""
-            raise HistoryError(f"history database {self.path}: {e}{hint}") from e
+            raise HistoryError(f"history database {self.path}: {e}{self._hint(str(e))}") from e
+
+    def _hint(self, message: str) -> str:
+        """What to do about an SQLite error, in words a user can act on."""
+        if "locked" in message:
+            return "; another lfm2 may be holding it, try again"
+        if "readonly" in message or "unable to open" in message or "read-only" in message:
+            # the directory matters too: WAL mode keeps two files beside the database
+            where = self.path if os.access(self.path.parent, os.W_OK) else self.path.parent
+            return (f"; lfm2 cannot write there: check the permissions of {where} (it must be writable by you), "
+                    "or set LFM2_HOME to a writable directory")
+        if "malformed" in message or "not a database" in message or "no such" in message:
+            return "; the file is damaged: move it aside (lfm2 then starts a new history) or set LFM2_HOME"
+        return ""
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -420,8 +503,8 @@ def to_markdown(conv: Conversation) -> str:
         lines += ["## System", "", conv.system.rstrip(), ""]
     for m in conv.messages:
         lines += [f"## {m.role.capitalize()}", "", m.content.rstrip()]
-        if m.finish_reason not in (None, "stop"):
-            lines += ["", f"*[{m.finish_reason}]*"]
+        if label := finish_label(m.role, m.finish_reason):
+            lines += ["", f"*[{label}]*"]
         lines.append("")
     return "\n".join(lines)
 
@@ -437,4 +520,4 @@ def to_json(conv: Conversation) -> str:
             for m in conv.messages
         ],
     }
-    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
