@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +134,63 @@ def test_any_chunking_never_emits_stop(seed: int) -> None:
     assert hit
     assert out == text[:cut]
     assert not any(s in out for s in stops)
+
+
+def add_think_tokens(path: Path) -> tuple[int, int]:
+    """Make `<think>`/`</think>` special tokens of the tokenizer in `path`, as in LFM2.5's tokenizer; their ids."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_file(str(path / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<think>", special=True, normalized=False),
+                                AddedToken("</think>", special=True, normalized=False)])
+    backend.save(str(path / "tokenizer.json"))
+    return backend.token_to_id("<think>"), backend.token_to_id("</think>")
+
+
+@pytest.fixture(scope="module")
+def think_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    path = make_tokenizer(tmp_path_factory.mktemp("think"))
+    add_think_tokens(path)
+    return load_tokenizer(path)
+
+
+def test_kept_markers_come_through_while_other_special_tokens_are_skipped(think_tok: Tokenizer) -> None:
+    from lfm2cli.textgen import thinking_markers
+
+    keep = thinking_markers(think_tok)
+    assert sorted(keep.values()) == ["</think>", "<think>"]
+    text = "<think>\nCafé 🙂 日本語</think>\n\nSalut 🇫🇷<|im_end|>"
+    ids = think_tok.encode(text)
+    assert all(i in ids for i in keep) and 7 in ids  # each marker is one token, as is <|im_end|>
+    d = StreamingDetokenizer(think_tok, keep=keep)
+    pieces = [d.add(i) for i in ids] + [d.flush()]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "<think>\nCafé 🙂 日本語</think>\n\nSalut 🇫🇷"
+    # without `keep` the markers vanish, as every special token does
+    assert "".join(stream(think_tok, ids)) == "\nCafé 🙂 日本語\n\nSalut 🇫🇷"
+    # not skipping at all: every special token is written once, `keep` changes nothing
+    d = StreamingDetokenizer(think_tok, skip_special_tokens=False, keep=keep)
+    assert "".join([d.add(i) for i in ids] + [d.flush()]) == text
+
+
+def test_random_streams_with_kept_markers_add_up(think_tok: Tokenizer) -> None:
+    from lfm2cli.textgen import thinking_markers
+
+    keep = thinking_markers(think_tok)
+    rng = random.Random(1)
+    for _ in range(30):
+        # one id in five a marker, so that markers meet split characters and each other
+        ids = [rng.choice(list(keep)) if rng.random() < 0.2 else rng.randrange(think_tok.vocab_size)
+               for _ in range(rng.randrange(1, 60))]
+        d = StreamingDetokenizer(think_tok, keep=keep)
+        # what decode with the markers spelled out gives: the runs between them decoded apart
+        expected, run = "", []
+        for i in ids:
+            if i in keep:
+                expected += think_tok.decode(run) + keep[i]
+                run = []
+            else:
+                run.append(i)
+        expected += think_tok.decode(run)
+        assert "".join([d.add(i) for i in ids] + [d.flush()]) == expected

@@ -353,3 +353,214 @@ def test_cli_says_the_context_not_max_tokens_ended_the_reply(short_context: Path
                   stdin="")
     assert capped.returncode == 0 and capped.stderr == ""
     assert json.loads(capped.stdout)["stats"]["length_limit"] == "max_tokens"
+
+
+# Thinking models: a tiny checkpoint never thinks by itself, so these tests script the token stream the model
+# "generates" and check what the command makes of it. The scripts use LFM2.5's layout: `<think>`, the
+# reasoning, `</think>`, a blank line, the answer.
+
+def _scripted(ids: list[int], prompts: list[list[int]]):
+    """A stand-in for the generation loop that yields `ids` and records the prompt it was given."""
+
+    def fake(model: object, prompt: list[int], *, stats: GenerationStats, **_: object):
+        prompts.append(list(prompt))
+        stats.prompt_tokens = len(prompt)
+        for i in ids:
+            stats.generated_tokens += 1
+            yield i
+        stats.finish_reason = "stop"
+
+    return fake
+
+
+def _thinking_copy(src: Path, dst: Path, template: str | None = None) -> Path:
+    """A copy of `src` whose tokenizer has `<think>`/`</think>` as special tokens (and `template`, if given)."""
+    import shutil
+
+    from tests.test_detokenize import add_think_tokens
+    from tests.tiny_tokenizer import make_tokenizer
+
+    path = Path(shutil.copytree(src, dst))
+    if template is not None:
+        make_tokenizer(path, chat_template=template)
+    add_think_tokens(path)
+    return path
+
+
+# The test template with a generation prompt that opens the block, as some thinking models' templates do.
+def _opening_template() -> str:
+    from tests.tiny_tokenizer import BUILTIN_TEMPLATE
+
+    old = "{{- '<|im_start|>assistant\\n' -}}"
+    assert BUILTIN_TEMPLATE.count(old) == 1
+    return BUILTIN_TEMPLATE.replace(old, "{{- '<|im_start|>assistant\\n<think>\\n' -}}")
+
+
+@pytest.fixture(scope="module")
+def think_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("think") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def opening_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=_opening_template())
+
+
+def _generate(args: list[str], script: list[int], monkeypatch: pytest.MonkeyPatch,
+              capsys: pytest.CaptureFixture) -> tuple[int, str, str, list[list[int]]]:
+    """`lfm2 generate ARGS` through the real entry point, the model's output being `script`."""
+    import io
+
+    from tests.conftest import run_main
+
+    prompts: list[list[int]] = []
+    monkeypatch.setattr("lfm2cli.textgen.generate", _scripted(script, prompts))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code, out, err = run_main(["generate", *args, "--dtype", "float32", "--device", "cpu"], monkeypatch, capsys)
+    return code, out, err, prompts
+
+
+def _ids(path: Path, *parts: str) -> list[int]:
+    """Token ids for the parts in order; "<think>" and "</think>" are their special tokens where the tokenizer
+    has them (as the model writes them), else the text's ordinary tokens."""
+    from lfm2cli.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(path)
+    ids: list[int] = []
+    for part in parts:
+        special = tok.special_tokens.get(part)
+        ids += [special] if special is not None else tok.encode(part)
+    return ids
+
+
+@pytest.mark.parametrize("markers", ["special tokens", "plain text"])
+def test_generate_prints_only_the_answer_of_a_model_that_thinks(markers: str, think_ckpt: Path, chat_ckpt: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    path = think_ckpt if markers == "special tokens" else chat_ckpt
+    script = _ids(path, "<think>", "\nThe user asks 2 + 2. That is 4.\n", "</think>", "\n\nThe answer is 4.")
+    if markers == "special tokens":
+        assert len(script) < len(_ids(chat_ckpt, "<think>", "\nThe user asks 2 + 2. That is 4.\n", "</think>",
+                                      "\n\nThe answer is 4."))
+    code, out, err, _ = _generate([str(path), "-p", "What is 2 + 2?"], script, monkeypatch, capsys)
+    assert (code, out, err) == (0, "The answer is 4.\n", "")
+    code, out, err, _ = _generate([str(path), "-p", "What is 2 + 2?", "--think", "show"], script, monkeypatch,
+                                  capsys)
+    assert (code, out) == (0, "The answer is 4.\n")
+    assert err == "The user asks 2 + 2. That is 4.\n" and not ANSI.search(err)  # plain text when piped
+    code, out, err, _ = _generate([str(path), "-p", "What is 2 + 2?", "--json", "--think", "show"], script,
+                                  monkeypatch, capsys)
+    data = json.loads(out)
+    assert code == 0 and err == ""  # --json carries the reasoning itself
+    assert list(data) == ["text", "reasoning", "finish_reason", "model", "stats"]
+    assert data["text"] == "The answer is 4." and data["reasoning"] == "The user asks 2 + 2. That is 4."
+    assert data["finish_reason"] == "stop" and data["stats"]["generated_tokens"] == len(script)
+
+
+def test_a_prompt_that_opens_the_block_starts_in_the_reasoning(opening_ckpt: Path, think_ckpt: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from lfm2cli.tokenizer import load_tokenizer
+
+    # The template wrote `<think>`: the model's output begins inside the block and only closes it.
+    script = _ids(opening_ckpt, "Two and two make 4.", "</think>", "\n\n4")
+    code, out, err, prompts = _generate([str(opening_ckpt), "-p", "2 + 2?", "--think", "show"], script,
+                                        monkeypatch, capsys)
+    tok = load_tokenizer(opening_ckpt)
+    assert tok.decode(prompts[0], skip_special_tokens=False).endswith("<|im_start|>assistant\n<think>\n")
+    assert (code, out, err) == (0, "4\n", "Two and two make 4.\n")
+    # The same output after a prompt that did not open it is all answer, the stray tag included.
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "2 + 2?", "--json"], script, monkeypatch, capsys)
+    data = json.loads(out)
+    assert (data["text"], data["reasoning"]) == ("Two and two make 4.</think>\n\n4", "")
+    # --raw: the user's own text is the prompt, and it opened the block.
+    raw = "<|im_start|>user\n2 + 2?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    code, out, err, prompts = _generate([str(think_ckpt), "-p", raw, "--raw", "--json"], script, monkeypatch,
+                                        capsys)
+    data = json.loads(out)
+    assert prompts[0] == [tok.bos_token_id, *tok.encode(raw)]
+    assert (data["text"], data["reasoning"]) == ("4", "Two and two make 4.")
+
+
+def test_stop_strings_apply_to_the_answer_only(think_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    script = _ids(think_ckpt, "<think>", "\nIs it 4? Yes, 4.\n", "</think>", "\n\nIt is 4, surely.")
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "2 + 2?", "--stop", "4", "--json"], script, monkeypatch,
+                                  capsys)
+    data = json.loads(out)
+    assert code == 0 and data["reasoning"] == "Is it 4? Yes, 4."  # the stop string inside the block is no stop
+    assert data["text"] == "It is " and data["finish_reason"] == "stop"
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "2 + 2?", "--stop", "4", "--think", "show"], script,
+                                  monkeypatch, capsys)
+    assert (code, out, err) == (0, "It is \n", "Is it 4? Yes, 4.\n")
+
+
+def test_a_reply_cut_inside_the_block_is_all_reasoning(think_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    script = _ids(think_ckpt, "<think>", "\nFirst, let me think about")
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "hi", "--think", "show"], script, monkeypatch, capsys)
+    assert (code, out, err) == (0, "", "First, let me think about\n")
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "hi", "--json"], script, monkeypatch, capsys)
+    assert (json.loads(out)["text"], json.loads(out)["reasoning"]) == ("", "First, let me think about")
+
+
+@pytest.mark.parametrize("reply", ["  \n<b>Bold</b> and <think>a tag</think> in the answer\n",
+                                   "\n\n<thi", "</think> first\n\n", "plain"])
+def test_a_reply_without_a_leading_block_is_printed_as_is(reply: str, think_ckpt: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    script = _ids(think_ckpt, reply)
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "hi", "--think", "show"], script, monkeypatch, capsys)
+    assert (code, out, err) == (0, reply if reply.endswith("\n") else reply + "\n", "")
+    code, out, err, _ = _generate([str(think_ckpt), "-p", "hi", "--json"], script, monkeypatch, capsys)
+    assert (json.loads(out)["text"], json.loads(out)["reasoning"]) == (reply, "")
+
+
+def test_a_model_that_never_thinks_prints_what_it_always_did(chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """The real loop on the tiny checkpoint: stdout is the text of the run without the split, byte for byte."""
+    import io
+
+    from tests.conftest import run_main
+
+    lm = load(chat_ckpt, device="cpu", dtype="float32")
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
+    for prompt in ("Tell me a story", "Hello"):
+        ids = prompt_ids(lm, prompt)
+        before = TextRun(lm, ids, greedy, 30).run()
+        assert before.strip()
+        monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+        code, out, err = run_main(["generate", str(chat_ckpt), "-p", prompt, "-n", "30", *GREEDY, "--dtype",
+                                   "float32", "--device", "cpu"], monkeypatch, capsys)
+        assert (code, err) == (0, "") and out == before + ("" if before.endswith("\n") else "\n")
+        stop = before[len(before) // 2: len(before) // 2 + 3]
+        cut = TextRun(lm, ids, greedy, 30, stops=[stop]).run()
+        code, out, err = run_main(["generate", str(chat_ckpt), "-p", prompt, "-n", "30", *GREEDY, "--stop", stop,
+                                   "--json", "--dtype", "float32", "--device", "cpu"], monkeypatch, capsys)
+        data = json.loads(out)
+        assert (data["text"], data["reasoning"], data["finish_reason"]) == (cut, "", "stop")
+
+
+def test_reasoning_on_a_terminal_is_dimmed_and_ends_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from lfm2cli.commands.generate import _ReasoningOut
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    out = _ReasoningOut()
+    out.feed("2 + 2 [bold]is[/bold] 4")  # markup in the model's text is text
+    out.end()
+    out.end()  # a second end (answer, then the end of the reply) adds nothing
+    text = err.getvalue()
+    assert ANSI.search(text) and text.endswith("\n") and text.count("\n") == 1
+    assert re.sub(r"\x1b\[[0-9;]*m", "", text) == "2 + 2 [bold]is[/bold] 4\n"
+
+
+def test_think_takes_show_or_hide_only(chat_ckpt: Path) -> None:
+    result = runner.invoke(app, ["generate", str(chat_ckpt), "-p", "hi", "--think", "fold"])
+    assert result.exit_code == 2 and "'fold' is not one of 'show', 'hide'" in result.output

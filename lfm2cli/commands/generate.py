@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Iterator
 
 import typer
 
@@ -39,6 +40,39 @@ def _read_prompt(prompt: str | None, system: str | None) -> tuple[str, str | Non
     return prompt, system
 
 
+def _think_choice(value: str) -> str:
+    if value not in ("show", "hide"):
+        raise typer.BadParameter(f"{value!r} is not one of 'show', 'hide'")
+    return value
+
+
+class _ReasoningOut:
+    """The reasoning of a thinking model on stderr (`--think show`): dimmed on a terminal, plain when piped, and
+    ended with a newline once the answer starts, so the two never share a line."""
+
+    def __init__(self) -> None:
+        self._console = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+
+            self._console = Console(stderr=True)
+        self._open = False
+
+    def feed(self, text: str) -> None:
+        if self._console is not None:
+            self._console.print(text, style="dim", end="", markup=False, highlight=False, soft_wrap=True)
+        else:
+            sys.stderr.write(text)
+        sys.stderr.flush()
+        self._open = True
+
+    def end(self) -> None:
+        if self._open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open = False
+
+
 def generate(
     model: str = o.MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt; '-' reads it from stdin."),
@@ -52,7 +86,11 @@ def generate(
     seed: int = o.SEED,
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable); it is not printed."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, finish reason, stats."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, reasoning, finish reason, "
+                                  "stats."),
+    think: str = typer.Option("hide", "--think", callback=_think_choice,
+                              help="show or hide the reasoning a thinking model writes before its answer (show: on "
+                                   "stderr); stdout gets only the answer either way."),
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
     quantize: str = o.QUANTIZE,
@@ -74,11 +112,30 @@ def generate(
 
     path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
     from lfm2cli.loading import load
-    from lfm2cli.textgen import TextRun, length_stop_note, prompt_ids
+    from lfm2cli.textgen import TextRun, encode_prompt, length_stop_note, prompt_text
+    from lfm2cli.thinking import Reasoning, opened_by_prompt
 
     lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
     o.report_skipped(lm.skipped)
-    run = TextRun(lm, prompt_ids(lm, text, system, raw), params, max_tokens, stops=stop or ())
+    rendered = prompt_text(lm, text, system, raw)
+    # Every reply goes through the reasoning/answer split: one without a leading <think> block is all answer.
+    run = TextRun(lm, encode_prompt(lm, rendered, raw), params, max_tokens, stops=stop or (), think=True,
+                  opened=opened_by_prompt(rendered))
+    thoughts = _ReasoningOut() if think == "show" and not json_out else None
+
+    def answer(pieces: Iterable[str]) -> Iterator[str]:
+        """The answer pieces; the reasoning goes to stderr (show) or nowhere (hide)."""
+        for piece in pieces:
+            if isinstance(piece, Reasoning):
+                if thoughts is not None:
+                    thoughts.feed(piece)
+                continue
+            if thoughts is not None:
+                thoughts.end()
+            yield piece
+        if thoughts is not None:
+            thoughts.end()
+
     tty = sys.stdout.isatty() and not json_out
     interrupted = False
     try:
@@ -91,14 +148,14 @@ def generate(
 
             out = make_stream(Console(), plain=False)
             try:
-                for piece in run.pieces():
+                for piece in answer(run.pieces()):
                     out.feed(piece)
             except KeyboardInterrupt:
                 out.abort(None)
                 raise
             out.finish()
         else:
-            for piece in run.pieces():
+            for piece in answer(run.pieces()):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             if run.text and not run.text.endswith("\n"):
@@ -107,14 +164,16 @@ def generate(
     except KeyboardInterrupt:
         interrupted = True
         run.stats.finish_reason = "interrupted"
+        if thoughts is not None:
+            thoughts.end()
         if not tty and not json_out:
             sys.stdout.write("\n")
             sys.stdout.flush()
     if json_out:
         import json
 
-        print(json.dumps({"text": run.text, "finish_reason": run.stats.finish_reason, "model": str(path),
-                          "stats": run.stats.to_dict()}, ensure_ascii=False))
+        print(json.dumps({"text": run.text, "reasoning": run.reasoning, "finish_reason": run.stats.finish_reason,
+                          "model": str(path), "stats": run.stats.to_dict()}, ensure_ascii=False))
     if run.stats.length_limit == "context":
         # a cut the user did not ask for: say so, and that --max-tokens cannot help
         sys.stderr.write(f"note: the reply {length_stop_note(run.stats, max_tokens)}; a shorter prompt leaves more "
