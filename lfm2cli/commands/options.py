@@ -27,15 +27,17 @@ def _checked(name: str) -> Callable[[Any], Any]:
 
 
 MAX_TOKENS = typer.Option(1024, "--max-tokens", "-n", callback=_checked("max_tokens"),
-                          help="Most tokens to generate.")
+                          help="Most tokens to generate (>= 1).")
 SYSTEM = typer.Option(None, "--system", "-s", help="System prompt.")
-TEMPERATURE = typer.Option(0.3, "--temperature", "-t", callback=_checked("temperature"), help="0 is greedy.")
-TOP_K = typer.Option(0, "--top-k", callback=_checked("top_k"), help="Keep the k likeliest tokens (0: off).")
+TEMPERATURE = typer.Option(0.3, "--temperature", "-t", callback=_checked("temperature"),
+                           help="Sampling temperature, >= 0 (0 is greedy).")
+TOP_K = typer.Option(0, "--top-k", callback=_checked("top_k"),
+                     help="Keep the k likeliest tokens, >= 0 (0: off).")
 TOP_P = typer.Option(1.0, "--top-p", callback=_checked("top_p"), help="Nucleus sampling mass, in (0, 1] (1: off).")
 MIN_P = typer.Option(0.15, "--min-p", callback=_checked("min_p"),
                      help="Drop tokens below min-p x the best one's chance, in [0, 1].")
 REPETITION_PENALTY = typer.Option(1.05, "--repetition-penalty", callback=_checked("repetition_penalty"),
-                                  help="1 is off.")
+                                  help="Penalty on tokens already seen, > 0 (1: off).")
 SEED = typer.Option(None, "--seed", callback=_checked("seed"),
                     help="Random seed (0 to 2**63-1), for reproducible sampling.")
 OFFLINE = typer.Option(False, "--offline", help="Never touch the network (also HF_HUB_OFFLINE=1).")
