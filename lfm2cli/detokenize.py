@@ -8,7 +8,8 @@ back until the next token completes it.
 
 `keep` names special tokens whose text is returned even though special tokens are skipped: the
 `<think>`/`</think>` markers of thinking models are special tokens in some tokenizers, and the
-reasoning/answer split needs to see them."""
+reasoning/answer split needs to see them; so are LFM2's `<|tool_call_start|>`/`<|tool_call_end|>`, which the
+tool-call parser needs when tools are given."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     peak_memory_bytes: int = 0
-    finish_reason: str | None = None  # stop, length or interrupted
+    finish_reason: str | None = None  # stop, length, interrupted, or tool_calls (set by textgen.TextRun)
     # with finish_reason "length", what ended the reply: "max_tokens" (the caller's cap) or "context" (the
     # model's context was full first); the two need different advice
     length_limit: str | None = None

@@ -1,21 +1,23 @@
 """Text in, text out: builds prompts, turns the token stream into text pieces (whole UTF-8 characters,
-stop strings held back, reasoning told apart from the answer on request) and records why generation stopped.
-Shared by `generate`, `chat` and `bench`."""
+stop strings held back, reasoning told apart from the answer and tool calls taken out of it on request) and
+records why generation stopped. Shared by `generate`, `chat` and `bench`."""
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lfm2cli.detokenize import StreamingDetokenizer
-from lfm2cli.errors import CheckpointError
+from lfm2cli.errors import CheckpointError, UsageError
 from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.loading import LoadedModel
 from lfm2cli.sampling import Sampler, SamplingParams
 from lfm2cli.stops import StopMatcher
 from lfm2cli.thinking import CLOSE, OPEN, Answer, Reasoning, ThinkingSplitter
+from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START, Calls, Event, ToolCall, ToolCallStream, Unparsed
 
 
 def as_text(data: bytes | str) -> tuple[str, bool]:
@@ -66,12 +68,62 @@ def require_tokenizer(lm: LoadedModel) -> Any:
     return lm.tokenizer
 
 
-def prompt_text(lm: LoadedModel, prompt: str, system: str | None = None, raw: bool = False) -> str:
-    """The text of a one-shot prompt: the model's chat template rendered, or the text as is with `raw`."""
+def prompt_text(lm: LoadedModel, prompt: str, system: str | None = None, raw: bool = False,
+                tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The text of a one-shot prompt: the model's chat template rendered (with `tools`, the function schemas the
+    template lists for the model), or the text as is with `raw`."""
     if raw:
+        if tools is not None:
+            raise UsageError("tools need the chat template, which lists them for the model; a raw prompt has none")
         return prompt
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return require_tokenizer(lm).apply_chat_template(messages, add_generation_prompt=True)
+    return require_tokenizer(lm).apply_chat_template(messages, add_generation_prompt=True,
+                                                     tools=None if tools is None else list(tools))
+
+
+_TOOLS_SHAPE = ('a JSON list of function tools, [{"type": "function", "function": {"name": ..., "parameters": '
+                '{...}}}] or [{"name": ..., "parameters": {...}}]')
+
+
+def check_tools(data: Any) -> list[dict[str, Any]]:
+    """`data` as a list of tool schemas (OpenAI `{"type": "function", "function": {...}}` or bare function
+    objects), kept as given for the template. Raises ValueError saying what is wrong and what is expected."""
+    if not isinstance(data, list):
+        raise ValueError(f"expected {_TOOLS_SHAPE}, not a JSON {_json_kind(data)}")
+    for n, tool in enumerate(data, 1):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if isinstance(tool, dict) and "function" in tool and tool.get("type", "function") != "function":
+            raise ValueError(f"tool {n} has type {tool.get('type')!r}; only \"function\" tools exist; expected "
+                             f"{_TOOLS_SHAPE}")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ValueError(f"tool {n} has no function name; expected {_TOOLS_SHAPE}")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise ValueError(f"tool {n} ({fn['name']}): parameters must be a JSON schema object; expected "
+                             f"{_TOOLS_SHAPE}")
+    return data
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def read_tools(path: str) -> list[dict[str, Any]]:
+    """The tool schemas in the JSON file `path` (see `check_tools`); any problem is one UsageError naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the tools file ({e.strerror or e}); expected {_TOOLS_SHAPE}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: the tools file is not UTF-8 text; expected {_TOOLS_SHAPE}") from None
+    except ValueError as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); expected {_TOOLS_SHAPE}") from None
+    try:
+        return check_tools(data)
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from None
 
 
 def encode_prompt(lm: LoadedModel, text: str, raw: bool = False) -> list[int]:
@@ -90,6 +142,13 @@ def thinking_markers(tokenizer: Any) -> dict[int, str]:
     return {special[m]: m for m in (OPEN, CLOSE) if m in special}
 
 
+def tool_markers(tokenizer: Any) -> dict[int, str]:
+    """Ids of `<|tool_call_start|>`/`<|tool_call_end|>` where the tokenizer has them as special tokens (as LFM2's
+    does), so the detokenizer keeps them for the tool-call parser."""
+    special = getattr(tokenizer, "special_tokens", {})
+    return {special[m]: m for m in (TOOL_CALL_START, TOOL_CALL_END) if m in special}
+
+
 def stop_ids(lm: LoadedModel) -> set[int]:
     """The checkpoint's EOS ids plus the tokenizer's EOS (`<|im_end|>` ends a chat turn)."""
     ids = set(lm.config.eos_token_ids)
@@ -105,7 +164,10 @@ class TextRun:
     With `think`, a leading `<think>` block is split off (`opened`: the prompt already opened it): `pieces()`
     yields `Reasoning` and `Answer` pieces, `text` holds the answer and `reasoning` the block's text. Stop
     strings apply to the answer only, so a stop string the model happens to think about does not end the reply.
-    Without `think`, pieces are plain text exactly as before."""
+    With `tools` (the schemas the prompt listed; `[]` counts), tool-call blocks are taken out of the answer:
+    a block that parses is never yielded, its calls go to `tool_calls`, generation stops at its end and
+    `stats.finish_reason` becomes "tool_calls"; a block that does not parse is yielded as the text it was and
+    kept in `tool_errors`. Without `think` or `tools`, pieces are plain text exactly as before."""
 
     lm: LoadedModel
     prompt: Sequence[int]
@@ -116,13 +178,16 @@ class TextRun:
     context_ids: Sequence[int] | None = None
     think: bool = False
     opened: bool = False
+    tools: Sequence[Mapping[str, Any]] | None = None
     text: str = ""
     reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    tool_errors: list[Unparsed] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
     def pieces(self) -> Iterator[str]:
-        if self.think:
+        if self.think or self.tools is not None:
             yield from self._split_pieces()
             return
         detok = StreamingDetokenizer(require_tokenizer(self.lm))
@@ -156,36 +221,71 @@ class TextRun:
 
     def _split_pieces(self) -> Iterator[Reasoning | Answer]:
         tok = require_tokenizer(self.lm)
-        detok = StreamingDetokenizer(tok, keep=thinking_markers(tok))
-        splitter = ThinkingSplitter(opened=self.opened)
+        keep = thinking_markers(tok) if self.think else {}
+        if self.tools is not None:
+            keep |= tool_markers(tok)
+        detok = StreamingDetokenizer(tok, keep=keep)
+        splitter = ThinkingSplitter(opened=self.opened) if self.think else None
+        calls = ToolCallStream(self.tools) if self.tools is not None else None
         matcher = StopMatcher(list(self.stops))
-        hit = False
+        done = False  # a stop string or a whole tool-call block ended the reply; finish_reason says which
+
+        def split(text: str, final: bool = False) -> list[Reasoning | Answer]:
+            if splitter is None:
+                return [Answer(text)] if text else []
+            return splitter.feed(text) + (splitter.close() if final else [])
+
+        def answer(text: str) -> Iterator[Answer]:
+            nonlocal done
+            out, hit = matcher.feed(text)
+            if out:
+                self.text += out
+                yield Answer(out)
+            if hit:
+                self.stats.finish_reason = "stop"
+                done = True
+
+        def answer_events(events: Iterable[Event]) -> Iterator[Answer]:
+            nonlocal done
+            for event in events:
+                if isinstance(event, Calls):
+                    # Text held back as a possible stop string is answer text after all: the reply ends here.
+                    out = matcher.flush()
+                    if out:
+                        self.text += out
+                        yield Answer(out)
+                    self.tool_calls += event.calls
+                    self.stats.finish_reason = "tool_calls"
+                    done = True
+                    return
+                if isinstance(event, Unparsed):
+                    self.tool_errors.append(event)
+                yield from answer(event.text)
+                if done:
+                    return
 
         def sorted_out(pieces: list[Reasoning | Answer]) -> Iterator[Reasoning | Answer]:
-            nonlocal hit
             for piece in pieces:
                 if isinstance(piece, Reasoning):
                     self.reasoning += piece
                     yield piece
                     continue
-                out, hit = matcher.feed(piece)
-                if out:
-                    self.text += out
-                    yield Answer(out)
-                if hit:
+                yield from answer(piece) if calls is None else answer_events(calls.feed(piece))
+                if done:
                     return
 
         gen = self._generate()
         try:
             for t in gen:
                 self.tokens.append(t)
-                yield from sorted_out(splitter.feed(detok.add(t)))
-                if hit:
-                    self.stats.finish_reason = "stop"
+                yield from sorted_out(split(detok.add(t)))
+                if done:
                     return
-            yield from sorted_out(splitter.feed(detok.flush()) + splitter.close())
-            if hit:
-                self.stats.finish_reason = "stop"
+            yield from sorted_out(split(detok.flush(), final=True))
+            if calls is not None and not done:
+                # A block still open at the end parses if its content is whole (the end marker never came).
+                yield from answer_events(calls.close())
+            if done:
                 return
             out = matcher.flush()
             if out:

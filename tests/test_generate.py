@@ -564,3 +564,142 @@ def test_reasoning_on_a_terminal_is_dimmed_and_ends_its_line(monkeypatch: pytest
 def test_think_takes_show_or_hide_only(chat_ckpt: Path) -> None:
     result = runner.invoke(app, ["generate", str(chat_ckpt), "-p", "hi", "--think", "fold"])
     assert result.exit_code == 2 and "'fold' is not one of 'show', 'hide'" in result.output
+
+
+# Tool calls (`--tools`): as with thinking, a tiny checkpoint never calls a tool by itself, so the model's output is
+# scripted. The tiny tokenizer has LFM2's `<|tool_call_start|>`/`<|tool_call_end|>` as special tokens.
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"location": {"type": "string"}, "unit": {"type": "string"}},
+                   "required": ["location"]}}}
+CALENDAR = {"name": "Calendar.create_event", "description": "Add an event",
+            "parameters": {"type": "object", "properties": {"title": {"type": "string"}}}}
+CALLS = "[get_weather(location=\"Paris\", unit=None), Calendar.create_event(title='Café \\\"fête\\\"')]"
+
+
+@pytest.fixture
+def tools_file(tmp_path: Path) -> Path:
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps([WEATHER, CALENDAR]), encoding="utf-8")
+    return path
+
+
+def test_tool_calls_go_to_stderr_and_json_never_to_stdout(chat_ckpt: Path, tools_file: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from lfm2cli.tokenizer import load_tokenizer
+
+    head = _ids(chat_ckpt, "Let me check.\n", "<|tool_call_start|>", CALLS, "<|tool_call_end|>")
+    script = head + _ids(chat_ckpt, "Text the model should never get to write")
+    args = [str(chat_ckpt), "-p", "Weather in Paris?", "--tools", str(tools_file)]
+    code, out, err, prompts = _generate(args, script, monkeypatch, capsys)
+    assert (code, out) == (0, "Let me check.\n")
+    assert err == ('tool call: get_weather(location="Paris", unit=None)\n'
+                   'tool call: Calendar.create_event(title="Café \\"fête\\"")\n')
+    # The template listed both tools for the model, in the system turn before the user's.
+    prompt = load_tokenizer(chat_ckpt).decode(prompts[0], skip_special_tokens=False)
+    assert "<|tool_list_start|>" in prompt and prompt.index('"get_weather"') < prompt.index("Weather in Paris?")
+    assert '"Calendar.create_event"' in prompt and '"Current weather in a city"' in prompt
+
+    code, out, err, _ = _generate([*args, "--json"], script, monkeypatch, capsys)
+    data = json.loads(out)
+    assert (code, err) == (0, "")
+    assert list(data) == ["text", "reasoning", "tool_calls", "finish_reason", "model", "stats"]
+    assert data["text"] == "Let me check.\n" and data["finish_reason"] == "tool_calls"
+    # generation stopped at the block's end marker
+    assert data["stats"]["generated_tokens"] == len(head)
+    calls = data["tool_calls"]
+    assert [c["type"] for c in calls] == ["function", "function"] and len({c["id"] for c in calls}) == 2
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("get_weather", {"location": "Paris", "unit": None}), ("Calendar.create_event", {"title": 'Café "fête"'})]
+
+
+def test_without_tools_the_same_output_prints_as_it_always_did(chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    script = _ids(chat_ckpt, "Let me check.\n", "<|tool_call_start|>", CALLS, "<|tool_call_end|>", " done")
+    code, out, err, prompts = _generate([str(chat_ckpt), "-p", "hi"], script, monkeypatch, capsys)
+    # the markers are special tokens, skipped as ever; the call list is just text
+    assert (code, out, err) == (0, "Let me check.\n" + CALLS + " done\n", "")
+    code, out, err, _ = _generate([str(chat_ckpt), "-p", "hi", "--json"], script, monkeypatch, capsys)
+    assert "tool_calls" not in json.loads(out) and json.loads(out)["finish_reason"] == "stop"
+
+
+def test_a_thinking_model_calls_after_its_reasoning(think_ckpt: Path, tools_file: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    script = _ids(think_ckpt, "<think>", "\nI need the weather tool.\n", "</think>", "\n\n", "<|tool_call_start|>",
+                  '[{"name": "get_weather", "arguments": {"location": "東京"}}]', "<|tool_call_end|>")
+    args = [str(think_ckpt), "-p", "Weather in Tokyo?", "--tools", str(tools_file)]
+    code, out, err, _ = _generate([*args, "--think", "show"], script, monkeypatch, capsys)
+    assert (code, out, err) == (0, "", 'I need the weather tool.\ntool call: get_weather(location="東京")\n')
+    code, out, err, _ = _generate([*args, "--json"], script, monkeypatch, capsys)
+    data = json.loads(out)
+    assert (data["text"], data["reasoning"], data["finish_reason"]) == ("", "I need the weather tool.", "tool_calls")
+    assert json.loads(data["tool_calls"][0]["function"]["arguments"]) == {"location": "東京"}
+
+
+def test_a_block_that_does_not_parse_is_shown_as_text(chat_ckpt: Path, tools_file: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    script = _ids(chat_ckpt, "<|tool_call_start|>", "[get_weather(location=Paris]", "<|tool_call_end|>", " sorry")
+    args = [str(chat_ckpt), "-p", "hi", "--tools", str(tools_file)]
+    code, out, err, _ = _generate(args, script, monkeypatch, capsys)
+    assert (code, out) == (0, "<|tool_call_start|>[get_weather(location=Paris]<|tool_call_end|> sorry\n")
+    assert err.startswith("note: a tool-call block did not parse (") and err.endswith("; it is shown as text\n")
+    assert err.count("\n") == 1
+    code, out, err, _ = _generate([*args, "--json"], script, monkeypatch, capsys)
+    data = json.loads(out)
+    assert (data["tool_calls"], data["finish_reason"]) == ([], "stop")
+    assert data["text"] == "<|tool_call_start|>[get_weather(location=Paris]<|tool_call_end|> sorry"
+
+
+def test_tools_with_a_plain_reply_stop_strings_and_an_unclosed_block(chat_ckpt: Path, tools_file: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    args = [str(chat_ckpt), "-p", "hi", "--tools", str(tools_file), "--json"]
+    code, out, _, _ = _generate(args, _ids(chat_ckpt, "No tool needed: 4."), monkeypatch, capsys)
+    data = json.loads(out)
+    assert (data["text"], data["tool_calls"], data["finish_reason"]) == ("No tool needed: 4.", [], "stop")
+    # Text held back as the start of a stop string is printed when a call ends the reply.
+    script = _ids(chat_ckpt, "Off to Par", "<|tool_call_start|>", '[get_weather(location="Paris")]',
+                  "<|tool_call_end|>")
+    code, out, _, _ = _generate([*args, "--stop", "Paris!"], script, monkeypatch, capsys)
+    data = json.loads(out)
+    assert (data["text"], data["finish_reason"], len(data["tool_calls"])) == ("Off to Par", "tool_calls", 1)
+    # A stop string inside a call's arguments does not end the reply.
+    code, out, _, _ = _generate([*args, "--stop", "Paris"], script, monkeypatch, capsys)
+    assert json.loads(out)["finish_reason"] == "tool_calls"
+    # The end marker never came, but the call is whole: it is still a call.
+    code, out, _, _ = _generate(args, _ids(chat_ckpt, "<|tool_call_start|>", '[get_weather(location="Rome")]'),
+                                monkeypatch, capsys)
+    data = json.loads(out)
+    assert (data["text"], data["finish_reason"]) == ("", "tool_calls")
+    assert json.loads(data["tool_calls"][0]["function"]["arguments"]) == {"location": "Rome"}
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "cannot read the tools file"),
+    ("[{\"name\": ", "not valid JSON"),
+    ('{"name": "f"}', "not a JSON object"),
+    ('[{"type": "function", "function": {"description": "no name"}}]', "tool 1 has no function name"),
+    ('[{"name": "f"}, "g"]', "tool 2 has no function name"),
+    ('[{"name": "f", "parameters": []}]', "tool 1 (f): parameters must be a JSON schema object"),
+    ('[{"type": "retrieval", "function": {"name": "f"}}]', "tool 1 has type 'retrieval'"),
+])
+def test_a_bad_tools_file_is_one_line(content: str | None, expected: str, chat_ckpt: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content, encoding="utf-8")
+    code, out, err, prompts = _generate([str(chat_ckpt), "-p", "hi", "--tools", str(path)], [], monkeypatch, capsys)
+    assert (code, out, prompts) == (2, "", [])
+    assert err.startswith(f"error: {path}: ") and expected in err and err.count("\n") == 1
+    assert "expected a JSON list of function tools" in err
+
+
+def test_tools_are_refused_with_raw(chat_ckpt: Path, tools_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture) -> None:
+    code, out, err, prompts = _generate([str(chat_ckpt), "-p", "hi", "--raw", "--tools", str(tools_file)], [],
+                                        monkeypatch, capsys)
+    assert (code, out, prompts) == (2, "", []) and err.count("\n") == 1 and "--raw" in err and "--tools" in err

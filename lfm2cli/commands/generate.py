@@ -86,11 +86,15 @@ def generate(
     seed: int = o.SEED,
     stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable); it is not printed."),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, reasoning, finish reason, "
-                                  "stats."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, reasoning, tool calls "
+                                  "(with --tools), finish reason, stats."),
     think: str = typer.Option("hide", "--think", callback=_think_choice,
                               help="show or hide the reasoning a thinking model writes before its answer (show: on "
                                    "stderr); stdout gets only the answer either way."),
+    tools: str = typer.Option(None, "--tools", metavar="FILE",
+                              help="A JSON file of function tools (OpenAI schemas) the model may call. Calls are "
+                                   "not run: each is one 'tool call:' line on stderr, and --json lists them in "
+                                   "tool_calls with finish_reason tool_calls.", show_default=False),
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
     quantize: str = o.QUANTIZE,
@@ -102,10 +106,18 @@ def generate(
 ) -> None:
     """Generate a reply to one prompt. Piped stdin is added before the prompt."""
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    from lfm2cli.errors import UsageError
+
+    if tools is not None and raw:
+        raise UsageError("--tools needs the chat template, which lists the tools for the model; --raw sends the "
+                         "prompt without it")
+    tool_list = None
+    if tools is not None:
+        from lfm2cli.textgen import read_tools
+
+        tool_list = read_tools(tools)  # before the model loads, so a bad file fails fast
     text, system = _read_prompt(prompt, system)
     if not text.strip():
-        from lfm2cli.errors import UsageError
-
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
     from lfm2cli.commands.confirm import confirm_download
     from lfm2cli.hub.names import resolve_model
@@ -117,10 +129,10 @@ def generate(
 
     lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
     o.report_skipped(lm.skipped)
-    rendered = prompt_text(lm, text, system, raw)
+    rendered = prompt_text(lm, text, system, raw, tools=tool_list)
     # Every reply goes through the reasoning/answer split: one without a leading <think> block is all answer.
     run = TextRun(lm, encode_prompt(lm, rendered, raw), params, max_tokens, stops=stop or (), think=True,
-                  opened=opened_by_prompt(rendered))
+                  opened=opened_by_prompt(rendered), tools=tool_list)
     thoughts = _ReasoningOut() if think == "show" and not json_out else None
 
     def answer(pieces: Iterable[str]) -> Iterator[str]:
@@ -169,11 +181,22 @@ def generate(
         if not tty and not json_out:
             sys.stdout.write("\n")
             sys.stdout.flush()
+    if tool_list is not None and not json_out:
+        # stdout stays the answer text alone, so a pipe never mistakes a call for the reply
+        for call in run.tool_calls:
+            sys.stderr.write(f"tool call: {call.to_pythonic()}\n")
+    if run.tool_errors:
+        first = run.tool_errors[0].error
+        more = f" (and {len(run.tool_errors) - 1} more)" if len(run.tool_errors) > 1 else ""
+        sys.stderr.write(f"note: a tool-call block did not parse ({first}){more}; it is shown as text\n")
     if json_out:
         import json
 
-        print(json.dumps({"text": run.text, "reasoning": run.reasoning, "finish_reason": run.stats.finish_reason,
-                          "model": str(path), "stats": run.stats.to_dict()}, ensure_ascii=False))
+        data = {"text": run.text, "reasoning": run.reasoning}
+        if tool_list is not None:
+            data["tool_calls"] = [call.to_openai() for call in run.tool_calls]
+        data.update(finish_reason=run.stats.finish_reason, model=str(path), stats=run.stats.to_dict())
+        print(json.dumps(data, ensure_ascii=False))
     if run.stats.length_limit == "context":
         # a cut the user did not ask for: say so, and that --max-tokens cannot help
         sys.stderr.write(f"note: the reply {length_stop_note(run.stats, max_tokens)}; a shorter prompt leaves more "
