@@ -167,7 +167,7 @@ class TextRun:
     With `tools` (the schemas the prompt listed; `[]` counts), tool-call blocks are taken out of the answer:
     a block that parses is never yielded, its calls go to `tool_calls`, generation stops at its end and
     `stats.finish_reason` becomes "tool_calls"; a block that does not parse is yielded as the text it was and
-    kept in `tool_errors`. Without `think` or `tools`, pieces are plain text exactly as before."""
+    kept in `tool_errors`. Without `think` or `tools`, every piece is an `Answer` (a str): the text as before."""
 
     lm: LoadedModel
     prompt: Sequence[int]
@@ -186,40 +186,12 @@ class TextRun:
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
 
-    def pieces(self) -> Iterator[str]:
-        if self.think or self.tools is not None:
-            yield from self._split_pieces()
-            return
-        detok = StreamingDetokenizer(require_tokenizer(self.lm))
-        matcher = StopMatcher(list(self.stops))
-        gen = self._generate()
-        try:
-            for tok in gen:
-                self.tokens.append(tok)
-                out, hit = matcher.feed(detok.add(tok))
-                if out:
-                    self.text += out
-                    yield out
-                if hit:
-                    self.stats.finish_reason = "stop"
-                    return
-            out, _ = matcher.feed(detok.flush())
-            out += matcher.flush()
-            if out:
-                self.text += out
-                yield out
-        except KeyboardInterrupt:
-            self.stats.finish_reason = "interrupted"
-            raise
-        finally:
-            gen.close()
-
     def _generate(self) -> Iterator[int]:
         return generate(self.lm.model, self.prompt, sampler=Sampler(self.params), max_tokens=self.max_tokens,
                         eos_ids=stop_ids(self.lm), cache=self.cache, context_ids=self.context_ids,
                         stats=self.stats)
 
-    def _split_pieces(self) -> Iterator[Reasoning | Answer]:
+    def pieces(self) -> Iterator[Reasoning | Answer]:
         tok = require_tokenizer(self.lm)
         keep = thinking_markers(tok) if self.think else {}
         if self.tools is not None:
