@@ -16,7 +16,8 @@ from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.loading import LoadedModel
 from lfm2cli.sampling import Sampler, SamplingParams
 from lfm2cli.stops import StopMatcher
-from lfm2cli.thinking import CLOSE, OPEN, Answer, Reasoning, ThinkingSplitter
+from lfm2cli.structured import Constraint, Grammar
+from lfm2cli.thinking import CLOSE, OPEN, Answer, Reasoning, ThinkingBudget, ThinkingSplitter
 from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START, Calls, Event, ToolCall, ToolCallStream, Unparsed
 
 
@@ -167,7 +168,10 @@ class TextRun:
     With `tools` (the schemas the prompt listed; `[]` counts), tool-call blocks are taken out of the answer:
     a block that parses is never yielded, its calls go to `tool_calls`, generation stops at its end and
     `stats.finish_reason` becomes "tool_calls"; a block that does not parse is yielded as the text it was and
-    kept in `tool_errors`. Without `think` or `tools`, every piece is an `Answer` (a str): the text as before."""
+    kept in `tool_errors`. Without `think` or `tools`, every piece is an `Answer` (a str): the text as before.
+
+    `think_budget` (with `think`) closes the block for the model after that many reasoning tokens. `grammar`
+    constrains the answer (never the reasoning): JSON for a schema, or a tool-call block (see structured.py)."""
 
     lm: LoadedModel
     prompt: Sequence[int]
@@ -179,30 +183,47 @@ class TextRun:
     think: bool = False
     opened: bool = False
     tools: Sequence[Mapping[str, Any]] | None = None
+    think_budget: int | None = None
+    grammar: Grammar | None = None
     text: str = ""
     reasoning: str = ""
+    raw: str = ""  # every character the detokenizer gave, markers included: the reply as the model wrote it
     tool_calls: list[ToolCall] = field(default_factory=list)
     tool_errors: list[Unparsed] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     stats: GenerationStats = field(default_factory=GenerationStats)
+    constraint: Constraint | None = field(default=None, init=False, repr=False)
 
-    def _generate(self) -> Iterator[int]:
-        return generate(self.lm.model, self.prompt, sampler=Sampler(self.params), max_tokens=self.max_tokens,
+    def _generate(self, sampler: Any) -> Iterator[int]:
+        return generate(self.lm.model, self.prompt, sampler=sampler, max_tokens=self.max_tokens,
                         eos_ids=stop_ids(self.lm), cache=self.cache, context_ids=self.context_ids,
                         stats=self.stats)
 
     def pieces(self) -> Iterator[Reasoning | Answer]:
         tok = require_tokenizer(self.lm)
-        keep = thinking_markers(tok) if self.think else {}
+        markers = thinking_markers(tok) if self.think else {}
+        keep = dict(markers)
         if self.tools is not None:
             keep |= tool_markers(tok)
         detok = StreamingDetokenizer(tok, keep=keep)
         splitter = ThinkingSplitter(opened=self.opened) if self.think else None
+        ids = {text: i for i, text in markers.items()}
+        budget = None
+        if self.think and self.think_budget is not None:
+            budget = ThinkingBudget(self.think_budget, opened=self.opened, open_id=ids.get(OPEN),
+                                    close_id=ids.get(CLOSE))
+        constraint = None
+        eos = sorted(stop_ids(self.lm))
+        if self.grammar is not None:
+            constraint = Constraint(tok, self.grammar, self.lm.config.vocab_size, eos)
+        steer = _Steer(Sampler(self.params), tok, splitter, budget, constraint, ids.get(OPEN), eos)
+        self.constraint = constraint
         calls = ToolCallStream(self.tools) if self.tools is not None else None
         matcher = StopMatcher(list(self.stops))
         done = False  # a stop string or a whole tool-call block ended the reply; finish_reason says which
 
         def split(text: str, final: bool = False) -> list[Reasoning | Answer]:
+            self.raw += text
             if splitter is None:
                 return [Answer(text)] if text else []
             return splitter.feed(text) + (splitter.close() if final else [])
@@ -246,11 +267,14 @@ class TextRun:
                 if done:
                     return
 
-        gen = self._generate()
+        gen = self._generate(steer)
         try:
             for t in gen:
                 self.tokens.append(t)
-                yield from sorted_out(split(detok.add(t)))
+                text = detok.add(t)
+                if budget is not None:
+                    budget.observe(t, text)
+                yield from sorted_out(split(text))
                 if done:
                     return
             yield from sorted_out(split(detok.flush(), final=True))
@@ -273,3 +297,44 @@ class TextRun:
         for _ in self.pieces():
             pass
         return self.text
+
+    @property
+    def incomplete(self) -> bool:
+        """A grammar was given and its text never completed (the reply was cut first)."""
+        return self.constraint is not None and not self.constraint.done
+
+
+class _Steer:
+    """The sampler a TextRun hands to the generation loop: it closes the `<think>` block when the budget is spent
+    (feeding `</think>` itself, token by token) and masks the answer's logits with the grammar. The loop yields
+    each token to the TextRun before asking for the next, so the splitter and budget state are current here."""
+
+    def __init__(self, sampler: Sampler, tokenizer: Any, splitter: ThinkingSplitter | None,
+                 budget: ThinkingBudget | None, constraint: Constraint | None, open_id: int | None,
+                 eos_ids: Sequence[int] = ()) -> None:
+        import torch
+
+        self.sampler, self.tokenizer = sampler, tokenizer
+        self.splitter, self.budget, self.constraint = splitter, budget, constraint
+        self.open_id = open_id
+        self.eos = torch.tensor(eos_ids, dtype=torch.long)
+        self.forced: list[int] = []
+
+    def __call__(self, logits: Any, seen: Any) -> int:
+        if self.budget is not None and not self.forced and self.budget.due:
+            self.forced = self.tokenizer.encode(self.budget.force_close())
+        if self.forced:
+            return self.forced.pop(0)
+        state = self.splitter.state if self.splitter is not None else "answer"
+        if self.constraint is None:
+            return self.sampler(logits, seen)
+        if state == "reasoning":
+            # free text, but no ending here: the answer the grammar promises must still come
+            return self.sampler(logits.index_fill(0, self.eos, float("-inf")), seen)
+        masked = self.constraint.mask(logits)
+        if state == "start" and self.open_id is not None:
+            masked[self.open_id] = logits[self.open_id]  # a thinking model may still open its block first
+        tok = self.sampler(masked, seen)
+        if tok != self.open_id or state != "start":
+            self.constraint.accept(tok)
+        return tok

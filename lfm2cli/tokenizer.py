@@ -74,6 +74,10 @@ class Tokenizer:
     def chat_template(self) -> str | None:
         return self.templates.get("default")
 
+    def to_json(self) -> str:
+        """The whole tokenizer as `tokenizer.json` text (what grammar engines build their token tables from)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 

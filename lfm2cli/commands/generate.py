@@ -95,6 +95,10 @@ def generate(
                               help="A JSON file of function tools (OpenAI schemas) the model may call. Calls are "
                                    "not run: each is one 'tool call:' line on stderr, and --json lists them in "
                                    "tool_calls with finish_reason tool_calls.", show_default=False),
+    tool_choice: str = o.TOOL_CHOICE,
+    schema: str = o.SCHEMA,
+    fmt: str = o.FORMAT,
+    think_budget: int = o.THINK_BUDGET,
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
     quantize: str = o.QUANTIZE,
@@ -116,6 +120,7 @@ def generate(
         from lfm2cli.textgen import read_tools
 
         tool_list = read_tools(tools)  # before the model loads, so a bad file fails fast
+    grammar = o.output_grammar(schema, fmt, tool_list, tool_choice)
     text, system = _read_prompt(prompt, system)
     if not text.strip():
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
@@ -132,7 +137,7 @@ def generate(
     rendered = prompt_text(lm, text, system, raw, tools=tool_list)
     # Every reply goes through the reasoning/answer split: one without a leading <think> block is all answer.
     run = TextRun(lm, encode_prompt(lm, rendered, raw), params, max_tokens, stops=stop or (), think=True,
-                  opened=opened_by_prompt(rendered), tools=tool_list)
+                  opened=opened_by_prompt(rendered), tools=tool_list, think_budget=think_budget, grammar=grammar)
     thoughts = _ReasoningOut() if think == "show" and not json_out else None
 
     def answer(pieces: Iterable[str]) -> Iterator[str]:
@@ -210,3 +215,9 @@ def generate(
         )
     if interrupted:
         raise typer.Exit(130)
+    if run.incomplete:
+        # --schema/--format json promise output that parses; a cut reply breaks that, so the exit code says so
+        from lfm2cli.errors import GenerationError
+
+        cut = length_stop_note(run.stats, max_tokens) or "stopped early"
+        raise GenerationError(f"the reply {cut} before its {grammar.label} output was complete; raise --max-tokens")

@@ -47,6 +47,30 @@ QUANTIZE = typer.Option("none", "--quantize", help="none, int8 or int4: weights 
 FORCE = typer.Option(False, "--force", help="Load the model even when it looks too big for the free memory.")
 COMPILE = typer.Option(False, "--compile/--no-compile", help="Compile the decode step with torch.compile "
                        "(needs a C++ compiler; the first run compiles, later runs use the cache).")
+SCHEMA = typer.Option(None, "--schema", metavar="FILE|JSON", show_default=False,
+                      help="Constrain the answer to JSON that validates against this JSON schema (a file, or the "
+                           "schema inline).")
+FORMAT = typer.Option("text", "--format", help="text, or json: the answer is always one JSON object.")
+TOOL_CHOICE = typer.Option("auto", "--tool-choice", metavar="auto|required|NAME",
+                           help="With tools: auto lets the model choose; required makes it call a tool, NAME that "
+                                "one (the call is constrained to the tool's schema).")
+def _budget(value: int | None) -> int | None:
+    if value is not None and value < 0:
+        from lfm2cli.errors import UsageError
+
+        raise UsageError(f"--think-budget {value}: expected a number of tokens >= 0")
+    return value
+
+
+THINK_BUDGET = typer.Option(None, "--think-budget", callback=_budget, metavar="N", show_default=False,
+                            help="Close a thinking model's reasoning after N tokens, so it answers.")
+
+
+def output_grammar(schema: str | None, fmt: str, tools: list | None, tool_choice: str):  # -> Grammar | None
+    """The grammar --schema, --format and --tool-choice ask for (checked before the model loads)."""
+    from lfm2cli.structured import choose_grammar, read_schema
+
+    return choose_grammar(read_schema(schema) if schema is not None else None, fmt, tools, tool_choice)
 
 
 def sampling_params(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
