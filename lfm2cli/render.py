@@ -284,6 +284,93 @@ class PlainStream:
             err.flush()
 
 
+THOUGHT_MODES = ("show", "hide", "fold")
+
+
+class _ThoughtTail:
+    """The reasoning while it streams in fold or hide mode: its newest lines, dimmed, at most a screen's height
+    (a live region taller than the screen cannot be redrawn); in hide mode only a status line."""
+
+    def __init__(self, stream: ThoughtStream) -> None:
+        self._stream = stream
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        if self._stream.mode == "hide":
+            yield Text("thinking…", style="dim")
+            return
+        room = max(1, min(console.size.height - 1, 8))
+        # only the end of the text can be on screen: wrapping all of a long reasoning on every refresh is waste
+        text = self._stream.text[-room * max(options.max_width, 1):]
+        lines = console.render_lines(Text(text, style="dim"), options, pad=False)[-room:]
+        for i, line in enumerate(lines):
+            if i:
+                yield Segment.line()
+            yield from line
+
+
+class ThoughtStream:
+    """A reply's reasoning, shown per `mode`, before its answer. `show`: dimmed, and it stays. `fold`: dimmed in
+    a live region while it streams, replaced by one dim line (`end(summary)`) when the answer starts. `hide`:
+    nothing stays (a transient "thinking…" while it runs). Without `live` (plain output, not a terminal) fold and
+    hide draw nothing while it streams, and show writes the text exactly as it came."""
+
+    def __init__(self, console: Console, mode: str, *, live: bool = True, refresh_per_second: float = 12.0):
+        if mode not in THOUGHT_MODES:
+            raise ValueError(f"mode must be one of {THOUGHT_MODES}, not {mode!r}")
+        self.console = console
+        self.mode = mode
+        self.text = ""
+        self._live_ok = live and console.is_terminal and not console.is_dumb_terminal
+        self._live: Live | None = None
+        self._interval = 1.0 / refresh_per_second if refresh_per_second > 0 else float("inf")
+        self._last_refresh = float("-inf")
+        self._ended = False
+
+    def feed(self, text: str) -> None:
+        if self._ended or not text:
+            return
+        self.text += text
+        if self.mode == "show":
+            if self.console.is_terminal:
+                self.console.print(Text(text, style="dim"), end="", soft_wrap=True)
+            else:
+                self.console.file.write(text)  # as written: no tab expansion, no styles
+                self.console.file.flush()
+            return
+        if not self._live_ok:
+            return
+        now = time.monotonic()
+        if self._live is None:
+            self._live = Live(_ThoughtTail(self), console=self.console, auto_refresh=False, transient=True,
+                              vertical_overflow="crop", redirect_stdout=False, redirect_stderr=False)
+            self._live.start()
+        elif now - self._last_refresh < self._interval:
+            return
+        self._last_refresh = now
+        self._live.refresh()
+
+    def end(self, summary: str | None = None) -> None:
+        """The reasoning is over (the answer starts, or the reply ended): fold it to `summary` in fold mode,
+        end its line in show mode. Only the first call counts."""
+        if self._ended:
+            return
+        self._ended = True
+        live, self._live = self._live, None
+        if live is not None:
+            live.update(Text(""))  # the final redraw on stop must not print the tail in full
+            live.stop()
+        if not self.text:
+            return
+        if self.mode == "show":
+            if not self.text.endswith("\n"):
+                self.console.file.write("\n")
+            if self.console.is_terminal:
+                self.console.file.write("\n")  # a blank line between the reasoning and the answer
+            self.console.file.flush()
+        elif self.mode == "fold" and summary:
+            self.console.print(Text(summary, style="dim"), soft_wrap=True)
+
+
 def stats_footer(stats: dict) -> str:
     """One line such as `42 tokens · 18.3 tok/s · first token 0.21 s`; missing (or None) keys are skipped."""
     parts = []

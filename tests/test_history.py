@@ -246,6 +246,51 @@ def test_exports(store: HistoryStore) -> None:
     assert data["messages"][1]["timings"] == {"ttft": 0.2} and data["messages"][1]["finish_reason"] == "length"
 
 
+def test_reasoning_and_tool_fields_roundtrip(tmp_path: Path) -> None:
+    path = tmp_path / "h.db"
+    calls = [{"id": "call_1", "type": "function",
+              "function": {"name": "get_weather", "arguments": "{\"location\": \"Paris\"}"}}]
+    with HistoryStore(path) as s:
+        conv = s.create_conversation("m")
+        s.add_message(conv.id, "user", "Weather in Paris?")
+        s.add_message(conv.id, "assistant", "", reasoning="I need the tool.",
+                      raw_content="<think>I need the tool.</think>", tool_calls=calls)
+        s.add_message(conv.id, "tool", '{"temp": 21}', tool_call_id="call_1", name="get_weather")
+        thinking = s.add_message(conv.id, "assistant", "")
+        # streamed: the reasoning and raw text arrive by update; None leaves a field as it is
+        assert s.update_message(thinking, reasoning="It is 21.", raw_content="<think>It is 21.</think>\n21 °C")
+        assert s.update_message(thinking, content="21 °C", finish_reason="stop")
+    with HistoryStore(path) as s:
+        got = s.get(conv.id)
+    user, call, result, answer = got.messages
+    assert (user.reasoning, user.raw_content, user.tool_calls, user.tool_call_id, user.name) == (None,) * 5
+    assert (call.content, call.reasoning, call.raw_content, call.tool_calls) == (
+        "", "I need the tool.", "<think>I need the tool.</think>", calls)
+    assert (result.role, result.tool_call_id, result.name, result.tool_calls) == ("tool", "call_1", "get_weather",
+                                                                                   None)
+    assert (answer.content, answer.reasoning, answer.raw_content) == ("21 °C", "It is 21.",
+                                                                     "<think>It is 21.</think>\n21 °C")
+    data = json.loads(to_json(got))
+    assert [m["reasoning"] for m in data["messages"]] == [None, "I need the tool.", None, "It is 21."]
+    # the tool fields only where a message has them
+    assert data["messages"][1]["tool_calls"] == calls and "tool_calls" not in data["messages"][0]
+    assert (data["messages"][2]["tool_call_id"], data["messages"][2]["name"]) == ("call_1", "get_weather")
+    assert "raw_content" not in data["messages"][1]  # the template's copy is not part of the export
+    md = to_markdown(got)
+    assert "> I need the tool." in md and md.index("> It is 21.") < md.index("21 °C")
+
+
+def test_finish_labels_of_replies_that_only_thought() -> None:
+    from lfm2cli.store.conversations import finish_label
+
+    assert finish_label("assistant", "stop") is None
+    assert finish_label("assistant", "stop", thinking_only=True) == "no answer after thinking"
+    assert finish_label("assistant", "length", thinking_only=True) == "length while thinking"
+    assert finish_label("assistant", "interrupted", thinking_only=True) == "interrupted while thinking"
+    assert finish_label("assistant", None, thinking_only=True) == "incomplete while thinking"
+    assert finish_label("user", None, thinking_only=True) is None
+
+
 # ---------------------------------------------------------------- migrations and damaged files
 
 def test_empty_file_is_migrated(tmp_path: Path) -> None:
@@ -272,10 +317,15 @@ def test_previous_schema_version_is_upgraded_keeping_data(tmp_path: Path) -> Non
     with HistoryStore(path) as s:
         got = s.get("abcd")
         assert [m.content for m in got.messages] == ["old user", "old assistant"]
+        # rows from before the reasoning and tool columns read as having none
+        assert [(m.reasoning, m.raw_content, m.tool_calls, m.tool_call_id, m.name) for m in got.messages] == [
+            (None,) * 5] * 2
         s.add_message("abcd1234", "user", "new")
         assert [m.position for m in s.get("abcd").messages] == [0, 1, 2]
     db = _raw(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    columns = {r[1] for r in db.execute("PRAGMA table_info(messages)")}
+    assert {"reasoning", "raw_content", "tool_calls", "tool_call_id", "name"} <= columns
     # the latest schema refuses two messages at one position
     with pytest.raises(sqlite3.IntegrityError):
         db.execute("INSERT INTO messages (conversation_id, position, role, content, created_at) "

@@ -17,8 +17,9 @@ from rich.text import Text
 from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
 from lfm2cli.errors import HistoryError, Lfm2Error, UsageError
 from lfm2cli.formatting import local_time
-from lfm2cli.render import PlainStream, make_stream, print_sections, stats_footer
-from lfm2cli.store.conversations import finish_label, shorten
+from lfm2cli.render import THOUGHT_MODES, PlainStream, ThoughtStream, make_stream, print_sections, stats_footer
+from lfm2cli.store.conversations import finish_label, shorten, thought_label
+from lfm2cli.thinking import Reasoning
 
 # name -> (arguments, help); the completer shows the help next to each name
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -35,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "save": ("FILE", "export this conversation: FILE.json as JSON, anything else as Markdown"),
     "info": ("", "describe the model"),
     "stats": ("", "statistics of the last reply and of this session"),
+    "think": ("[show|hide|fold]", "how a thinking model's reasoning is shown (no argument: the current way)"),
 }
 EXIT_HINT = "(Ctrl-D or /exit to leave)"
 RECAP_MESSAGES = 2  # messages shown when a saved conversation is resumed
@@ -59,6 +61,13 @@ class ChatUI:
             return PlainStream(self.console.file, err=self.err.file)
         return make_stream(self.console, plain=False)
 
+    def thoughts(self, mode: str) -> ThoughtStream:
+        """Where a reply's reasoning goes: on the reply console when it is a terminal; with plain output on the
+        second console (stderr), so that piped stdout only ever holds answers."""
+        if self.plain:
+            return ThoughtStream(self.err, mode, live=False)
+        return ThoughtStream(self.console, mode)
+
     def say(self, text: str, style: str | None = None) -> None:
         # Text, not markup: user content such as "[x]" prints as typed; soft_wrap keeps lines whole
         self.err.print(Text(text, style=style or ""), soft_wrap=True)
@@ -73,13 +82,48 @@ class ChatUI:
         self.say(f"error: {text}", "red")
 
 
-class ChatLoop:
-    """Reads messages and commands until EOF or /exit."""
+class ReplyView:
+    """One reply on screen: reasoning pieces to a `ThoughtStream`, answer pieces to the answer stream. The
+    reasoning ends (folds) when the first answer piece comes, or with the reply."""
 
-    def __init__(self, session: ChatSession, reader: Any, ui: ChatUI) -> None:
+    def __init__(self, ui: ChatUI, think: str, thought_tokens: Callable[[], int]) -> None:
+        self.answer = ui.stream()
+        self.thoughts = ui.thoughts(think)
+        self._tokens = thought_tokens
+        self._thinking = False
+
+    def feed(self, piece: str) -> None:
+        if isinstance(piece, Reasoning):
+            self._thinking = True
+            self.thoughts.feed(piece)
+            return
+        self._end_thoughts()
+        self.answer.feed(piece)
+
+    def _end_thoughts(self) -> None:
+        if self._thinking:
+            self._thinking = False
+            self.thoughts.end(thought_label(self._tokens()))
+
+    def finish(self) -> None:
+        self._end_thoughts()
+        self.answer.finish()
+
+    def abort(self, note: str | None = None) -> None:
+        self._end_thoughts()
+        self.answer.abort(note)
+
+
+class ChatLoop:
+    """Reads messages and commands until EOF or /exit. `think`: how reasoning is shown (show, hide or fold)."""
+
+    def __init__(self, session: ChatSession, reader: Any, ui: ChatUI, think: str = "fold") -> None:
+        if think not in THOUGHT_MODES:
+            raise UsageError(f"--think must be one of {', '.join(THOUGHT_MODES)}, not {think!r}")
         self.session = session
         self.reader = reader
         self.ui = ui
+        self.think = think
         session.on_notice = ui.warn
         self.turns = 0  # messages sent and /retry, for a script's exit status
         self.failed_turns = 0
@@ -132,7 +176,7 @@ class ChatLoop:
         return getattr(buffer, "text", "") or ""
 
     def _show_reply(self, produce: Callable[[Callable[[str], None]], TurnResult]) -> None:
-        stream = self.ui.stream()
+        stream = ReplyView(self.ui, self.think, lambda: self.session.thought_tokens)
         self.turns += 1
         try:
             result = produce(stream.feed)
@@ -202,6 +246,18 @@ class ChatLoop:
         self.session.set_option(name, value)
         key = name.lower().replace("-", "_")
         self.ui.note(f"{key} = {self.session.options()[key]}")
+
+    def _cmd_think(self, arg: str) -> None:
+        # a way of looking at replies, like --plain: not saved with the conversation
+        mode = arg.lower()
+        if not mode:
+            self.ui.say(f"think {self.think}  (show: keep the reasoning on screen; hide: none of it; fold: one "
+                        "line once the answer starts)")
+            return
+        if mode not in THOUGHT_MODES:
+            raise UsageError(f"/think takes {', '.join(THOUGHT_MODES)}, not {arg!r}")
+        self.think = mode
+        self.ui.note(f"think = {mode}")
 
     def _cmd_retry(self, arg: str) -> None:
         self._show_reply(self.session.retry)
@@ -273,6 +329,8 @@ class ChatLoop:
 
 def _recap_line(m: ChatMessage) -> str:
     who = "you" if m.role == "user" else m.role
-    label = finish_label(m.role, m.finish_reason)
-    mark = f" [{label}]" if label else ""
-    return f"  {who}: {shorten(m.content, 100)}{mark}"
+    thinking_only = bool(m.reasoning) and not m.content.strip()
+    label = finish_label(m.role, m.finish_reason, thinking_only)
+    # the answer is what the recap is for; the reasoning is only said to be there
+    parts = ["(thought)" if m.reasoning else "", shorten(m.content, 100), f"[{label}]" if label else ""]
+    return f"  {who}: " + " ".join(p for p in parts if p)

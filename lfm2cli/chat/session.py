@@ -8,6 +8,13 @@ common prefix with `cached_ids`. The two can diverge: a sampled reply need not b
 of its own text, and some templates rewrite past turns (LFM2.5 drops old `<think>` blocks). Then the cache
 goes back to the latest snapshot at or below the divergence. Snapshots are cheap (conv states only) and
 are taken at every turn boundary, so `/retry`, `/undo` and interrupted replies never re-prefill either.
+
+Thinking: every reply is split into reasoning and answer (`TextRun(think=True)`). The answer is the message's
+`content`, the reasoning is kept apart, and the template gets back the reply exactly as the model wrote it
+(`raw_content`: the `<think>` block, its markers and whitespace included, and the `<think>` a generation
+prompt wrote): that is what LFM2.5's template expects, and it keeps the last reply's tokens as they were
+generated, so the next turn prefills only its new tokens. The template itself drops old blocks, unless told
+`keep_past_thinking`.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from lfm2cli.model.cache import CacheSnapshot
 from lfm2cli.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
 from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
 from lfm2cli.textgen import TextRun, require_tokenizer
+from lfm2cli.thinking import OPEN, Reasoning, opened_by_prompt
 
 MAX_SNAPSHOTS = 64  # a few hundred KB each for the largest LFM2; the oldest go first
 SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
@@ -38,9 +46,23 @@ class ContextFullError(GenerationError):
 @dataclass
 class ChatMessage:
     role: str
-    content: str
+    content: str  # for a reply: the answer alone
     id: int | None = None  # its row in the history store
     finish_reason: str | None = None
+    reasoning: str | None = None  # the `<think>` block's text, without markers (None: no block)
+    raw_content: str | None = None  # the reply as the model wrote it, when that is not `content`
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def template_content(self) -> str:
+        """What the template gets as this message's content: the reply as written, block included. A reply
+        saved without its raw text (a killed process) gets the block back in LFM2.5's layout."""
+        if self.raw_content is not None:
+            return self.raw_content
+        if self.reasoning:
+            return f"{OPEN}\n{self.reasoning}\n</think>\n\n{self.content}"
+        return self.content
 
 
 @dataclass
@@ -48,6 +70,8 @@ class TurnResult:
     text: str
     stats: GenerationStats
     prefilled: int  # prompt tokens run through the model for this reply
+    reasoning: str = ""
+    thought_tokens: int = 0  # generated tokens spent before the answer started (in the reasoning)
 
     @property
     def interrupted(self) -> bool:
@@ -81,7 +105,8 @@ class ChatSession:
     conversation row is created with the first message."""
 
     def __init__(self, lm: LoadedModel, store: HistoryStore, model_name: str,
-                 params: SamplingParams | None = None, max_tokens: int = 1024, system: str | None = None) -> None:
+                 params: SamplingParams | None = None, max_tokens: int = 1024, system: str | None = None,
+                 keep_thinking: bool | None = None) -> None:
         self.lm = lm
         self.tokenizer = require_tokenizer(lm)
         self.store = store
@@ -89,6 +114,8 @@ class ChatSession:
         self.params = (params or SamplingParams()).validate()
         self.max_tokens = max_tokens
         self.system = system or None
+        # None: the template's own default (LFM2.5 drops the blocks of all but the last reply)
+        self.template_kwargs: dict[str, Any] = {} if keep_thinking is None else {"keep_past_thinking": keep_thinking}
         self.conversation_id: str | None = None
         self.messages: list[ChatMessage] = []
         self.cache = lm.model.new_cache()
@@ -96,6 +123,7 @@ class ChatSession:
         self._snapshots: list[CacheSnapshot] = []
         self.last_prefill_tokens = 0
         self.last_stats: GenerationStats | None = None
+        self.thought_tokens = 0  # of the reply streaming now (or the last one): tokens before its answer
         self.totals = SessionTotals()
         self.on_notice: Callable[[str], None] = lambda text: None  # warnings shown before a reply
 
@@ -162,7 +190,8 @@ class ChatSession:
         It is continued with this session's model, which becomes the conversation's model."""
         conv = self.store.get(conv_id)
         self.conversation_id = conv.id
-        self.messages = [ChatMessage(m.role, m.content, m.id, m.finish_reason) for m in conv.messages]
+        self.messages = [ChatMessage(m.role, m.content, m.id, m.finish_reason, m.reasoning, m.raw_content,
+                                     m.tool_calls, m.tool_call_id, m.name) for m in conv.messages]
         self.system = conv.system or None
         skipped = self.apply_options(conv.options)
         if skipped:
@@ -196,15 +225,25 @@ class ChatSession:
 
     # ------------------------------------------------------------------ prompts and context
 
-    def template_messages(self, messages: Sequence[ChatMessage] | None = None) -> list[dict[str, str]]:
+    def template_messages(self, messages: Sequence[ChatMessage] | None = None) -> list[dict[str, Any]]:
         msgs = self.messages if messages is None else messages
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + [{"role": m.role, "content": m.content} for m in msgs]
+        head: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        out = []
+        for m in msgs:
+            d: dict[str, Any] = {"role": m.role, "content": m.template_content()}
+            d.update({k: v for k in ("tool_calls", "tool_call_id", "name") if (v := getattr(m, k)) is not None})
+            out.append(d)
+        return head + out
+
+    def prompt_text(self, messages: Sequence[ChatMessage] | None = None, add_generation_prompt: bool = True
+                    ) -> str:
+        """The whole conversation as the model sees it (the template decides, e.g. what of past replies)."""
+        return self.tokenizer.apply_chat_template(self.template_messages(messages), add_generation_prompt,
+                                                  **self.template_kwargs)
 
     def prompt_ids(self, messages: Sequence[ChatMessage] | None = None, add_generation_prompt: bool = True
                    ) -> list[int]:
-        """The whole conversation as the model sees it (the template decides, e.g. what of past replies)."""
-        return self.tokenizer.encode_chat(self.template_messages(messages), add_generation_prompt)
+        return self.tokenizer.encode(self.prompt_text(messages, add_generation_prompt))
 
     def context_used(self) -> int:
         return len(self.prompt_ids(add_generation_prompt=False)) if self.messages or self.system else 0
@@ -230,12 +269,13 @@ class ChatSession:
         if not text.strip():
             raise UsageError("the message is empty")
         user = ChatMessage("user", text)
-        ids = self.prompt_ids([*self.messages, user])
+        prompt = self.prompt_text([*self.messages, user])
+        ids = self.tokenizer.encode(prompt)
         self._check_context(ids)  # before anything is stored: a refused message leaves no trace
         conv_id = self._ensure_conversation()
         user.id = self.store.add_message(conv_id, "user", text)
         self.messages.append(user)
-        return self._reply(ids, on_piece)
+        return self._reply(ids, _opened_block(prompt), on_piece)
 
     def retry(self, on_piece: Callable[[str], None] | None = None) -> TurnResult:
         """Regenerate the last reply (with the current settings); the old one is deleted."""
@@ -245,9 +285,10 @@ class ChatSession:
             self._drop_from(len(self.messages) - 1)
         if not self.messages or self.messages[-1].role != "user":
             raise UsageError("nothing to retry: the conversation does not end with your message")
-        ids = self.prompt_ids()
+        prompt = self.prompt_text()
+        ids = self.tokenizer.encode(prompt)
         self._check_context(ids)
-        return self._reply(ids, on_piece)
+        return self._reply(ids, _opened_block(prompt), on_piece)
 
     def undo(self) -> int:
         """Drop the last exchange (your last message and the reply to it); returns how many messages went."""
@@ -272,14 +313,22 @@ class ChatSession:
                 self.store.delete_messages_from(self.conversation_id, first)
         del self.messages[index:]
 
-    def _reply(self, ids: list[int], on_piece: Callable[[str], None] | None) -> TurnResult:
+    def _text_run(self, ids: list[int], new: list[int], opened: str) -> TextRun:
+        """The generation of one reply. Every reply goes through the reasoning/answer split: one without a
+        leading `<think>` block is all answer. (A thinking budget, when chat gets one, is passed here.)"""
+        return TextRun(self.lm, new[-1:], self.params, self.max_tokens, cache=self.cache, context_ids=ids,
+                       think=True, opened=bool(opened))
+
+    def _reply(self, ids: list[int], opened: str, on_piece: Callable[[str], None] | None) -> TurnResult:
+        """Stream a reply to the prompt `ids`; `opened`: the `<think>` text that the prompt ends with, if any."""
         new = self._sync(ids)
         conv_id = self._ensure_conversation()
         reply = ChatMessage("assistant", "")
         # the placeholder is written first so a killed process still keeps what was streamed
         reply.id = self.store.add_message(conv_id, "assistant", "")
         self.messages.append(reply)
-        run = TextRun(self.lm, new[-1:], self.params, self.max_tokens, cache=self.cache, context_ids=ids)
+        run = self._text_run(ids, new, opened)
+        self.thought_tokens = 0
         t0 = time.perf_counter()
         try:
             if len(new) > 1:
@@ -290,12 +339,21 @@ class ChatSession:
             self._snapshot()
             pre_s = time.perf_counter() - t0
             saved_at = time.perf_counter()
+            answering = False
             for piece in run.pieces():
-                reply.content = run.text
+                self._take(reply, run, opened)
+                if isinstance(piece, Reasoning):
+                    if not answering:
+                        self.thought_tokens = len(run.tokens)
+                elif not answering:
+                    answering = True
+                    # the token that began the answer is not reasoning
+                    self.thought_tokens = len(run.tokens) - 1 if run.reasoning else 0
                 if on_piece is not None:
                     on_piece(piece)
                 if time.perf_counter() - saved_at >= SAVE_INTERVAL_S:
-                    self.store.update_message(reply.id, content=run.text)
+                    self.store.update_message(reply.id, content=run.text, reasoning=reply.reasoning,
+                                              raw_content=reply.raw_content)
                     saved_at = time.perf_counter()
             # after EOS or the length limit the last token is not fed back; the next prefix check fixes that
             fed = self.cache.pos - len(ids)
@@ -305,20 +363,33 @@ class ChatSession:
             # a forward pass cut short leaves conv states half updated: go back to the last safe snapshot
             self._rewind(len(ids) - 1)
             run.stats.finish_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
-            self._finish(reply, run, len(new), time.perf_counter() - t0)
+            self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
             if isinstance(e, KeyboardInterrupt):
-                return TurnResult(run.text, run.stats, len(new))
+                return self._result(run, len(new))
             raise
         # stats as if the whole prompt went through generate(): our split prefill belongs to it
         run.stats.ttft_s += pre_s
         run.stats.prefill_s += pre_s
-        self._finish(reply, run, len(new), time.perf_counter() - t0)
-        return TurnResult(run.text, run.stats, len(new))
+        self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
+        return self._result(run, len(new))
 
-    def _finish(self, reply: ChatMessage, run: TextRun, prefilled: int, seconds: float) -> None:
+    def _result(self, run: TextRun, prefilled: int) -> TurnResult:
+        return TurnResult(run.text, run.stats, prefilled, run.reasoning, self.thought_tokens)
+
+    @staticmethod
+    def _take(reply: ChatMessage, run: TextRun, opened: str) -> None:
+        """The reply so far into its message: the answer, the reasoning, and the text the template gets back."""
+        reply.content = run.text
+        reply.reasoning = run.reasoning or None
+        raw = opened + run.raw
+        reply.raw_content = raw if raw != run.text else None
+
+    def _finish(self, reply: ChatMessage, run: TextRun, opened: str, prefilled: int, seconds: float) -> None:
         stats = run.stats
         stats.prompt_tokens = prefilled
-        reply.content = run.text
+        self._take(reply, run, opened)
+        if run.reasoning and self.thought_tokens == 0:  # never reached its answer: all of it was reasoning
+            self.thought_tokens = len(run.tokens)
         reply.finish_reason = stats.finish_reason
         self.last_prefill_tokens = prefilled
         self.last_stats = stats
@@ -327,8 +398,12 @@ class ChatSession:
         self.totals.generated += stats.generated_tokens
         self.totals.seconds += seconds
         assert reply.id is not None
-        self.store.update_message(reply.id, content=run.text, tokens=stats.generated_tokens,
-                                  timings=_timings(stats), finish_reason=stats.finish_reason)
+        timings = _timings(stats)
+        if reply.reasoning:
+            timings["reasoning_tokens"] = self.thought_tokens
+        self.store.update_message(reply.id, content=run.text, tokens=stats.generated_tokens, timings=timings,
+                                  finish_reason=stats.finish_reason, reasoning=reply.reasoning,
+                                  raw_content=reply.raw_content)
 
     # ------------------------------------------------------------------ the cache
 
@@ -366,3 +441,11 @@ class ChatSession:
         self.cache.reset()
         self.cached_ids = []
         self._snapshots = []
+
+
+def _opened_block(prompt: str) -> str:
+    """The `<think>` text a generation prompt ends with (e.g. "<think>\\n"), which the model's reply continues;
+    "" when the prompt opens no block. It is part of the reply as the template must get it back."""
+    if not opened_by_prompt(prompt):
+        return ""
+    return prompt[prompt.rfind(OPEN):]

@@ -20,6 +20,12 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
 
+def _think_choice(value: str) -> str:
+    if value not in ("show", "hide", "fold"):
+        raise typer.BadParameter(f"{value!r} is not one of 'show', 'hide', 'fold'")
+    return value
+
+
 def _model_label(name: str | None) -> str:
     """What the store records as the model: a directory's absolute path, else the hub repo id."""
     from pathlib import Path
@@ -52,6 +58,15 @@ def chat(
     plain: bool = typer.Option(False, "--plain", help="Print replies as plain text (no markdown rendering)."),
     cont: bool = typer.Option(False, "--continue", "-c", help="Continue the most recent conversation."),
     resume: str = typer.Option(None, "--resume", metavar="ID", help="Continue a saved conversation (id or prefix)."),
+    think: str = typer.Option("fold", "--think", callback=_think_choice,
+                              help="How a thinking model's reasoning is shown: show (dimmed, kept), hide, or fold "
+                                   "(dimmed while it streams, then one 'thought for N tokens' line). Piped, it "
+                                   "never reaches stdout: show writes it to stderr, fold the one line. /think "
+                                   "changes it."),
+    keep_thinking: bool = typer.Option(False, "--keep-thinking",
+                                       help="Show the model the reasoning of all its past replies (the template's "
+                                            "keep_past_thinking), not only of the last one."),
+    # (--think-budget N goes here: ChatSession._text_run is where it reaches the generation)
 ) -> None:
     """Chat with a model. Conversations are saved; /help lists the commands, Ctrl-D or /exit leaves."""
     from rich.console import Console
@@ -91,7 +106,8 @@ def chat(
         lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
         o.report_skipped(lm.skipped)
         ui = ChatUI(Console(), err, plain=plain or not (tty_in and sys.stdout.isatty()))
-        session = ChatSession(lm, store, _model_label(model), params, max_tokens, system)
+        session = ChatSession(lm, store, _model_label(model), params, max_tokens, system,
+                              keep_thinking=True if keep_thinking else None)
         session.on_notice = ui.warn  # a saved setting that is skipped on resume is said before the banner
         if saved is not None:
             session.load(saved.id)
@@ -103,7 +119,7 @@ def chat(
             if _given(ctx, "system"):
                 session.set_system(system)
 
-        loop = ChatLoop(session, _reader(tty_in, ui.note), ui)
+        loop = ChatLoop(session, _reader(tty_in, ui.note), ui, think=think)
         ui.note(banner(session))
         if saved is not None:
             loop.recap()

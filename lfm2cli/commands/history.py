@@ -91,7 +91,7 @@ def render_conversation(console: Console, conv: Conversation) -> None:
     from rich.text import Text
 
     from lfm2cli.formatting import local_time
-    from lfm2cli.store.conversations import finish_label
+    from lfm2cli.store.conversations import finish_label, thought_summary
 
     console.print(Text(conv.display_title, style="bold"))
     details = [conv.id, conv.model, local_time(conv.updated_at)]
@@ -106,9 +106,16 @@ def render_conversation(console: Console, conv: Conversation) -> None:
         label, style = labels.get(m.role, (m.role, "bold magenta"))
         console.print()
         console.print(Text(label, style=style))
+        if m.reasoning:
+            # the reasoning in full but dimmed, as chat's --think show has it: history is read at leisure
+            console.print(Text(thought_summary(m), style="dim italic"))
+            console.print(Text(m.reasoning, style="dim"))
+            if m.content.strip():
+                console.print()
         # user text is shown as typed; replies are Markdown, which LFM2 writes a lot of
-        console.print(Markdown(m.content) if m.role == "assistant" else Text(m.content))
-        if label := finish_label(m.role, m.finish_reason):
+        if m.content.strip() or not m.reasoning:
+            console.print(Markdown(m.content) if m.role == "assistant" else Text(m.content))
+        if label := finish_label(m.role, m.finish_reason, m.thinking_only):
             console.print(Text(f"[{label}]", style="dim italic"))
 
 

@@ -27,11 +27,13 @@ from lfm2cli.paths import data_dir
 from lfm2cli.store.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations",
-           "finish_label", "to_json", "to_markdown"]
+           "finish_label", "thought_label", "thought_summary", "to_json", "to_markdown"]
 
 ROLES = ("system", "user", "assistant", "tool")
 FINISH_REASONS = ("stop", "length", "interrupted", "error")
 _TABLES = ("conversations", "messages")
+# message columns beyond the first schema, in Message's order (tool_calls is JSON, the others text)
+_EXTRA = ("reasoning", "raw_content", "tool_calls", "tool_call_id", "name")
 TITLE_CHARS = 60
 
 
@@ -46,6 +48,16 @@ class Message:
     timings: dict[str, Any] | None = None
     finish_reason: str | None = None
     created_at: str = ""
+    reasoning: str | None = None  # a thinking model's reasoning, apart from the answer in `content`
+    raw_content: str | None = None  # the reply as the model wrote it (`<think>` block included) when not `content`
+    tool_calls: list[dict[str, Any]] | None = None  # OpenAI-shaped calls this assistant message made
+    tool_call_id: str | None = None  # for role "tool": the call this result answers
+    name: str | None = None  # for role "tool": the function's name
+
+    @property
+    def thinking_only(self) -> bool:
+        """A reply that reasoned but never reached its answer."""
+        return bool(self.reasoning) and not self.content.strip()
 
 
 @dataclass
@@ -137,12 +149,17 @@ def _dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
 
 
-def finish_label(role: str, finish_reason: str | None) -> str | None:
+def finish_label(role: str, finish_reason: str | None, thinking_only: bool = False) -> str | None:
     """How a message ended, when that is worth showing: None for a complete one. A reply with no finish
-    reason was never finished: its process was killed (or is still writing it)."""
+    reason was never finished: its process was killed (or is still writing it). `thinking_only`: the reply
+    has reasoning but no answer, which is said, since the reply then looks empty."""
     if finish_reason is None:
-        return "incomplete" if role == "assistant" else None
-    return None if finish_reason == "stop" else finish_reason
+        label = "incomplete" if role == "assistant" else None
+    else:
+        label = None if finish_reason == "stop" else finish_reason
+    if thinking_only and role == "assistant":
+        return f"{label} while thinking" if label else "no answer after thinking"
+    return label
 
 
 def _check(role: str | None, finish_reason: str | None) -> None:
@@ -228,9 +245,10 @@ class HistoryStore:
                 # the columns add_message writes, in a row that never commits
                 self._db.execute("INSERT INTO conversations (id, title, model, system, options, created_at, "
                                  "updated_at) VALUES ('lfm2-write-check', NULL, '', NULL, NULL, '', '')")
-                self._db.execute("INSERT INTO messages (conversation_id, position, role, content, tokens, "
-                                 "timings, finish_reason, created_at) "
-                                 "VALUES ('lfm2-write-check', 0, 'user', '', NULL, NULL, NULL, '')")
+                self._db.execute(f"INSERT INTO messages (conversation_id, position, role, content, tokens, "
+                                 f"timings, finish_reason, created_at, {', '.join(_EXTRA)}) "
+                                 f"VALUES ('lfm2-write-check', 0, 'user', '', NULL, NULL, NULL, ''"
+                                 f"{', NULL' * len(_EXTRA)})")
             finally:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
@@ -350,10 +368,14 @@ class HistoryStore:
     # -- messages
 
     def add_message(self, conv_id: str, role: str, content: str, tokens: int | None = None,
-                    timings: dict[str, Any] | None = None, finish_reason: str | None = None) -> int:
+                    timings: dict[str, Any] | None = None, finish_reason: str | None = None, *,
+                    reasoning: str | None = None, raw_content: str | None = None,
+                    tool_calls: list[dict[str, Any]] | None = None, tool_call_id: str | None = None,
+                    name: str | None = None) -> int:
         """Append a message at the end of the conversation; returns its id (for update_message).
         The first user message becomes the title of an untitled conversation."""
         _check(role, finish_reason)
+        extra = (reasoning, raw_content, _dumps(tool_calls), tool_call_id, name)
         now = _now()
         with self._write() as db:
             row = db.execute("SELECT title FROM conversations WHERE id = ?", (conv_id,)).fetchone()
@@ -365,8 +387,9 @@ class HistoryStore:
             ).fetchone()[0]
             cur = db.execute(
                 "INSERT INTO messages (conversation_id, position, role, content, tokens, timings, "
-                "finish_reason, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (conv_id, position, role, content, tokens, _dumps(timings), finish_reason, now),
+                f"finish_reason, created_at, {', '.join(_EXTRA)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?"
+                f"{', ?' * len(_EXTRA)})",
+                (conv_id, position, role, content, tokens, _dumps(timings), finish_reason, now, *extra),
             )
             title = row[0]
             if title is None and role == "user" and content.strip():
@@ -376,13 +399,18 @@ class HistoryStore:
             return int(cur.lastrowid)
 
     def update_message(self, msg_id: int, *, content: str | None = None, tokens: int | None = None,
-                       timings: dict[str, Any] | None = None, finish_reason: str | None = None) -> bool:
+                       timings: dict[str, Any] | None = None, finish_reason: str | None = None,
+                       reasoning: str | None = None, raw_content: str | None = None,
+                       tool_calls: list[dict[str, Any]] | None = None, tool_call_id: str | None = None,
+                       name: str | None = None) -> bool:
         """Change the given fields of a message (None leaves a field as it is); returns False when the
         message no longer exists (its conversation was deleted meanwhile). Called repeatedly while a reply
         streams, so a plain update is one statement; setting finish_reason also touches the conversation."""
         _check(None, finish_reason)
         fields: dict[str, Any] = {"content": content, "tokens": tokens, "timings": _dumps(timings),
-                                  "finish_reason": finish_reason}
+                                  "finish_reason": finish_reason, "reasoning": reasoning,
+                                  "raw_content": raw_content, "tool_calls": _dumps(tool_calls),
+                                  "tool_call_id": tool_call_id, "name": name}
         sets = {k: v for k, v in fields.items() if v is not None}
         if not sets:
             return True
@@ -446,10 +474,13 @@ class HistoryStore:
                 raise HistoryError(f"no conversation with id {conv_id_or_prefix!r}; see `lfm2 history list`")
             rows = db.execute(
                 "SELECT id, conversation_id, position, role, content, tokens, timings, finish_reason, "
-                "created_at FROM messages WHERE conversation_id = ? ORDER BY position", (conv_id,)).fetchall()
+                f"created_at, {', '.join(_EXTRA)} FROM messages WHERE conversation_id = ? ORDER BY position",
+                (conv_id,)).fetchall()
         conv = self._conversation(row)
         conv.messages = [Message(id=r[0], conversation_id=r[1], position=r[2], role=r[3], content=r[4],
-                                 tokens=r[5], timings=_loads(r[6]), finish_reason=r[7], created_at=r[8])
+                                 tokens=r[5], timings=_loads(r[6]), finish_reason=r[7], created_at=r[8],
+                                 reasoning=r[9], raw_content=r[10], tool_calls=_loads(r[11]),
+                                 tool_call_id=r[12], name=r[13])
                          for r in rows]
         conv.message_count = len(conv.messages)
         return conv
@@ -502,11 +533,32 @@ def to_markdown(conv: Conversation) -> str:
     if conv.system:
         lines += ["## System", "", conv.system.rstrip(), ""]
     for m in conv.messages:
-        lines += [f"## {m.role.capitalize()}", "", m.content.rstrip()]
-        if label := finish_label(m.role, m.finish_reason):
+        lines += [f"## {m.role.capitalize()}", ""]
+        if m.reasoning:
+            lines += [*_folded_reasoning(m), ""]
+        lines.append(m.content.rstrip())
+        if label := finish_label(m.role, m.finish_reason, m.thinking_only):
             lines += ["", f"*[{label}]*"]
         lines.append("")
     return "\n".join(lines)
+
+
+def thought_label(tokens: int | None) -> str:
+    """`thought for N tokens`, or `thought` when N is not known."""
+    return f"thought for {tokens} token{'' if tokens == 1 else 's'}" if isinstance(tokens, int) else "thought"
+
+
+def thought_summary(m: Message) -> str:
+    """`thought_label` for a stored reply: its timings record N."""
+    return thought_label((m.timings or {}).get("reasoning_tokens"))
+
+
+def _folded_reasoning(m: Message) -> list[str]:
+    """The reasoning collapsed (`<details>` on sites that render Markdown) and quoted (in plain text): it reads as
+    apart from the answer either way, and no Markdown in it can spill into the answer."""
+    assert m.reasoning is not None
+    quoted = [f"> {line}".rstrip() for line in m.reasoning.strip().splitlines()]
+    return [f"<details><summary>{thought_summary(m)}</summary>", "", *quoted, "", "</details>"]
 
 
 def to_json(conv: Conversation) -> str:
@@ -514,10 +566,16 @@ def to_json(conv: Conversation) -> str:
     data = {
         "id": conv.id, "title": conv.title, "model": conv.model, "system": conv.system,
         "options": conv.options, "created_at": conv.created_at, "updated_at": conv.updated_at,
-        "messages": [
-            {"position": m.position, "role": m.role, "content": m.content, "tokens": m.tokens,
-             "timings": m.timings, "finish_reason": m.finish_reason, "created_at": m.created_at}
-            for m in conv.messages
-        ],
+        "messages": [_message_json(m) for m in conv.messages],
     }
     return json.dumps(_finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    """One message for `to_json`: `reasoning` always (null: none); the tool fields only where set."""
+    data = {"position": m.position, "role": m.role, "content": m.content, "reasoning": m.reasoning,
+            "tokens": m.tokens, "timings": m.timings, "finish_reason": m.finish_reason, "created_at": m.created_at}
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if getattr(m, key) is not None:
+            data[key] = getattr(m, key)
+    return data

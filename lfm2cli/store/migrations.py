@@ -54,6 +54,17 @@ def _m002_indexes(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX conversations_updated ON conversations(updated_at)")
 
 
+@_migration
+def _m003_reasoning_and_tools(db: sqlite3.Connection) -> None:
+    # reasoning: a thinking model's <think> block, apart from the answer in `content` (NULL: none).
+    # raw_content: the reply exactly as the model wrote it, markers and their whitespace included, which the
+    # template must get back to see its own text (NULL: `content` is that text).
+    # tool_calls: a JSON list of OpenAI-shaped calls an assistant message made; tool_call_id and name: which
+    # call a role "tool" message answers. All NULL when unused.
+    for column in ("reasoning", "raw_content", "tool_calls", "tool_call_id", "name"):
+        db.execute(f"ALTER TABLE messages ADD COLUMN {column} TEXT")
+
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
