@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import click
 import typer
 
 from lfm2cli.cli import app
@@ -12,9 +11,10 @@ from lfm2cli.cli import app
 DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 
 
-def walk(cmd: click.Command, path: tuple[str, ...] = ()):
+def walk(cmd, path: tuple[str, ...] = ()):
     yield path, cmd
-    if isinstance(cmd, click.Group):
+    # typer may carry its own copy of click, so a group is known by its commands, not by click's class
+    if isinstance(getattr(cmd, "commands", None), dict):
         for name, sub in cmd.commands.items():
             yield from walk(sub, (*path, name))
 
@@ -22,13 +22,16 @@ def walk(cmd: click.Command, path: tuple[str, ...] = ()):
 def test_cli_reference_lists_every_command_and_option() -> None:
     text = DOC.read_text(encoding="utf-8")
     missing = []
+    paths = []
     for path, cmd in walk(typer.main.get_command(app)):
+        paths.append(path)
         if path and f"lfm2 {' '.join(path)}" not in text:
             missing.append("command " + " ".join(path))
         for param in cmd.params:
             for opt in getattr(param, "opts", []):
                 if opt.startswith("-") and f"`{opt}" not in text and f" {opt}" not in text:
                     missing.append(f"{' '.join(path) or 'lfm2'} {opt}")
+    assert {"generate", "chat", "history"} <= {p[0] for p in paths if p}  # the walk reached the commands
     assert not missing, f"docs/cli.md is out of date (regenerate it, see its header): {missing}"
 
 
