@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import typer
 
@@ -73,6 +74,45 @@ class _ReasoningOut:
             self._open = False
 
 
+def _local_run(model: str | None, text: str, system: str | None, raw: bool, params: Any, max_tokens: int,
+               stop: list[str] | None, tools: list | None, grammar: Any, think_budget: int | None,
+               **load_options: Any) -> tuple[Any, str]:
+    """A TextRun on the model loaded here, and the label --json names it by."""
+    from lfm2cli.commands.confirm import confirm_download
+    from lfm2cli.hub.names import resolve_model
+    from lfm2cli.loading import load
+    from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
+    from lfm2cli.thinking import opened_by_prompt
+
+    offline, pull = load_options.pop("offline"), load_options.pop("pull")
+    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
+    lm = load(path, **load_options)
+    o.report_skipped(lm.skipped)
+    rendered = prompt_text(lm, text, system, raw, tools=tools)
+    # Every reply goes through the reasoning/answer split: one without a leading <think> block is all answer.
+    run = TextRun(lm, encode_prompt(lm, rendered, raw), params, max_tokens, stops=stop or (), think=True,
+                  opened=opened_by_prompt(rendered), tools=tools, think_budget=think_budget, grammar=grammar)
+    return run, str(path)
+
+
+def _remote_run(url: str, api_key: str | None, model: str | None, text: str, system: str | None, raw: bool,
+                params: Any, max_tokens: int, stop: list[str] | None, tools: list | None, tool_choice: str,
+                schema: str | None, fmt: str) -> tuple[Any, str]:
+    """A RemoteRun on the --endpoint server: the same messages, tools and constraints, in OpenAI's terms."""
+    from lfm2cli.remote import Endpoint, RemoteRun, response_format
+    from lfm2cli.structured import read_schema
+
+    endpoint = Endpoint(url, api_key, model)
+    common = dict(params=params, max_tokens=max_tokens, stops=stop or ())
+    if raw:
+        return RemoteRun(endpoint, prompt=text, **common), endpoint.model
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    fmt_request = response_format(read_schema(schema) if schema is not None else None, fmt)
+    run = RemoteRun(endpoint, messages=messages, tools=tools, tool_choice=tool_choice, response_format=fmt_request,
+                    **common)
+    return run, endpoint.model
+
+
 def generate(
     model: str = o.MODEL,
     prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt; '-' reads it from stdin."),
@@ -107,10 +147,16 @@ def generate(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats on stderr."),
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
+    endpoint: str = o.ENDPOINT,
+    api_key: str = o.API_KEY,
+    remote_model: str = o.REMOTE_MODEL,
 ) -> None:
     """Generate a reply to one prompt. Piped stdin is added before the prompt."""
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     from lfm2cli.errors import UsageError
+
+    o.local_only(endpoint, think_budget=think_budget is not None, quantize=quantize != "none", compile=compile,
+                 device=device != "auto", dtype=dtype != "auto", offline=offline, pull=pull, force=force)
 
     if tools is not None and raw:
         raise UsageError("--tools needs the chat template, which lists the tools for the model; --raw sends the "
@@ -124,20 +170,16 @@ def generate(
     text, system = _read_prompt(prompt, system)
     if not text.strip():
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
-    from lfm2cli.commands.confirm import confirm_download
-    from lfm2cli.hub.names import resolve_model
+    from lfm2cli.textgen import length_stop_note
+    from lfm2cli.thinking import Reasoning
 
-    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
-    from lfm2cli.loading import load
-    from lfm2cli.textgen import TextRun, encode_prompt, length_stop_note, prompt_text
-    from lfm2cli.thinking import Reasoning, opened_by_prompt
-
-    lm = load(path, device=device, dtype=dtype, quantize=quantize, compile=compile, force=force)
-    o.report_skipped(lm.skipped)
-    rendered = prompt_text(lm, text, system, raw, tools=tool_list)
-    # Every reply goes through the reasoning/answer split: one without a leading <think> block is all answer.
-    run = TextRun(lm, encode_prompt(lm, rendered, raw), params, max_tokens, stops=stop or (), think=True,
-                  opened=opened_by_prompt(rendered), tools=tool_list, think_budget=think_budget, grammar=grammar)
+    if endpoint is not None:
+        run, label = _remote_run(endpoint, api_key, remote_model or model, text, system, raw, params, max_tokens,
+                                 stop, tool_list, tool_choice, schema, fmt)
+    else:
+        run, label = _local_run(model, text, system, raw, params, max_tokens, stop, tool_list, grammar,
+                                think_budget, device=device, dtype=dtype, quantize=quantize, compile=compile,
+                                force=force, offline=offline, pull=pull)
     thoughts = _ReasoningOut() if think == "show" and not json_out else None
 
     def answer(pieces: Iterable[str]) -> Iterator[str]:
@@ -200,7 +242,7 @@ def generate(
         data = {"text": run.text, "reasoning": run.reasoning}
         if tool_list is not None:
             data["tool_calls"] = [call.to_openai() for call in run.tool_calls]
-        data.update(finish_reason=run.stats.finish_reason, model=str(path), stats=run.stats.to_dict())
+        data.update(finish_reason=run.stats.finish_reason, model=label, stats=run.stats.to_dict())
         print(json.dumps(data, ensure_ascii=False))
     if run.stats.length_limit == "context":
         # a cut the user did not ask for: say so, and that --max-tokens cannot help

@@ -64,6 +64,26 @@ def _budget(value: int | None) -> int | None:
 
 THINK_BUDGET = typer.Option(None, "--think-budget", callback=_budget, metavar="N", show_default=False,
                             help="Close a thinking model's reasoning after N tokens, so it answers.")
+ENDPOINT = typer.Option(None, "--endpoint", metavar="URL", show_default=False,
+                        help="Generate on an OpenAI-compatible server (vLLM, SGLang, lfm2 serve) instead of "
+                             "loading the model here, e.g. http://127.0.0.1:8000/v1.")
+API_KEY = typer.Option(None, "--api-key", envvar="LFM2_API_KEY", metavar="KEY", show_default=False,
+                       help="The --endpoint server's API key (also LFM2_API_KEY).")
+REMOTE_MODEL = typer.Option(None, "--remote-model", metavar="NAME", show_default=False,
+                            help="The model to ask the --endpoint server for (default: MODEL, else the first it "
+                                 "lists).")
+
+
+def local_only(endpoint: str | None, **given: Any) -> None:
+    """Options that only mean something for a model loaded here are refused with --endpoint, not ignored."""
+    if endpoint is None:
+        return
+    for name, value in given.items():
+        if value:
+            from lfm2cli.errors import UsageError
+
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} applies to a model run here; with --endpoint the server decides (drop {flag})")
 
 
 def output_grammar(schema: str | None, fmt: str, tools: list | None, tool_choice: str):  # -> Grammar | None
