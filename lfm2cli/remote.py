@@ -15,7 +15,7 @@ from lfm2cli.generation import GenerationStats
 from lfm2cli.sampling import SamplingParams
 from lfm2cli.stops import StopMatcher
 from lfm2cli.thinking import Answer, Reasoning, ThinkingSplitter
-from lfm2cli.toolcalls import ToolCall
+from lfm2cli.toolcalls import Calls, ToolCall, ToolCallStream, Unparsed
 
 TIMEOUT_S = 600.0  # a long reply from a busy cluster is normal; a dead connection still fails at connect
 
@@ -136,6 +136,7 @@ class RemoteRun:
     tool_errors: list[Any] = field(default_factory=list)  # the server parses calls; none fail here
     stats: GenerationStats = field(default_factory=GenerationStats)
     incomplete: bool = False  # kept for TextRun's interface: the server enforces its own response_format
+    _stream: ToolCallStream | None = field(default=None, init=False, repr=False)
 
     def _request(self) -> tuple[str, dict[str, Any]]:
         fields = request_fields(self.params, self.max_tokens)  # stop strings are applied here, to the answer only
@@ -154,6 +155,8 @@ class RemoteRun:
 
     def pieces(self) -> Iterator[Reasoning | Answer]:
         kind, request = self._request()
+        # a server without an LFM2 tool parser sends the calls as content: parse them here, as locally
+        self._stream = ToolCallStream(self.tools, bare=True) if self.tools is not None else None
         splitter = ThinkingSplitter()
         matcher = StopMatcher(list(self.stops))
         calls: dict[int, dict[str, Any]] = {}
@@ -197,6 +200,8 @@ class RemoteRun:
                             return
             for piece in splitter.close() if not server_reasoning else ():
                 yield from self._sorted(piece, matcher)
+            if self._stream is not None:
+                yield from self._answer(self._stream.close(), matcher)
             out = matcher.flush()
             if out:
                 self.text += out
@@ -220,10 +225,26 @@ class RemoteRun:
             self.reasoning += piece
             yield piece
             return
+        if self._stream is not None:
+            yield from self._answer(self._stream.feed(piece), matcher)
+            return
         out, _hit = matcher.feed(piece)
         if out:
             self.text += out
             yield Answer(out)
+
+    def _answer(self, events: list[Any], matcher: StopMatcher) -> Iterator[Answer]:
+        for event in events:
+            if isinstance(event, Calls):
+                self.tool_calls += event.calls
+                self.stats.finish_reason = "tool_calls"
+                continue
+            if isinstance(event, Unparsed):
+                self.tool_errors.append(event)
+            out, _hit = matcher.feed(event.text)
+            if out:
+                self.text += out
+                yield Answer(out)
 
     def run(self) -> str:
         for _ in self.pieces():
