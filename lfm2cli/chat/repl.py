@@ -1,5 +1,9 @@
 """The chat loop and its slash commands, over a `ChatSession`, a reader and a `ChatUI`.
 
+Tools (`--functions`): a reply that calls tools starts a loop here. Each call is shown, confirmed by the user (or
+not, with --yes-tools; piped, it is declined), run, and its result stored; then the model answers the results,
+for at most MAX_TOOL_ROUNDS rounds per message.
+
 The reader is `ChatInput` (prompt-toolkit, on a terminal) or `LineInput` (anything else); both raise
 EOFError at the end and KeyboardInterrupt on Ctrl-C. Replies go to the UI's reply console; everything
 else (banner, notes, command output, stats) goes to its second console, stderr in the real command.
@@ -17,9 +21,11 @@ from rich.text import Text
 from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
 from lfm2cli.errors import HistoryError, Lfm2Error, UsageError
 from lfm2cli.formatting import local_time
+from lfm2cli.functions import FunctionSet, ToolResult, describe
 from lfm2cli.render import THOUGHT_MODES, PlainStream, ThoughtStream, make_stream, print_sections, stats_footer
-from lfm2cli.store.conversations import finish_label, shorten, thought_label
+from lfm2cli.store.conversations import call_label, finish_label, shorten, thought_label
 from lfm2cli.thinking import Reasoning
+from lfm2cli.toolcalls import ToolCall
 
 # name -> (arguments, help); the completer shows the help next to each name
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,9 +43,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("", "describe the model"),
     "stats": ("", "statistics of the last reply and of this session"),
     "think": ("[show|hide|fold]", "how a thinking model's reasoning is shown (no argument: the current way)"),
+    "tools": ("", "list the tools the model may call (chat --functions FILE.py)"),
 }
 EXIT_HINT = "(Ctrl-D or /exit to leave)"
 RECAP_MESSAGES = 2  # messages shown when a saved conversation is resumed
+# Rounds of tool calls (a reply's calls run, then the reply to their results) for one message of the user: a model
+# that keeps calling is stopped, not looped forever.
+MAX_TOOL_ROUNDS = 8
+RESULT_CHARS = 100  # a tool result as shown on screen (the model gets it whole)
 
 
 def completions() -> dict[str, str]:
@@ -56,8 +67,10 @@ class ChatUI:
         self.err = err
         self.plain = plain
 
-    def stream(self) -> Any:
-        if self.plain:
+    def stream(self, plain: bool = False) -> Any:
+        """The answer's stream: markdown on a terminal; plain text with --plain, when piped, or when asked
+        (`plain`: answers that are JSON, which markdown would mangle)."""
+        if self.plain or plain:
             return PlainStream(self.console.file, err=self.err.file)
         return make_stream(self.console, plain=False)
 
@@ -86,8 +99,8 @@ class ReplyView:
     """One reply on screen: reasoning pieces to a `ThoughtStream`, answer pieces to the answer stream. The
     reasoning ends (folds) when the first answer piece comes, or with the reply."""
 
-    def __init__(self, ui: ChatUI, think: str, thought_tokens: Callable[[], int]) -> None:
-        self.answer = ui.stream()
+    def __init__(self, ui: ChatUI, think: str, thought_tokens: Callable[[], int], plain: bool = False) -> None:
+        self.answer = ui.stream(plain)
         self.thoughts = ui.thoughts(think)
         self._tokens = thought_tokens
         self._thinking = False
@@ -115,15 +128,24 @@ class ReplyView:
 
 
 class ChatLoop:
-    """Reads messages and commands until EOF or /exit. `think`: how reasoning is shown (show, hide or fold)."""
+    """Reads messages and commands until EOF or /exit. `think`: how reasoning is shown (show, hide or fold).
 
-    def __init__(self, session: ChatSession, reader: Any, ui: ChatUI, think: str = "fold") -> None:
+    `functions` run the tool calls (the session offers their schemas). `confirm(question)` asks the user and returns
+    the line typed (None at end of input); None: nobody can answer, so calls are declined unless `yes_tools`."""
+
+    def __init__(self, session: ChatSession, reader: Any, ui: ChatUI, think: str = "fold",
+                 functions: FunctionSet | None = None, confirm: Callable[[str], str | None] | None = None,
+                 yes_tools: bool = False) -> None:
         if think not in THOUGHT_MODES:
             raise UsageError(f"--think must be one of {', '.join(THOUGHT_MODES)}, not {think!r}")
         self.session = session
         self.reader = reader
         self.ui = ui
         self.think = think
+        self.functions = functions
+        self.confirm = confirm
+        self.allow_all = yes_tools  # "a" at a confirmation sets it for the rest of the session
+        self._declined_note = False
         session.on_notice = ui.warn
         self.turns = 0  # messages sent and /retry, for a script's exit status
         self.failed_turns = 0
@@ -169,21 +191,90 @@ class ChatLoop:
     def send(self, line: str) -> None:
         # a leading "//" sends a message that starts with a slash
         text = line[1:] if line.startswith("//") else line
-        self._show_reply(lambda feed: self.session.send(text, feed))
+        self._exchange(lambda feed: self.session.send(text, feed))
+
+    def _exchange(self, produce: Callable[[Callable[[str], None]], TurnResult]) -> None:
+        """One message's replies: the first, then the tool loop. A failure anywhere in it fails the message."""
+        self.turns += 1
+        try:
+            failed = not self._tool_loop(self._show_reply(produce))
+        except BaseException as e:
+            if not isinstance(e, KeyboardInterrupt):
+                self.failed_turns += 1
+            raise
+        if failed:
+            self.failed_turns += 1
+
+    def _tool_loop(self, result: TurnResult) -> bool:
+        """Run the calls of `result`, let the model answer them, and repeat while it calls. Returns False when
+        a reply broke its grammar's promise (cut before its output was complete)."""
+        ok = result.incomplete is None
+        rounds = 0
+        while result.tool_calls and not result.interrupted:
+            if self.functions is None:  # calls are only read when tools were offered
+                return ok
+            if rounds == MAX_TOOL_ROUNDS:
+                self.ui.warn(f"stopped after {MAX_TOOL_ROUNDS} rounds of tool calls for this message; the last "
+                             "calls were not run (send another message to go on)")
+                return ok
+            rounds += 1
+            try:
+                for call_id, call in result.tool_calls:
+                    self._run_call(call_id, call)
+            except KeyboardInterrupt:
+                # what was stored stays: the calls, and the results of those that ran
+                self.ui.note("tool calls cancelled; the model was not asked to go on")
+                return ok
+            result = self._show_reply(self.session.follow_up)
+            ok = ok and result.incomplete is None
+        return ok
+
+    def _run_call(self, call_id: str, call: ToolCall) -> None:
+        assert self.functions is not None
+        self.ui.say(f"tool call: {describe(call)}", "cyan")
+        if self._allowed(call):
+            result = self.functions.call(call)
+        else:
+            # the model reads this, so it can tell the user or try something else
+            result = ToolResult(call.name, f"error: the user declined to run {call.name}", error=True)
+        self.session.add_tool_result(call_id, result.name, result.content)
+        self.ui.note(f"  → {shorten(result.content, RESULT_CHARS)}")
+
+    def _allowed(self, call: ToolCall) -> bool:
+        if self.allow_all:
+            return True
+        if self.confirm is None:
+            if not self._declined_note:
+                self._declined_note = True
+                self.ui.warn("note: tool calls are declined: there is no terminal to confirm them on; pass "
+                             "--yes-tools to run them")
+            return False
+        while True:
+            answer = self.confirm(f"run {call.name}? [y]es, [n]o, [a]ll for this session: ")
+            if answer is None:
+                return False
+            word = answer.strip().lower()
+            if word in ("y", "yes"):
+                return True
+            if word in ("", "n", "no"):
+                return False
+            if word in ("a", "all"):
+                self.allow_all = True
+                return True
+            self.ui.note("answer y, n or a")
 
     def _pending_input(self) -> str:
         buffer = getattr(getattr(self.reader, "session", None), "default_buffer", None)
         return getattr(buffer, "text", "") or ""
 
-    def _show_reply(self, produce: Callable[[Callable[[str], None]], TurnResult]) -> None:
-        stream = ReplyView(self.ui, self.think, lambda: self.session.thought_tokens)
-        self.turns += 1
+    def _show_reply(self, produce: Callable[[Callable[[str], None]], TurnResult]) -> TurnResult:
+        # JSON answers stream as the text they are
+        stream = ReplyView(self.ui, self.think, lambda: self.session.thought_tokens,
+                           plain=self.session.grammar is not None)
         try:
             result = produce(stream.feed)
-        except BaseException as e:
+        except BaseException:
             stream.abort(None)
-            if not isinstance(e, KeyboardInterrupt):
-                self.failed_turns += 1
             raise
         if result.interrupted:
             stream.abort("[interrupted]")
@@ -196,9 +287,17 @@ class ChatLoop:
                 else:
                     limit = self.session.max_tokens
                     self.ui.note(f"[stopped at the length limit ({limit} tokens); /set max_tokens N allows more]")
+        if result.tool_errors:
+            more = f" (and {len(result.tool_errors) - 1} more)" if len(result.tool_errors) > 1 else ""
+            self.ui.warn(f"note: a tool-call block did not parse ({result.tool_errors[0]}){more}; it is shown as "
+                         "text and nothing was run")
+        if result.incomplete is not None:
+            self.ui.error(f"the reply stopped before its {result.incomplete} output was complete; /set max_tokens N "
+                          "allows more")
         line = stats_footer(result.stats.to_dict())
         if line:
             self.ui.note(line)
+        return result
 
     # ------------------------------------------------------------------ commands
 
@@ -260,7 +359,17 @@ class ChatLoop:
         self.ui.note(f"think = {mode}")
 
     def _cmd_retry(self, arg: str) -> None:
-        self._show_reply(self.session.retry)
+        self._exchange(self.session.retry)
+
+    def _cmd_tools(self, arg: str) -> None:
+        if self.functions is None:
+            self.ui.note("no tools: start the chat with --functions FILE.py to offer a file's functions")
+            return
+        for tool in self.functions.tools:
+            self.ui.say(tool_line(tool))
+        how = ("run without asking (--yes-tools or 'a')" if self.allow_all else
+               "declined (no terminal to confirm on)" if self.confirm is None else "run after you confirm each")
+        self.ui.note(f"from {self.functions.path}; calls are {how}")
 
     def _cmd_undo(self, arg: str) -> None:
         n = self.session.undo()
@@ -327,10 +436,24 @@ class ChatLoop:
             self.ui.note(_recap_line(m))
 
 
+def tool_line(tool: dict[str, Any]) -> str:
+    """One tool as `/tools` lists it: `name(a, b?)  description` (? marks an optional parameter)."""
+    fn = tool.get("function", tool)
+    params = fn.get("parameters") or {}
+    required = set(params.get("required") or [])
+    args = ", ".join(p if p in required else f"{p}?" for p in params.get("properties") or {})
+    description = shorten(fn.get("description") or "", 80)
+    return f"{fn['name']}({args})" + (f"  {description}" if description else "")
+
+
 def _recap_line(m: ChatMessage) -> str:
+    if m.role == "tool":
+        return f"  tool {m.name or ''}: ".replace(" :", ":") + shorten(m.content, 100)
     who = "you" if m.role == "user" else m.role
     thinking_only = bool(m.reasoning) and not m.content.strip()
     label = finish_label(m.role, m.finish_reason, thinking_only)
+    calls = "tool call: " + ", ".join(call_label(c) for c in m.tool_calls) if m.tool_calls else ""
     # the answer is what the recap is for; the reasoning is only said to be there
-    parts = ["(thought)" if m.reasoning else "", shorten(m.content, 100), f"[{label}]" if label else ""]
+    parts = ["(thought)" if m.reasoning else "", shorten(m.content, 100), shorten(calls, 100),
+             f"[{label}]" if label else ""]
     return f"  {who}: " + " ".join(p for p in parts if p)

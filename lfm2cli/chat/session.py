@@ -15,13 +15,20 @@ Thinking: every reply is split into reasoning and answer (`TextRun(think=True)`)
 prompt wrote): that is what LFM2.5's template expects, and it keeps the last reply's tokens as they were
 generated, so the next turn prefills only its new tokens. The template itself drops old blocks, unless told
 `keep_past_thinking`.
+
+Tools: with `tools` (OpenAI function schemas) every prompt lists them and every reply is read for tool calls. A
+reply that calls tools is stored with its `tool_calls` (OpenAI's shape, with ids) and its raw text (the call
+block, which is what LFM2's templates replay); `add_tool_result` stores each result as a `tool` message, and
+`follow_up` generates the reply to them. Running the calls and asking the user is the caller's business.
+`call_grammar` (a forced tool call) constrains only the first reply after a user message; `grammar` (JSON)
+constrains every other reply.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +38,10 @@ from lfm2cli.loading import LoadedModel
 from lfm2cli.model.cache import CacheSnapshot
 from lfm2cli.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
 from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
+from lfm2cli.structured import Grammar
 from lfm2cli.textgen import TextRun, require_tokenizer
 from lfm2cli.thinking import OPEN, Reasoning, opened_by_prompt
+from lfm2cli.toolcalls import ToolCall, format_calls
 
 MAX_SNAPSHOTS = 64  # a few hundred KB each for the largest LFM2; the oldest go first
 SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
@@ -60,9 +69,13 @@ class ChatMessage:
         saved without its raw text (a killed process) gets the block back in LFM2.5's layout."""
         if self.raw_content is not None:
             return self.raw_content
+        text = self.content
+        if self.tool_calls:
+            # calls saved without their text (by another client): LFM2's block, as the model writes it
+            text += _call_block(self.tool_calls)
         if self.reasoning:
-            return f"{OPEN}\n{self.reasoning}\n</think>\n\n{self.content}"
-        return self.content
+            return f"{OPEN}\n{self.reasoning}\n</think>\n\n{text}"
+        return text
 
 
 @dataclass
@@ -72,6 +85,9 @@ class TurnResult:
     prefilled: int  # prompt tokens run through the model for this reply
     reasoning: str = ""
     thought_tokens: int = 0  # generated tokens spent before the answer started (in the reasoning)
+    tool_calls: list[tuple[str, ToolCall]] = field(default_factory=list)  # (call id, call), in order
+    tool_errors: list[str] = field(default_factory=list)  # why blocks that looked like calls did not parse
+    incomplete: str | None = None  # the grammar's label when its output was cut before it was complete
 
     @property
     def interrupted(self) -> bool:
@@ -106,7 +122,9 @@ class ChatSession:
 
     def __init__(self, lm: LoadedModel, store: HistoryStore, model_name: str,
                  params: SamplingParams | None = None, max_tokens: int = 1024, system: str | None = None,
-                 keep_thinking: bool | None = None) -> None:
+                 keep_thinking: bool | None = None, tools: list[dict[str, Any]] | None = None,
+                 grammar: Grammar | None = None, call_grammar: Grammar | None = None,
+                 think_budget: int | None = None) -> None:
         self.lm = lm
         self.tokenizer = require_tokenizer(lm)
         self.store = store
@@ -116,6 +134,10 @@ class ChatSession:
         self.system = system or None
         # None: the template's own default (LFM2.5 drops the blocks of all but the last reply)
         self.template_kwargs: dict[str, Any] = {} if keep_thinking is None else {"keep_past_thinking": keep_thinking}
+        self.tools = tools  # listed for the model on every turn; None: no tools, calls are not looked for
+        self.grammar = grammar  # every reply (JSON for --schema / --format json)
+        self.call_grammar = call_grammar  # the first reply after a user message (--tool-choice required|NAME)
+        self.think_budget = think_budget
         self.conversation_id: str | None = None
         self.messages: list[ChatMessage] = []
         self.cache = lm.model.new_cache()
@@ -239,7 +261,7 @@ class ChatSession:
                     ) -> str:
         """The whole conversation as the model sees it (the template decides, e.g. what of past replies)."""
         return self.tokenizer.apply_chat_template(self.template_messages(messages), add_generation_prompt,
-                                                  **self.template_kwargs)
+                                                  tools=self.tools, **self.template_kwargs)
 
     def prompt_ids(self, messages: Sequence[ChatMessage] | None = None, add_generation_prompt: bool = True
                    ) -> list[int]:
@@ -275,20 +297,44 @@ class ChatSession:
         conv_id = self._ensure_conversation()
         user.id = self.store.add_message(conv_id, "user", text)
         self.messages.append(user)
-        return self._reply(ids, _opened_block(prompt), on_piece)
+        return self._reply(ids, _opened_block(prompt), on_piece, self._grammar_after("user"))
 
     def retry(self, on_piece: Callable[[str], None] | None = None) -> TurnResult:
-        """Regenerate the last reply (with the current settings); the old one is deleted."""
+        """Regenerate the last reply (with the current settings); the old one is deleted. After tool results,
+        that is the reply to them."""
         if not self.messages:
             raise UsageError("nothing to retry yet")
         if self.messages[-1].role == "assistant":
             self._drop_from(len(self.messages) - 1)
-        if not self.messages or self.messages[-1].role != "user":
+        if not self.messages or self.messages[-1].role not in ("user", "tool"):
             raise UsageError("nothing to retry: the conversation does not end with your message")
+        return self._continue(on_piece)
+
+    def add_tool_result(self, tool_call_id: str, name: str, content: str) -> ChatMessage:
+        """Store what a call of the last reply gave (an error result too) as a `tool` message."""
+        conv_id = self._ensure_conversation()
+        msg = ChatMessage("tool", content, tool_call_id=tool_call_id, name=name)
+        msg.id = self.store.add_message(conv_id, "tool", content, tool_call_id=tool_call_id, name=name)
+        self.messages.append(msg)
+        return msg
+
+    def follow_up(self, on_piece: Callable[[str], None] | None = None) -> TurnResult:
+        """The model's reply to the tool results just added. It is never forced to call a tool again (only the
+        first reply after a user message is), or a loop of calls could never end."""
+        if not self.messages or self.messages[-1].role != "tool":
+            raise UsageError("no tool results to answer")
+        return self._continue(on_piece)
+
+    def _continue(self, on_piece: Callable[[str], None] | None) -> TurnResult:
         prompt = self.prompt_text()
         ids = self.tokenizer.encode(prompt)
         self._check_context(ids)
-        return self._reply(ids, _opened_block(prompt), on_piece)
+        return self._reply(ids, _opened_block(prompt), on_piece, self._grammar_after(self.messages[-1].role))
+
+    def _grammar_after(self, role: str) -> Grammar | None:
+        if role == "user" and self.call_grammar is not None:
+            return self.call_grammar
+        return self.grammar
 
     def undo(self) -> int:
         """Drop the last exchange (your last message and the reply to it); returns how many messages went."""
@@ -313,13 +359,15 @@ class ChatSession:
                 self.store.delete_messages_from(self.conversation_id, first)
         del self.messages[index:]
 
-    def _text_run(self, ids: list[int], new: list[int], opened: str) -> TextRun:
+    def _text_run(self, ids: list[int], new: list[int], opened: str, grammar: Grammar | None) -> TextRun:
         """The generation of one reply. Every reply goes through the reasoning/answer split: one without a
-        leading `<think>` block is all answer. (A thinking budget, when chat gets one, is passed here.)"""
+        leading `<think>` block is all answer."""
         return TextRun(self.lm, new[-1:], self.params, self.max_tokens, cache=self.cache, context_ids=ids,
-                       think=True, opened=bool(opened))
+                       think=True, opened=bool(opened), tools=self.tools, grammar=grammar,
+                       think_budget=self.think_budget)
 
-    def _reply(self, ids: list[int], opened: str, on_piece: Callable[[str], None] | None) -> TurnResult:
+    def _reply(self, ids: list[int], opened: str, on_piece: Callable[[str], None] | None,
+               grammar: Grammar | None = None) -> TurnResult:
         """Stream a reply to the prompt `ids`; `opened`: the `<think>` text that the prompt ends with, if any."""
         new = self._sync(ids)
         conv_id = self._ensure_conversation()
@@ -327,7 +375,7 @@ class ChatSession:
         # the placeholder is written first so a killed process still keeps what was streamed
         reply.id = self.store.add_message(conv_id, "assistant", "")
         self.messages.append(reply)
-        run = self._text_run(ids, new, opened)
+        run = self._text_run(ids, new, opened, grammar)
         self.thought_tokens = 0
         t0 = time.perf_counter()
         try:
@@ -365,16 +413,21 @@ class ChatSession:
             run.stats.finish_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
             self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
             if isinstance(e, KeyboardInterrupt):
-                return self._result(run, len(new))
+                return self._result(run, reply, len(new))
             raise
         # stats as if the whole prompt went through generate(): our split prefill belongs to it
         run.stats.ttft_s += pre_s
         run.stats.prefill_s += pre_s
         self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
-        return self._result(run, len(new))
+        return self._result(run, reply, len(new))
 
-    def _result(self, run: TextRun, prefilled: int) -> TurnResult:
-        return TurnResult(run.text, run.stats, prefilled, run.reasoning, self.thought_tokens)
+    def _result(self, run: TextRun, reply: ChatMessage, prefilled: int) -> TurnResult:
+        calls = [(entry["id"], call) for entry, call in zip(reply.tool_calls or [], run.tool_calls, strict=True)]
+        incomplete = None
+        if run.incomplete and run.stats.finish_reason != "interrupted" and run.constraint is not None:
+            incomplete = run.constraint.grammar.label
+        return TurnResult(run.text, run.stats, prefilled, run.reasoning, self.thought_tokens, calls,
+                          [u.error for u in run.tool_errors], incomplete)
 
     @staticmethod
     def _take(reply: ChatMessage, run: TextRun, opened: str) -> None:
@@ -391,6 +444,9 @@ class ChatSession:
         if run.reasoning and self.thought_tokens == 0:  # never reached its answer: all of it was reasoning
             self.thought_tokens = len(run.tokens)
         reply.finish_reason = stats.finish_reason
+        if run.tool_calls:
+            # ids made here: each tool message names the call it answers
+            reply.tool_calls = [call.to_openai() for call in run.tool_calls]
         self.last_prefill_tokens = prefilled
         self.last_stats = stats
         self.totals.replies += 1
@@ -403,7 +459,7 @@ class ChatSession:
             timings["reasoning_tokens"] = self.thought_tokens
         self.store.update_message(reply.id, content=run.text, tokens=stats.generated_tokens, timings=timings,
                                   finish_reason=stats.finish_reason, reasoning=reply.reasoning,
-                                  raw_content=reply.raw_content)
+                                  raw_content=reply.raw_content, tool_calls=reply.tool_calls)
 
     # ------------------------------------------------------------------ the cache
 
@@ -449,3 +505,14 @@ def _opened_block(prompt: str) -> str:
     if not opened_by_prompt(prompt):
         return ""
     return prompt[prompt.rfind(OPEN):]
+
+
+def _call_block(entries: Sequence[dict[str, Any]]) -> str:
+    """Stored calls (OpenAI's shape) as LFM2's call block; entries that cannot be read back are left out."""
+    calls = []
+    for entry in entries:
+        try:
+            calls.append(ToolCall.from_openai(entry))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return format_calls(calls) if calls else ""

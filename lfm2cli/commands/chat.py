@@ -10,6 +10,8 @@ import typer
 
 from lfm2cli.commands import options as o
 
+MAX_TOOL_ROUNDS = 8  # lfm2cli.chat.repl.MAX_TOOL_ROUNDS, repeated for the help text: the repl imports rich
+
 # options restored from a resumed conversation unless given on the command line
 _SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens")
 
@@ -66,7 +68,20 @@ def chat(
     keep_thinking: bool = typer.Option(False, "--keep-thinking",
                                        help="Show the model the reasoning of all its past replies (the template's "
                                             "keep_past_thinking), not only of the last one."),
-    # (--think-budget N goes here: ChatSession._text_run is where it reaches the generation)
+    think_budget: int = o.THINK_BUDGET,
+    functions: str = typer.Option(None, "--functions", metavar="FILE.py", show_default=False,
+                                  help="Offer the functions of this Python file to the model as tools. Each call "
+                                       "is shown and runs once you confirm it (y, n, or a: yes to all); its "
+                                       f"result goes back to the model, for up to {MAX_TOOL_ROUNDS} rounds a "
+                                       "message. /tools lists them."),
+    yes_tools: bool = typer.Option(False, "--yes-tools",
+                                   help="Run tool calls without asking (piped chat declines them otherwise)."),
+    tool_choice: str = typer.Option("auto", "--tool-choice", metavar="auto|required|NAME",
+                                    help="With --functions: auto lets the model choose; required makes the first "
+                                         "reply to each message a tool call, NAME a call of that tool. Replies "
+                                         "to tool results are always auto, so the loop can end."),
+    schema: str = o.SCHEMA,
+    fmt: str = o.FORMAT,
 ) -> None:
     """Chat with a model. Conversations are saved; /help lists the commands, Ctrl-D or /exit leaves."""
     from rich.console import Console
@@ -77,6 +92,22 @@ def chat(
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
     if cont and resume:
         raise UsageError("use either --continue or --resume ID, not both")
+    if yes_tools and functions is None:
+        raise UsageError("--yes-tools runs the calls of --functions FILE.py; give the file too")
+    function_set = None
+    if functions is not None:
+        from lfm2cli.functions import load_functions
+
+        function_set = load_functions(functions)  # before the model loads: a bad file fails fast
+    tools = function_set.tools if function_set is not None else None
+    if tools is not None and tool_choice == "auto" and (schema is not None or fmt == "json"):
+        # a JSON answer can never hold a call block: the tools would be offered and never called
+        raise UsageError("--functions offers tools, but --schema/--format json makes every answer JSON, so the "
+                         "model could never call one: drop one")
+    # the first reply to a message may be forced to call; every other reply is only held to --schema/--format
+    call_grammar = o.output_grammar(schema, fmt, tools, tool_choice)
+    grammar = call_grammar if tool_choice == "auto" else None
+    call_grammar = call_grammar if tool_choice != "auto" else None
     from lfm2cli.chat.input import replace_undecodable
 
     # arguments that were not UTF-8: replacement characters, as for piped input
@@ -107,7 +138,8 @@ def chat(
         o.report_skipped(lm.skipped)
         ui = ChatUI(Console(), err, plain=plain or not (tty_in and sys.stdout.isatty()))
         session = ChatSession(lm, store, _model_label(model), params, max_tokens, system,
-                              keep_thinking=True if keep_thinking else None)
+                              keep_thinking=True if keep_thinking else None, tools=tools, grammar=grammar,
+                              call_grammar=call_grammar, think_budget=think_budget)
         session.on_notice = ui.warn  # a saved setting that is skipped on resume is said before the banner
         if saved is not None:
             session.load(saved.id)
@@ -118,8 +150,14 @@ def chat(
                 store.update_conversation(saved.id, options=session.options())
             if _given(ctx, "system"):
                 session.set_system(system)
+            used = sorted({m.name for m in session.messages if m.role == "tool" and m.name})
+            if used and function_set is None:
+                ui.warn(f"note: this conversation called tools ({', '.join(used)}); without --functions the model "
+                        "is offered none now, and sees its past calls without their list")
 
-        loop = ChatLoop(session, _reader(tty_in, ui.note), ui, think=think)
+        confirm = _ask if tty_in else None
+        loop = ChatLoop(session, _reader(tty_in, ui.note), ui, think=think, functions=function_set,
+                        confirm=confirm, yes_tools=yes_tools)
         ui.note(banner(session))
         if saved is not None:
             loop.recap()
@@ -132,6 +170,14 @@ def chat(
         if not tty_in and loop.unsaved:
             raise HistoryError(f"the conversation was not completely saved to {store.path}; "
                                "see the errors above")
+
+
+def _ask(question: str) -> str | None:
+    """A tool call's confirmation, on the terminal: the question on stderr, the answer line from stdin."""
+    sys.stderr.write(question)
+    sys.stderr.flush()
+    line = sys.stdin.readline()
+    return line if line else None
 
 
 def _reader(tty_in: bool, note: Callable[[str], None]) -> Any:

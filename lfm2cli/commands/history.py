@@ -91,7 +91,7 @@ def render_conversation(console: Console, conv: Conversation) -> None:
     from rich.text import Text
 
     from lfm2cli.formatting import local_time
-    from lfm2cli.store.conversations import finish_label, thought_summary
+    from lfm2cli.store.conversations import call_label, finish_label, thought_summary
 
     console.print(Text(conv.display_title, style="bold"))
     details = [conv.id, conv.model, local_time(conv.updated_at)]
@@ -105,6 +105,11 @@ def render_conversation(console: Console, conv: Conversation) -> None:
     for m in conv.messages:
         label, style = labels.get(m.role, (m.role, "bold magenta"))
         console.print()
+        if m.role == "tool":
+            # a result as the tool gave it, dimmed: the replies around it are what is read
+            console.print(Text(f"tool result: {m.name or 'tool'}", style="bold magenta"))
+            console.print(Text(m.content, style="dim"))
+            continue
         console.print(Text(label, style=style))
         if m.reasoning:
             # the reasoning in full but dimmed, as chat's --think show has it: history is read at leisure
@@ -113,8 +118,10 @@ def render_conversation(console: Console, conv: Conversation) -> None:
             if m.content.strip():
                 console.print()
         # user text is shown as typed; replies are Markdown, which LFM2 writes a lot of
-        if m.content.strip() or not m.reasoning:
+        if m.content.strip() or not (m.reasoning or m.tool_calls):
             console.print(Markdown(m.content) if m.role == "assistant" else Text(m.content))
+        for call in m.tool_calls or []:
+            console.print(Text(f"tool call: {call_label(call)}", style="cyan"))
         if label := finish_label(m.role, m.finish_reason, m.thinking_only):
             console.print(Text(f"[{label}]", style="dim italic"))
 

@@ -26,11 +26,11 @@ from lfm2cli.errors import HistoryError
 from lfm2cli.paths import data_dir
 from lfm2cli.store.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations",
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations", "call_label",
            "finish_label", "thought_label", "thought_summary", "to_json", "to_markdown"]
 
 ROLES = ("system", "user", "assistant", "tool")
-FINISH_REASONS = ("stop", "length", "interrupted", "error")
+FINISH_REASONS = ("stop", "length", "interrupted", "error", "tool_calls")
 _TABLES = ("conversations", "messages")
 # message columns beyond the first schema, in Message's order (tool_calls is JSON, the others text)
 _EXTRA = ("reasoning", "raw_content", "tool_calls", "tool_call_id", "name")
@@ -156,10 +156,41 @@ def finish_label(role: str, finish_reason: str | None, thinking_only: bool = Fal
     if finish_reason is None:
         label = "incomplete" if role == "assistant" else None
     else:
-        label = None if finish_reason == "stop" else finish_reason
+        # a reply that ended in tool calls shows the calls, which say more than the reason
+        label = None if finish_reason in ("stop", "tool_calls") else finish_reason
     if thinking_only and role == "assistant":
         return f"{label} while thinking" if label else "no answer after thinking"
     return label
+
+
+def call_label(entry: Any) -> str:
+    """A stored tool call (OpenAI's shape) as LFM2 writes it, `get_weather(city="Paris")`; an entry that cannot be
+    read back that way (written by another client) is shown as its name and raw arguments."""
+    from lfm2cli.toolcalls import ToolCall
+
+    try:
+        return ToolCall.from_openai(entry).to_pythonic()
+    except (ValueError, TypeError, KeyError, AttributeError):
+        fn = entry.get("function", entry) if isinstance(entry, dict) else {}
+        fn = fn if isinstance(fn, dict) else {}
+        return f"{fn.get('name', '?')}({fn.get('arguments', '')})"
+
+
+def _fenced(text: str) -> list[str]:
+    """`text` in a fenced block longer than any run of backticks inside it, so nothing in it can end the block."""
+    longest = run = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}text", text.rstrip("\n"), fence]
+
+
+def _code(text: str) -> str:
+    """Inline code that survives backticks in `text` (Markdown: a longer fence, padded with spaces)."""
+    if "`" not in text:
+        return f"`{text}`"
+    return f"`` {text} ``"
 
 
 def _check(role: str | None, finish_reason: str | None) -> None:
@@ -533,10 +564,19 @@ def to_markdown(conv: Conversation) -> str:
     if conv.system:
         lines += ["## System", "", conv.system.rstrip(), ""]
     for m in conv.messages:
+        if m.role == "tool":
+            # a result: kept verbatim in a block, since tools return anything (JSON, logs, Markdown)
+            lines += [f"## Tool result: {m.name or 'tool'}", "", *_fenced(m.content), ""]
+            continue
         lines += [f"## {m.role.capitalize()}", ""]
         if m.reasoning:
             lines += [*_folded_reasoning(m), ""]
-        lines.append(m.content.rstrip())
+        if m.content.strip() or not m.tool_calls:
+            lines.append(m.content.rstrip())
+        if m.tool_calls:
+            if m.content.strip():
+                lines.append("")
+            lines += [f"- tool call: {_code(call_label(c))}" for c in m.tool_calls]
         if label := finish_label(m.role, m.finish_reason, m.thinking_only):
             lines += ["", f"*[{label}]*"]
         lines.append("")
