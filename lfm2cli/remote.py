@@ -101,8 +101,10 @@ def request_fields(params: SamplingParams, max_tokens: int, stops: Sequence[str]
         fields["seed"] = params.seed
     if stops:
         fields["stop"] = list(stops)
-    fields["extra_body"] = {"top_k": params.top_k if params.top_k > 0 else -1, "min_p": params.min_p,
-                            "repetition_penalty": params.repetition_penalty}
+    extra: dict[str, Any] = {"min_p": params.min_p, "repetition_penalty": params.repetition_penalty}
+    if params.top_k > 0:  # off is spelled 0 by some servers and -1 by others: leave it out instead
+        extra["top_k"] = params.top_k
+    fields["extra_body"] = extra
     return fields
 
 
@@ -136,6 +138,8 @@ class RemoteRun:
     tool_errors: list[Any] = field(default_factory=list)  # the server parses calls; none fail here
     stats: GenerationStats = field(default_factory=GenerationStats)
     incomplete: bool = False  # kept for TextRun's interface: the server enforces its own response_format
+    constraint: None = None  # likewise: no grammar runs here
+    tokens: list[int] = field(default_factory=list)  # one entry (-1) per streamed chunk: servers send ~1 token each
     _stream: ToolCallStream | None = field(default=None, init=False, repr=False)
 
     def _request(self) -> tuple[str, dict[str, Any]]:
@@ -169,6 +173,7 @@ class RemoteRun:
                     self.stats.prompt_tokens = chunk.usage.prompt_tokens or 0
                     self.stats.generated_tokens = chunk.usage.completion_tokens or 0
                 for choice in chunk.choices or ():
+                    self.tokens.append(-1)
                     if first is None:
                         first = time.perf_counter()
                         self.stats.ttft_s = self.stats.prefill_s = first - t0
@@ -202,6 +207,8 @@ class RemoteRun:
                 yield from self._sorted(piece, matcher)
             if self._stream is not None:
                 yield from self._answer(self._stream.close(), matcher)
+            # the server enforces response_format, but a reply cut at max_tokens still broke its promise
+            self.incomplete = self.response_format is not None and self.stats.finish_reason == "length"
             out = matcher.flush()
             if out:
                 self.text += out
@@ -245,6 +252,11 @@ class RemoteRun:
             if out:
                 self.text += out
                 yield Answer(out)
+
+    @property
+    def raw(self) -> str:
+        """The reply as a history replays it to a server: the answer (OpenAI clients leave the reasoning out)."""
+        return self.text
 
     def run(self) -> str:
         for _ in self.pieces():

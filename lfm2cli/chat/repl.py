@@ -402,6 +402,9 @@ class ChatLoop:
         from lfm2cli.describe import describe, plain_lines, sections
 
         s = self.session
+        if s.lm is None:
+            self.ui.say(f"model {s.model_name} on {s.endpoint.url}: the server describes it (GET /v1/models)")
+            return
         desc = describe(s.lm.path)
         if self.ui.plain:
             for line in plain_lines(desc):
@@ -422,7 +425,12 @@ class ChatLoop:
         t = s.totals
         self.ui.say(f"session: {t.replies} repl{'y' if t.replies == 1 else 'ies'}, {t.prefilled} prompt tokens "
                     f"run, {t.generated} generated, {t.seconds:.1f} s")
-        self.ui.say(f"context: {s.context_used()} of {s.context_limit} tokens")
+        if s.lm is None:
+            # the server renders and caches the conversation; only what it reports is counted here
+            self.ui.say(f"generation by {s.endpoint.url}: prompt tokens are as the server counts them, and cache "
+                        "reuse across turns is the server's (lfm2's own cache does not apply)")
+        else:
+            self.ui.say(f"context: {s.context_used()} of {s.context_limit} tokens")
 
     # ------------------------------------------------------------------ display helpers
 
