@@ -3,15 +3,20 @@ whether torch's oneDNN bf16 paths may be used at all), and how many physical cor
 
 `LFM2_CPU_HIDE` hides feature flags from every decision made here (comma-separated; `avx512*` hides every flag
 starting with `avx512`), so that an AVX512-BF16 machine can run the AVX2 and the torch-fallback paths as a CPU
-without those features would. `LFM2_NATIVE_ISA` picks the native kernel level (`avx512`, `avx2` or `none`)
-instead of the best one the CPU has.
+without those features would. `LFM2_NATIVE_ISA` picks the native kernel level (`avx512`, `avx2`; on ARM64 `bf16`,
+`dotprod`, `neon`; or `none`) instead of the best one the CPU has.
+
+ARM64 features are named as Linux's /proc/cpuinfo `Features` line names them (`asimd`, `asimddp`, `bf16`, `i8mm`);
+on macOS they come from sysctl's `hw.optional.arm.FEAT_*` and are given the same names.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
+import sys
 from pathlib import Path
 
 # The native kernel levels, best first, with the flags each needs (as /proc/cpuinfo spells them).
@@ -19,6 +24,16 @@ LEVELS: dict[str, tuple[str, ...]] = {
     "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
     "avx2": ("avx2", "fma", "f16c"),
 }
+# The ARM64 levels (csrc/linear_neon.c, linear_grouped_neon.c): `bf16` BFDOT for bf16 weights and SDOT for int8 /
+# int4, `dotprod` SDOT with NEON FMAs for bf16, `neon` plain ARMv8.0 (NEON is part of every ARM64 CPU).
+ARM_LEVELS: dict[str, tuple[str, ...]] = {
+    "bf16": ("asimd", "asimddp", "bf16"),
+    "dotprod": ("asimd", "asimddp"),
+    "neon": ("asimd",),
+}
+# macOS's names for the same features (sysctl hw.optional.*), as Linux names them.
+SYSCTL_FEATURES = {"hw.optional.AdvSIMD": "asimd", "hw.optional.arm.FEAT_DotProd": "asimddp",
+                   "hw.optional.arm.FEAT_BF16": "bf16", "hw.optional.arm.FEAT_I8MM": "i8mm"}
 # torch's oneDNN bf16 linear (and its weight prepacking) refuses CPUs without one of these sets.
 _ONEDNN_BF16 = (("avx512bw", "avx512vl", "avx512dq"), ("avx_ne_convert",))
 
@@ -45,9 +60,35 @@ def hidden() -> list[str]:
     return [p.strip().lower() for p in os.environ.get("LFM2_CPU_HIDE", "").replace(" ", ",").split(",") if p.strip()]
 
 
+@functools.lru_cache(maxsize=1)
+def _sysctl_features() -> frozenset[str]:
+    """macOS: the features sysctl reports as present, under their Linux names."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:
+        return frozenset()
+    found = set()
+    for name, flag in SYSCTL_FEATURES.items():
+        value, size = ctypes.c_int(0), ctypes.c_size_t(ctypes.sizeof(ctypes.c_int))
+        if libc.sysctlbyname(name.encode(), ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)) == 0:
+            if value.value:
+                found.add(flag)
+    return frozenset(found)
+
+
+def raw_flags() -> frozenset[str]:
+    """The CPU's feature flags as the system reports them: x86's `flags`, ARM64's `Features` (Linux) or sysctl
+    (macOS)."""
+    if not is_arm():
+        return frozenset(_field("flags").split())
+    if sys.platform == "darwin":
+        return _sysctl_features()
+    return frozenset(_field("Features").split())
+
+
 def flags() -> frozenset[str]:
     """The CPU's feature flags, less those LFM2_CPU_HIDE hides."""
-    found = set(_field("flags").split())
+    found = set(raw_flags())
     for pattern in hidden():
         if pattern.endswith("*"):
             found = {f for f in found if not f.startswith(pattern[:-1])}
@@ -80,26 +121,43 @@ def onednn_bf16() -> bool:
     return bf16_compute() and not is_arm() and any(all(x in f for x in need) for need in _ONEDNN_BF16)
 
 
+def level_table(machine: str | None = None) -> dict[str, tuple[str, ...]]:
+    """The native kernel levels of an architecture (platform.machine()'s name; this one by default), best first,
+    each with the flags it needs ({} where there are no kernels)."""
+    m = (machine or platform.machine()).lower()
+    if m in ("x86_64", "amd64"):
+        return LEVELS
+    if m in ("arm64", "aarch64"):
+        return ARM_LEVELS
+    return {}
+
+
+def levels_for(machine: str, found: frozenset[str] | set[str]) -> list[str]:
+    """The levels a CPU of `machine` with these feature flags can execute, best first."""
+    return [level for level, need in level_table(machine).items() if all(x in found for x in need)]
+
+
 def native_levels() -> list[str]:
-    """The native kernel levels this CPU can execute, best first ([] off x86-64)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return []
-    f = flags()
-    return [level for level, need in LEVELS.items() if all(x in f for x in need)]
+    """The native kernel levels this CPU can execute, best first ([] off x86-64 and ARM64)."""
+    return levels_for(platform.machine(), flags())
 
 
 def native_level() -> tuple[str | None, str | None]:
     """(level, None) for the native kernel level to build and use, or (None, why not)."""
-    levels = native_levels()
+    levels, table = native_levels(), level_table()
     asked = os.environ.get("LFM2_NATIVE_ISA", "").strip().lower()
     if asked in ("", "auto"):
-        return (levels[0], None) if levels else (None, "no kernel for this CPU (it needs AVX2, FMA and F16C)")
+        if levels:
+            return levels[0], None
+        if not table:
+            return None, f"no native kernels for {platform.machine() or 'this architecture'}"
+        return None, "no kernel for this CPU (it needs " + ("NEON" if is_arm() else "AVX2, FMA and F16C") + ")"
     if asked == "none":
         return None, "turned off by LFM2_NATIVE_ISA=none"
-    if asked not in LEVELS:
-        return None, f"LFM2_NATIVE_ISA={asked} is not a level (use {', '.join(LEVELS)} or none)"
+    if asked not in table:
+        return None, f"LFM2_NATIVE_ISA={asked} is not a level (use {', '.join(table) or 'nothing'} or none)"
     if asked not in levels:
-        missing = [x for x in LEVELS[asked] if x not in flags()]
+        missing = [x for x in table[asked] if x not in flags()]
         return None, f"LFM2_NATIVE_ISA={asked}, but this CPU lacks {', '.join(missing)}"
     return asked, None
 
@@ -107,6 +165,9 @@ def native_level() -> tuple[str | None, str | None]:
 def describe() -> str:
     """The CPU kind in a few words, for benchmarks: 'AVX512-BF16', 'AVX2', ..."""
     f = flags()
+    if is_arm():
+        names = {"asimddp": "dotprod", "bf16": "BF16", "i8mm": "I8MM"}
+        return " + ".join(["ARM64 NEON" if "asimd" in f else "ARM64"] + [n for k, n in names.items() if k in f])
     if "avx512_bf16" in f:
         return "AVX512-BF16"
     if "avx512f" in f:

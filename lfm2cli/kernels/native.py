@@ -1,12 +1,19 @@
 """lfm2's native CPU code (csrc/native.c): built once per machine and level with the system's C compiler and loaded
 with ctypes. `Proj` runs its matrix products here and a one-token decode step runs every layer's small operations
-here too (`lfm2cli.kernels.native_step`), for bf16 models on x86-64 CPUs with AVX2 + FMA + F16C or better.
+here too (`lfm2cli.kernels.native_step`), for bf16 models on x86-64 CPUs with AVX2 + FMA + F16C or better and on
+ARM64 CPUs.
 
-Two levels, one code path each, chosen once when the library is loaded (`lfm2cli.cpu.native_level`): `avx512`
+Levels, one code path each, chosen once when the library is loaded (`lfm2cli.cpu.native_level`): on x86-64 `avx512`
 (AVX512-BF16 and VNNI: Zen 4 and later, Sapphire Rapids and later) and `avx2` (x86-64-v3: Haswell and later,
-Zen 1-3, every recent Intel laptop). Both read the same packed layouts, so a packed model runs on either. The
-library is cached under a key made of the sources, the compiler and the level's flags. Building takes about a
-second, once. `LFM2_NATIVE=0` turns the native code off; `LFM2_NATIVE_ISA` picks the level.
+Zen 1-3, every recent Intel laptop); on ARM64 `bf16` (dotprod + BF16: Apple M2 and later, Graviton 3/4),
+`dotprod` (Apple M1, Raspberry Pi 5, Graviton 2) and `neon` (any ARMv8.0, e.g. Raspberry Pi 3/4). All read the same
+packed layouts, so a packed model runs on any level. The library is cached under a key made of the sources, the
+compiler, the architecture and the level's flags. Building takes about a second, once. `LFM2_NATIVE=0` turns the
+native code off; `LFM2_NATIVE_ISA` picks the level.
+
+macOS (Apple clang has no OpenMP of its own): the library is built against torch's libomp.dylib, the runtime torch
+already loaded (one thread pool), else Homebrew's libomp where torch has none; without either it is built without
+OpenMP and its kernels run on one thread.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -25,8 +34,11 @@ from lfm2cli import cpu
 SOURCES = Path(__file__).with_name("csrc")
 ROWS = 64  # output channels per tile in the kernels: packed weights are padded to a multiple of this
 COMMON_FLAGS = ["-O3", "-mtune=native", "-fopenmp", "-shared", "-fPIC"]
-LEVEL_FLAGS = {"avx512": ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"], "avx2": ["-march=x86-64-v3"]}
-LEVEL_IDS = {0: None, 1: "avx2", 2: "avx512"}  # lfm2_native_isa() in csrc/common.h
+LEVEL_FLAGS = {"avx512": ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"], "avx2": ["-march=x86-64-v3"],
+               "bf16": ["-march=armv8.2-a+dotprod+bf16"], "dotprod": ["-march=armv8.2-a+dotprod"],
+               "neon": ["-march=armv8-a"]}
+# lfm2_native_isa() in csrc/common.h
+LEVEL_IDS = {0: None, 1: "avx2", 2: "avx512", 10: "neon", 11: "dotprod", 12: "bf16"}
 
 _lib: ctypes.CDLL | None = None  # the loaded library
 _level: str | None = None  # its kernel level; models use the library only when it has one
@@ -71,20 +83,40 @@ def _source_text() -> str:
     return "\0".join(f"{p.name}\0{p.read_text()}" for p in sorted(SOURCES.iterdir()) if p.suffix in (".c", ".h"))
 
 
+def macos_openmp() -> list[str]:
+    """The flags that build with OpenMP under Apple clang: torch's own libomp.dylib (the runtime already in the
+    process, so one thread pool), else Homebrew's where torch has none; [] (one thread) without either."""
+    for lib in (Path(torch.__file__).parent / "lib", Path("/opt/homebrew/opt/libomp/lib"),
+                Path("/usr/local/opt/libomp/lib")):
+        if (lib / "libomp.dylib").exists():
+            return ["-Xclang", "-fopenmp", f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"]
+    return []
+
+
+def compile_flags(level: str) -> list[str]:
+    """The compiler's flags for `level` on this system."""
+    if sys.platform == "darwin":  # Apple clang: no -fopenmp of its own, a .dylib
+        return ["-O3", "-dynamiclib", "-fPIC", "-Wno-unknown-pragmas", *macos_openmp(), *LEVEL_FLAGS[level]]
+    return [*COMMON_FLAGS, *LEVEL_FLAGS[level]]
+
+
 def build(directory: Path, level: str) -> Path:
-    """Compile csrc/native.c for `level` into `directory` unless a build for these sources, compiler and level is
-    there already. Raises OSError (no compiler, failed build) with the reason."""
+    """Compile csrc/native.c for `level` into `directory` unless a build for these sources, compiler, architecture
+    and level is there already. Raises OSError (no compiler, failed build) with the reason."""
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler found (set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    flags = [*COMMON_FLAGS, *LEVEL_FLAGS[level]]
-    key = hashlib.sha256("\0".join([_source_text(), cc, version, " ".join(flags)]).encode()).hexdigest()[:16]
-    target = directory / f"lfm2-native-{level}-{key}.so"
+    flags = compile_flags(level)
+    machine = platform.machine().lower() or "unknown"
+    key = hashlib.sha256("\0".join([_source_text(), cc, version, machine, sys.platform, " ".join(flags)]).encode()
+                         ).hexdigest()[:16]
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    target = directory / f"lfm2-native-{machine}-{level}-{key}{suffix}"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".build-{os.getpid()}-{key}.so"
+    tmp = directory / f".build-{os.getpid()}-{key}{suffix}"
     done = subprocess.run([cc, *flags, f"-I{SOURCES}", str(SOURCES / "native.c"), "-o", str(tmp)],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -122,13 +154,13 @@ def load(directory: Path) -> str | None:
 
 def reset() -> None:
     """Forget the loaded library, so that the next `load` picks the level again (models packed before keep
-    working: both levels read the same layouts)."""
+    working: every level reads the same layouts)."""
     global _lib, _level, _why_not
     _lib, _level, _why_not = None, None, "not loaded"
 
 
 def level() -> str | None:
-    """The kernel level in use ('avx512', 'avx2'), or None."""
+    """The kernel level in use ('avx512', 'avx2'; 'bf16', 'dotprod', 'neon' on ARM64), or None."""
     return _level if ready() else None
 
 

@@ -1,6 +1,8 @@
 /* Shared by every part of lfm2's native CPU code: the bf16 helpers and the ISA level this build targets.
- * LFM2_ISA: 2 = AVX512-BF16 + AVX512-VNNI, 1 = x86-64-v3 (AVX2 + FMA + F16C), 0 = no matrix kernel (the small
- * ops still build). native.py picks the level and passes the matching -march flags. */
+ * LFM2_ISA: 2 = AVX512-BF16 + AVX512-VNNI, 1 = x86-64-v3 (AVX2 + FMA + F16C); on AArch64 12 = dotprod + bf16
+ * (BFDOT), 11 = dotprod (sdot), 10 = NEON alone (ARMv8.0); 0 = no matrix kernel (the small ops still build).
+ * LFM2_X86 / LFM2_ARM say which family's kernel files compile. native.py picks the level and passes the matching
+ * -march flags. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -13,9 +15,20 @@
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define LFM2_ISA 1
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#include <arm_neon.h>
+#define LFM2_ISA 12
+#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#include <arm_neon.h>
+#define LFM2_ISA 11
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define LFM2_ISA 10
 #else
 #define LFM2_ISA 0
 #endif
+#define LFM2_X86 (LFM2_ISA == 1 || LFM2_ISA == 2)
+#define LFM2_ARM (LFM2_ISA >= 10)
 
 int lfm2_native_isa(void) { return LFM2_ISA; }
 

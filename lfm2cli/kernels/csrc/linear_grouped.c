@@ -23,7 +23,6 @@
  * way (int4 measured ~1.8x the bf16 prefill on AVX2, which FMAs widened floats: vpmaddubsw does 32
  * multiply-adds per instruction, an FMA 8). */
 #if LFM2_ISA >= 1
-
 #define GQ_G 32              /* inputs per group */
 #define I8_BYTES 544         /* one block's int8 group: 16 scales (32 bytes) and 16 x 32 bytes */
 #define I4_BYTES 288         /* one block's int4 group: 16 scales (32 bytes) and 16 x 32 nibbles */
@@ -36,6 +35,9 @@ static inline int64_t gq_bytes(int bits) { return bits == 4 ? I4_BYTES : I8_BYTE
 
 /* One token's int8 activations, group by group: q [in], scale d [in / 32], c = 8 * sum q [in / 32]. */
 typedef struct { const int8_t *q; const float *d; const int32_t *c; } gq_act;
+#endif /* LFM2_ISA >= 1: the layouts above are the AArch64 kernels' too (linear_grouped_neon.c) */
+
+#if LFM2_X86
 
 static inline __m256i gq_bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 
@@ -408,6 +410,9 @@ void lfm2_quantize_int8(const uint16_t *w, int64_t rows, int64_t in, int8_t *q, 
         }
 }
 
+#endif /* LFM2_X86 */
+
+#if LFM2_ISA >= 1
 /* int8 q [rows, in] (bits 8) or nibbles [rows, in / 2] (bits 4: byte k holds q + 8 of input 2k low, of 2k + 1
  * high), and their 16-bit scales [rows, in / 32] -> the layouts above, rows padded with zeros to `padded` (a multiple of
  * 16). */

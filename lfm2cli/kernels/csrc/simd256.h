@@ -1,6 +1,6 @@
 /* 256-bit helpers shared by the AVX2 level's bf16 kernel and the int8/int4 kernels of both levels (x86-64-v3 and
  * up). */
-#if LFM2_ISA >= 1
+#if LFM2_X86
 
 /* 8 floats -> bf16 (round to nearest even, NaN kept quiet, as bf() in common.h), one per 32-bit lane. */
 static inline __m256i bf16x8(__m256 v) {
@@ -25,4 +25,4 @@ static inline void store16x2(uint16_t *y, __m256 lo, __m256 hi, int64_t n) {
         memcpy(y, tmp, (size_t)n * 2);
     }
 }
-#endif /* LFM2_ISA >= 1 */
+#endif /* LFM2_X86 */
