@@ -15,6 +15,7 @@ COMMANDS = [
     ("rm", "pull", "rm"),
     ("info", "info", "info"),
     ("bench", "bench", "bench"),
+    ("serve", "serve", "serve"),
 ]
 GROUPS = [("history", "history", "history_app")]
 

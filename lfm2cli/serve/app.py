@@ -1,0 +1,389 @@
+"""The FastAPI app: OpenAI's endpoints over one `Engine`.
+
+Every response that is not a success is OpenAI's error JSON with a fitting status; no traceback ever reaches a
+client (an unexpected failure is a 500 with a generic message, its details go to `on_error`, the traceback only
+with `debug`). One outermost layer (`_Boundary`) checks the API key, turns escaped exceptions into that 500 and
+reports each request in one line to `on_request`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lfm2cli.errors import Lfm2Error
+from lfm2cli.sampling import SamplingParams
+from lfm2cli.serve.engine import Cancelled, Engine, Failed, Finished, Job, Result
+from lfm2cli.serve.errors import APIError, bad_request, server_error
+from lfm2cli.serve.protocol import Envelope, new_id, parse_chat, parse_completion, tool_call_entries, usage
+from lfm2cli.thinking import Reasoning
+
+MAX_BODY_BYTES = 8 << 20  # a full 128k-token conversation is ~1 MB of JSON; this leaves room and stops abuse
+CLIENT_GONE = 499  # nginx's status for "the client closed the request", for the log line only
+OPEN_PATHS = ("/health",)  # answered without the API key, for load balancers and health checks
+
+
+def _error_response(error: APIError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as parsed JSON: 413 past `limit` bytes (checked as it arrives), 400 when it is not JSON."""
+    too_large = APIError(413, f"the request body is larger than this server accepts ({limit} bytes)",
+                         code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise bad_request("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        reason = " ".join(str(e).split()) if not isinstance(e, RecursionError) else "nested too deeply"
+        raise bad_request(f"the request body is not valid JSON ({reason})") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away (the body has been read, so only a disconnect can come)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events from `events`, stopping the job (`on_gone`) as soon as the client disconnects, whether
+    the stream has started or the job still waits in the queue."""
+
+    def __init__(self, events: AsyncIterator[bytes], on_gone: Callable[[], None]) -> None:
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._events, self._on_gone = events, on_gone
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def listen() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self._on_gone()
+
+        listener = asyncio.create_task(listen())
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            async for data in self._events:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # a write to a client that went away
+            self._on_gone()
+        finally:
+            listener.cancel()
+            await self._events.aclose()  # type: ignore[attr-defined]
+
+
+class _Boundary:
+    """The outermost layer: API key, the last line of defence against tracebacks, and the request log line."""
+
+    def __init__(self, app: Any, api_key: str | None, on_request: Callable[[str], None] | None,
+                 on_error: Callable[[str], None] | None, debug: bool) -> None:
+        self.app, self.api_key = app, api_key
+        self.on_request, self.on_error, self.debug = on_request, on_error, debug
+
+    def _authorized(self, scope: Any) -> bool:
+        if self.api_key is None or scope["path"] in OPEN_PATHS:
+            return True
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def _report(self, scope: Any, e: BaseException) -> None:
+        if self.on_error is None:
+            return
+        where = f"{scope.get('method')} {scope.get('path')}"
+        if self.debug:
+            self.on_error(f"error in {where}:\n" + "".join(traceback.format_exception(e)).rstrip())
+        else:
+            self.on_error(f"error in {where}: {type(e).__name__}: {e} (LFM2_DEBUG=1 logs the traceback)")
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        info: dict[str, Any] = scope.setdefault("lfm2", {})
+        status: int | None = None
+
+        async def tracked(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            try:
+                await send(message)
+            except OSError:
+                info["gone"] = True  # the client went away: nothing more can reach it
+
+        try:
+            if not self._authorized(scope):
+                given = any(k == b"authorization" for k, _ in scope.get("headers") or [])
+                error = APIError(401, "incorrect API key; send it as 'Authorization: Bearer KEY'" if given else
+                                 "this server needs an API key: send 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+                await _error_response(error)(scope, receive, tracked)
+            else:
+                await self.app(scope, receive, tracked)
+            if "error" in info:  # a stream failed after it started: the client got an error event
+                self._report(scope, info["error"])
+        except Exception as e:
+            self._report(scope, e)
+            if status is None and not info.get("gone"):
+                await _error_response(server_error())(scope, receive, tracked)
+        finally:
+            if self.on_request is not None:
+                self.on_request(_log_line(scope, status, info, time.perf_counter() - t0))
+
+
+def _log_line(scope: Any, status: int | None, info: dict[str, Any], seconds: float) -> str:
+    client = scope.get("client")
+    parts = [f"{client[0] if client else '-'} {scope.get('method')} {scope.get('path')} {status or CLIENT_GONE}"]
+    if "prompt_tokens" in info:
+        cached = f" ({info['cached_tokens']} cached)" if info.get("cached_tokens") else ""
+        parts.append(f"{info['prompt_tokens']} prompt tokens{cached} + {info['completion_tokens']} generated")
+    if info.get("cancelled"):
+        parts.append("cancelled: the client went away")
+    parts.append(f"{seconds:.2f} s")
+    return " · ".join(parts)
+
+
+def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), api_key: str | None = None,
+               max_body: int = MAX_BODY_BYTES, default_params: SamplingParams | None = None,
+               on_request: Callable[[str], None] | None = None, on_error: Callable[[str], None] | None = None,
+               debug: bool = False) -> FastAPI:
+    """The app serving `engine`'s model as `model_id` (requests may also name it by one of `aliases`). The
+    engine's worker starts and stops with the app. `on_request` gets one line per request, `on_error` the
+    details of unexpected failures."""
+    defaults = default_params or SamplingParams()
+    names = {model_id, *aliases}
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.close)
+
+    app = FastAPI(title="lfm2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Boundary, api_key=api_key, on_request=on_request, on_error=on_error, debug=debug)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+        return _error_response(APIError(exc.status_code, str(message)))
+
+    def model_entry() -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "lfm2"}
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in names:
+            raise APIError(404, f"the model {name!r} does not exist here; this server runs {model_id!r} "
+                                "(GET /v1/models)", param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_id, **engine.status()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_entry()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return model_entry()
+
+    def record(request: Request, result: Result) -> None:
+        request.scope.setdefault("lfm2", {}).update(prompt_tokens=result.prompt_tokens,
+                                                     cached_tokens=result.cached_tokens,
+                                                     completion_tokens=result.completion_tokens)
+
+    def failure(error: BaseException) -> BaseException:
+        """What a failed job becomes for its client: a known error keeps its message; anything else is raised
+        as it was, so the boundary logs it and answers with a generic 500."""
+        if isinstance(error, Cancelled):
+            return APIError(503, f"the request was not completed: {error}", type="server_error", code="cancelled")
+        if isinstance(error, Lfm2Error):
+            return APIError(500, str(error), type="server_error", code="generation_failed")
+        if isinstance(error, MemoryError):
+            return APIError(500, "the server ran out of memory for this request", type="server_error")
+        return error
+
+    async def complete(request: Request, job: Job) -> Result | None:
+        """Run `job` to its end; None when the client went away first (the job is then cancelled)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+
+        def finish(event: Any) -> None:
+            if not done.done():
+                done.set_result(event)
+
+        def sink(event: Any) -> None:
+            if isinstance(event, (Finished, Failed)):
+                try:
+                    loop.call_soon_threadsafe(finish, event)
+                except RuntimeError:  # the loop is closed: the server stopped, nobody is waiting
+                    pass
+
+        job.sink = sink
+        engine.submit(job)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not done.done():
+            engine.cancel(job)
+            request.scope["lfm2"]["cancelled"] = True
+            return None
+        event = done.result()
+        if isinstance(event, Failed):
+            raise failure(event.error)
+        record(request, event.result)
+        return event.result
+
+    def stream(request: Request, job: Job, render: Callable[[Any], list[Any]], head: list[Any]) -> Response:
+        """Stream `job` as server-sent events: `head` first, then `render(event)` for each of its events."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        ended = False
+
+        def sink(event: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+            except RuntimeError:
+                pass
+
+        def gone() -> None:
+            if not ended:
+                request.scope["lfm2"]["cancelled"] = True
+                engine.cancel(job)
+
+        async def events() -> AsyncIterator[bytes]:
+            nonlocal ended
+            for data in head:
+                yield _sse(data)
+            while True:
+                event = await queue.get()
+                if isinstance(event, Failed):
+                    ended = True
+                    if request.scope["lfm2"].get("cancelled"):
+                        return
+                    error = failure(event.error)
+                    if not isinstance(error, APIError):
+                        # raised outside the boundary's reach once the stream has started: log it the same way
+                        request.scope["lfm2"]["error"] = error
+                        error = server_error()
+                    yield _sse(error.body())
+                    yield b"data: [DONE]\n\n"
+                    return
+                if isinstance(event, Finished):
+                    ended = True
+                    record(request, event.result)
+                for data in render(event):
+                    yield _sse(data)
+                if isinstance(event, Finished):
+                    yield b"data: [DONE]\n\n"
+                    return
+
+        job.sink = sink
+        engine.submit(job)
+        return _EventStream(events(), gone)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_chat(await _read_json(request, max_body), defaults)
+        check_model(req.model)
+        job = await run_in_threadpool(engine.chat_job, req)
+        env = Envelope(new_id("chatcmpl"), model_id)
+        with_usage = req.gen.include_usage
+        if req.gen.stream:
+            def render(event: Any) -> list[Any]:
+                if isinstance(event, Reasoning):
+                    return [env.chat_chunk({"reasoning_content": str(event)}, with_usage=with_usage)]
+                if isinstance(event, str):
+                    return [env.chat_chunk({"content": str(event)}, with_usage=with_usage)]
+                r = event.result
+                out = []
+                if r.tool_calls:
+                    out.append(env.chat_chunk({"tool_calls": tool_call_entries(r.tool_calls, streamed=True)},
+                                              with_usage=with_usage))
+                out.append(env.chat_chunk({}, r.finish_reason, with_usage=with_usage))
+                if with_usage:
+                    out.append(env.chat_chunk(None, use=_usage(r), with_usage=True))
+                return out
+
+            head = [env.chat_chunk({"role": "assistant", "content": ""}, with_usage=with_usage)]
+            return stream(request, job, render, head)
+        result = await complete(request, job)
+        if result is None:
+            return Response(status_code=CLIENT_GONE)
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": result.text if result.text or not result.tool_calls else None}
+        if result.reasoning:
+            message["reasoning_content"] = result.reasoning
+        if result.tool_calls:
+            message["tool_calls"] = tool_call_entries(result.tool_calls)
+        return JSONResponse(env.chat(message, result.finish_reason, _usage(result)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_completion(await _read_json(request, max_body), defaults)
+        check_model(req.model)
+        job = await run_in_threadpool(engine.completion_job, req)
+        env = Envelope(new_id("cmpl"), model_id)
+        with_usage = req.gen.include_usage
+        if req.gen.stream:
+            def render(event: Any) -> list[Any]:
+                if isinstance(event, str):
+                    return [env.completion(str(event), None, with_usage=with_usage)]
+                r = event.result
+                out = [env.completion("", r.finish_reason, with_usage=with_usage)]
+                if with_usage:
+                    out.append(env.completion(None, None, _usage(r)))
+                return out
+
+            return stream(request, job, render, [])
+        result = await complete(request, job)
+        if result is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(env.completion(result.text, result.finish_reason, _usage(result)))
+
+    return app
+
+
+def _usage(result: Result) -> dict[str, Any]:
+    return usage(result.prompt_tokens, result.cached_tokens, result.completion_tokens, result.reasoning_tokens)
