@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,6 +185,9 @@ class TextRun:
     tools: Sequence[Mapping[str, Any]] | None = None
     think_budget: int | None = None
     grammar: Grammar | None = None
+    # called with the token count after each token is handled, before the model runs the next step: the cache
+    # then holds every token but the last, so a caller may snapshot it or raise to stop (lfm2 serve's cancel)
+    after_token: Callable[[int], None] | None = None
     text: str = ""
     reasoning: str = ""
     raw: str = ""  # every character the detokenizer gave, markers included: the reply as the model wrote it
@@ -277,6 +280,8 @@ class TextRun:
                 yield from sorted_out(split(text))
                 if done:
                     return
+                if self.after_token is not None:
+                    self.after_token(len(self.tokens))
             yield from sorted_out(split(detok.flush(), final=True))
             if calls is not None and not done:
                 # A block still open at the end parses if its content is whole (the end marker never came).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,24 +85,6 @@ class Job:
 
 
 @dataclass
-class _Run(TextRun):
-    """A TextRun that calls `after_token(count)` between tokens, while the loop waits with the last token not yet
-    fed: the cache then holds the prompt and all tokens but the last, so it can be recorded and snapshotted, and
-    raising there (Cancelled) leaves it consistent."""
-
-    after_token: Callable[[int], None] | None = None
-
-    def _generate(self, sampler: Any) -> Iterator[int]:
-        gen = super()._generate(sampler)
-        try:
-            for tok in gen:
-                yield tok
-                if self.after_token is not None:
-                    self.after_token(len(self.tokens))
-        finally:
-            gen.close()
-
-
 class Engine:
     """One loaded model, a queue of at most `queue_size` waiting jobs, and the worker thread that runs them."""
 
@@ -224,9 +206,9 @@ class Engine:
             if job.cancelled.is_set():
                 raise Cancelled(job.reason)
 
-        run = _Run(self.lm, new[-1:], job.params, job.max_tokens, stops=job.stops, cache=pc.cache, context_ids=ids,
-                   think=job.chat, opened=job.opened, tools=job.tools, grammar=job.grammar,
-                   think_budget=job.think_budget if job.chat else None, after_token=after_token)
+        run = TextRun(self.lm, new[-1:], job.params, job.max_tokens, stops=job.stops, cache=pc.cache,
+                      context_ids=ids, think=job.chat, opened=job.opened, tools=job.tools, grammar=job.grammar,
+                      think_budget=job.think_budget if job.chat else None, after_token=after_token)
         reasoning_tokens = 0
         answering = False
         try:
