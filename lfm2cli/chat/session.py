@@ -2,8 +2,8 @@
 
 No terminal code here: the caller hands in a callback for the streamed text and shows what comes back.
 
-The conversation is never re-read. The cache holds `cached_ids` (`cache.pos == len(cached_ids)`); each
-turn renders the whole conversation with the model's template and feeds only the ids past the longest
+The conversation is never re-read. The cache (a `PrefixCache`, as `lfm2 serve` keeps) holds `cached_ids`;
+each turn renders the whole conversation with the model's template and feeds only the ids past the longest
 common prefix with `cached_ids`. The two can diverge: a sampled reply need not be the canonical encoding
 of its own text, and some templates rewrite past turns (LFM2.5 drops old `<think>` blocks). Then the cache
 goes back to the latest snapshot at or below the divergence. Snapshots are cheap (conv states only) and
@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from lfm2cli.errors import GenerationError, Lfm2Error, UsageError
-from lfm2cli.generation import GenerationStats, prefill
+from lfm2cli.generation import GenerationStats
 from lfm2cli.loading import LoadedModel
-from lfm2cli.model.cache import CacheSnapshot
+from lfm2cli.prefix_cache import PrefixCache, common_prefix
 from lfm2cli.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
 from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
 from lfm2cli.structured import Grammar
@@ -43,7 +43,6 @@ from lfm2cli.textgen import TextRun, require_tokenizer
 from lfm2cli.thinking import OPEN, Reasoning, opened_by_prompt
 from lfm2cli.toolcalls import ToolCall, format_calls
 
-MAX_SNAPSHOTS = 64  # a few hundred KB each for the largest LFM2; the oldest go first
 SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
 NEAR_FULL = 0.9  # warn once the conversation fills this share of the context
 
@@ -102,14 +101,6 @@ class SessionTotals:
     seconds: float = 0.0
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 def _timings(stats: GenerationStats) -> dict[str, Any]:
     return {"prompt_tokens": stats.prompt_tokens, "ttft_s": round(stats.ttft_s, 4),
             "prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
@@ -140,14 +131,21 @@ class ChatSession:
         self.think_budget = think_budget
         self.conversation_id: str | None = None
         self.messages: list[ChatMessage] = []
-        self.cache = lm.model.new_cache()
-        self.cached_ids: list[int] = []
-        self._snapshots: list[CacheSnapshot] = []
+        self.prefix = PrefixCache(lm.model.new_cache())
         self.last_prefill_tokens = 0
         self.last_stats: GenerationStats | None = None
         self.thought_tokens = 0  # of the reply streaming now (or the last one): tokens before its answer
         self.totals = SessionTotals()
         self.on_notice: Callable[[str], None] = lambda text: None  # warnings shown before a reply
+
+    @property
+    def cache(self) -> Any:
+        return self.prefix.cache
+
+    @property
+    def cached_ids(self) -> list[int]:
+        """The ids the cache holds."""
+        return self.prefix.ids
 
     # ------------------------------------------------------------------ settings
 
@@ -346,7 +344,7 @@ class ChatSession:
         self._drop_from(start)
         # go back to the snapshot from before that exchange now, so the cache matches the conversation
         ids = self.prompt_ids(add_generation_prompt=False) if self.messages or self.system else []
-        self._rewind(common_prefix(ids, self.cached_ids))
+        self.prefix.rewind(common_prefix(ids, self.cached_ids))
         return dropped
 
     def _drop_from(self, index: int) -> None:
@@ -369,7 +367,7 @@ class ChatSession:
     def _reply(self, ids: list[int], opened: str, on_piece: Callable[[str], None] | None,
                grammar: Grammar | None = None) -> TurnResult:
         """Stream a reply to the prompt `ids`; `opened`: the `<think>` text that the prompt ends with, if any."""
-        new = self._sync(ids)
+        new = self.prefix.sync(ids)
         conv_id = self._ensure_conversation()
         reply = ChatMessage("assistant", "")
         # the placeholder is written first so a killed process still keeps what was streamed
@@ -379,12 +377,10 @@ class ChatSession:
         self.thought_tokens = 0
         t0 = time.perf_counter()
         try:
-            if len(new) > 1:
-                prefill(self.lm.model, new[:-1], self.cache)
-                self.cached_ids = ids[:-1]
+            self.prefix.extend(self.lm.model, new[:-1])
             # the last prompt token is fed by the generation itself, so this snapshot is where /retry and an
             # interrupted reply come back to, with one token to run for fresh logits
-            self._snapshot()
+            self.prefix.snapshot()
             pre_s = time.perf_counter() - t0
             saved_at = time.perf_counter()
             answering = False
@@ -404,12 +400,11 @@ class ChatSession:
                                               raw_content=reply.raw_content)
                     saved_at = time.perf_counter()
             # after EOS or the length limit the last token is not fed back; the next prefix check fixes that
-            fed = self.cache.pos - len(ids)
-            self.cached_ids = ids + run.tokens[:fed]
-            self._snapshot()
+            self.prefix.commit(ids + run.tokens)
+            self.prefix.snapshot()
         except BaseException as e:
             # a forward pass cut short leaves conv states half updated: go back to the last safe snapshot
-            self._rewind(len(ids) - 1)
+            self.prefix.rewind(len(ids) - 1)
             run.stats.finish_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
             self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
             if isinstance(e, KeyboardInterrupt):
@@ -463,40 +458,8 @@ class ChatSession:
 
     # ------------------------------------------------------------------ the cache
 
-    def _sync(self, ids: list[int]) -> list[int]:
-        """Bring the cache to the longest usable prefix of `ids`; returns the ids still to feed (at least
-        one: the reply needs logits after the last prompt token)."""
-        p = min(common_prefix(ids, self.cached_ids), len(ids) - 1)
-        if p < len(self.cached_ids):
-            self._rewind(p)
-        elif not self._snapshots or self._snapshots[-1].pos != self.cache.pos:
-            self._snapshot()  # where an interrupted prefill comes back to
-        return ids[len(self.cached_ids):]
-
-    def _snapshot(self) -> None:
-        if self._snapshots and self._snapshots[-1].pos == self.cache.pos:
-            self._snapshots.pop()
-        self._snapshots.append(self.cache.snapshot())
-        if len(self._snapshots) > MAX_SNAPSHOTS:
-            del self._snapshots[0]
-
-    def _rewind(self, p: int) -> None:
-        """Restore the latest snapshot at or below position `p` (always, even at the current position:
-        the state may be half updated); without one, start from an empty cache."""
-        usable = [s for s in self._snapshots if s.pos <= p]
-        if not usable:
-            self._reset_cache()
-            return
-        snap = usable[-1]
-        self.cache.restore(snap)
-        # later snapshots describe positions that will be overwritten
-        self._snapshots = usable
-        del self.cached_ids[snap.pos:]
-
     def _reset_cache(self) -> None:
-        self.cache.reset()
-        self.cached_ids = []
-        self._snapshots = []
+        self.prefix.reset()
 
 
 def _opened_block(prompt: str) -> str:
