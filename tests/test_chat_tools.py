@@ -193,6 +193,29 @@ def test_required_tool_call_runs_and_is_answered_end_to_end_then_resume_renders_
     assert bare.exit_code == 0 and "this conversation called tools (get_weather)" in bare.stderr
 
 
+def test_tool_choice_required_calls_runs_and_answers_whichever_tool_the_model_picks(
+        chat_ckpt: Path, home: Path, tools_file: Path) -> None:
+    """`required` leaves the choice of tool to the model (sampled here): every call it makes is parsed, run (or
+    fails into an error result), answered by a tool message with its id, and the model replies after them."""
+    result = chat(chat_ckpt, "--functions", str(tools_file), "--tool-choice", "required", "--yes-tools",
+                  "-t", "1", "--seed", "1", "-n", "200", input="What is the weather in Paris?\n", greedy=False)
+    assert result.exit_code == 0, result.output
+    conv = only_conversation()
+    roles = [m.role for m in conv.messages]
+    call_msg = conv.messages[1]
+    assert roles[:2] == ["user", "assistant"] and call_msg.finish_reason == "tool_calls" and call_msg.tool_calls
+    n = len(call_msg.tool_calls)
+    tool_msgs = conv.messages[2:2 + n]
+    assert [m.role for m in tool_msgs] == ["tool"] * n
+    assert [m.tool_call_id for m in tool_msgs] == [e["id"] for e in call_msg.tool_calls]
+    results = {"get_weather": "18 degrees in ", "explode": "error: RuntimeError: the tool broke",
+               "count": "counted"}
+    for entry, msg in zip(call_msg.tool_calls, tool_msgs, strict=True):
+        assert msg.name == entry["function"]["name"] and msg.content.startswith(results[msg.name])
+    assert counted(tools_file) == sum(e["function"]["name"] == "count" for e in call_msg.tool_calls)
+    assert roles[2 + n] == "assistant"  # the model went on after reading the results
+
+
 def test_a_failing_tool_is_an_error_result_the_model_reads(chat_ckpt: Path, home: Path, tools_file: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     contexts = Contexts(monkeypatch, chat_ckpt)
