@@ -109,9 +109,10 @@ def _call_rule(fn: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
     return rule, lines
 
 
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]]) -> Grammar:
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], parallel: bool = True) -> Grammar:
     """A tool-call block as LFM2 writes it, `<|tool_call_start|>[f(a=1), g()]<|tool_call_end|>`, calling only the
-    listed functions with arguments that fit their schemas (`--tool-choice required`)."""
+    listed functions with arguments that fit their schemas (`--tool-choice required`); without `parallel`, exactly
+    one call (OpenAI's `parallel_tool_calls: false`)."""
     fns = [t.get("function", t) for t in tools]
     if not fns:
         raise UsageError("--tool-choice required needs at least one tool")
@@ -120,7 +121,8 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]]) -> Grammar:
         rule, body = _call_rule(fn, i)
         rules.append(rule)
         lines += body
-    start = f'start: {TOOL_CALL_START} "[" call (", " call)* "]" {TOOL_CALL_END}'
+    more = ' (", " call)*' if parallel else ""
+    start = f'start: {TOOL_CALL_START} "[" call{more} "]" {TOOL_CALL_END}'
     grammar = "\n".join([start, "call: " + " | ".join(rules), *lines])
     return _checked(_llguidance().grammar_from("lark", grammar), "--tool-choice")
 

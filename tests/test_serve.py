@@ -240,6 +240,21 @@ def test_tool_choice_required_returns_tool_calls(srv: Running, client: openai.Op
             jsonschema.validate(json.loads(call.function.arguments), schema)
 
 
+def test_parallel_tool_calls_false_gives_exactly_one_call(client: openai.OpenAI) -> None:
+    """A sampled small model lists call after call; OpenAI's parallel_tool_calls: false makes it one."""
+    counts = []
+    for seed in range(6):
+        for parallel in (True, False):
+            r = client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, NOW],
+                tool_choice="required", parallel_tool_calls=parallel, temperature=1, seed=seed, max_tokens=300)
+            if parallel:
+                counts.append(len(r.choices[0].message.tool_calls or []))
+            else:
+                assert r.choices[0].finish_reason == "tool_calls" and len(r.choices[0].message.tool_calls) == 1
+    assert max(counts) > 1  # the control: without the flag, this model does make several
+
+
 def test_a_named_tool_choice_calls_that_tool_also_when_streamed(client: openai.OpenAI) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
     chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Paris?"}],

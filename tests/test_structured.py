@@ -138,6 +138,12 @@ def test_required_tool_choice_always_gives_valid_calls(lm) -> None:
     assert {"Calendar.create_event", "now"} <= seen  # the dotted name and the argument-less one are reachable
 
 
+def test_without_parallel_calls_the_block_holds_one_call(lm) -> None:
+    for seed in range(8):
+        run = _run(lm, tool_call_grammar(TOOLS, parallel=False), seed, tools=TOOLS, max_tokens=300)
+        assert run.stats.finish_reason == "tool_calls" and len(run.tool_calls) == 1
+
+
 def test_a_named_tool_choice_calls_only_that_tool(lm) -> None:
     grammar = choose_grammar(None, "text", TOOLS, "get_weather")
     for seed in range(8):

@@ -79,6 +79,7 @@ class Job:
     grammar: Grammar | None = None
     think_budget: int | None = None
     marks: Sequence[int] = ()  # prompt positions worth a snapshot (see PrefixCache.extend)
+    max_calls: int | None = None  # parallel_tool_calls false: a free (auto) reply's extra calls are dropped
     sink: Callable[[Any], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     reason: str = "the client went away"  # why it was cancelled
@@ -227,7 +228,8 @@ class Engine:
         pc.snapshot()
         if run.reasoning and not answering:
             reasoning_tokens = len(run.tokens)
-        return Result(run.text, run.reasoning, list(run.tool_calls), run.stats.finish_reason or "stop", len(ids),
+        calls = list(run.tool_calls)[:job.max_calls]
+        return Result(run.text, run.reasoning, calls, run.stats.finish_reason or "stop", len(ids),
                       len(ids) - len(new), len(run.tokens), reasoning_tokens, time.perf_counter() - t0,
                       list(run.tokens))
 
@@ -259,10 +261,10 @@ class Engine:
         grammar = None
         try:
             if req.tool_choice == "required":
-                grammar = tool_call_grammar(tools or [])
+                grammar = tool_call_grammar(tools or [], req.parallel_tool_calls)
             elif req.tool_choice not in ("auto", "none"):
                 grammar = tool_call_grammar([t for t in tools or [] if t.get("function", t).get("name")
-                                             == req.tool_choice])
+                                             == req.tool_choice], req.parallel_tool_calls)
             elif req.response_format != "text":
                 grammar = json_grammar(req.schema, "response_format")
         except UsageError as e:
@@ -271,6 +273,7 @@ class Engine:
         budget = req.think_budget if req.think_budget is not None else self.think_budget
         return Job(ids, req.gen.params, self._length(len(ids), req.gen), req.gen.stops, chat=True,
                    opened=opened_by_prompt(text), tools=tools, grammar=grammar, think_budget=budget,
+                   max_calls=None if req.parallel_tool_calls else 1,
                    marks=self._reply_start(req.messages, tools, text, ids))
 
     def _reply_start(self, messages: list[dict[str, Any]], tools: Any, text: str, ids: list[int]) -> list[int]:

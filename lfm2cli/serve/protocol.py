@@ -69,6 +69,7 @@ class ChatRequest:
     response_format: str = "text"  # text, json_object or json_schema
     schema: dict[str, Any] | None = None
     think_budget: int | None = None
+    parallel_tool_calls: bool = True  # false: at most one call a reply
 
 
 @dataclass
@@ -242,7 +243,8 @@ def parse_chat(body: Any, default_params: SamplingParams) -> ChatRequest:
     budget = _opt(body, "think_budget", int, "a number of tokens")
     if budget is not None and budget < 0:
         raise bad_request("think_budget: expected a number of tokens >= 0", "think_budget")
-    return ChatRequest(model, msgs, gen, tools, choice, fmt, schema, budget)
+    parallel = _opt(body, "parallel_tool_calls", bool, "a boolean")
+    return ChatRequest(model, msgs, gen, tools, choice, fmt, schema, budget, parallel is not False)
 
 
 def parse_completion(body: Any, default_params: SamplingParams) -> CompletionRequest:
