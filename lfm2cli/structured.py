@@ -9,6 +9,7 @@ and computes a 65,536-token mask in tens of microseconds. Free of terminal code,
 from __future__ import annotations
 
 import json
+import keyword
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,15 +82,29 @@ def read_schema(value: str) -> dict[str, Any]:
     return schema
 
 
+def _pythonic(name: str, props: Mapping[str, Any]) -> bool:
+    """Whether a call of this tool can be written as LFM2's pythonic call: a (dotted) name and keyword arguments
+    that are identifiers, not keywords."""
+    return all(part.isidentifier() and not keyword.iskeyword(part) for part in name.split(".")) and all(
+        isinstance(p, str) and p.isidentifier() and not keyword.iskeyword(p) for p in props)
+
+
 def _call_rule(fn: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
     """Lark rules for one pythonic call `name(a=..., b=...)`: required arguments first in the schema's order,
     then each optional one, in order, if wanted. Every value is JSON for its own schema, which the tool-call
     parser reads (true/false/null included)."""
     params = fn.get("parameters") or {}
     props = params.get("properties") or {}
+    rule = f"call{index}"
+    if not _pythonic(fn["name"], props):
+        # `f(max-results=3)` is no Python call: such a tool is called in the JSON form the parser also reads
+        # no arguments beyond the listed ones, as in the pythonic form, unless the schema allows them itself
+        args = {"additionalProperties": False, **params, "type": "object"}
+        call = {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": args},
+                "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": _JSON_STYLE}
+        return rule, [f"{rule}: %json {json.dumps(call)}"]
     required = [p for p in params.get("required", []) if p in props]
     optional = [p for p in props if p not in required]
-    rule = f"call{index}"
     lines: list[str] = []
     parts: list[str] = []
     for n, name in enumerate(required + optional):

@@ -144,6 +144,19 @@ def test_without_parallel_calls_the_block_holds_one_call(lm) -> None:
         assert run.stats.finish_reason == "tool_calls" and len(run.tool_calls) == 1
 
 
+def test_a_tool_whose_call_cannot_be_pythonic_is_called_in_json(lm) -> None:
+    """`max-results=3` and `from=...` are no Python keyword arguments: those calls are forced in the JSON form."""
+    tools = [{"type": "function", "function": {"name": "search-web", "parameters": {"type": "object", "properties": {
+        "max-results": {"type": "integer", "minimum": 1, "maximum": 9}, "from": {"enum": ["a", "b"]}},
+        "required": ["max-results", "from"]}}}]
+    for seed in range(5):
+        run = _run(lm, tool_call_grammar(tools, parallel=False), seed, tools=tools, max_tokens=200)
+        assert run.stats.finish_reason == "tool_calls" and not run.tool_errors
+        (call,) = run.tool_calls
+        assert call.name == "search-web"
+        jsonschema.validate(call.arguments, tools[0]["function"]["parameters"])
+
+
 def test_a_named_tool_choice_calls_only_that_tool(lm) -> None:
     grammar = choose_grammar(None, "text", TOOLS, "get_weather")
     for seed in range(8):
