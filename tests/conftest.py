@@ -102,3 +102,64 @@ def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
         main()
     out = capsys.readouterr()
     return exc.value.code, out.out, out.err
+
+
+# ---- shared by the chat, generate, structured-output and serve tests
+
+def thinking_copy(src: Path, dst: Path, template: str | None = None) -> Path:
+    """A copy of `src` whose tokenizer has `<think>`/`</think>` as special tokens (and `template`, if given)."""
+    import shutil
+
+    from tests.test_detokenize import add_think_tokens
+    from tests.tiny_tokenizer import make_tokenizer
+
+    path = Path(shutil.copytree(src, dst))
+    if template is not None:
+        make_tokenizer(path, chat_template=template)
+    add_think_tokens(path)
+    return path
+
+
+def opening_template() -> str:
+    """The test template with a generation prompt that opens the block, as some thinking models' templates do."""
+    from tests.tiny_tokenizer import BUILTIN_TEMPLATE
+
+    old = "{{- '<|im_start|>assistant\\n' -}}"
+    assert BUILTIN_TEMPLATE.count(old) == 1
+    return BUILTIN_TEMPLATE.replace(old, "{{- '<|im_start|>assistant\\n<think>\\n' -}}")
+
+
+@pytest.fixture(scope="session")
+def think_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chat checkpoint with `<think>`/`</think>` as special tokens (as LFM2.5's tokenizer has them)."""
+    return thinking_copy(chat_ckpt, tmp_path_factory.mktemp("think") / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def opening_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A template whose generation prompt opens the block (`<|im_start|>assistant\\n<think>\\n`); random weights
+    never close it."""
+    return thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=opening_template())
+
+
+@pytest.fixture(scope="module")
+def lm(chat_ckpt: Path):
+    """The chat checkpoint loaded in float32 on the CPU."""
+    from lfm2cli.loading import load
+
+    return load(chat_ckpt, device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A history directory of the test's own."""
+    monkeypatch.setenv("LFM2_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def store(home: Path):
+    from lfm2cli.store.conversations import HistoryStore
+
+    with HistoryStore() as s:
+        yield s

@@ -38,23 +38,6 @@ LONG = ("A language model reads text as a sequence of tokens and predicts the ne
         "on a laptop, a phone or a single graphics card. ") * 4
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LFM2_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def store(home: Path):
-    with HistoryStore() as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def lm(chat_ckpt: Path) -> LoadedModel:
-    return load(chat_ckpt, device="cpu", dtype="float32")
-
-
 @pytest.fixture(scope="module")
 def moe_lm(chat_moe_ckpt: Path) -> LoadedModel:
     return load(chat_moe_ckpt, device="cpu", dtype="float32")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,8 @@ from lfm2cli.loading import LoadedModel, load
 from lfm2cli.sampling import SamplingParams
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
 from lfm2cli.tokenizer import load_tokenizer
+from tests.conftest import thinking_copy
 from tests.test_chat import LONG, assert_cache_holds
-from tests.test_generate import _opening_template, _thinking_copy
 from tests.tiny_tokenizer import SHARED_TEMPLATES
 
 runner = CliRunner()
@@ -42,23 +41,11 @@ RAW = f"<think>\n{REASONING}\n</think>\n\n{ANSWER}"
 # ---------------------------------------------------------------- fixtures and the scripted model
 
 @pytest.fixture(scope="module")
-def think_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The chat checkpoint with `<think>`/`</think>` as special tokens (as LFM2.5's tokenizer has them)."""
-    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("think") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def opening_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A template whose generation prompt opens the block (`<|im_start|>assistant\\n<think>\\n`)."""
-    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=_opening_template())
-
-
-@pytest.fixture(scope="module")
 def lfm25_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real LFM2.5 template (it drops the blocks of all but the last reply unless keep_past_thinking)."""
     if not LFM25_TEMPLATE.is_file():
         pytest.skip(f"{LFM25_TEMPLATE} is not checked out")
-    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("lfm25") / "ckpt",
+    return thinking_copy(chat_ckpt, tmp_path_factory.mktemp("lfm25") / "ckpt",
                           template=LFM25_TEMPLATE.read_text(encoding="utf-8"))
 
 
@@ -75,18 +62,6 @@ def lfm25_lm(lfm25_ckpt: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def opening_lm(opening_ckpt: Path) -> LoadedModel:
     return load(opening_ckpt, device="cpu", dtype="float32")
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LFM2_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def store(home: Path) -> Iterator[HistoryStore]:
-    with HistoryStore() as s:
-        yield s
 
 
 class Script:

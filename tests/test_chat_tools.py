@@ -22,14 +22,13 @@ from lfm2cli.chat.repl import MAX_TOOL_ROUNDS, ChatLoop, ChatUI
 from lfm2cli.chat.session import ChatSession
 from lfm2cli.cli import app
 from lfm2cli.functions import load_functions
-from lfm2cli.loading import LoadedModel, load
+from lfm2cli.loading import LoadedModel
 from lfm2cli.sampling import SamplingParams
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
 from lfm2cli.tokenizer import load_tokenizer
 from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START
 from tests.conftest import run_main
 from tests.test_chat_thinking import Script
-from tests.test_generate import _opening_template, _thinking_copy
 from tests.test_structured import SCHEMAS
 
 runner = CliRunner()
@@ -70,27 +69,10 @@ def count() -> str:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LFM2_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def store(home: Path):
-    with HistoryStore() as s:
-        yield s
-
-
-@pytest.fixture
 def tools_file(tmp_path: Path) -> Path:
     path = tmp_path / "tools.py"
     path.write_text(FUNCTIONS.format(trace=str(tmp_path / "trace.json")), encoding="utf-8")
     return path
-
-
-@pytest.fixture(scope="module")
-def lm(chat_ckpt: Path) -> LoadedModel:
-    return load(chat_ckpt, device="cpu", dtype="float32")
 
 
 def trace(tools_file: Path) -> Path:
@@ -432,10 +414,6 @@ def test_schema_output_cut_short_fails_the_message(chat_ckpt: Path, home: Path) 
     assert "the reply stopped before its --schema output was complete; /set max_tokens N allows more" in result.stderr
 
 
-@pytest.fixture(scope="module")
-def opening_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Its generation prompt opens `<think>`; random weights never close it, so only the budget can."""
-    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=_opening_template())
 
 
 def test_think_budget_in_chat(opening_ckpt: Path, home: Path) -> None:

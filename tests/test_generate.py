@@ -373,39 +373,6 @@ def _scripted(ids: list[int], prompts: list[list[int]]):
     return fake
 
 
-def _thinking_copy(src: Path, dst: Path, template: str | None = None) -> Path:
-    """A copy of `src` whose tokenizer has `<think>`/`</think>` as special tokens (and `template`, if given)."""
-    import shutil
-
-    from tests.test_detokenize import add_think_tokens
-    from tests.tiny_tokenizer import make_tokenizer
-
-    path = Path(shutil.copytree(src, dst))
-    if template is not None:
-        make_tokenizer(path, chat_template=template)
-    add_think_tokens(path)
-    return path
-
-
-# The test template with a generation prompt that opens the block, as some thinking models' templates do.
-def _opening_template() -> str:
-    from tests.tiny_tokenizer import BUILTIN_TEMPLATE
-
-    old = "{{- '<|im_start|>assistant\\n' -}}"
-    assert BUILTIN_TEMPLATE.count(old) == 1
-    return BUILTIN_TEMPLATE.replace(old, "{{- '<|im_start|>assistant\\n<think>\\n' -}}")
-
-
-@pytest.fixture(scope="module")
-def think_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("think") / "ckpt")
-
-
-@pytest.fixture(scope="module")
-def opening_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=_opening_template())
-
-
 def _generate(args: list[str], script: list[int], monkeypatch: pytest.MonkeyPatch,
               capsys: pytest.CaptureFixture) -> tuple[int, str, str, list[list[int]]]:
     """`lfm2 generate ARGS` through the real entry point, the model's output being `script`."""

@@ -25,8 +25,7 @@ import openai
 import pytest
 
 from lfm2cli.sampling import SamplingParams
-from tests.conftest import run_main
-from tests.test_generate import _opening_template, _thinking_copy
+from tests.conftest import opening_template, run_main, thinking_copy
 
 MODEL = "tiny"
 GREEDY = dict(temperature=0)
@@ -303,7 +302,7 @@ def test_json_schema_output_validates(client: openai.OpenAI) -> None:
 @pytest.fixture(scope="module")
 def thinking(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     """A checkpoint with `<think>` tokens whose template opens the block, as thinking models' templates do."""
-    path = _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=_opening_template())
+    path = thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=opening_template())
     with serving(path, think_budget=5) as running:
         yield running
 

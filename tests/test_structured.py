@@ -14,8 +14,7 @@ import pytest
 
 from lfm2cli.errors import UsageError
 from lfm2cli.structured import choose_grammar, json_grammar, read_schema, tool_call_grammar
-from tests.conftest import run_main
-from tests.test_generate import _opening_template, _thinking_copy
+from tests.conftest import opening_template, run_main, thinking_copy
 
 SCHEMAS = {
     "person": {"type": "object", "properties": {
@@ -44,13 +43,6 @@ TOOLS = [
     {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
         "q": {"type": "string", "maxLength": 8}, "limit": {"type": "integer", "minimum": 1, "maximum": 9}}}}},
 ]
-
-
-@pytest.fixture(scope="module")
-def lm(chat_ckpt: Path):
-    from lfm2cli.loading import load
-
-    return load(chat_ckpt, device="cpu", dtype="float32")
 
 
 def _run(lm, grammar, seed: int, *, tools=None, max_tokens: int = 160, prompt: str = "Describe someone.", **kw):
@@ -173,11 +165,10 @@ def test_a_reply_cut_before_the_json_is_complete_says_so(lm) -> None:
 # ---- thinking: the budget, and the grammar applying to the answer only
 
 @pytest.fixture(scope="module")
-def opening_lm(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
+def opening_lm(opening_ckpt: Path):
     from lfm2cli.loading import load
 
-    path = _thinking_copy(chat_ckpt, tmp_path_factory.mktemp("opening") / "ckpt", template=_opening_template())
-    return load(path, device="cpu", dtype="float32")
+    return load(opening_ckpt, device="cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("budget", [0, 1, 6])
@@ -213,7 +204,7 @@ def test_a_model_may_still_open_its_block_under_a_grammar(chat_ckpt: Path, tmp_p
     import lfm2cli.textgen as textgen
     from lfm2cli.loading import load
 
-    lm = load(_thinking_copy(chat_ckpt, tmp_path / "ckpt"), device="cpu", dtype="float32")
+    lm = load(thinking_copy(chat_ckpt, tmp_path / "ckpt"), device="cpu", dtype="float32")
     think = lm.tokenizer.special_tokens["<think>"]
 
     class Eager(textgen.Sampler):
@@ -269,7 +260,7 @@ def test_generate_tool_choice_required(chat_ckpt: Path, tmp_path: Path, monkeypa
 
 def test_generate_think_budget(chat_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture) -> None:
-    path = _thinking_copy(chat_ckpt, tmp_path / "ckpt", template=_opening_template())
+    path = thinking_copy(chat_ckpt, tmp_path / "ckpt", template=opening_template())
     code, out, err = _generate([str(path), "-p", "Hi", "--think-budget", "4", "--format", "json", "-t", "1",
                                 "--seed", "2", "--json"], monkeypatch, capsys)
     assert code == 0, err
