@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from lfm2cli.chat.session import ChatMessage, ChatSession, SessionTotals, TurnResult
+from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
 from lfm2cli.errors import UsageError
 from lfm2cli.remote import Endpoint, RemoteRun
 from lfm2cli.sampling import SamplingParams
@@ -28,28 +28,13 @@ class RemoteChatSession(ChatSession):
                  params: SamplingParams | None = None, max_tokens: int = 1024, system: str | None = None,
                  tools: list[dict[str, Any]] | None = None, response_format: dict[str, Any] | None = None,
                  tool_choice: str = "auto", grammar: Any = None) -> None:
-        # Not ChatSession.__init__: it loads nothing remote. These are the attributes the shared methods use.
+        # Not ChatSession.__init__: there is no model, tokenizer or cache here. `grammar` only tells the display
+        # that answers are JSON; the server enforces response_format.
         self.endpoint = endpoint
         self.lm = None
-        self.store = store
-        self.model_name = model_name
-        self.params = (params or SamplingParams()).validate()
-        self.max_tokens = max_tokens
-        self.system = system or None
-        self.template_kwargs: dict[str, Any] = {}
-        self.tools = tools
-        self.grammar = grammar  # only tells the display that answers are JSON; the server enforces it
-        self.call_grammar = None
         self.response_format = response_format
         self.tool_choice = tool_choice
-        self.think_budget = None
-        self.conversation_id: str | None = None
-        self.messages: list[ChatMessage] = []
-        self.last_prefill_tokens = 0
-        self.last_stats = None
-        self.thought_tokens = 0
-        self.totals = SessionTotals()
-        self.on_notice: Callable[[str], None] = lambda text: None
+        self._conversation_state(store, model_name, params, max_tokens, system, tools, grammar)
 
     @property
     def context_limit(self) -> None:  # type: ignore[override]

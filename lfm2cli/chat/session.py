@@ -118,20 +118,26 @@ class ChatSession:
                  think_budget: int | None = None) -> None:
         self.lm = lm
         self.tokenizer = require_tokenizer(lm)
+        self.prefix = PrefixCache(lm.model.new_cache())
+        # None: the template's own default (LFM2.5 drops the blocks of all but the last reply)
+        self.template_kwargs: dict[str, Any] = {} if keep_thinking is None else {"keep_past_thinking": keep_thinking}
+        self.call_grammar = call_grammar  # the first reply after a user message (--tool-choice required|NAME)
+        self.think_budget = think_budget
+        self._conversation_state(store, model_name, params, max_tokens, system, tools, grammar)
+
+    def _conversation_state(self, store: HistoryStore, model_name: str, params: SamplingParams | None,
+                            max_tokens: int, system: str | None, tools: list[dict[str, Any]] | None,
+                            grammar: Grammar | None) -> None:
+        """What every chat has, whoever generates its replies (here, or a server: RemoteChatSession)."""
         self.store = store
         self.model_name = model_name
         self.params = (params or SamplingParams()).validate()
         self.max_tokens = max_tokens
         self.system = system or None
-        # None: the template's own default (LFM2.5 drops the blocks of all but the last reply)
-        self.template_kwargs: dict[str, Any] = {} if keep_thinking is None else {"keep_past_thinking": keep_thinking}
         self.tools = tools  # listed for the model on every turn; None: no tools, calls are not looked for
         self.grammar = grammar  # every reply (JSON for --schema / --format json)
-        self.call_grammar = call_grammar  # the first reply after a user message (--tool-choice required|NAME)
-        self.think_budget = think_budget
         self.conversation_id: str | None = None
         self.messages: list[ChatMessage] = []
-        self.prefix = PrefixCache(lm.model.new_cache())
         self.last_prefill_tokens = 0
         self.last_stats: GenerationStats | None = None
         self.thought_tokens = 0  # of the reply streaming now (or the last one): tokens before its answer

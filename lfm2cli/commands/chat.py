@@ -177,16 +177,12 @@ def _local_session(model: str | None, store: Any, params: Any, max_tokens: int, 
                    keep_thinking: bool, tty_in: bool, err: Any, **load_options: Any) -> Any:
     """A ChatSession on the model loaded here."""
     from lfm2cli.chat.session import ChatSession
-    from lfm2cli.commands.confirm import confirm_download
-    from lfm2cli.hub.names import resolve_model
-    from lfm2cli.loading import load
 
-    offline, pull = load_options.pop("offline"), load_options.pop("pull")
-    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
-    if tty_in:
-        err.print(f"loading {path.name}…", style="dim", markup=False, highlight=False)
-    lm = load(path, **load_options)
-    o.report_skipped(lm.skipped)
+    def announce(path: Any) -> None:
+        if tty_in:
+            err.print(f"loading {path.name}…", style="dim", markup=False, highlight=False)
+
+    _, lm = o.load_local(model, announce=announce, **load_options)
     return ChatSession(lm, store, _model_label(model), params, max_tokens, system,
                        keep_thinking=True if keep_thinking else None, tools=tools, grammar=grammar,
                        call_grammar=call_grammar, think_budget=think_budget)

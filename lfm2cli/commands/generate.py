@@ -78,16 +78,10 @@ def _local_run(model: str | None, text: str, system: str | None, raw: bool, para
                stop: list[str] | None, tools: list | None, grammar: Any, think_budget: int | None,
                **load_options: Any) -> tuple[Any, str]:
     """A TextRun on the model loaded here, and the label --json names it by."""
-    from lfm2cli.commands.confirm import confirm_download
-    from lfm2cli.hub.names import resolve_model
-    from lfm2cli.loading import load
     from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
     from lfm2cli.thinking import opened_by_prompt
 
-    offline, pull = load_options.pop("offline"), load_options.pop("pull")
-    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
-    lm = load(path, **load_options)
-    o.report_skipped(lm.skipped)
+    path, lm = o.load_local(model, **load_options)
     rendered = prompt_text(lm, text, system, raw, tools=tools)
     # Every reply goes through the reasoning/answer split: one without a leading <think> block is all answer.
     run = TextRun(lm, encode_prompt(lm, rendered, raw), params, max_tokens, stops=stop or (), think=True,

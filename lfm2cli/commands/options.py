@@ -101,6 +101,22 @@ def sampling_params(temperature: float, top_k: int, top_p: float, min_p: float, 
                           repetition_penalty=repetition_penalty, seed=seed).validate()
 
 
+def load_local(model: str | None, *, offline: bool, pull: bool,
+               announce: Callable[[Any], None] | None = None, **load_options: Any):  # -> (Path, LoadedModel)
+    """The model generate, chat and serve run here: the name resolved (asking before a download on a terminal),
+    `announce(path)` before the load, then the checkpoint loaded and the options it could not apply noted."""
+    from lfm2cli.commands.confirm import confirm_download
+    from lfm2cli.hub.names import resolve_model
+    from lfm2cli.loading import load
+
+    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
+    if announce is not None:
+        announce(path)
+    lm = load(path, **load_options)
+    report_skipped(lm.skipped)
+    return path, lm
+
+
 def report_skipped(skipped: dict[str, str]) -> None:
     """One note on stderr per option the loader could not apply (`--compile ignored: ...`)."""
     for option, reason in skipped.items():

@@ -111,14 +111,7 @@ def serve(
 
 def _run(sock: socket.socket, model: str | None, host: str, api_key: str | None, queue: int, max_tokens: int,
          think_budget: int | None, quiet: bool, **load_options: object) -> None:
-    from lfm2cli.commands.confirm import confirm_download
-    from lfm2cli.hub.names import resolve_model
-    from lfm2cli.loading import load
-
-    offline, pull = load_options.pop("offline"), load_options.pop("pull")
-    path = resolve_model(model, offline=offline, pull=pull, confirm=confirm_download())
-    lm = load(path, **load_options)
-    o.report_skipped(lm.skipped)
+    path, lm = o.load_local(model, **load_options)
 
     import uvicorn
 
