@@ -175,8 +175,10 @@ def test_levels_give_the_same_bits(kernel: str, mode: str) -> None:
     """Both levels read the same packed layouts and sum in exact integers, group by group in the same order:
     their products are bit-identical (AVX512's vpdpbusd and AVX2's vpmaddubsw + vpmaddwd alike)."""
     levels = cpu.native_levels()
-    if len(levels) < 2 or kernel != levels[0]:
+    if len(levels) < 2:
         pytest.skip("needs a CPU that executes both levels (AVX512-BF16)")
+    if kernel != levels[0]:
+        pytest.skip(f"compares every level at once: runs once, under the {levels[0]} parameter")
     q, scales = QUANTIZE[mode](weights(200, 320, 11))
     packed = native.pack_grouped(q, scales, FORMAT[mode])
     x = torch.randn(9, 320, generator=torch.Generator().manual_seed(11)).bfloat16()

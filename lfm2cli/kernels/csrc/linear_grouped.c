@@ -35,6 +35,25 @@ static inline int64_t gq_bytes(int bits) { return bits == 4 ? I4_BYTES : I8_BYTE
 
 /* One token's int8 activations, group by group: q [in], scale d [in / 32], c = 8 * sum q [in / 32]. */
 typedef struct { const int8_t *q; const float *d; const int32_t *c; } gq_act;
+
+/* Token u's activations in arrays prepared for several tokens. */
+static inline gq_act gq_token(const int8_t *q, const float *d, const int32_t *c, int64_t in, int64_t u) {
+    const int64_t groups = in / GQ_G;
+    gq_act a = {q + u * in, d + u * groups, c + u * groups};
+    return a;
+}
+
+#define GQ_SCRATCH 64 /* bytes of one token's partial sums for a 16-row block (16 floats), in gq_block_tokens */
+
+/* Each family's part defines these (x86 below, AArch64 in linear_grouped_neon.c); the many-token driver
+ * linear_grouped at the end of this file is shared. gq_prepare: x [in] bf16 -> its int8 groups. gq_block_tokens:
+ * one 16-row block (all its groups) against T tokens, y[t * out + r] for r < n, with T * GQ_SCRATCH bytes of
+ * `scratch`. linear_group_grouped: one token per matrix (decode, a MoE layer's experts). */
+static void gq_prepare(const uint16_t *x, int64_t in, int8_t *q, float *d, int32_t *c);
+static void gq_block_tokens(const uint8_t *w, int64_t groups, int bits, const gq_act *a, int64_t T, void *scratch,
+                            uint16_t *y, int64_t out, int64_t n);
+static void linear_group_grouped(int64_t n, const void *const *w, const uint16_t *const *x, uint16_t *const *y,
+                                 int64_t out, int64_t in, int bits, int threads);
 #endif /* LFM2_ISA >= 1: the layouts above are the AArch64 kernels' too (linear_grouped_neon.c) */
 
 #if LFM2_X86
@@ -174,12 +193,6 @@ typedef struct {
     const int64_t *u; const int8_t *q; const float *d; const int32_t *c; /* token u[i] of matrix i, prepared */
 } gq_job;
 
-static inline gq_act gq_token(const int8_t *q, const float *d, const int32_t *c, int64_t in, int64_t u) {
-    const int64_t groups = in / GQ_G;
-    gq_act a = {q + u * in, d + u * groups, c + u * groups};
-    return a;
-}
-
 static void gq_blocks(const gq_job *J, const int64_t *g, int NS) {
     const uint8_t *wb[GQ_STREAMS];
     gq_act a[GQ_STREAMS];
@@ -296,8 +309,9 @@ static inline __attribute__((always_inline)) void gq_chunk(float (*part)[16], co
         }
 }
 
-static void gq_block_tokens(const uint8_t *w, int64_t groups, int bits, const gq_act *a, int64_t T,
-                            float (*part)[16], uint16_t *y, int64_t out, int64_t n) {
+static void gq_block_tokens(const uint8_t *w, int64_t groups, int bits, const gq_act *a, int64_t T, void *scratch,
+                            uint16_t *y, int64_t out, int64_t n) {
+    float (*part)[16] = (float (*)[16])scratch;
     memset(part, 0, sizeof(float) * 16 * (size_t)T);
     for (int64_t g0 = 0; g0 < groups; g0 += GQ_CHUNK) {
         const int64_t g1 = groups - g0 < GQ_CHUNK ? groups : g0 + GQ_CHUNK;
@@ -306,39 +320,6 @@ static void gq_block_tokens(const uint8_t *w, int64_t groups, int bits, const gq
     }
     for (int64_t t = 0; t < T; t++)
         store16x2(y + t * out, _mm256_loadu_ps(part[t]), _mm256_loadu_ps(part[t] + 8), n);
-}
-
-/* W packed by lfm2_pack_grouped in groups of `bits`, x [T, in] bf16, y [T, out] bf16, `in` a multiple of 32. */
-static void linear_grouped(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
-                           int bits, int threads) {
-    if (T <= 0 || out <= 0) return;
-    if (T == 1) {
-        linear_group_grouped(1, &w, &x, &y, out, in, bits, threads);
-        return;
-    }
-    const int64_t groups = in / GQ_G, blocks = (out + 15) / 16, block = groups * gq_bytes(bits);
-    int8_t *q = (int8_t *)malloc((size_t)(T * in));
-    float *d = (float *)malloc(sizeof(float) * (size_t)(T * groups));
-    int32_t *c = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * groups));
-    gq_act *a = (gq_act *)malloc(sizeof(gq_act) * (size_t)T);
-    #pragma omp parallel num_threads(threads)
-    {
-        float (*part)[16] = (float (*)[16])malloc(sizeof(float) * 16 * GQ_TILE);
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            gq_prepare(x + t * in, in, q + t * in, d + t * groups, c + t * groups);
-            a[t] = gq_token(q, d, c, in, t);
-        }
-        for (int64_t t0 = 0; t0 < T; t0 += GQ_TILE) { /* tiles are independent: no barrier between them */
-            const int64_t nt = T - t0 < GQ_TILE ? T - t0 : GQ_TILE;
-            #pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < blocks; b++)
-                gq_block_tokens((const uint8_t *)w + b * block, groups, bits, a + t0, nt, part,
-                                y + t0 * out + 16 * b, out, out - 16 * b);
-        }
-        free(part);
-    }
-    free(q); free(d); free(c); free(a);
 }
 
 /* W [rows, in] bf16 -> nibbles and bf16 scales exactly as lfm2cli.quantize.quantize_int4 makes them (the
@@ -442,5 +423,38 @@ void lfm2_pack_grouped(const uint8_t *src, const uint16_t *scales, uint8_t *dst,
                     }
             }
         }
+}
+
+/* W packed by lfm2_pack_grouped in groups of `bits`, x [T, in] bf16, y [T, out] bf16, `in` a multiple of 32. */
+static void linear_grouped(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
+                           int bits, int threads) {
+    if (T <= 0 || out <= 0) return;
+    if (T == 1) {
+        linear_group_grouped(1, &w, &x, &y, out, in, bits, threads);
+        return;
+    }
+    const int64_t groups = in / GQ_G, blocks = (out + 15) / 16, block = groups * gq_bytes(bits);
+    int8_t *q = (int8_t *)malloc((size_t)(T * in));
+    float *d = (float *)malloc(sizeof(float) * (size_t)(T * groups));
+    int32_t *c = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * groups));
+    gq_act *a = (gq_act *)malloc(sizeof(gq_act) * (size_t)T);
+    #pragma omp parallel num_threads(threads)
+    {
+        void *part = malloc(GQ_SCRATCH * GQ_TILE);
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; t++) {
+            gq_prepare(x + t * in, in, q + t * in, d + t * groups, c + t * groups);
+            a[t] = gq_token(q, d, c, in, t);
+        }
+        for (int64_t t0 = 0; t0 < T; t0 += GQ_TILE) { /* tiles are independent: no barrier between them */
+            const int64_t nt = T - t0 < GQ_TILE ? T - t0 : GQ_TILE;
+            #pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < blocks; b++)
+                gq_block_tokens((const uint8_t *)w + b * block, groups, bits, a + t0, nt, part,
+                                y + t0 * out + 16 * b, out, out - 16 * b);
+        }
+        free(part);
+    }
+    free(q); free(d); free(c); free(a);
 }
 #endif /* LFM2_ISA >= 1 */

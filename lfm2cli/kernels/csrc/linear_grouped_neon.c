@@ -24,8 +24,8 @@ static inline int32x4_t gn_dot(int32x4_t acc, int8x16_t w, int8x16_t xb) {
 
 #define GN_TT 4              /* tokens per tile: 4 x 4 integer sums, their 8 group vectors, and the pieces */
 
-/* x [in] bf16 -> its int8 groups q, scales d = m / 127 and c = 8 * sum q (gq_prepare's arithmetic). */
-static void gn_prepare(const uint16_t *x, int64_t in, int8_t *q, float *d, int32_t *c) {
+/* x [in] bf16 -> its int8 groups q, scales d = m / 127 and c = 8 * sum q (the x86 gq_prepare's arithmetic). */
+static void gq_prepare(const uint16_t *x, int64_t in, int8_t *q, float *d, int32_t *c) {
     for (int64_t g = 0; g < in / GQ_G; g++) {
         float32x4_t f[8], top = vdupq_n_f32(0.0f);
         for (int k = 0; k < 4; k++) {
@@ -115,8 +115,9 @@ static void gn_tokens(float32x4_t (*acc)[4], const uint8_t *w, const gq_act *a, 
 }
 
 /* One 16-row block `w` (all its groups) against T tokens; y[t * out + r] for r < n. */
-static void gn_block(const uint8_t *w, int64_t groups, int bits, const gq_act *a, int64_t T, float32x4_t (*acc)[4],
-                     uint16_t *y, int64_t out, int64_t n) {
+static void gq_block_tokens(const uint8_t *w, int64_t groups, int bits, const gq_act *a, int64_t T, void *scratch,
+                            uint16_t *y, int64_t out, int64_t n) {
+    float32x4_t (*acc)[4] = (float32x4_t (*)[4])scratch;
     for (int64_t t = 0; t < T; t++)
         for (int m = 0; m < 4; m++) acc[t][m] = vdupq_n_f32(0.0f);
     for (int64_t g0 = 0; g0 < groups; g0 += GQ_CHUNK) {
@@ -137,48 +138,16 @@ static void linear_group_grouped(int64_t n, const void *const *w, const uint16_t
     int8_t *q = (int8_t *)malloc((size_t)(nu * in));
     float *d = (float *)malloc(sizeof(float) * (size_t)(nu * groups));
     int32_t *c = (int32_t *)malloc(sizeof(int32_t) * (size_t)(nu * groups));
-    for (int64_t k = 0; k < nu; k++) gn_prepare(x[first[k]], in, q + k * in, d + k * groups, c + k * groups);
+    for (int64_t k = 0; k < nu; k++) gq_prepare(x[first[k]], in, q + k * in, d + k * groups, c + k * groups);
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
     for (int64_t g = 0; g < n * blocks; g++) {
         const int64_t i = g / blocks, b = g % blocks;
-        const gq_act a = {q + u[i] * in, d + u[i] * groups, c + u[i] * groups};
+        const gq_act a = gq_token(q, d, c, in, u[i]);
         float32x4_t acc[1][4];
-        gn_block((const uint8_t *)w[i] + b * bytes, groups, bits, &a, 1, acc, y[i] + 16 * b, out, out - 16 * b);
+        gq_block_tokens((const uint8_t *)w[i] + b * bytes, groups, bits, &a, 1, acc, y[i] + 16 * b, out,
+                        out - 16 * b);
     }
     free(q); free(d); free(c); free(u);
-}
-
-/* W packed by lfm2_pack_grouped in groups of `bits`, x [T, in] bf16, y [T, out] bf16, `in` a multiple of 32. */
-static void linear_grouped(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
-                           int bits, int threads) {
-    if (T <= 0 || out <= 0) return;
-    if (T == 1) {
-        linear_group_grouped(1, &w, &x, &y, out, in, bits, threads);
-        return;
-    }
-    const int64_t groups = in / GQ_G, blocks = (out + 15) / 16, bytes = groups * gq_bytes(bits);
-    int8_t *q = (int8_t *)malloc((size_t)(T * in));
-    float *d = (float *)malloc(sizeof(float) * (size_t)(T * groups));
-    int32_t *c = (int32_t *)malloc(sizeof(int32_t) * (size_t)(T * groups));
-    gq_act *a = (gq_act *)malloc(sizeof(gq_act) * (size_t)T);
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) {
-            gn_prepare(x + t * in, in, q + t * in, d + t * groups, c + t * groups);
-            a[t].q = q + t * in, a[t].d = d + t * groups, a[t].c = c + t * groups;
-        }
-        float32x4_t (*acc)[4] = (float32x4_t (*)[4])malloc(sizeof(float32x4_t) * 4 * (size_t)GQ_TILE);
-        for (int64_t t0 = 0; t0 < T; t0 += GQ_TILE) { /* tiles are independent: no barrier between them */
-            const int64_t nt = T - t0 < GQ_TILE ? T - t0 : GQ_TILE;
-            #pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < blocks; b++)
-                gn_block((const uint8_t *)w + b * bytes, groups, bits, a + t0, nt, acc, y + t0 * out + 16 * b, out,
-                         out - 16 * b);
-        }
-        free(acc);
-    }
-    free(q); free(d); free(c); free(a);
 }
 
 /* W [rows, in] bf16 -> nibbles and bf16 scales exactly as lfm2cli.quantize.quantize_int4 makes them (the x86
