@@ -201,7 +201,6 @@ class Constraint:
         self._words = (vocab_size + 31) // 32
         self._bits = torch.empty(self._words, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
-        self.tokens = 0  # accepted so far
 
     @property
     def done(self) -> bool:
@@ -221,5 +220,4 @@ class Constraint:
         if not self._matcher.consume_token(int(token)):
             # the mask allowed it, so this is a bug in the mask or the engine: say so rather than emit bad output
             raise RuntimeError(f"grammar engine refused token {token}: {self._matcher.get_error()}")
-        self.tokens += 1
 
