@@ -304,7 +304,7 @@ def main() -> None:
     ap.add_argument("--torch-kernels", action="store_true", help="add lfm2 bf16 without its native code")
     ap.add_argument("--no-process", action="store_true", help="skip cold start and --help timings")
     ap.add_argument("--llama-cpp", type=Path, metavar="DIR",
-                    help="also run llama.cpp: the folder ../shared/perf/peers/setup wrote (venv/ and MODEL-KIND.gguf)")
+                    help="also run llama.cpp: the folder benchmarks/peers/setup wrote (venv/ and MODEL-KIND.gguf)")
     ap.add_argument("--llama-kinds", default="bf16,q8_0", help="which GGUFs of --llama-cpp to run")
     ap.add_argument("--native-isa", choices=["avx512", "avx2"], help="lfm2's native kernels at this level")
     ap.add_argument("--write", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
@@ -343,7 +343,7 @@ def main() -> None:
         for kind in args.llama_kinds.split(","):
             gguf = args.llama_cpp / f"{repo.split('/')[1]}-{kind}.gguf"
             if not gguf.is_file():
-                sys.exit(f"{gguf} is missing: run ../shared/perf/peers/setup on a checkpoint of this shape first")
+                sys.exit(f"{gguf} is missing: run benchmarks/peers/setup on a checkpoint of this shape first")
             builders.append(lambda g=gguf: llama_cpp_engine(args.llama_cpp, g, context))
     engines: list[Engine] = []
     if big:

@@ -1,5 +1,5 @@
 """Runs llama.cpp (llama-cpp-python) for benchmarks/compare.py, in the Python that has it installed (the venv
-that ../shared/perf/peers/setup builds): loads one GGUF, then reads one JSON request per line on stdin,
+that benchmarks/peers/setup builds): loads one GGUF, then reads one JSON request per line on stdin,
 {"prompt": [token ids], "new": N}, and answers each with one JSON line of timings. The prompt is evaluated as one
 batch (prefill), then N - 1 single tokens (decode), as lfm2's generation loop does after its first token.
 

@@ -222,9 +222,10 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
           gen_tokens: int = 64, repeat: int = 3, device: str = "auto", dtype: str = "auto",
           quantize: str | None = None, compile: bool = False, offline: bool = False, pull: bool = False,
           force: bool = False,
-          confirm: Callable[[str], bool] | None = None, progress: Callable[[str], None] | None = None
-          ) -> BenchResult:
-    """Build or load the model, measure bandwidth, run the prompts; returns everything the command prints."""
+          confirm: Callable[[str], bool] | None = None, progress: Callable[[str], None] | None = None,
+          load_progress: Callable[[int, int], None] | None = None) -> BenchResult:
+    """Build or load the model, measure bandwidth, run the prompts; returns everything the command prints.
+    `progress` is told what is being done, `load_progress` the bytes of weights read or built so far."""
     from lfm2cli import loading
     from lfm2cli.quantize import check_mode
 
@@ -252,7 +253,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     if random_weights:
         say(f"building {label} with random weights ({str(dt).removeprefix('torch.')})")
         try:
-            model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile)
+            model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
         except (MemoryError, RuntimeError) as e:
             raise _out_of_memory(e, label) from None
         label += " (random weights)"
@@ -264,7 +265,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         cfg = load_config(path)
         if not force:
             check_fits(cfg, quantize, dt, dev)
-        model = loading.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile)
+        model = loading.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
         label = str(path)
     load_s = time.perf_counter() - t0
     longest = max(prompt_lengths) + gen_tokens
@@ -294,6 +295,8 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
 # ---- output ----
 
 def _fmt(s: Spread, digits: int = 1, scale: float = 1.0) -> str:
+    if not s.max > 0:  # rates over zero tokens or zero time: nothing was measured
+        return "-"
     return f"{s.median * scale:.{digits}f} ({s.min * scale:.{digits}f}-{s.max * scale:.{digits}f})"
 
 

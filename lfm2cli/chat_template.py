@@ -22,6 +22,9 @@ from lfm2cli.template_sandbox import (
 )
 
 LFM2_BOS = "<|startoftext|>"
+# Tools are listed in the prompt, so they have to fit a context (128k tokens is ~0.5 MB of text); OpenAI takes 128.
+MAX_TOOLS = 512
+MAX_TOOLS_CHARS = 1_000_000
 
 # Older names for a message's reasoning; templates read `reasoning_content` (or `thinking`).
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -92,9 +95,24 @@ def _prepare_messages(messages: list[dict]) -> list[dict]:
     return prepared
 
 
+def tools_problem(tools: list) -> str | None:
+    """What makes `tools` too many or too large to list in a prompt, or None. Checked before any template sees
+    them, so the message blames the tools and not the template that would have choked on them."""
+    if len(tools) > MAX_TOOLS:
+        return f"{len(tools):,} tools are too many to offer the model (at most {MAX_TOOLS}); offer fewer"
+    size = text_size(tools, MAX_TOOLS_CHARS)
+    if size > MAX_TOOLS_CHARS:
+        return (f"the tools are too large to list in a prompt (more than {MAX_TOOLS_CHARS:,} characters); offer "
+                "fewer tools or shorter descriptions")
+    return None
+
+
 def _prepare_tools(tools: list | None) -> list | None:
     if tools is None:
         return None
+    problem = tools_problem(list(tools))
+    if problem is not None:
+        raise UsageError(problem)
     for t in tools:
         if not isinstance(t, (Mapping, str)):
             raise UsageError("each tool must be a JSON-schema object (a dict) or a JSON string")
@@ -133,37 +151,48 @@ def render(template: str | None, messages: list[dict], *, bos_token: str | None,
     """Render `messages` (dicts with role/content) into the prompt text the model continues.
 
     Extra keyword arguments become template variables (e.g. `keep_past_thinking=True` for LFM2.5).
-    `template_source` names the file the template came from, for messages. The template runs under a
-    budget of time, steps and sizes (see TIME_LIMIT_S and below); running out raises TemplateError."""
-    import jinja2
+    `template_source` names the file the template came from, for messages. The template runs in a worker
+    process (`template_worker`) under a budget of time, steps, sizes and memory (see TIME_LIMIT_S and below);
+    running out raises TemplateError."""
+    from lfm2cli import template_worker
 
     msgs = _prepare_messages(messages)
     tool_list = _prepare_tools(tools)
     if template is None:
         return _fallback(msgs, bos_token, add_generation_prompt, tool_list)
-    compiled = compile_template(template, template_source)
     variables: dict[str, Any] = {"bos_token": bos_token, "eos_token": eos_token}
     variables = {k: v for k, v in variables.items() if v is not None}
     variables.update(_plain(kwargs))
     variables.update(messages=msgs, tools=tool_list, add_generation_prompt=add_generation_prompt)
     variables.setdefault("documents", None)
+    return template_worker.render(template, template_source, variables)
+
+
+def render_here(template: str, template_source: str | None, variables: dict[str, Any]) -> str:
+    """`template` rendered with `variables` in this process, under the sandbox's budget: what the worker runs."""
+    import jinja2
+
     where, advice = _where(template_source), _ADVICE
     # A long conversation may rightly make a long prompt: the size limits grow with what the template is given.
     budget = Budget(MAX_CHARS + 2 * text_size(variables, 10 * MAX_CHARS))
-    token = BUDGET.set(budget)
     try:
-        parts, size = [], 0
-        for part in compiled.generate(**variables):
-            size += len(part)
-            budget.size(size, "a prompt")
-            parts.append(part)
-        text = "".join(parts)
+        compiled = compile_template(template, template_source)
+        token = BUDGET.set(budget)
+        try:
+            parts, size = [], 0
+            for part in compiled.generate(**variables):
+                size += len(part)
+                budget.check(size, "a prompt")
+                parts.append(part)
+            text = "".join(parts)
+        finally:
+            BUDGET.reset(token)
     except LimitExceeded as e:
         raise TemplateError(f"{where} {e}; {advice}") from None
     except RecursionError:
         raise TemplateError(f"{where} made calls nested too deep (a macro that calls itself?); {advice}") from None
     except MemoryError:
-        raise TemplateError(f"{where} ran out of memory; {advice}") from None
+        raise TemplateError(f"{where} needed more memory than a chat template may use; {advice}") from None
     except jinja2.exceptions.SecurityError as e:
         raise GenerationError(f"{where} tried something unsafe: {_one_line(str(e))}") from None
     except jinja2.exceptions.TemplateError as e:
@@ -171,8 +200,6 @@ def render(template: str | None, messages: list[dict], *, bos_token: str | None,
         raise GenerationError(f"{where} rejected the conversation: {_one_line(str(e))}") from None
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
         raise GenerationError(f"{where} failed on this conversation: {_one_line(str(e))}") from None
-    finally:
-        BUDGET.reset(token)
     if not text:
         # Tokenized, an empty prompt would be blamed on the user's prompt: the template made it empty.
         raise TemplateError(f"{where} rendered nothing for this conversation; {advice}")

@@ -10,12 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.config import Lfm2Config, load_config, read_json_object
+from lfm2cli.config import MAX_TENSORS, Lfm2Config, load_config, parse_json, read_json_object
 from lfm2cli.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+# Bytes of headers and index a checkpoint may have for each tensor its config declares: a header entry is a name
+# (under 100 characters in every published checkpoint) and four short fields, and an index entry is less. With
+# a little room for metadata, this keeps a 100 MB header in a tiny checkpoint from being parsed at all.
+BYTES_PER_TENSOR = 1024
+METADATA_BYTES = 1 << 20
+SHARD_METADATA_BYTES = 64 << 10  # more room for each shard's own __metadata__
+MAX_DIMS = 8  # a weight has 1 to 3 dimensions; 8 leaves room and keeps a shape from being a list of millions
+MAX_DIM = 1 << 48
 
 
 @dataclass(frozen=True)
@@ -53,31 +61,88 @@ def _shard_path(root: Path, name: object, index: Path) -> Path:
         raise CheckpointError(f"{index}: weight_map names {name!r}, which is not a file of this checkpoint; "
                               "expected a plain file name inside the checkpoint directory")
     file = root / name
-    if file.is_symlink():
-        real, home = file.resolve(), root.resolve()
-        allowed = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
-        if not any(real.is_relative_to(a) for a in allowed):
-            raise CheckpointError(f"{index}: shard {name} is a link to {real}, outside the checkpoint directory; "
-                                  "expected the shard file itself in the checkpoint directory")
+    _stays_inside(root, file, f"{index}: shard {name}")
     return file
 
 
-def weight_files(root: Path) -> list[Path]:
-    """The safetensors files of a checkpoint, single-file or sharded (hub layout). Shards named by the index must
-    be files of the checkpoint itself: an index cannot make lfm2 read `../../etc/passwd`."""
-    root = Path(root)
+def _stays_inside(root: Path, file: Path, what: str) -> None:
+    """A weight file that is a link must lead into the checkpoint (or, in the standard Hugging Face cache, into
+    the repo's blobs/): a link to elsewhere, or a loop of links, is refused by name."""
+    if not file.is_symlink():
+        return
+    try:
+        real, home = file.resolve(strict=True), root.resolve()
+    except (OSError, RuntimeError) as e:  # RuntimeError: a loop, on Pythons before 3.13
+        cause = "a loop of links" if "loop" in str(e).lower() or getattr(e, "errno", 0) == 40 else \
+            (getattr(e, "strerror", None) or "a broken link")
+        raise CheckpointError(f"{what} is a link that cannot be followed ({cause}); expected the file itself in "
+                              "the checkpoint directory") from None
+    allowed = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    if not any(real.is_relative_to(a) for a in allowed):
+        raise CheckpointError(f"{what} is a link to {real}, outside the checkpoint directory; "
+                              "expected the file itself in the checkpoint directory")
+
+
+def tensor_count(cfg: Lfm2Config) -> int:
+    """How many tensors `expected_tensors(cfg)` lists, counted without listing them."""
+    per_conv = 3 + (3 if cfg.conv_bias else 0)
+    attention = len(cfg.attention_layers)
+    n = 2 + (0 if cfg.tie_word_embeddings else 1)
+    n += 2 * cfg.num_hidden_layers + 6 * attention + per_conv * (cfg.num_hidden_layers - attention)
+    for i in range(cfg.num_hidden_layers):
+        n += 1 + (1 if cfg.use_expert_bias else 0) + 3 * cfg.num_experts if cfg.is_moe_layer(i) else 3
+    return n
+
+
+def index_budget(cfg: Lfm2Config | None) -> int:
+    """Bytes that an index, or all safetensors headers together, may take for `cfg` (MAX_HEADER without one)."""
+    if cfg is None:
+        return MAX_HEADER
+    return min(MAX_HEADER, METADATA_BYTES + BYTES_PER_TENSOR * tensor_count(cfg))
+
+
+def _read_index(root: Path, cfg: Lfm2Config | None) -> dict[str, object] | None:
+    """The index's weight_map (None for a single-file checkpoint), read within `index_budget(cfg)` bytes."""
     index_path = root / INDEX_FILE
-    if index_path.is_file():
-        weight_map = read_json_object(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: 'weight_map' is {'missing' if weight_map is None else 'not valid'}; "
-                                  "expected an object mapping tensor names to shard file names")
-        shards = {_shard_path(root, name, index_path) for name in weight_map.values()}
-        missing = sorted(s.name for s in shards if not s.is_file())
-        if missing:
-            raise CheckpointError(f"{root}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing)}")
-        return sorted(shards)
-    if (root / SINGLE_FILE).is_file():
+    if not index_path.exists():
+        return None
+    weight_map = read_json_object(index_path, limit=index_budget(cfg)).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: 'weight_map' is {'missing' if weight_map is None else 'not valid'}; "
+                              "expected an object mapping tensor names to shard file names")
+    tensors = MAX_TENSORS if cfg is None else tensor_count(cfg)
+    if len(weight_map) > tensors + 64:  # a little room for tensors the model does not use (a spare lm_head)
+        raise CheckpointError(f"{index_path}: 'weight_map' has {len(weight_map):,} entries for a model of "
+                              f"{tensors:,} tensors; the index is damaged: download the model again")
+    return weight_map
+
+
+def _index_files(root: Path, weight_map: dict[str, object]) -> list[Path]:
+    index_path = root / INDEX_FILE
+    for value in weight_map.values():
+        if not isinstance(value, str):
+            _shard_path(root, value, index_path)  # raises, naming the value
+    # each shard checked once, however many tensors it holds
+    shards = [_shard_path(root, name, index_path) for name in dict.fromkeys(weight_map.values())]
+    missing = sorted(s.name for s in shards if not s.is_file())
+    if missing:
+        raise CheckpointError(f"{root}: shard(s) named in {INDEX_FILE} are missing: {', '.join(missing[:5])}"
+                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return sorted(shards)
+
+
+def weight_files(root: Path, cfg: Lfm2Config | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint, single-file or sharded (hub layout). Shards named by the index must
+    be files of the checkpoint itself: an index cannot make lfm2 read `../../etc/passwd`. With `cfg`, the index
+    may take only the bytes and entries that many tensors need."""
+    root = Path(root)
+    weight_map = _read_index(root, cfg)
+    if weight_map is not None:
+        return _index_files(root, weight_map)
+    if (root / SINGLE_FILE).exists() or (root / SINGLE_FILE).is_symlink():
+        _stays_inside(root, root / SINGLE_FILE, str(root / SINGLE_FILE))
+        if not (root / SINGLE_FILE).is_file():
+            raise CheckpointError(f"{root / SINGLE_FILE}: not a regular file; expected the weights themselves")
         return [root / SINGLE_FILE]
     if any(root.glob("*.bin")) or any(root.glob("*.pt")) or any(root.glob("*.pth")):
         raise CheckpointError(f"{root}: only pickle weights (.bin/.pt) found; lfm2 loads safetensors only")
@@ -98,12 +163,12 @@ def _tensor_info(path: Path, name: str, meta: object, size: int, data_start: int
     if dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{path}: tensor {name} has unknown dtype {json.dumps(dtype)}; expected a safetensors "
                               f"dtype such as {', '.join(FLOAT_DTYPES)}")
-    if not isinstance(shape, list) or not all(_whole(s) for s in shape):
-        raise CheckpointError(f"{path}: tensor {name} has shape {json.dumps(shape)}; expected a list of whole "
-                              f"numbers >= 0 ({damaged})")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_whole(s) and s < MAX_DIM for s in shape):
+        raise CheckpointError(f"{path}: tensor {name} has shape {_shown(shape)}; expected a list of at most "
+                              f"{MAX_DIMS} whole numbers >= 0 ({damaged})")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(o) for o in offsets) \
             or offsets[0] > offsets[1]:
-        raise CheckpointError(f"{path}: tensor {name} has data_offsets {json.dumps(offsets)}; expected [start, end] "
+        raise CheckpointError(f"{path}: tensor {name} has data_offsets {_shown(offsets)}; expected [start, end] "
                               f"with 0 <= start <= end ({damaged})")
     info = TensorInfo(name, dtype, tuple(shape), path, offsets[0], offsets[1])
     need = (info.numel * SAFETENSORS_DTYPES[dtype] + 7) // 8
@@ -118,10 +183,41 @@ def _tensor_info(path: Path, name: str, meta: object, size: int, data_start: int
     return info
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
+def _shown(value: object, limit: int = 60) -> str:
+    """A JSON value from a file, quoted in a message at most `limit` characters long."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: a tensor named twice would load whichever came last."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"{twice!r} is given twice")
+    return out
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo]) -> None:
+    """Each tensor's bytes lie apart from every other's and start on a multiple of its element size, as the
+    safetensors format requires: overlapping tensors would share bytes, and which layout was meant is unknown."""
+    previous: TensorInfo | None = None
+    for t in sorted((t for t in tensors.values() if t.end > t.start), key=lambda t: (t.start, t.end)):
+        bits = SAFETENSORS_DTYPES[t.dtype]
+        if bits % 8 == 0 and t.start % (bits // 8):
+            raise CheckpointError(f"{path}: tensor {t.name} starts at byte {t.start}, not a multiple of its "
+                                  f"{t.dtype} element size ({bits // 8} bytes); the file is damaged: download it again")
+        if previous is not None and t.start < previous.end:
+            raise CheckpointError(f"{path}: tensors {previous.name} and {t.name} overlap (bytes {previous.start}-"
+                                  f"{previous.end} and {t.start}-{t.end}); the file is damaged: download it again")
+        previous = t
+
+
+def read_header(path: Path, limit: int = MAX_HEADER) -> tuple[dict[str, TensorInfo], int]:
     """Parse one safetensors header; returns the tensors and the byte offset where data begins.
-    Checks every entry's form and that its bytes lie inside the file, so damaged or truncated downloads are caught
-    before anything is read."""
+    Checks every entry's form and that its bytes lie inside the file and apart, so damaged or truncated downloads
+    are caught before anything is read. A header longer than `limit` bytes is refused before it is read."""
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -131,23 +227,53 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], int]:
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER or 8 + n > size:
             raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header length {n})")
+        if n > limit:
+            raise CheckpointError(f"{path}: the safetensors header is {n:,} bytes, more than the {limit:,} that "
+                                  "the tensors of its config.json need; the file is damaged: download it again")
         try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise CheckpointError(f"{path}: corrupt safetensors header (not JSON); download it again") from None
+            header = parse_json(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+        except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            cause = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8" if isinstance(
+                e, UnicodeDecodeError) else str(e)
+            raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {cause}); "
+                                  "download it again") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}); expected an "
                               "object of tensor entries; download it again")
     data_start = 8 + n
-    return {name: _tensor_info(path, name, meta, size, data_start)
-            for name, meta in header.items() if name != "__metadata__"}, data_start
+    tensors = {name: _tensor_info(path, name, meta, size, data_start)
+               for name, meta in header.items() if name != "__metadata__"}
+    _check_layout(path, tensors)
+    return tensors, data_start
 
 
-def read_all_headers(root: Path) -> dict[str, TensorInfo]:
+def read_all_headers(root: Path, cfg: Lfm2Config | None = None) -> dict[str, TensorInfo]:
+    """Every tensor of every weight file. With `cfg`, all headers together may take only `index_budget(cfg)`
+    bytes and a little for each file's metadata, and the index `index_budget(cfg)`: a header is refused from its
+    length, before it is read. A tensor in two files, or an index that places a tensor in a shard that does not
+    hold it, is refused: which copy would load is not clear."""
+    root = Path(root)
+    weight_map = _read_index(root, cfg)
+    files = _index_files(root, weight_map) if weight_map is not None else weight_files(root, cfg)
+    budget = index_budget(cfg) + SHARD_METADATA_BYTES * len(files)
     out: dict[str, TensorInfo] = {}
-    for file in weight_files(root):
-        tensors, _ = read_header(file)
-        out.update(tensors)
+    for file in files:
+        tensors, data_start = read_header(file, limit=budget)
+        if cfg is not None:
+            budget -= data_start - 8
+        for name, t in tensors.items():
+            if name in out:
+                raise CheckpointError(f"{root}: tensor {name} is in both {out[name].file.name} and {file.name}; "
+                                      "expected each tensor in one file (which copy loads would depend on file "
+                                      "order): download the model again")
+            out[name] = t
+    if weight_map is not None:
+        wrong = [n for n, shard in weight_map.items() if n not in out or out[n].file.name != shard]
+        if wrong:
+            where = f"in {weight_map[wrong[0]]}, which does not hold it"
+            raise CheckpointError(f"{root / INDEX_FILE}: 'weight_map' places {wrong[0]} {where}"
+                                  + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else "")
+                                  + "; the index and the shards disagree: download the model again")
     return out
 
 
@@ -246,6 +372,7 @@ class Inspection:
     headers: dict[str, TensorInfo]
     tokenizer: Any = None  # lfm2cli.tokenizer.Tokenizer, when asked for and the checkpoint has tokenizer.json
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what loads but cannot generate text (no tokenizer files)
 
     def raise_problems(self) -> None:
         if self.problems:
@@ -273,23 +400,33 @@ def _token_problems(root: Path, cfg: Lfm2Config, tokenizer: Any) -> list[str]:
     return problems
 
 
+def undecodable_ids(cfg: Lfm2Config, tokenizer: Any) -> range:
+    """Ids the model can emit that the tokenizer has no text for (an embedding table padded past the tokenizer,
+    common and harmless while the model never picks them); empty when none."""
+    return range(tokenizer.max_token_id + 1 if tokenizer is not None else cfg.vocab_size, cfg.vocab_size)
+
+
 def inspect_checkpoint(root: Path, tokenizer: bool = True) -> Inspection:
     """Read config, headers and (when `tokenizer` and present) the tokenizer, and check that they agree. A config
     or header that cannot be read at all raises (ConfigError/CheckpointError); everything else that would stop a
     load is collected in `problems`."""
     root = Path(root)
     cfg = load_config(root)
-    headers = read_all_headers(root)
+    headers = read_all_headers(root, cfg)
     found = Inspection(root, cfg, headers)
     found.problems += tensor_problems(cfg, headers, str(root))
-    if tokenizer and (root / "tokenizer.json").is_file():
+    file = root / "tokenizer.json"
+    if tokenizer and (file.exists() or file.is_symlink()):  # present but not a readable file is a problem
         from lfm2cli.tokenizer import load_tokenizer
 
         try:
-            found.tokenizer = load_tokenizer(root)
+            found.tokenizer = load_tokenizer(root, max_tokens=cfg.max_position_embeddings)
         except CheckpointError as e:
             found.problems.append(str(e))
     found.problems += _token_problems(root, cfg, found.tokenizer)
+    if tokenizer and found.tokenizer is None and not found.problems:
+        found.notes.append(f"no tokenizer.json in {root}: bench runs it, but generate, chat and serve need the "
+                           "tokenizer files")
     return found
 
 
@@ -348,6 +485,7 @@ def weight_bytes(cfg: Lfm2Config, quantize: str | None = None, dtype_bytes: int 
 
 
 RUNTIME_BYTES = 600_000_000  # torch, the tokenizer, buffers and the largest tensor while it is converted
+TENSOR_BYTES = 8192  # each tensor's module, names and bookkeeping (about 4 kB measured on the meta device alone)
 CONTEXT_TOKENS = 4096  # the KV cache counted in `memory_needed` (a long chat; the cache grows as it goes)
 
 
@@ -355,4 +493,4 @@ def memory_needed(cfg: Lfm2Config, quantize: str | None = None, dtype_bytes: int
     """What running the model takes, about: its weights (`weight_bytes`), a KV cache of CONTEXT_TOKENS and the
     runtime. The memory guard refuses loads above what is available, and `lfm2 info` shows it per precision."""
     kv = len(cfg.attention_layers) * 2 * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes * CONTEXT_TOKENS
-    return weight_bytes(cfg, quantize, dtype_bytes) + kv + RUNTIME_BYTES
+    return weight_bytes(cfg, quantize, dtype_bytes) + kv + RUNTIME_BYTES + TENSOR_BYTES * tensor_count(cfg)

@@ -13,13 +13,14 @@ import typer
 
 from lfm2cli import __version__
 from lfm2cli.commands import register
+from lfm2cli.commands.options import Group
 from lfm2cli.streams import ReaderGone, StdoutFailed, guard_stdout
 
 app = typer.Typer(
     name="lfm2",
-    help="Run Liquid AI's LFM2 language models on your own machine.",
+    cls=Group,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -36,14 +37,27 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Show the version and exit."),
 ) -> None:
-    """Run Liquid AI's LFM2 language models on your own machine."""
+    """Run Liquid AI's LFM2 language models on your own machine.
+
+    `lfm2 COMMAND --help` shows a command's options and examples; --install-completion sets up tab completion
+    for your shell.
+
+    Examples:
+
+    lfm2 chat lfm2-1.2b
+    lfm2 generate lfm2-350m -p "Write a haiku about the sea"
+    lfm2 serve lfm2-1.2b --port 8080
+    """
 
 
 register(app)
 
 
 def _fail(message: str, code: int) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    from lfm2cli.safetext import visible_line
+
+    # messages quote names from files and servers: their control characters are shown, never acted on
+    sys.stderr.write(f"error: {visible_line(message)}\n")
     sys.stderr.flush()
     raise SystemExit(code)
 
@@ -51,7 +65,7 @@ def _fail(message: str, code: int) -> None:
 def _run_app() -> None:
     """Run the app, flushing stdout inside the boundary: a failure there must not wait for Python's exit."""
     try:
-        app()
+        app(prog_name="lfm2")  # `python -m lfm2cli` is lfm2 too: its usage lines, its completion variable
     except SystemExit:  # typer ends every run, successful or not, with SystemExit
         sys.stdout.flush()
         raise
@@ -90,7 +104,10 @@ def main() -> None:
     except MemoryError:
         if debug:
             raise
-        _fail("out of memory; try a smaller model, --dtype bfloat16 or --quantize int8", 1)
+        # a hint names only options the command has: those that load a model take --dtype and --quantize
+        loads = sys.argv[1:2] in (["generate"], ["chat"], ["serve"], ["bench"])
+        _fail("out of memory; try a smaller model" + (", --dtype bfloat16 or --quantize int8" if loads else "")
+              + " (`lfm2 list --available` shows what fits here)", 1)
     except Exception as e:  # the last line of defence: one line, never a traceback by default
         if debug:
             raise

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,15 @@ from typing import Any
 from lfm2cli.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("lfm2", "lfm2_moe")
+# Bounds on what a config may declare, checked before anything is built per layer or per expert: far above every
+# published model (the deepest have under 200 layers; DeepSeek-V3, among the largest MoE, has 256 experts and
+# about 45,000 tensors), far below what would exhaust memory on the names and modules alone.
+MAX_SIZE = 2**31 - 1  # any one width, count or length
+MAX_LAYERS = 1024
+MAX_EXPERTS = 4096
+MAX_TENSORS = 1 << 17
+JSON_LIMIT = 16 << 20  # bytes of a checkpoint's small JSON files (config, generation and tokenizer configs)
+MAX_DIGITS = 40  # digits of one number in a JSON file: more is damage, and int() of 4,300+ digits raises
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,7 @@ class _Reader:
         return key, None
 
     def whole(self, key: str, *alternatives: str, minimum: int = 1, default: int | None = None,
-              required: bool = False, null_ok: bool = False) -> int | None:
+              required: bool = False, null_ok: bool = False, maximum: int = MAX_SIZE) -> int | None:
         # an explicit null where no default makes sense (max_position_embeddings: null) is an error, not "absent"
         if not required and not null_ok and key in self.raw and self.raw[key] is None and not alternatives:
             raise self.fail(key, None, f"a whole number >= {minimum}")
@@ -104,6 +115,8 @@ class _Reader:
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(name, value, f"a whole number >= {minimum}")
+        if value > maximum:
+            raise self.fail(name, value, f"a whole number from {minimum} to {maximum:,}")
         return value
 
     def number(self, key: str, *alternatives: str, default: float, positive: bool = True) -> float:
@@ -204,6 +217,15 @@ def _layer_types(r: _Reader, layers: int, model_type: str) -> tuple[str, ...]:
     return layer_types
 
 
+def _check_scale(source: str, layers: int, moe_layers: int, experts: int) -> None:
+    """Refuse a model whose tensors could not even be listed: a count from the declared sizes (at most 12 per
+    layer, 3 per expert and 2 per router), before one name is made."""
+    tensors = 12 * layers + moe_layers * (3 * experts + 2) + 3
+    if tensors > MAX_TENSORS:
+        raise ConfigError(f"{source}: {layers} layers of {experts} experts make {tensors:,} tensors; lfm2 loads at "
+                          f"most {MAX_TENSORS:,} (the largest published models have under 50,000)")
+
+
 def parse_config(raw: dict[str, Any], source: str = "config.json",
                  generation_config: dict[str, Any] | None = None,
                  generation_source: str = "generation_config.json") -> Lfm2Config:
@@ -219,7 +241,7 @@ def parse_config(raw: dict[str, Any], source: str = "config.json",
         )
     r = _Reader(raw, source)
     hidden = r.whole("hidden_size", required=True)
-    layers = r.whole("num_hidden_layers", required=True)
+    layers = r.whole("num_hidden_layers", required=True, maximum=MAX_LAYERS)
     heads = r.whole("num_attention_heads", "num_heads", required=True)
     kv_heads = r.whole("num_key_value_heads", default=heads, null_ok=True)
     layer_types = _layer_types(r, layers, model_type)
@@ -240,13 +262,14 @@ def parse_config(raw: dict[str, Any], source: str = "config.json",
 
     moe: dict[str, Any] = {}
     if model_type == "lfm2_moe":
-        experts = r.whole("num_experts", required=True)
+        experts = r.whole("num_experts", required=True, maximum=MAX_EXPERTS)
         top_k = r.whole("num_experts_per_tok", required=True)
         if top_k > experts:
             raise r.fail("num_experts_per_tok", top_k, f"a whole number from 1 to num_experts ({experts})")
         dense_layers = r.whole("num_dense_layers", default=2, minimum=0)
         if dense_layers > layers:
             raise r.fail("num_dense_layers", dense_layers, f"a whole number from 0 to num_hidden_layers ({layers})")
+        _check_scale(source, layers, layers - dense_layers, experts)
         moe = dict(
             num_experts=experts,
             num_experts_per_tok=top_k,
@@ -301,16 +324,60 @@ def parse_config(raw: dict[str, Any], source: str = "config.json",
     )
 
 
-def read_json_object(path: Path) -> dict[str, Any]:
-    """One JSON object from a checkpoint's file (config, tokenizer config, ...), or ConfigError saying why not."""
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise ValueError(f"a number of {digits:,} digits")
+    return int(text)
+
+
+def parse_json(text: str | bytes, object_pairs_hook: Any = None) -> Any:
+    """json.loads for untrusted text, with causes a reader can act on: a number of more than MAX_DIGITS digits
+    and nesting deeper than Python's recursion limit are ValueErrors saying so (not a RecursionError, nor int()'s
+    advice to raise a limit)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return json.loads(text, parse_int=_bounded_int, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise ValueError("nested too deeply (more than about 1,000 levels)") from None
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, which must be a regular file of at most `limit` bytes; ConfigError naming it otherwise.
+    Opened without blocking and checked before reading, so a FIFO or a device in its place never hangs or fills
+    memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path}: not a regular file; expected the file itself")
+        if info.st_size > limit:
+            raise ConfigError(f"{path}: {info.st_size:,} bytes, more than the {limit:,} this file may have; "
+                              "the file is damaged or not what its name says")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew since fstat
+        raise ConfigError(f"{path}: more than the {limit:,} bytes this file may have")
+    return data
+
+
+def read_json_object(path: Path, limit: int = JSON_LIMIT) -> dict[str, Any]:
+    """One JSON object from a checkpoint's file (config, tokenizer config, ...), or ConfigError saying why not."""
+    raw = read_regular(path, limit)
+    try:
+        data = parse_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; expected a JSON object in UTF-8") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
@@ -320,9 +387,9 @@ def load_config(path: str | Path) -> Lfm2Config:
     """Read `config.json` (and `generation_config.json` when present) from a checkpoint directory."""
     root = Path(path)
     cfg_path = root / "config.json" if root.is_dir() else root
-    if not cfg_path.is_file():
+    if not cfg_path.exists():  # something else in its place (a FIFO, a directory) is read_regular's to name
         raise ConfigError(f"{root}: no config.json here; is this a model checkpoint directory?")
     gen_path = cfg_path.parent / "generation_config.json"
-    gen = read_json_object(gen_path) if gen_path.is_file() else None
+    gen = read_json_object(gen_path) if gen_path.exists() else None
     return parse_config(read_json_object(cfg_path), source=str(cfg_path), generation_config=gen,
                         generation_source=str(gen_path))

@@ -142,10 +142,35 @@ def native_levels() -> list[str]:
     return levels_for(platform.machine(), flags())
 
 
+ARCHITECTURES = (("x86-64", "x86_64"), ("ARM64", "aarch64"))  # each kind of CPU with native kernels, as named
+
+
+def asked_level() -> str:
+    """LFM2_NATIVE_ISA, checked: '' (or auto) for the best level, `none`, or a level of this architecture.
+    Anything else is a UsageError that lists the values each architecture accepts: a typo must not quietly turn
+    the native kernels off."""
+    raw = os.environ.get("LFM2_NATIVE_ISA", "").strip()
+    asked = raw.lower()
+    if asked in ("", "auto", "none") or asked in level_table():
+        return asked
+    from lfm2cli.errors import UsageError
+
+    here = next((name for name, machine in ARCHITECTURES if level_table(machine) == level_table()), None)
+    if here is None:
+        use = f"none or auto (there are no native kernels for {platform.machine() or 'this architecture'})"
+    else:
+        use = ", ".join([*level_table(), "none"]) + " or auto"
+    others = "; ".join(f"{name}: {', '.join(level_table(machine))}" for name, machine in ARCHITECTURES
+                       if name != here)
+    raise UsageError(f"LFM2_NATIVE_ISA={raw} is not a native kernel level{' on ' + here if here else ''}; use "
+                     f"{use}, or unset it ({others})")
+
+
 def native_level() -> tuple[str | None, str | None]:
-    """(level, None) for the native kernel level to build and use, or (None, why not)."""
+    """(level, None) for the native kernel level to build and use, or (None, why not). An LFM2_NATIVE_ISA that is
+    no level of this architecture is a UsageError (`asked_level`)."""
     levels, table = native_levels(), level_table()
-    asked = os.environ.get("LFM2_NATIVE_ISA", "").strip().lower()
+    asked = asked_level()
     if asked in ("", "auto"):
         if levels:
             return levels[0], None
@@ -154,8 +179,6 @@ def native_level() -> tuple[str | None, str | None]:
         return None, "no kernel for this CPU (it needs " + ("NEON" if is_arm() else "AVX2, FMA and F16C") + ")"
     if asked == "none":
         return None, "turned off by LFM2_NATIVE_ISA=none"
-    if asked not in table:
-        return None, f"LFM2_NATIVE_ISA={asked} is not a level (use {', '.join(table) or 'nothing'} or none)"
     if asked not in levels:
         missing = [x for x in table[asked] if x not in flags()]
         return None, f"LFM2_NATIVE_ISA={asked}, but this CPU lacks {', '.join(missing)}"

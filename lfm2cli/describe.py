@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.checkpoint import inspect_checkpoint, memory_needed, parameter_counts
+from lfm2cli.checkpoint import inspect_checkpoint, memory_needed, parameter_counts, undecodable_ids
 from lfm2cli.config import Lfm2Config, read_json_object
 from lfm2cli.errors import CheckpointError
 from lfm2cli.formatting import human_bytes, human_count
@@ -139,14 +139,28 @@ def describe(path: Path) -> dict[str, Any]:
         "attention": {"heads": cfg.num_attention_heads, "kv_heads": cfg.num_key_value_heads,
                       "head_dim": cfg.head_dim, "layers": attn},
         "feed_forward": ffn,
-        "tokens": _tokens(root, cfg, side_problems),
+        "tokens": {**_tokens(root, cfg, side_problems),
+                   "undecodable_ids": _span(undecodable_ids(cfg, found.tokenizer))},
         "files": files,
         "files_total_bytes": sum(f["bytes"] for f in files),
         "memory": memory,
         "problems": problems,
+        "notes": found.notes,  # loads, but cannot generate text: the check says so instead of "ok" (exit 0)
     }
     problems += [p for p in side_problems if not any(p.split(":")[0] in q for q in problems)]
     return desc
+
+
+def _span(ids: range) -> list[int] | None:
+    return [ids.start, ids.stop - 1] if ids else None
+
+
+def _tokenizer_text(tok: dict[str, Any]) -> str:
+    """Whether there is a tokenizer, and the ids the model can emit that it cannot decode."""
+    if not tok["tokenizer"]:
+        return "no"
+    gap = tok.get("undecodable_ids")
+    return f"yes; ids {gap[0]} to {gap[1]} (in the model's vocabulary) decode to nothing" if gap else "yes"
 
 
 def _dtypes_text(dtypes: dict[str, int]) -> str:
@@ -184,7 +198,7 @@ def sections(desc: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
         ("rope theta", _number(desc["rope_theta"])),
         ("tied embeddings", "yes" if desc["tied_embeddings"] else "no"),
         ("dtype on disk", _dtypes_text(desc["dtypes"])),
-        ("check", "; ".join(desc["problems"]) or "ok"),
+        ("check", "; ".join(desc["problems"]) or "; ".join(desc.get("notes", ())) or "ok"),
     ]
     layers = [
         ("layers", f"{lay['count']} ({lay['conv']} conv, {lay['attention']} attention)"),
@@ -213,27 +227,22 @@ def sections(desc: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
         ("pad token", _token_text_row(tok["pad_token"], [] if tok["pad_token_id"] is None
                                       else [tok["pad_token_id"]])),
         ("chat template", f"yes ({tok['chat_template_source']})" if tok["chat_template"] else "no"),
-        ("tokenizer.json", "yes" if tok["tokenizer"] else "no"),
+        ("tokenizer.json", _tokenizer_text(tok)),
     ]
     shards = [f for f in desc["files"] if f["name"].endswith(".safetensors")]
     if len(shards) > MAX_SHARD_ROWS:  # one row for a long run of shards keeps the table readable
         files = [(f["name"], human_bytes(f["bytes"])) for f in desc["files"] if f not in shards]
-        files.insert(0, (f"{len(shards)} safetensors shards", human_bytes(sum(f["bytes"] for f in shards))))
+        files.insert(0, ("shards", f"{len(shards)} safetensors files, {human_bytes(sum(f['bytes'] for f in shards))}"))
     else:
         files = [(f["name"], human_bytes(f["bytes"])) for f in desc["files"]]
     files.append(("total", human_bytes(desc["files_total_bytes"])))
-    stored_as = _dtypes_text(desc["dtypes"]) if len(desc["dtypes"]) == 1 else "as stored"
-    memory = [
-        ("weights (bf16)", human_bytes(mem["weights_bf16_bytes"])),
-        (f"weights ({stored_as})", human_bytes(mem["weights_stored_bytes"])),
-    ]
+    memory = [("weights", _weights_text(mem["weights_stored_bytes"], mem["weights_bf16_bytes"], desc["dtypes"]))]
     if is_moe:
-        memory += [("weights read per token (bf16)", human_bytes(mem["active_weights_bf16_bytes_per_token"])),
-                   (f"weights read per token ({stored_as})",
-                    human_bytes(mem["active_weights_stored_bytes_per_token"]))]
+        memory += [("weights read per token", _weights_text(mem["active_weights_stored_bytes_per_token"],
+                                                            mem["active_weights_bf16_bytes_per_token"],
+                                                            desc["dtypes"]))]
     run = mem["to_run_bytes"]
-    memory += [(f"to run, {name}", f"~{human_bytes(run[key])}") for key, name in (
-        ("bf16", "bf16"), ("int8", "--quantize int8"), ("int4", "--quantize int4"))]
+    memory += [(f"to run, {key}", f"~{human_bytes(run[key])}") for key in ("bf16", "int8", "int4")]
     memory += [
         ("KV cache per 1,000 tokens (bf16)", human_bytes(mem["kv_cache_bf16_bytes_per_1000_tokens"])),
         ("KV cache at full context (bf16)", human_bytes(mem["kv_cache_bf16_bytes_full_context"])),
@@ -243,13 +252,24 @@ def sections(desc: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
             ("Tokens", tokens), ("Files", files), ("Memory", memory)]
 
 
+def _weights_text(stored: int, bf16: int, dtypes: dict[str, int]) -> str:
+    """One row for the weights: their size as stored, and in bf16 (what lfm2 runs) when they are stored otherwise."""
+    if not dtypes:
+        return f"{human_bytes(bf16)} in bf16 (none stored)"
+    if list(dtypes) == ["BF16"]:
+        return f"{human_bytes(stored)} (BF16)"
+    as_stored = f"as stored ({next(iter(dtypes))})" if len(dtypes) == 1 else "as stored"
+    return f"{human_bytes(stored)} {as_stored}, {human_bytes(bf16)} in bf16"
+
+
 def plain_lines(desc: dict[str, Any]) -> list[str]:
-    """`key: value` lines for pipes; file rows get a `file ` prefix so keys stay distinct."""
+    """`key: value` lines for pipes; a file's row gets a `file ` prefix so keys stay distinct (`file
+    config.json: 1.2 kB`, `shards: 25 safetensors files, 9.6 GB`, `files total: 9.6 GB`)."""
     lines = []
     for title, rows in sections(desc):
         for label, value in rows:
             key = label
             if title == "Files":
-                key = "files total" if label == "total" else f"file {label}"
+                key = {"total": "files total", "shards": "shards"}.get(label, f"file {label}")
             lines.append(f"{key}: {value}")
     return lines

@@ -31,6 +31,10 @@ class GenerationError(Lfm2Error):
     """The request cannot be generated (empty prompt, prompt longer than the context, ...)."""
 
 
+class PromptTooLongError(GenerationError):
+    """A text needs more tokens than the model's context holds (found before all of it is encoded)."""
+
+
 class HistoryError(Lfm2Error):
     """The history database cannot be used, or a conversation id does not match."""
 

@@ -26,6 +26,14 @@ def human_count(n: int | float) -> str:
     return _scaled(n, ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K"))) or f"{n:g}"
 
 
+def rate(per_second: float | None, digits: int = 1) -> str:
+    """A speed (tokens/s) to `digits` decimals, or '-' where nothing was measured (no tokens, or no time): a
+    rate over zero tokens is not a rate, and 0.0 would read as a very slow machine."""
+    if per_second is None or not per_second > 0:
+        return "-"
+    return f"{per_second:.{digits}f}"
+
+
 def local_time(stamp: str) -> str:
     """A stored ISO 8601 time (UTC) in the user's time zone, to the minute; anything else as it is."""
     try:

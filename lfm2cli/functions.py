@@ -122,7 +122,7 @@ def describe(call: ToolCall) -> str:
     """The call as the user is asked to confirm it, `get_weather(city="Paris")` (LFM2's own call syntax)."""
     try:
         return call.to_pythonic()
-    except TypeError:  # a value with no literal form (only from hand-built calls): still show something
+    except (TypeError, ValueError):  # a value with no literal form (only hand-built calls): still show something
         return f"{call.name}({', '.join(f'{k}={v!r}' for k, v in call.arguments.items())})"
 
 

@@ -68,6 +68,8 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if device.type == "cpu":
+        cpu.asked_level()  # a mistyped LFM2_NATIVE_ISA is an error whatever the dtype, not a quiet fallback
     if dtype == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -101,6 +103,8 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 
 Reader = Callable[[memoryview, int], int]  # fill a view from a file offset; returns the bytes read
+# told (bytes of weights in place, bytes in all) as a model loads, for a progress bar (lfm2cli.load_progress)
+Progress = Callable[[int, int], None]
 
 
 def file_reader(fd: int) -> Reader:
@@ -267,12 +271,13 @@ def finish_model(model: Lfm2ForCausalLM, device: torch.device, plan: Plan) -> Lf
 
 def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *,
                quantize: str | None = None, compile: bool = False, fast: bool = True, native: bool = True,
-               headers: dict[str, TensorInfo] | None = None) -> Lfm2ForCausalLM:
+               headers: dict[str, TensorInfo] | None = None, progress: Progress | None = None
+               ) -> Lfm2ForCausalLM:
     """The model of checkpoint `path`. `headers`: its headers as `inspect_checkpoint` read and checked them;
-    without them they are read and checked here."""
+    without them they are read and checked here. `progress` is told the bytes of weights read so far."""
     configure_allocator()
     if headers is None:
-        headers = read_all_headers(path)  # raises for missing shards and damaged or truncated files
+        headers = read_all_headers(path, cfg)  # raises for missing shards and damaged or truncated files
         check_tensors(cfg, headers, str(path))
     own_head = uses_own_head(cfg, headers)
     with torch.device("meta"):
@@ -281,8 +286,12 @@ def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.d
     plan = plan_fast_form(model, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
     slots = fused_slots(model, device, dtype) if plan.accelerate else {}
     units = UnitTracker(model, plan, sorted(wanted), slots)
-    for file in weight_files(path):
-        tensors, data_start = read_header(file)
+    files = [(file, *read_header(file)) for file in weight_files(path, cfg)]
+    total = sum(t.end - t.start for _, tensors, _ in files for t in tensors.values() if t.name in wanted)
+    done = 0
+    if progress is not None:
+        progress(0, total)
+    for file, tensors, data_start in files:
         # in file order, so the disk reads sequentially; skip e.g. an lm_head stored next to tied embeddings
         infos = [t for t in sorted(tensors.values(), key=lambda t: t.start) if t.name in wanted]
         direct = {i.name: slots[i.name] for i in infos if i.name in slots and device.type == "cpu"
@@ -294,6 +303,9 @@ def load_model(path: Path, cfg: Lfm2Config, device: torch.device, dtype: torch.d
             _assign(model, info.name, raw.to(device=device, dtype=target))
             del raw
             units.placed(info.name)
+            done += info.end - info.start
+            if progress is not None:
+                progress(done, total)
     left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if left:
         raise CheckpointError(f"{path}: tensors not loaded: {', '.join(left[:5])}")
@@ -304,10 +316,12 @@ RANDOM_POOL = 1 << 22  # random values generated per model; tensors are tiled fr
 
 
 def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, quantize: str | None = None,
-                 compile: bool = False, fast: bool = True, native: bool = True, seed: int = 0) -> Lfm2ForCausalLM:
+                 compile: bool = False, fast: bool = True, native: bool = True, seed: int = 0,
+                 progress: Progress | None = None) -> Lfm2ForCausalLM:
     """A model of `cfg`'s shape with random weights, built tensor by tensor in `dtype` on `device` (never a
     float32 copy of the whole model), for benchmarks. Values are uniform with std ~ 1/sqrt(fan-in), norms 1;
-    weights repeat with a period of RANDOM_POOL values, which changes nothing in speed."""
+    weights repeat with a period of RANDOM_POOL values, which changes nothing in speed. `progress` is told the
+    bytes of weights built so far."""
     configure_allocator()
     gen = torch.Generator().manual_seed(seed)
     pool = torch.rand(RANDOM_POOL, generator=gen).mul_(2).sub_(1).to(device=device, dtype=dtype)
@@ -316,7 +330,11 @@ def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, q
     plan = plan_fast_form(model, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     units = UnitTracker(model, plan, [n for n, _ in tensors], {})
-    for name, p in tensors:
+    sizes = [p.numel() * (4 if name.endswith(KEEP_FLOAT32) else dtype.itemsize) for name, p in tensors]
+    total, built = sum(sizes), 0
+    if progress is not None:
+        progress(0, total)
+    for (name, p), size in zip(tensors, sizes, strict=True):
         target = torch.float32 if name.endswith(KEEP_FLOAT32) else dtype
         t = torch.empty(p.shape, device=device, dtype=target)
         if name.endswith(KEEP_FLOAT32):
@@ -336,14 +354,19 @@ def random_model(cfg: Lfm2Config, device: torch.device, dtype: torch.dtype, *, q
         _assign(model, name, t)
         del t
         units.placed(name)
+        built += size
+        if progress is not None:
+            progress(built, total)
     return finish_model(model, device, plan)
 
 
 def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer: bool = True,
-         quantize: str | None = None, compile: bool = False, force: bool = False) -> LoadedModel:
+         quantize: str | None = None, compile: bool = False, force: bool = False,
+         progress: Progress | None = None) -> LoadedModel:
     """Load config, weights and (when present) tokenizer from a checkpoint directory. `quantize="int8"` or
     `"int4"` quantises weights at load time; `compile=True` compiles the decode step with torch.compile.
-    Refuses (MemoryLimitError) a model that does not fit in the available memory unless `force`."""
+    Refuses (MemoryLimitError) a model that does not fit in the available memory unless `force`. `progress`
+    is told (bytes read, bytes in all) as the weights are read."""
     from lfm2cli.quantize import check_mode
 
     quantize = check_mode(quantize)
@@ -360,6 +383,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer:
         from lfm2cli.memory import check_fits
 
         check_fits(cfg, quantize, dt, dev)
-    model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile, headers=found.headers)
+    model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile, headers=found.headers,
+                       progress=progress)
     return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=found.tokenizer,
                        quantize=quantize, skipped=model.skipped_options)

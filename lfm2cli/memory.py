@@ -6,18 +6,22 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from lfm2cli.checkpoint import memory_needed
 from lfm2cli.config import Lfm2Config
 from lfm2cli.errors import MemoryLimitError
 from lfm2cli.formatting import human_bytes
 
+if TYPE_CHECKING:  # torch is imported where it is used, so `lfm2 list --available` asks psutil alone
+    import torch
+
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start a fresh high-water mark (Linux: VmHWM via clear_refs), so that what came before does not count."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
         return
     try:
@@ -29,6 +33,8 @@ def reset_peak_memory(device: torch.device) -> None:
 def peak_memory(device: torch.device) -> int:
     """Bytes: the most this process has held since the last reset (CUDA: the most allocated on the device)."""
     if device.type == "cuda":
+        import torch
+
         return int(torch.cuda.max_memory_allocated(device))
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -44,7 +50,15 @@ def available_memory(device: torch.device) -> int:
     """Bytes a new model can take now: free device memory (CUDA), else the system's available memory
     (psutil: free plus reclaimable page cache), capped by a cgroup limit when the process runs under one."""
     if device.type == "cuda":
+        import torch
+
         return int(torch.cuda.mem_get_info(device)[0])
+    return system_available_memory()
+
+
+def system_available_memory() -> int:
+    """Bytes of system memory a new model can take now (psutil: free plus reclaimable page cache), capped by a
+    cgroup limit when the process runs under one. No torch."""
     import psutil
 
     free = int(psutil.virtual_memory().available)

@@ -4,7 +4,6 @@ same pieces a local `TextRun` yields: `Reasoning` and `Answer` text, tool calls 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +14,12 @@ from lfm2cli.generation import GenerationStats
 from lfm2cli.sampling import SamplingParams
 from lfm2cli.stops import StopMatcher
 from lfm2cli.thinking import Answer, Reasoning, ThinkingSplitter
-from lfm2cli.toolcalls import Calls, ToolCall, ToolCallStream, Unparsed
+from lfm2cli.toolcalls import TOOL_CALL_START, Calls, ParseError, ToolCall, ToolCallStream, Unparsed, loads_json
 
 TIMEOUT_S = 600.0  # a long reply from a busy cluster is normal; a dead connection still fails at connect
+# A server that ignores max_tokens is cut off here: at most this many characters a token (LFM2's longest tokens
+# are far shorter), and a few chunks beyond max_tokens for the role, finish and usage chunks.
+TOKEN_CHARS, SPARE_CHUNKS = 128, 8
 
 
 class RemoteError(Lfm2Error):
@@ -94,6 +96,19 @@ class Endpoint:
             raise _explain(e, self.url) from None
 
 
+def _chunk_chars(choice: Any) -> int:
+    """How much text one streamed choice carries: content, reasoning and tool-call pieces together."""
+    if getattr(choice, "delta", None) is None:
+        return len(getattr(choice, "text", None) or "")
+    delta = choice.delta
+    extra = getattr(delta, "model_extra", None) or {}
+    size = len(delta.content or "") + sum(len(v) for v in extra.values() if isinstance(v, str))
+    for tc in delta.tool_calls or ():
+        if tc.function is not None:
+            size += len(tc.function.name or "") + len(tc.function.arguments or "")
+    return size
+
+
 def request_fields(params: SamplingParams, max_tokens: int, stops: Sequence[str] = ()) -> dict[str, Any]:
     """Our sampling settings as request fields; those OpenAI lacks go in the body as vLLM and SGLang read them."""
     fields: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p, "max_tokens": max_tokens}
@@ -101,6 +116,11 @@ def request_fields(params: SamplingParams, max_tokens: int, stops: Sequence[str]
         fields["seed"] = params.seed
     if stops:
         fields["stop"] = list(stops)
+    for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's own fields: only sent when in use
+        if getattr(params, name):
+            fields[name] = getattr(params, name)
+    if params.logit_bias:
+        fields["logit_bias"] = {str(k): v for k, v in params.logit_bias.items()}
     extra: dict[str, Any] = {"min_p": params.min_p, "repetition_penalty": params.repetition_penalty}
     if params.top_k > 0:  # off is spelled 0 by some servers and -1 by others: leave it out instead
         extra["top_k"] = params.top_k
@@ -161,12 +181,14 @@ class RemoteRun:
         kind, request = self._request()
         # a server without an LFM2 tool parser sends the calls as content: parse them here, as locally
         self._stream = ToolCallStream(self.tools, bare=True) if self.tools is not None else None
-        splitter = ThinkingSplitter()
+        # with tools, a call block begun inside an unclosed <think> ends the reasoning, as locally
+        splitter = ThinkingSplitter(call_start=TOOL_CALL_START if self.tools is not None else None)
         matcher = StopMatcher(list(self.stops))
         calls: dict[int, dict[str, Any]] = {}
         t0 = time.perf_counter()
         first: float | None = None
         server_reasoning = False
+        received = 0
         try:
             for chunk in self.endpoint.stream(kind, **request):
                 if getattr(chunk, "usage", None):
@@ -174,6 +196,10 @@ class RemoteRun:
                     self.stats.generated_tokens = chunk.usage.completion_tokens or 0
                 for choice in chunk.choices or ():
                     self.tokens.append(-1)
+                    received += _chunk_chars(choice)
+                    if len(self.tokens) > self.max_tokens + SPARE_CHUNKS or received > self.max_tokens * TOKEN_CHARS:
+                        self.stats.finish_reason = "length"  # more than was asked for: stop reading, hang up
+                        return
                     if first is None:
                         first = time.perf_counter()
                         self.stats.ttft_s = self.stats.prefill_s = first - t0
@@ -221,9 +247,9 @@ class RemoteRun:
                 self.stats.decode_s = time.perf_counter() - first
         for entry in calls.values():
             try:
-                args = json.loads(entry["arguments"] or "{}")
-            except ValueError:
-                raise RemoteError(f"{self.endpoint.url} sent a tool call with arguments that are not JSON: "
+                args = loads_json(entry["arguments"] or "{}")  # bounded nesting, finite numbers
+            except ParseError as e:
+                raise RemoteError(f"{self.endpoint.url} sent a tool call whose arguments are {e}: "
                                   f"{entry['arguments'][:200]!r}") from None
             self.tool_calls.append(ToolCall(entry["name"], args if isinstance(args, dict) else {}))
 

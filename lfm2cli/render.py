@@ -20,6 +20,8 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
+from lfm2cli.safetext import visible
+
 # Any indentation is accepted for fences so that a fence inside a list item is tracked too: treating
 # something as a fence only ever keeps lines together, which is always safe.
 _FENCE_OPEN = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
@@ -200,7 +202,7 @@ class MarkdownStream:
         """Show the next chunk of the reply."""
         if self._closed or not text:
             return
-        finished = self._splitter.feed(text)
+        finished = self._splitter.feed(visible(text))  # model text must not drive the terminal
         for block in finished:
             # while the live region is up, printing redraws it below the new scrollback lines
             self._print_block(block)
@@ -260,10 +262,16 @@ class PlainStream:
         self._ensure_newline = ensure_newline
         self._last = "\n"  # last character written, to end the reply on a line of its own
         self._closed = False
+        try:  # on a terminal (chat --plain) control characters are shown, not acted on; a pipe gets the bytes
+            self._terminal = file.isatty()
+        except (AttributeError, ValueError, OSError):
+            self._terminal = False
 
     def feed(self, text: str) -> None:
         if self._closed or not text:
             return
+        if self._terminal:
+            text = visible(text)
         self.file.write(text)
         self.file.flush()
         self._last = text[-1]
@@ -301,7 +309,7 @@ class _ThoughtTail:
         room = max(1, min(console.size.height - 1, 8))
         # only the end of the text can be on screen: wrapping all of a long reasoning on every refresh is waste
         text = self._stream.text[-room * max(options.max_width, 1):]
-        lines = console.render_lines(Text(text, style="dim"), options, pad=False)[-room:]
+        lines = console.render_lines(Text(visible(text), style="dim"), options, pad=False)[-room:]
         for i, line in enumerate(lines):
             if i:
                 yield Segment.line()
@@ -332,7 +340,7 @@ class ThoughtStream:
         self.text += text
         if self.mode == "show":
             if self.console.is_terminal:
-                self.console.print(Text(text, style="dim"), end="", soft_wrap=True)
+                self.console.print(Text(visible(text), style="dim"), end="", soft_wrap=True)
             else:
                 self.console.file.write(text)  # as written: no tab expansion, no styles
                 self.console.file.flush()
@@ -379,7 +387,9 @@ def stats_footer(stats: dict) -> str:
         parts.append(f"{tokens} token" + ("" if tokens == 1 else "s"))
     tps = stats.get("decode_tps")
     if tps is not None:
-        parts.append(f"{tps:.1f} tok/s")
+        from lfm2cli.formatting import rate
+
+        parts.append(f"{rate(tps)} tok/s")  # '-' when no token was decoded
     ttft = stats.get("ttft_s")
     if ttft is not None:
         parts.append(f"first token {ttft:.2f} s")
@@ -407,7 +417,7 @@ def print_sections(sections: list[tuple[str, list[tuple[str, str]]]], console: C
         table.add_row(Text(title, style="bold cyan"), "")
         for label, value in rows:
             # Text(), not markup: token strings such as "[PAD]" must print as they are
-            table.add_row(Text("  " + label), Text(value))
+            table.add_row(Text("  " + label), Text(visible(value)))  # values come from checkpoint files
     (console or Console()).print(table)
 
 

@@ -1,7 +1,11 @@
 """The sandbox chat templates render in (`lfm2cli.chat_template`): jinja2's immutable sandbox with the filters and
 globals the hub's templates are written against, under a budget. A checkpoint's template is code we did not
 write, rendered again on every chat turn, so loops, calls, sizes, nesting and time are counted and a hostile or
-broken template fails fast with one line (TemplateError) instead of hanging or eating memory."""
+broken template fails fast with one line (TemplateError) instead of hanging or eating memory.
+
+The counts here see what the template asks for; work inside one filter or method (C code, or jinja's own Python)
+runs between them. That is bounded from outside: rendering happens in a worker process (`template_worker`) that
+is killed when it runs past its time and whose memory the kernel limits."""
 
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ from typing import Any
 # use a tiny fraction of each limit (one pass or two over the messages).
 TIME_LIMIT_S = 3.0
 MAX_STEPS = 5_000_000  # loop iterations and calls, all together
-MAX_CHARS = 8_000_000  # any one string or list built, and the prompt; grows with the conversation's own size
+MAX_CHARS = 8_000_000  # any one string, bytes or list built, and the prompt; grows with the conversation's own size
+MADE_FACTOR = 16  # all values built in one rendering together: this many times MAX_CHARS (each is counted ~twice)
 MAX_RANGE = 100_000  # one range(), as jinja's sandbox allows
 MAX_DEPTH = 100  # nested calls (a macro calling itself)
 MAX_INT_BITS = 100_000  # integers built by * and ** (10**10**10 would take hours)
@@ -43,6 +48,7 @@ class Budget:
         self.depth = 0
         self.max_chars = max_chars
         self.produced = 0  # characters output anywhere, macro bodies and set blocks included
+        self.made = 0  # characters and items of every value built, so a thousand values just under the limit fail
 
     def step(self) -> None:
         self.steps += 1
@@ -51,9 +57,18 @@ class Budget:
         if self.steps & 127 == 0 and time.monotonic() > self.deadline:
             raise LimitExceeded(f"ran longer than {TIME_LIMIT_S:g} s")
 
-    def size(self, n: int, what: str = "a string or list") -> None:
+    def check(self, n: int, what: str = "a string or list", unit: str = "characters or items") -> None:
+        """One value of `n` characters, bytes or items may be built."""
         if n > self.max_chars:
-            raise LimitExceeded(f"tried to build {what} of {n:,} characters or items (limit {self.max_chars:,})")
+            raise LimitExceeded(f"tried to build {what} of {n:,} {unit} (limit {self.max_chars:,})")
+
+    def size(self, n: int, what: str = "a string or list", unit: str = "characters or items") -> None:
+        """A value of `n` characters, bytes or items is about to be built (or just was): it and everything built
+        so far must fit."""
+        self.check(n, what, unit)
+        self.made += max(n, 0)
+        if self.made > MADE_FACTOR * self.max_chars:
+            raise LimitExceeded(f"built more than {MADE_FACTOR * self.max_chars:,} characters and items in all")
 
     def output(self, n: int) -> None:
         self.produced += n
@@ -64,24 +79,31 @@ class Budget:
 BUDGET: contextvars.ContextVar[Budget | None] = contextvars.ContextVar("lfm2_template_budget", default=None)
 
 
+_SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset, range)
+_SEQ = (str, bytes, bytearray, list, tuple)  # what `*` repeats and `+` joins
+
+
 def _length(value: Any) -> int:
-    return len(value) if isinstance(value, (str, list, tuple, dict, set, frozenset)) else 0
+    return len(value) if isinstance(value, _SIZED) else 0
 
 
-def text_size(value: Any, cap: int) -> int:
+def text_size(value: Any, cap: int, per_item: int = 2, per_level: int = 0) -> int:
     """About how many characters `value` prints as; stops counting once past `cap`. A list holding the same
-    long string a million times is small in memory but not once printed or joined."""
-    total, stack = 0, [value]
+    long string a million times is small in memory but not once printed or joined. Laid out one item a line,
+    `per_item` is what each item adds (separators, a newline) and `per_level` its indentation per nesting level."""
+    total, stack = 0, [(value, 1)]
     while stack and total <= cap:
-        v = stack.pop()
-        if isinstance(v, str):
+        v, depth = stack.pop()
+        if isinstance(v, (str, bytes, bytearray)):
             total += len(v)
+        elif isinstance(v, range):  # numbers of up to ~8 digits, not walked one by one
+            total += 2 + len(v) * (per_item + 8 + depth * per_level)
         elif isinstance(v, (list, tuple, set, frozenset, dict)):
-            total += 2 + 2 * len(v)
+            total += 2 + len(v) * (per_item + depth * per_level)
             if total <= cap:
-                stack.extend(v.values() if isinstance(v, dict) else v)
+                stack.extend((x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
                 if isinstance(v, dict):
-                    stack.extend(v.keys())
+                    stack.extend((k, depth + 1) for k in v.keys())
         else:
             total += 8
     return total
@@ -96,6 +118,8 @@ def _check_ints(b: Budget, values: Iterable[Any], what: str) -> None:
 def _check_format(b: Budget, fmt: Any, args: Iterable[Any], braces: bool = False) -> None:
     """`'%09999999999d' % 1` and `'{:>9999999999}'.format(1)` are short formats that build huge strings."""
     args = list(args)
+    if isinstance(fmt, (bytes, bytearray)):
+        fmt = fmt.decode("latin-1")
     if isinstance(fmt, str):
         if braces:
             numbers = [n for spec in _BRACE_SPEC.findall(fmt) for n in re.findall(r"\d+", spec)]
@@ -105,41 +129,59 @@ def _check_format(b: Budget, fmt: Any, args: Iterable[Any], braces: bool = False
         # `%*d` and `{:{}}` take the width from the arguments; elsewhere a big number is just a number
         if re.search(r"\{[^{}]*:[^{}]*\{", fmt) if braces else "*" in fmt:
             _check_ints(b, args, "a format")
-    b.size(text_size(args, b.max_chars), "a formatted string")
+    b.size(_length(fmt) + text_size(args, b.max_chars), "a formatted string")
 
 
 def _replace_size(s: Any, old: Any, new: Any) -> int:
-    if not (isinstance(s, str) and isinstance(old, str) and isinstance(new, str)) or len(new) <= len(old):
+    same = (str,) if isinstance(s, str) else (bytes, bytearray)
+    if not (isinstance(s, same) and isinstance(old, same) and isinstance(new, same)) or len(new) <= len(old):
         return 0
     return len(s) + (s.count(old) if old else len(s) + 1) * (len(new) - len(old))
 
 
 def _check_binop(b: Budget, op: str, left: Any, right: Any) -> None:
     b.step()
-    seq = (str, list, tuple)
     if op == "*":
-        if isinstance(left, seq) and type(right) is int:
+        if isinstance(left, _SEQ) and type(right) is int:
             b.size(len(left) * right)
-        elif isinstance(right, seq) and type(left) is int:
+        elif isinstance(right, _SEQ) and type(left) is int:
             b.size(len(right) * left)
         elif type(left) is int and type(right) is int and left.bit_length() + right.bit_length() > MAX_INT_BITS:
             raise LimitExceeded(f"tried to build an integer of more than {MAX_INT_BITS:,} bits")
-    elif op == "+" and isinstance(left, seq) and isinstance(right, seq):
+    elif op == "+" and isinstance(left, _SEQ) and isinstance(right, _SEQ):
         b.size(len(left) + len(right))
     elif op == "**" and type(left) is int and type(right) is int and right > 0 and abs(left) > 1:
         if (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
             raise LimitExceeded(f"tried to build an integer of more than {MAX_INT_BITS:,} bits")
-    elif op == "%" and isinstance(left, str):
+    elif op == "%" and isinstance(left, (str, bytes, bytearray)):
         _check_format(b, left, right if isinstance(right, tuple) else [right])
 
 
+def _translate_size(s: str | bytes | bytearray, table: Any) -> int:
+    """`str.translate` maps each character to a string of its table: `('x' * n).translate({120: 'y' * m})`."""
+    if not isinstance(s, str) or not isinstance(table, Mapping):
+        return len(s)  # bytes map byte to byte
+    longest = max((len(v) for v in table.values() if isinstance(v, str)), default=1)
+    return len(s) * max(longest, 1)
+
+
+def _check_int_call(b: Budget, name: str, args: tuple, kwargs: dict) -> None:
+    if name == "to_bytes":  # `(0).to_bytes(1500000000, 'big')`
+        length = _arg(args, kwargs, 0, "length", 1)
+        if type(length) is int:
+            b.size(length, "to_bytes()", "bytes")
+
+
 def _check_call(b: Budget, obj: Any, args: tuple, kwargs: dict) -> None:
-    """Before a call: the str methods whose arguments can ask for far more text than they are given."""
+    """Before a call: the str, bytes and int methods whose arguments can ask for far more than they are given."""
     wrapped = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format in a function of its own
     owner = getattr(wrapped, "__self__", None)
-    if not isinstance(owner, str):
-        return
     name = getattr(wrapped, "__name__", "")
+    if isinstance(owner, int):
+        _check_int_call(b, name, args, kwargs)
+        return
+    if not isinstance(owner, (str, bytes, bytearray)):
+        return
     if name in ("format", "format_map"):
         mapped = [v for a in args if isinstance(a, Mapping) for v in a.values()]  # format_map's values
         _check_format(b, owner, [*args, *kwargs.values(), *mapped], braces=True)
@@ -148,27 +190,55 @@ def _check_call(b: Budget, obj: Any, args: tuple, kwargs: dict) -> None:
     elif name == "replace" and len(args) >= 2:
         b.size(_replace_size(owner, args[0], args[1]))
     elif name == "expandtabs":
-        _check_ints(b, [(a or 0) * (owner.count("\t") + 1) for a in args if type(a) is int], "expandtabs()")
+        tabsize = _arg(args, kwargs, 0, "tabsize", 8)
+        if type(tabsize) is int:
+            b.size(len(owner) + max(tabsize, 0) * (owner.count("\t" if isinstance(owner, str) else b"\t") + 1),
+                   "expandtabs()")
     elif name in ("center", "ljust", "rjust", "zfill"):  # a width
-        _check_ints(b, [*args, *kwargs.values()], f"{name}()")
+        width = _arg(args, kwargs, 0, "width")
+        if type(width) is int:
+            b.size(max(width, len(owner)), f"{name}()")
+    elif name == "translate" and args:
+        b.size(_translate_size(owner, args[0]), "translate()")
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
     return args[i] if len(args) > i else kwargs.get(name, default)
 
 
+def _width(value: Any) -> int:
+    """An indentation as filters take it: a number of spaces or a string."""
+    return len(value) if isinstance(value, str) else value if type(value) is int and value > 0 else 0
+
+
+def _check_sum(b: Budget, value: Any, start: Any) -> None:
+    """`sum(start=[])` concatenates: the result holds every item of every element."""
+    if isinstance(start, _SEQ) and isinstance(value, (list, tuple)):
+        b.size(len(start) + sum(_length(v) for v in value), "a sum")
+
+
+def _check_json(b: Budget, value: Any, indent: Any, separators: Any) -> None:
+    """`tojson(indent=...)` adds its indentation once per item and level; separators once per item."""
+    per_item = 4
+    if isinstance(separators, (tuple, list)):
+        per_item += sum(len(x) for x in separators if isinstance(x, str))
+    b.size(text_size(value, b.max_chars, per_item, _width(indent)), "the tojson of a value")
+
+
 def _check_filter(b: Budget, name: str, args: tuple, kwargs: dict) -> None:
-    """Before a filter: the ones whose arguments can ask for far more text than they are given."""
+    """Before a filter: the ones whose arguments can ask for far more than they are given. Filters that only
+    grow their input by a small constant factor (escape, upper, urlencode) are counted once they return."""
     value = args[0] if args else None
     if name == "center":
-        _check_ints(b, [_arg(args, kwargs, 1, "width")], "center")
+        width = _arg(args, kwargs, 1, "width", 80)
+        if type(width) is int:
+            b.size(max(width, _length(value)), "center()")
     elif name == "indent":
-        width = _arg(args, kwargs, 1, "width", 4)
-        width = len(width) if isinstance(width, str) else width if type(width) is int else 0
+        width = _width(_arg(args, kwargs, 1, "width", 4))
         lines = value.count("\n") + 1 if isinstance(value, str) else 1
         b.size(_length(value) + width * lines)
     elif name == "wordwrap":
-        width, wrap = _arg(args, kwargs, 1, "width", 79), _arg(args, kwargs, 3, "wrapstring")
+        width, wrap = _arg(args, kwargs, 1, "width", 79), _arg(args, kwargs, 3, "wrapstring") or "\n"
         if isinstance(value, str) and isinstance(wrap, str) and type(width) is int:
             b.size(len(value) + (len(value) // max(width, 1) + value.count("\n") + 1) * len(wrap))
     elif name == "replace":
@@ -178,9 +248,26 @@ def _check_filter(b: Budget, name: str, args: tuple, kwargs: dict) -> None:
         b.size(text_size(value, b.max_chars) + _length(sep) * _length(value), "a joined string")
     elif name == "format":
         _check_format(b, value, [*args[1:], *kwargs.values()])
-    elif name in ("tojson", "pprint", "string", "list", "batch", "slice"):
+    elif name == "tojson":
+        _check_json(b, value, _arg(args, kwargs, 2, "indent"), _arg(args, kwargs, 3, "separators"))
+    elif name == "pprint":  # one item a line, indented by its depth
+        b.size(text_size(value, b.max_chars, 4, 1), "the pprint of a value")
+    elif name == "sum":
+        _check_sum(b, value, _arg(args, kwargs, 2, "start", 0))
+    elif name == "batch":  # the last row is filled up to `linecount` items
+        count, fill = _arg(args, kwargs, 1, "linecount"), _arg(args, kwargs, 2, "fill_with")
+        b.size(_length(value) + (count if type(count) is int and fill is not None else 0), "a batch")
+    elif name == "slice":  # `slices` lists, however short the value
+        count = _arg(args, kwargs, 1, "slices")
+        b.size(_length(value) + (count if type(count) is int else 0), "a slice")
+    elif name == "urlize":  # the target and rel attributes are written once per link
+        extra = sum(_length(_arg(args, kwargs, i, key)) for i, key in ((3, "target"), (4, "rel")))
+        words = value.count(" ") + value.count("\n") + 1 if isinstance(value, str) else 1
+        b.size(_length(value) + words * extra, "urlize()")
+    elif name in ("string", "list"):
         b.size(text_size(value, b.max_chars), f"the {name} of a value")
-        _check_ints(b, args[1:], name)
+    elif name == "truncate":
+        b.size(_length(value) + _length(_arg(args, kwargs, 3, "end")), "truncate()")
 
 
 def _budgeted_filter(name: str, func: Any) -> Any:
@@ -258,6 +345,9 @@ def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 
 def _strftime_now(fmt: str) -> str:
+    b = BUDGET.get()
+    if b is not None and isinstance(fmt, str):
+        b.size(12 * len(fmt), "strftime_now()")  # `%c` is two characters that print as 24
     return datetime.now().strftime(fmt)
 
 

@@ -4,17 +4,17 @@ records why generation stopped. Shared by `generate`, `chat` and `bench`."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lfm2cli.config import parse_json
 from lfm2cli.detokenize import StreamingDetokenizer
 from lfm2cli.errors import CheckpointError, UsageError
 from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.loading import LoadedModel
-from lfm2cli.sampling import Sampler, SamplingParams
+from lfm2cli.sampling import Sampler, SamplingParams, check_bias_ids
 from lfm2cli.stops import StopMatcher
 from lfm2cli.structured import Constraint, Grammar
 from lfm2cli.thinking import CLOSE, OPEN, Answer, Reasoning, ThinkingBudget, ThinkingSplitter
@@ -91,6 +91,11 @@ def check_tools(data: Any) -> list[dict[str, Any]]:
     objects), kept as given for the template. Raises ValueError saying what is wrong and what is expected."""
     if not isinstance(data, list):
         raise ValueError(f"expected {_TOOLS_SHAPE}, not a JSON {_json_kind(data)}")
+    from lfm2cli.chat_template import tools_problem
+
+    problem = tools_problem(data)  # too many or too large for any prompt: said before a template chokes on them
+    if problem is not None:
+        raise ValueError(problem)
     for n, tool in enumerate(data, 1):
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if isinstance(tool, dict) and "function" in tool and tool.get("type", "function") != "function":
@@ -101,11 +106,32 @@ def check_tools(data: Any) -> list[dict[str, Any]]:
         if not isinstance(fn.get("parameters", {}), dict):
             raise ValueError(f"tool {n} ({fn['name']}): parameters must be a JSON schema object; expected "
                              f"{_TOOLS_SHAPE}")
+        problem = _parameters_problem(fn)
+        if problem:
+            raise ValueError(f"tool {n} ({fn['name']}): {problem}; expected {_TOOLS_SHAPE}")
     return data
 
 
+def _parameters_problem(fn: dict[str, Any]) -> str | None:
+    """What is wrong with the parts of a tool the prompt and the call grammar read (None: nothing)."""
+    if not isinstance(fn.get("description", ""), str):
+        return f"description must be a string, not a JSON {_json_kind(fn['description'])}"
+    params = fn.get("parameters") or {}
+    props = params.get("properties", {})
+    if not isinstance(props, dict):
+        return f"parameters.properties must be an object of argument schemas, not a JSON {_json_kind(props)}"
+    for name, schema in props.items():
+        if not isinstance(schema, dict):
+            return f"parameters.properties.{name} must be a JSON schema object, not a JSON {_json_kind(schema)}"
+    required = params.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+        return "parameters.required must be a list of argument names"
+    return None
+
+
 def _json_kind(value: Any) -> str:
-    return {dict: "object", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value),
+                                                                                                "number")
 
 
 def read_tools(path: str) -> list[dict[str, Any]]:
@@ -116,7 +142,7 @@ def read_tools(path: str) -> list[dict[str, Any]]:
     except OSError as e:
         raise UsageError(f"{path}: cannot read the tools file ({e.strerror or e}); expected {_TOOLS_SHAPE}") from None
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = parse_json(raw.decode("utf-8"))  # deep nesting and 5,000-digit numbers are ValueErrors too
     except UnicodeDecodeError:
         raise UsageError(f"{path}: the tools file is not UTF-8 text; expected {_TOOLS_SHAPE}") from None
     except ValueError as e:
@@ -188,6 +214,7 @@ class TextRun:
     # called with the token count after each token is handled, before the model runs the next step: the cache
     # then holds every token but the last, so a caller may snapshot it or raise to stop (lfm2 serve's cancel)
     after_token: Callable[[int], None] | None = None
+    drop_cut_call: bool = False  # a call block the length cap cut is left out of `text` (lfm2 serve's replies)
     text: str = ""
     reasoning: str = ""
     raw: str = ""  # every character the detokenizer gave, markers included: the reply as the model wrote it
@@ -209,17 +236,23 @@ class TextRun:
         if self.tools is not None:
             keep |= tool_markers(tok)
         detok = StreamingDetokenizer(tok, keep=keep)
-        splitter = ThinkingSplitter(opened=self.opened) if self.think else None
+        # with tools, a call block begun inside an unclosed <think> ends the reasoning: the call is not lost in it
+        call_start = TOOL_CALL_START if self.tools is not None else None
+        splitter = ThinkingSplitter(opened=self.opened, call_start=call_start) if self.think else None
         ids = {text: i for i, text in markers.items()}
         budget = None
         if self.think and self.think_budget is not None:
             budget = ThinkingBudget(self.think_budget, opened=self.opened, open_id=ids.get(OPEN),
-                                    close_id=ids.get(CLOSE))
+                                    close_id=ids.get(CLOSE), call_start=call_start)
         constraint = None
         eos = sorted(stop_ids(self.lm))
         if self.grammar is not None:
             constraint = Constraint(tok, self.grammar, self.lm.config.vocab_size, eos)
-        steer = _Steer(Sampler(self.params), tok, splitter, budget, constraint, ids.get(OPEN), eos)
+        call_id = {v: k for k, v in tool_markers(tok).items()}.get(TOOL_CALL_START) if call_start else None
+        check_bias_ids(self.params.logit_bias, self.lm.config.vocab_size)
+        history = self.context_ids if self.context_ids is not None else self.prompt
+        steer = _Steer(Sampler(self.params, len(history)), tok, splitter, budget, constraint, ids.get(OPEN), eos,
+                       call_id)
         self.constraint = constraint
         calls = ToolCallStream(self.tools) if self.tools is not None else None
         matcher = StopMatcher(list(self.stops))
@@ -285,7 +318,12 @@ class TextRun:
             yield from sorted_out(split(detok.flush(), final=True))
             if calls is not None and not done:
                 # A block still open at the end parses if its content is whole (the end marker never came).
-                yield from answer_events(calls.close())
+                events = calls.close()
+                if self.drop_cut_call and self.stats.finish_reason == "length":
+                    # cut by the length cap: half a call block is no answer (kept in tool_errors, not in text)
+                    self.tool_errors += [e for e in events if isinstance(e, Unparsed)]
+                    events = [e for e in events if not isinstance(e, Unparsed)]
+                yield from answer_events(events)
             if done:
                 return
             out = matcher.flush()
@@ -316,7 +354,7 @@ class _Steer:
 
     def __init__(self, sampler: Sampler, tokenizer: Any, splitter: ThinkingSplitter | None,
                  budget: ThinkingBudget | None, constraint: Constraint | None, open_id: int | None,
-                 eos_ids: Sequence[int] = ()) -> None:
+                 eos_ids: Sequence[int] = (), call_id: int | None = None) -> None:
         import torch
 
         self.sampler, self.tokenizer = sampler, tokenizer
@@ -324,6 +362,10 @@ class _Steer:
         self.open_id = open_id
         self.eos = torch.tensor(eos_ids, dtype=torch.long)
         self.forced: list[int] = []
+        # `<|tool_call_start|>` written inside the reasoning ends it (ThinkingSplitter): under a grammar that
+        # begins with it (a forced call) it is the grammar's first token; under any other it may not be written
+        self.call_id = call_id
+        self._call_starts_grammar: bool | None = None
 
     def __call__(self, logits: Any, seen: Any) -> int:
         if self.budget is not None and not self.forced and self.budget.due:
@@ -335,7 +377,17 @@ class _Steer:
             return self.sampler(logits, seen)
         if state == "reasoning":
             # free text, but no ending here: the answer the grammar promises must still come
-            return self.sampler(logits.index_fill(0, self.eos, float("-inf")), seen)
+            logits = logits.index_fill(0, self.eos, float("-inf"))
+            if self.call_id is None:
+                return self.sampler(logits, seen)
+            if self._call_starts_grammar is None:
+                self._call_starts_grammar = bool(self.constraint.allowed()[self.call_id])
+            if not self._call_starts_grammar:
+                logits[self.call_id] = float("-inf")
+            tok = self.sampler(logits, seen)
+            if tok == self.call_id:
+                self.constraint.accept(tok)
+            return tok
         masked = self.constraint.mask(logits)
         if state == "start" and self.open_id is not None:
             masked[self.open_id] = logits[self.open_id]  # a thinking model may still open its block first

@@ -13,6 +13,12 @@ Choices, and why:
 - The whitespace around the markers is dropped from both parts, as the template's `| trim` does for past
   turns; `raw_text` keeps every character the model wrote, for history that must re-render it exactly.
 - A block still open when generation ends is all reasoning: the model never reached its answer.
+- A `<think>` repeated at the start of the block (the prompt opened it and the model wrote it again) is dropped,
+  as vLLM's and SGLang's reasoning parsers drop it: it is a marker, not reasoning.
+- With `call_start` (tools offered), a tool-call block that begins inside an unclosed `<think>` block ends the
+  reasoning there, and the block is answer text, where the tool-call parser finds it: the call is not lost in
+  hidden reasoning. SGLang's reasoning parsers treat their tool-call start the same way (Qwen3's `<tool_call>`,
+  Kimi K2's section marker), as does vLLM's Qwen3 parser.
 """
 
 from __future__ import annotations
@@ -63,10 +69,12 @@ class ThinkingSplitter:
     `state` is "start" until the reply is known to begin with a block or not, then "reasoning" inside the block
     and "answer" after it (or from the first character when there is no block)."""
 
-    def __init__(self, opened: bool = False) -> None:
+    def __init__(self, opened: bool = False, call_start: str | None = None) -> None:
         self._state: State = "reasoning" if opened else "start"
         self._held = ""  # received, not yet released
         self._trim = opened  # drop whitespace at the start of the current part
+        self._leading = opened  # at the start of the block, where a repeated `<think>` is dropped
+        self._call_start = call_start  # a marker that ends the block implicitly and begins the answer
         self._raw: list[str] = []
         self._reasoning: list[str] = []
         self._answer: list[str] = []
@@ -126,7 +134,7 @@ class ThinkingSplitter:
                 body = self._held.lstrip()
                 if body.startswith(OPEN):
                     self._held = body[len(OPEN):]
-                    self._state, self._trim = "reasoning", True
+                    self._state, self._trim, self._leading = "reasoning", True, True
                     continue
                 if OPEN.startswith(body) and not final:
                     return out  # only whitespace or the start of `<think>` so far
@@ -142,7 +150,21 @@ class ThinkingSplitter:
                 emit(Answer(self._held))
                 self._held = ""
                 return out
+            if self._leading:
+                if self._held.startswith(OPEN):  # written again after the prompt's (or its own) `<think>`
+                    self._held, self._trim = self._held[len(OPEN):], True
+                    continue
+                if OPEN.startswith(self._held) and not final:
+                    return out
+                self._leading = False
             end = self._held.find(CLOSE)
+            call = self._held.find(self._call_start) if self._call_start else -1
+            if call >= 0 and (end < 0 or call < end):
+                # a call begun inside the block: the reasoning ends, the call block is the answer's
+                emit(Reasoning(self._held[:call].rstrip()))
+                self._held = self._held[call:]
+                self._state = "answer"
+                continue
             if end >= 0:
                 emit(Reasoning(self._held[:end].rstrip()))
                 self._held = self._held[end + len(CLOSE):]
@@ -152,8 +174,9 @@ class ThinkingSplitter:
                 emit(Reasoning(self._held.rstrip()))
                 self._held = ""
                 return out
-            # Keep a possible `</think>` prefix, and the whitespace before it, which is dropped if the block ends.
-            keep = _partial_tail(self._held, CLOSE)
+            # Keep a possible `</think>` (or call marker) prefix, and the whitespace before it, which is dropped if
+            # the block ends.
+            keep = max(_partial_tail(self._held, CLOSE), _partial_tail(self._held, self._call_start or ""))
             body = self._held[:len(self._held) - keep]
             text = body.rstrip()
             emit(Reasoning(text))
@@ -181,7 +204,7 @@ class ThinkingBudget:
     them as single tokens, so the budget follows the block even when the detokenizer drops special tokens."""
 
     def __init__(self, max_tokens: int, *, opened: bool = False, open_id: int | None = None,
-                 close_id: int | None = None) -> None:
+                 close_id: int | None = None, call_start: str | None = None) -> None:
         if max_tokens < 0:
             raise ValueError(f"a thinking budget cannot be negative ({max_tokens})")
         self.max_tokens = max_tokens
@@ -189,7 +212,7 @@ class ThinkingBudget:
         self.forced = False
         self._open_id, self._close_id = open_id, close_id
         # Only the state matters here; the splitter is what follows the markers across token boundaries.
-        self._splitter = ThinkingSplitter(opened=opened)
+        self._splitter = ThinkingSplitter(opened=opened, call_start=call_start)
 
     @property
     def inside(self) -> bool:

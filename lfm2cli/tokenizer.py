@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from lfm2cli import chat_template as _chat_template
-from lfm2cli.config import read_json_object
-from lfm2cli.errors import CheckpointError
+from lfm2cli.config import parse_json, read_json_object, read_regular
+from lfm2cli.errors import CheckpointError, ConfigError, GenerationError, PromptTooLongError
+from lfm2cli.tokenizer_limits import FILE_LIMIT, check_tokenizer_json, guarded
 
 TEMPLATE_FILE = "chat_template.jinja"
+TEMPLATE_LIMIT = 4 << 20  # bytes of chat_template.jinja; real templates are a few kB
+PIECE_CHARS = 1 << 14  # characters tokenised at once when a long text is counted (`Tokenizer.encode_within`)
 
 
 def token_text(value: Any) -> str | None:
@@ -31,10 +34,12 @@ def _read_json(file: Path) -> dict:
 def _templates(directory: Path, config: dict) -> dict[str, str]:
     """Named chat templates; a `chat_template.jinja` file wins over the config key, as on the hub."""
     file = directory / TEMPLATE_FILE
-    if file.is_file():
+    if file.exists():
         try:
-            return {"default": file.read_text(encoding="utf-8")}
-        except (OSError, UnicodeDecodeError) as e:
+            return {"default": read_regular(file, TEMPLATE_LIMIT).decode("utf-8")}
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        except UnicodeDecodeError as e:
             raise CheckpointError(f"cannot read {file}: {' '.join(str(e).split())}") from None
     value = config.get("chat_template")
     if isinstance(value, str):
@@ -49,6 +54,9 @@ class Tokenizer:
     """Encode/decode text and render chats for one checkpoint."""
 
     template_source: str | None = None  # the file the chat templates came from, named in template errors
+    source: str = "tokenizer.json"  # the tokenizer's file, named when the library fails on a text
+    max_tokens: int | None = None  # the model's context: a text that needs more is refused before it is encoded
+    longest_token: int = 1  # characters of the longest token (load_tokenizer measures it)
 
     def __init__(self, backend: Any, *, bos_token: str | None, eos_token: str | None, pad_token: str | None,
                  templates: dict[str, str] | None = None) -> None:
@@ -64,6 +72,7 @@ class Tokenizer:
             t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special
         }
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self._max_token_chars: int | None = None
 
     @property
     def max_token_id(self) -> int:
@@ -86,13 +95,67 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids for `text`. Rendered chats already begin with BOS, so they use the default (False);
-        raw prompts pass True to get BOS prepended, like transformers' `tokenizer(text)`."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        raw prompts pass True to get BOS prepended, like transformers' `tokenizer(text)`. A text that needs more
+        than `max_tokens` tokens is refused (PromptTooLongError) after at most about that many are made."""
+        if self.max_tokens is not None and len(text) > PIECE_CHARS:
+            self._refuse_too_long(text, self.max_tokens)
+        return self._encode(text, add_special_tokens)
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            return guarded(self.source, "encoding a text",
+                           lambda: self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+        except TypeError:  # the library takes only valid Unicode: a lone surrogate (from undecodable input)
+            bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+            if bad is None:
+                raise
+            raise GenerationError(f"the text holds a lone surrogate (U+{ord(bad):04X}), which is not Unicode "
+                                  "text; expected UTF-8 text") from None
+
+    def _refuse_too_long(self, text: str, limit: int) -> None:
+        """Count `text`'s tokens a piece at a time, each cut before a space or newline, and refuse it once the
+        pieces need `limit` tokens even after the most that tokens across the cuts could save (a cut splits at
+        most two tokens of the whole text, each into at most `longest_token` pieces): memory and time follow
+        the limit, not the text (the library holds a few hundred bytes per token until it is done)."""
+        counted, start, cuts = 0, 0, 0
+        while start < len(text):
+            end = min(start + PIECE_CHARS, len(text))
+            if end < len(text):
+                half = start + PIECE_CHARS // 2
+                cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
+                end, cuts = (cut if cut > start else end), cuts + 1
+            counted += len(self._encode(text[start:end], False))
+            least = counted - cuts * 2 * self.longest_token
+            if least >= limit:
+                raise PromptTooLongError(
+                    f"the prompt needs more than {limit:,} tokens (its first {end:,} of {len(text):,} characters "
+                    f"alone take {least:,}) but the model's context holds {limit:,}; shorten it")
+            start = end
+
+    def encode_within(self, text: str, limit: int, add_special_tokens: bool = False) -> list[int] | None:
+        """`encode(text)`, or None when `text` certainly needs `limit` tokens or more (counted in pieces, as
+        `encode` does for `max_tokens`: memory follows `limit`, not the text). The ids returned may still be over
+        `limit`: the caller compares their number."""
+        if len(text) > PIECE_CHARS:
+            try:
+                self._refuse_too_long(text, limit)
+            except PromptTooLongError:
+                return None
+        return self._encode(text, add_special_tokens)
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (its vocabulary string, special tokens included): a text of
+        n characters needs at least about n / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self._tok.get_vocab(with_added_tokens=True)), default=1) or 1
+        return self._max_token_chars
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         if not isinstance(ids, list):
             ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return guarded(self.source, "decoding tokens",
+                       lambda: self._tok.decode(ids, skip_special_tokens=skip_special_tokens), quiet=False)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                             tools: list | None = None, **template_kwargs: Any) -> str:
@@ -115,23 +178,40 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def load_tokenizer(path: Path) -> Tokenizer:
-    """Load the tokenizer files of the checkpoint directory `path`."""
+def _read_backend(file: Path) -> tuple[Any, int]:
+    """The library's tokenizer for `file`, once its sizes are checked (`tokenizer_limits`), and the length of
+    its longest token. The text read is the text the library parses: nothing is read twice."""
     from tokenizers import Tokenizer as Backend
 
-    path = Path(path)
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise CheckpointError(
-            f"{path} has no tokenizer.json: the checkpoint needs its tokenizer files "
-            "(tokenizer.json, tokenizer_config.json); download the full model again"
-        )
     try:
-        backend = Backend.from_file(str(file))
+        text = read_regular(file, FILE_LIMIT).decode("utf-8")
+        longest = check_tokenizer_json(parse_json(text))
+    except ConfigError as e:
+        raise CheckpointError(f"{e}: the checkpoint needs a valid tokenizer.json") from None
+    except ValueError as e:  # not UTF-8, not JSON, or sizes past the limits: the cause is in the message
+        cause = e.msg if hasattr(e, "msg") else "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+        raise CheckpointError(f"{file}: {cause}; the checkpoint needs a valid tokenizer.json") from None
+    try:
+        return guarded(file, "reading its file", lambda: Backend.from_str(text)), longest
+    except CheckpointError:  # it panicked: already one line naming the file
+        raise
     except Exception as e:  # the Rust library raises plain Exceptions for any parse problem
         raise CheckpointError(
             f"cannot read {file} ({' '.join(str(e).split())[:200]}): the checkpoint needs a valid tokenizer.json"
         ) from None
+
+
+def load_tokenizer(path: Path, max_tokens: int | None = None) -> Tokenizer:
+    """Load the tokenizer files of the checkpoint directory `path`. `max_tokens`: the model's context; longer
+    texts are refused as they are encoded (see `Tokenizer.encode`)."""
+    path = Path(path)
+    file = path / "tokenizer.json"
+    if not file.exists() and not file.is_symlink():
+        raise CheckpointError(
+            f"{path} has no tokenizer.json: the checkpoint needs its tokenizer files "
+            "(tokenizer.json, tokenizer_config.json); download the full model again"
+        )
+    backend, longest = _read_backend(file)
     config = _read_json(path / "tokenizer_config.json")
     special_map = _read_json(path / "special_tokens_map.json")
 
@@ -150,6 +230,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
         pad_token=special("pad_token", "<|pad|>"),
         templates=_templates(path, config),
     )
+    tokenizer.source, tokenizer.max_tokens, tokenizer.longest_token = str(file), max_tokens, longest
     template_file = path / TEMPLATE_FILE  # the one _templates preferred, when it is there
     tokenizer.template_source = str(template_file if template_file.is_file() else path / "tokenizer_config.json")
     return tokenizer

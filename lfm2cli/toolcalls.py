@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import ast
 import json
+import keyword
+import math
 import secrets
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +20,13 @@ from typing import Any
 TOOL_CALL_START = "<|tool_call_start|>"
 TOOL_CALL_END = "<|tool_call_end|>"
 
-# Model output nests rarely more than a few levels; the cap keeps hostile output from exhausting the stack.
+# Model output nests rarely more than a few levels; the cap keeps hostile output from exhausting the stack. Every
+# structure is measured without recursion before anything recursive (json, ast.unparse, our own walks) sees it.
 _MAX_DEPTH = 64
+# Syntax nodes above one value: the call, its keyword, a dotted name; a name of more parts than this is no name.
+_MAX_AST_DEPTH = _MAX_DEPTH + 16
+# A block is parsed whole; past this it is text (file contents in an argument fit many times over).
+MAX_BLOCK_CHARS = 2_000_000
 _NAMED_CONSTANTS = {"true": True, "false": False, "null": None, "none": None}
 
 
@@ -32,11 +40,13 @@ class ToolCall:
     arguments: dict[str, Any] = field(default_factory=dict)
 
     def to_openai(self, id: str | None = None) -> dict[str, Any]:
-        """The entry of an OpenAI `tool_calls` list (arguments as a JSON string, as that API sends them)."""
+        """The entry of an OpenAI `tool_calls` list (arguments as a JSON string, as that API sends them).
+        A non-finite number has no JSON form: ValueError, never `Infinity` in the arguments."""
         return {
             "id": id or "call_" + secrets.token_hex(12),
             "type": "function",
-            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False,
+                                                                    allow_nan=False)},
         }
 
     @classmethod
@@ -61,6 +71,8 @@ def _literal(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, bool) or value is None:
         return repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number; a tool-call argument must be one")
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, Mapping):
@@ -100,43 +112,145 @@ def parse_calls(body: str, tools: Sequence[Mapping[str, Any]] | None = None) -> 
     """The calls in one block's content: a pythonic list (or one call), or JSON call objects.
 
     `tools` (OpenAI function schemas) lets positional arguments map to parameters in schema order;
-    without it a positional argument is an error, because its name cannot be known."""
+    without it a positional argument is an error, because its name cannot be known.
+    Any block, however hostile, either parses or raises ParseError: sizes and nesting are bounded first."""
+    if len(body) > MAX_BLOCK_CHARS:
+        raise ParseError(f"the block is {len(body)} characters long; at most {MAX_BLOCK_CHARS} are read as calls")
     text = _strip_fence(body)
     if not text:
         raise ParseError("empty tool-call block")
     if text.lstrip("[ \t\r\n").startswith("{"):
         try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):
+            data = loads_json(text)
+        except ParseError:
             data = None  # maybe Python-style dicts (single quotes, True): read below through ast
         if data is not None:
             return _calls_from_json(data)
-    try:
-        tree = ast.parse(text, mode="eval").body
-    except SyntaxError:
-        try:
-            tree = ast.parse(_escape_raw_newlines(text), mode="eval").body
-        except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
-            raise ParseError(f"not a call list: {e}") from None
-    except (RecursionError, MemoryError, ValueError) as e:
-        raise ParseError(f"not a call list: {e}") from None
+    tree, renamed = _parse_expression(text)
     order = _parameter_order(tools)
     items = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
     if all(isinstance(i, ast.Dict) for i in items):
         return _calls_from_json([_value(i) for i in items] if isinstance(tree, (ast.List, ast.Tuple)) else _value(tree))
-    return [_call_from_ast(item, order) for item in items]
+    return [_call_from_ast(item, order, renamed) for item in items]
 
 
-def _escape_raw_newlines(text: str) -> str:
-    """Models put real line breaks inside one-line string literals (file contents, code); escape them."""
+def _parse_expression(text: str) -> tuple[ast.expr, dict[str, str]]:
+    """The block as one Python expression, repaired where models write what Python does not read (see
+    `_repaired`); also the keyword parameters renamed for that, placeholder -> name."""
+    renamed: dict[str, str] = {}
+    try:
+        tree = _ast_parse(text)
+    except (SyntaxError, ValueError):
+        repaired, renamed = _repaired(text)
+        try:
+            tree = _ast_parse(repaired)
+        except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
+            raise ParseError(f"not a call list: {_reason(e)}") from None
+    except (RecursionError, MemoryError) as e:
+        raise ParseError(f"not a call list: {_reason(e)}") from None
+    if _ast_depth(tree) > _MAX_AST_DEPTH:
+        raise ParseError(f"nested more than {_MAX_AST_DEPTH} levels deep (names or arguments); not a call list")
+    return tree, renamed
+
+
+def _ast_parse(text: str) -> ast.expr:
+    # "\d" in a string is an invalid escape that Python still reads as backslash-d, which is what the model meant;
+    # its warning (SyntaxWarning from 3.12, DeprecationWarning before) must neither print nor, under an "error"
+    # filter, turn into a SyntaxError.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ast.parse(text, mode="eval").body
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    if isinstance(e, MemoryError):
+        return "too large"
+    return " ".join(str(e).split())[:200]
+
+
+def _ast_depth(tree: ast.AST, limit: int = _MAX_AST_DEPTH) -> int:
+    """How deep the syntax tree goes (counting stops past `limit`), measured without recursion."""
+    deepest = 0
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
+def json_depth(text: str) -> int:
+    """How deeply JSON text nests its arrays and objects (strings skipped), in one pass and without recursion."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is not a finite number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_json(text: str) -> Any:
+    """JSON from a model or a client: nesting bounded before it is parsed, numbers finite (`1e999`, `NaN` and
+    `Infinity` are refused rather than read as floats json.dumps would write back as non-JSON). ParseError
+    otherwise."""
+    if json_depth(text) > _MAX_DEPTH:
+        raise ParseError(f"nested more than {_MAX_DEPTH} levels deep")
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:
+        raise ParseError(f"not JSON: {_reason(e)}") from None
+
+
+def _repaired(text: str) -> tuple[str, dict[str, str]]:
+    """What models write and Python does not read, made readable without changing what was meant: line breaks and
+    NUL bytes inside one-line strings (escaped), a backslash that begins no escape Python can read (`"C:\\Users"`,
+    kept as a backslash), integers with leading zeros (`month=07` is 7) and a Python keyword as a parameter name
+    (`from=1`, renamed to a placeholder that `_call_from_ast` maps back)."""
     out: list[str] = []
+    renamed: dict[str, str] = {}
     quote = ""
+    raw = False  # the string has an r prefix: its backslashes are text
     i = 0
     while i < len(text):
         ch = text[i]
         if quote:
             if ch == "\\" and i + 1 < len(text):
-                out.append(text[i:i + 2])
+                if text[i + 1] == "\0":
+                    out.append("\\\\\\x00")  # backslash, NUL
+                elif not raw and not _escape_ok(text, i):
+                    out.append("\\\\")  # `C:\Users` is a path, not a broken \U escape: keep the backslash
+                    i += 1
+                    continue
+                else:
+                    out.append(text[i:i + 2])
                 i += 2
                 continue
             if text.startswith(quote, i):
@@ -144,25 +258,89 @@ def _escape_raw_newlines(text: str) -> str:
                 i += len(quote)
                 quote = ""
                 continue
-            if ch == "\n" and len(quote) == 1:
-                out.append("\\n")
-                i += 1
-                continue
-            if ch == "\r" and len(quote) == 1:
-                out.append("\\r")
-                i += 1
-                continue
-        elif ch in "'\"":
+            if ch == "\0":
+                out.append("\\x00")
+            elif ch in "\n\r" and len(quote) == 1:
+                out.append("\\n" if ch == "\n" else "\\r")
+            else:
+                out.append(ch)
+            i += 1
+            continue
+        prev = text[i - 1] if i else " "  # a space: "" would be "in" every string
+        if ch in "'\"":
             quote = ch * 3 if text.startswith(ch * 3, i) else ch
+            raw = "r" in _prefix(text, i).lower()
             out.append(quote)
             i += len(quote)
             continue
+        if ch.isdigit() and not (prev.isalnum() or prev in "_."):
+            j = i
+            while j < len(text) and text[j].isdigit():
+                j += 1
+            digits = text[i:j]
+            if len(digits) > 1 and digits[0] == "0" and (j == len(text) or text[j] not in ".eEjJxXoObB_"):
+                digits = digits.lstrip("0") or "0"
+            out.append(digits)
+            i = j
+            continue
+        if (ch.isalpha() or ch == "_") and not (prev.isalnum() or prev in "_."):
+            j = i
+            while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            word = text[i:j]
+            rest = text[j:j + 64].lstrip(" \t")
+            if keyword.iskeyword(word) and rest.startswith("=") and not rest.startswith("=="):
+                placeholder = _placeholder(word, text, renamed)
+                renamed[placeholder] = word
+                word = placeholder
+            out.append(word)
+            i = j
+            continue
         out.append(ch)
         i += 1
-    return "".join(out)
+    return "".join(out), renamed
+
+
+_ESCAPE_DIGITS = {"x": 2, "u": 4, "U": 8}
+
+
+def _escape_ok(text: str, at: int) -> bool:
+    """Whether the backslash at `at` begins an escape Python can read (x, u and U need their hex digits, N a name
+    in braces); a backslash before any other letter is read as itself, with only a warning."""
+    kind = text[at + 1]
+    if kind == "N":
+        return text.startswith("{", at + 2) and "}" in text[at + 3:at + 100]
+    n = _ESCAPE_DIGITS.get(kind)
+    if n is None:
+        return True
+    digits = text[at + 2:at + 2 + n]
+    return len(digits) == n and all(c in "0123456789abcdefABCDEF" for c in digits)
+
+
+def _prefix(text: str, quote_at: int) -> str:
+    """The string prefix (r, b, f, rb, ...) written right before a quote."""
+    start = quote_at
+    while start > 0 and text[start - 1].isalpha() and quote_at - start < 2:
+        start -= 1
+    return text[start:quote_at] if start == 0 or not (text[start - 1].isalnum() or text[start - 1] == "_") else ""
+
+
+def _placeholder(word: str, text: str, taken: Mapping[str, str]) -> str:
+    name = f"_lfm2_kw_{word}"
+    while name in text or (name in taken and taken[name] != word):
+        name += "_"
+    return name
+
+
+def _shown(node: ast.expr) -> str:
+    """A node as a message shows it: its source when it is small (ast.unparse recurses), else what it is."""
+    if _ast_depth(node, 12) > 12:
+        return f"a {type(node).__name__.lower()} expression nested too deeply to show"
+    return ast.unparse(node)[:80]
 
 
 def _dotted_name(node: ast.expr) -> str:
+    """`a.b.c` or `get-weather` as the name it spells; the tree's depth was bounded by `_parse_expression`."""
     if isinstance(node, ast.Name):
         return node.id
     if isinstance(node, ast.Attribute):
@@ -170,16 +348,16 @@ def _dotted_name(node: ast.expr) -> str:
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Sub):
         # `get-weather` parses as a subtraction; OpenAI function names may contain hyphens.
         return _dotted_name(node.left) + "-" + _dotted_name(node.right)
-    raise ParseError(f"not a function name: {ast.unparse(node)}")
+    raise ParseError(f"not a function name: {_shown(node)}")
 
 
-def _call_from_ast(node: ast.expr, order: dict[str, list[str]]) -> ToolCall:
+def _call_from_ast(node: ast.expr, order: dict[str, list[str]], renamed: Mapping[str, str]) -> ToolCall:
     prefix = ""
     while isinstance(node, ast.BinOp) and isinstance(node.op, ast.Sub):
         prefix += _dotted_name(node.left) + "-"
         node = node.right
     if not isinstance(node, ast.Call):
-        raise ParseError(f"not a function call: {ast.unparse(node)[:80]}")
+        raise ParseError(f"not a function call: {_shown(node)}")
     name = prefix + _dotted_name(node.func)
     arguments: dict[str, Any] = {}
     if node.args:
@@ -194,21 +372,33 @@ def _call_from_ast(node: ast.expr, order: dict[str, list[str]]) -> ToolCall:
             arguments[param] = _value(arg)
     for kw in node.keywords:
         if kw.arg is None:
-            raise ParseError(f"{name}(): **arguments are not literals")
-        if kw.arg in arguments:
-            raise ParseError(f"{name}(): argument {kw.arg!r} given twice")
-        arguments[kw.arg] = _value(kw.value)
+            # `**{"a": 1}`: a dict literal spelled out is keyword arguments too
+            unpacked = _value(kw.value) if isinstance(kw.value, ast.Dict) else None
+            if not isinstance(unpacked, dict) or not all(isinstance(k, str) for k in unpacked):
+                raise ParseError(f"{name}(): **arguments must be a dict literal with string keys")
+            items = list(unpacked.items())
+        else:
+            items = [(renamed.get(kw.arg, kw.arg), _value(kw.value))]
+        for key, value in items:
+            if key in arguments:
+                raise ParseError(f"{name}(): argument {key!r} given twice")
+            arguments[key] = value
     return ToolCall(name, arguments)
 
 
 def _value(node: ast.expr, depth: int = 0) -> Any:
-    """A literal's value: what `ast.literal_eval` accepts, plus JSON's true/false/null; tuples become lists."""
+    """A literal's value: what `ast.literal_eval` accepts, plus JSON's true/false/null and f-strings without
+    fields; tuples and sets become lists. Numbers must be finite: `1e999` has no JSON form."""
     if depth > _MAX_DEPTH:
         raise ParseError("arguments nested too deeply")
     if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
+        if isinstance(node.value, float) and not math.isfinite(node.value):
+            raise ParseError("a number too large to be finite (a double ends near 1.8e308)")
         return node.value
     if isinstance(node, ast.Name) and node.id.lower() in _NAMED_CONSTANTS:
         return _NAMED_CONSTANTS[node.id.lower()]
+    if isinstance(node, ast.JoinedStr) and all(isinstance(v, ast.Constant) for v in node.values):
+        return "".join(str(v.value) for v in node.values)  # f"hello": no field, so a plain string
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         inner = _value(node.operand, depth + 1)
         if isinstance(inner, (int, float)) and not isinstance(inner, bool):
@@ -225,7 +415,7 @@ def _value(node: ast.expr, depth: int = 0) -> Any:
                 raise ParseError("a dict key must be a string or a number")
             out[key] = _value(v, depth + 1)
         return out
-    raise ParseError(f"not a literal value: {ast.unparse(node)[:80]}")
+    raise ParseError(f"not a literal value: {_shown(node)}")
 
 
 def _calls_from_json(data: Any) -> list[ToolCall]:
@@ -248,14 +438,30 @@ def _call_from_object(obj: Any) -> ToolCall:
     if isinstance(args, str):
         # The OpenAI shape carries arguments as a JSON string.
         try:
-            args = json.loads(args) if args.strip() else {}
-        except ValueError as e:
-            raise ParseError(f"{name}: arguments are not JSON: {e}") from None
+            args = loads_json(args) if args.strip() else {}
+        except ParseError as e:
+            raise ParseError(f"{name}: arguments are {e}") from None
     if args is None:
         args = {}
     if not isinstance(args, Mapping):
         raise ParseError(f"{name}: arguments must be an object, not {type(args).__name__}")
+    _check_value(args)
     return ToolCall(name, dict(args))
+
+
+def _check_value(value: Any) -> None:
+    """Arguments that came as objects (not text): nesting bounded and numbers finite, checked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise ParseError(f"arguments nested more than {_MAX_DEPTH} levels deep")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ParseError(f"{item!r} is not a finite number")
+        if isinstance(item, Mapping):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
 
 
 # ---------------------------------------------------------------------------------------------------------------

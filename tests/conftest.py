@@ -120,6 +120,23 @@ def thinking_copy(src: Path, dst: Path, template: str | None = None) -> Path:
     return path
 
 
+def template_copy(src: Path, dst: Path, template: str, as_file: bool = True) -> Path:
+    """A copy of the checkpoint `src` at `dst` whose chat template is `template`, written to chat_template.jinja
+    (`as_file`) or to tokenizer_config.json's `chat_template`; returns the file that holds it."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if as_file:
+        (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
+        return dst / "chat_template.jinja"
+    config_file = dst / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    return config_file
+
+
 def opening_template() -> str:
     """The test template with a generation prompt that opens the block, as some thinking models' templates do."""
     from tests.tiny_tokenizer import BUILTIN_TEMPLATE

@@ -541,7 +541,7 @@ def test_set_refuses_what_the_command_line_refuses(chat_ckpt: Path, home: Path) 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
         "error: seed must be a whole number from 0 to 9223372036854775807 (2**63-1), got 99999999999999999999999",
-        "error: temperature must be a finite number >= 0 (0 means greedy), got inf",
+        "error: temperature must be 0 (greedy) or a number from 0.001 to 1000, got inf",
         "error: top_p must be a number in (0, 1] (1 disables it), got nan"]
     with HistoryStore() as st:
         conv = only_conversation(st)

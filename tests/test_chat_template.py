@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pytest
 from lfm2cli.chat_template import MAX_CHARS, compile_template, render
 from lfm2cli.errors import CheckpointError, GenerationError, TemplateError
 from lfm2cli.tokenizer import load_tokenizer
+from tests.conftest import template_copy
 from tests.tiny_tokenizer import BUILTIN_TEMPLATE, SHARED_TEMPLATES, default_template, make_tokenizer
 
 WEATHER_TOOL = {
@@ -219,19 +218,6 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
 
 
-def _with_template(base: Path, directory: Path, template: str, as_file: bool) -> Path:
-    """A copy of `base` whose chat template is `template`, in chat_template.jinja or tokenizer_config.json."""
-    shutil.copytree(base, directory)
-    if as_file:
-        (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
-        return directory / "chat_template.jinja"
-    config_file = directory / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["chat_template"] = template
-    config_file.write_text(json.dumps(config), encoding="utf-8")
-    return config_file
-
-
 # Every template as chat_template.jinja; one limit and the empty rendering also from tokenizer_config.json.
 LAYOUTS = [pytest.param(name, True, id=f"{name}-jinja-file") for name in HOSTILE] + [
     pytest.param(name, False, id=f"{name}-tokenizer-config") for name in ("recursive-macro", "empty")]
@@ -243,7 +229,7 @@ def test_hostile_template_is_one_line_naming_its_file(chat_ckpt: Path, tmp_path:
                                                       as_file: bool) -> None:
     template, says = HOSTILE[name]
     d = tmp_path / "ckpt"
-    culprit = _with_template(chat_ckpt, d, template, as_file)
+    culprit = template_copy(chat_ckpt, d, template, as_file)
     before = _snapshot(d)
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "lfm2cli", "generate", str(d), "-p", "hello", "-n", "2",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from lfm2cli.sampling import SamplingParams
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
 from lfm2cli.tokenizer import load_tokenizer
 from tests.conftest import thinking_copy
+from tests.helpers import screen
 from tests.test_chat import LONG, assert_cache_holds
 from tests.tiny_tokenizer import SHARED_TEMPLATES
 
@@ -75,7 +75,7 @@ class Script:
         self.seen: list[list[int]] = []
         monkeypatch.setattr("lfm2cli.textgen.Sampler", self._sampler)
 
-    def _sampler(self, params: SamplingParams):
+    def _sampler(self, params: SamplingParams, prompt_len: int | None = None):
         ids = iter(self.replies.pop(0) if self.replies else [])
         first = True
 
@@ -218,26 +218,6 @@ def test_a_prompt_that_opens_the_block(opening_lm: LoadedModel, opening_ckpt: Pa
 
 # ---------------------------------------------------------------- display
 
-def screen(raw: str) -> list[str]:
-    """The lines left on a terminal after `raw`: enough of a VT100 for what rich writes (CR, LF, erase line,
-    cursor up; colours and cursor visibility ignored)."""
-    lines, row, col = [""], 0, 0
-    for token in re.findall(r"\x1b\[[0-9;?]*[A-Za-z]|\r|\n|[^\x1b\r\n]+", raw):
-        if token == "\r":
-            col = 0
-        elif token == "\n":
-            row, col = row + 1, 0
-            lines += [""] * (row + 1 - len(lines))
-        elif token.startswith("\x1b["):
-            if token.endswith("K"):
-                lines[row] = ""
-            elif token.endswith("A"):
-                row = max(0, row - int(token[2:-1] or 1))
-        else:
-            line = lines[row].ljust(col)
-            lines[row] = line[:col] + token + line[col + len(token):]
-            col += len(token)
-    return [line.rstrip() for line in lines]
 
 
 def run_loop(lm: LoadedModel, store: HistoryStore, lines: str, *, plain: bool, think: str = "fold",

@@ -446,7 +446,7 @@ def test_think_budget_in_chat(opening_ckpt: Path, home: Path) -> None:
     (["--functions", "{tools}", "--tool-choice", "nope"], "--tool-choice nope: no such tool"),
     (["--yes-tools"], "--yes-tools runs the calls of --functions FILE.py"),
     (["--functions", "missing.py"], "missing.py: no such file"),
-    (["--format", "yaml"], "--format yaml: expected text or json"),
+    (["--format", "yaml"], "'--format': 'yaml' is not one of 'text', 'json'"),
     (["--schema", "{nope"], "--schema: not valid JSON"),
     (["--think-budget", "-1"], "--think-budget -1: expected a number of tokens >= 0"),
 ])

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lfm2cli import cpu
+from lfm2cli.errors import UsageError
 from lfm2cli.kernels.proj import can_prepack
 from lfm2cli.loading import load, resolve_dtype
 
@@ -45,7 +46,8 @@ def test_native_level_follows_the_cpu_and_the_variable(monkeypatch: pytest.Monke
     monkeypatch.setenv("LFM2_NATIVE_ISA", "none")
     assert cpu.native_level()[0] is None
     monkeypatch.setenv("LFM2_NATIVE_ISA", "sse9")
-    assert "not a level" in cpu.native_level()[1]
+    with pytest.raises(UsageError, match="LFM2_NATIVE_ISA=sse9 is not a native kernel level"):
+        cpu.native_level()
     monkeypatch.setenv("LFM2_NATIVE_ISA", "avx512")
     monkeypatch.setenv("LFM2_CPU_HIDE", "avx512_bf16")
     level, why = cpu.native_level()
@@ -121,3 +123,35 @@ def test_model_runs_on_torch_in_bf16_with_bf16_hidden(dense_ckpt: Path, monkeypa
         assert torch.isfinite(model(torch.tensor([[int(logits.argmax())]]), cache)).all()
     finally:
         native.reset()
+
+
+@pytest.mark.parametrize("value", ["avx3", "AVX-512", "neon" if not cpu.is_arm() else "avx2", "1"])
+def test_an_unknown_native_isa_is_an_error_in_one_line(value: str, chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """A typo (or another architecture's level) must not quietly turn the native kernels off: one line that names
+    the value and what this architecture accepts, exit 2, whatever the dtype."""
+    import io
+
+    from tests.conftest import run_main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    monkeypatch.setenv("LFM2_NATIVE_ISA", value)
+    for dtype in ("auto", "float32"):
+        code, out, err = run_main(["generate", str(chat_ckpt), "-p", "hi", "-n", "1", "--dtype", dtype], monkeypatch,
+                                  capsys)
+        assert code == 2 and out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: LFM2_NATIVE_ISA={value} is not a native kernel level")
+        assert all(level in lines[0] for level in [*cpu.level_table(), "none", "auto"])
+        assert all(level in lines[0] for level in [*cpu.LEVELS, *cpu.ARM_LEVELS])  # each architecture's values
+
+
+@pytest.mark.parametrize("value", ["", "auto", "none", "NONE", " none "])
+def test_the_native_isa_values_every_machine_accepts(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LFM2_NATIVE_ISA", value)
+    monkeypatch.delenv("LFM2_CPU_HIDE", raising=False)
+    level, why = cpu.native_level()
+    if value.strip().lower() == "none":
+        assert (level, why) == (None, "turned off by LFM2_NATIVE_ISA=none")
+    else:
+        assert level == (cpu.native_levels() or [None])[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import typer
 
 from lfm2cli.cli import app
@@ -32,7 +33,38 @@ def test_cli_reference_lists_every_command_and_option() -> None:
                 if opt.startswith("-") and f"`{opt}" not in text and f" {opt}" not in text:
                     missing.append(f"{' '.join(path) or 'lfm2'} {opt}")
     assert {"generate", "chat", "history"} <= {p[0] for p in paths if p}  # the walk reached the commands
-    assert not missing, f"docs/cli.md is out of date (regenerate it, see its header): {missing}"
+    assert not missing, f"docs/cli.md is out of date (run python docs/gen_cli.py): {missing}"
+
+
+def _generator():
+    """docs/gen_cli.py, the script that writes docs/cli.md, loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gen_cli", DOC.parent / "gen_cli.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_reference_is_current() -> None:
+    gen = _generator()
+    assert gen.main(["--check"]) == 0, "docs/cli.md is stale: run python docs/gen_cli.py"
+
+
+def test_cli_reference_is_regenerated_below_its_header(tmp_path: Path) -> None:
+    gen = _generator()
+    doc = tmp_path / "cli.md"
+    doc.write_text(f"# Title\n\nHand-written.\n\n{gen.MARKER}\n\n## `lfm2 gone`\n\nOld text.\n", encoding="utf-8")
+    assert gen.main(["--check", "--file", str(doc)]) == 1
+    assert gen.main(["--file", str(doc)]) == 0
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith(f"# Title\n\nHand-written.\n\n{gen.MARKER}\n\n## `lfm2`\n")
+    assert "## `lfm2 generate`" in text and "`--quantize none|int8|int4`" in text and "Old text" not in text
+    assert gen.main(["--check", "--file", str(doc)]) == 0
+    doc.write_text("# No marker\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="no marker line"):
+        gen.main(["--file", str(doc)])
+    assert doc.read_text(encoding="utf-8") == "# No marker\n"  # never emptied
 
 
 MAP = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +80,28 @@ def test_finish_reasons_and_stats(chat_ckpt: Path) -> None:
     assert out == [] and stats.finish_reason == "stop"
 
 
+def test_rates_over_zero_tokens_are_a_dash(chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """-n 1: the one token comes from prefill, so no decode step ran and there is no decode rate to show."""
+    from lfm2cli.benchmark import Spread, _fmt
+    from lfm2cli.formatting import rate
+    from lfm2cli.render import stats_footer
+    from tests.conftest import run_main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    greedy = ["-p", "hi", "-v", "-t", "0", "--dtype", "float32"]
+    code, out, err = run_main(["generate", str(chat_ckpt), "-n", "1", *greedy], monkeypatch, capsys)
+    assert code == 0
+    assert re.fullmatch(r"\d+ prompt tokens, 1 generated \(length\); prefill \d+\.\d tok/s, decode - tok/s, "
+                        r"first token \d+\.\d\d s, peak memory \d+\.\d\d GB\n", err), err
+    code, out, err = run_main(["generate", str(chat_ckpt), "-n", "3", *greedy], monkeypatch, capsys)
+    assert code == 0 and re.search(r"3 generated .* decode \d+\.\d tok/s", err), err
+    assert [rate(x) for x in (0.0, None, float("nan"), 12.345, 0.04)] == ["-", "-", "-", "12.3", "0.0"]
+    assert stats_footer(GenerationStats(generated_tokens=1, ttft_s=0.5).to_dict()) == \
+        "1 token · - tok/s · first token 0.50 s"
+    assert _fmt(Spread(0.0, 0.0, 0.0)) == "-" and _fmt(Spread(2.0, 1.0, 3.0)) == "2.0 (1.0-3.0)"
+
+
 def test_seeded_sampling_is_reproducible(chat_ckpt: Path) -> None:
     lm = load(chat_ckpt, device="cpu", dtype="float32")
     ids = prompt_ids(lm, "Hello")
@@ -104,7 +128,7 @@ def test_cli_errors_are_one_line(chat_ckpt: Path, tmp_path: Path) -> None:
     no_tok = tmp_path / "notok"
     no_tok.mkdir()
     for f in ("config.json", "model.safetensors"):
-        (no_tok / f).symlink_to(chat_ckpt / f)
+        shutil.copy(chat_ckpt / f, no_tok / f)  # copies: a link out of the checkpoint is refused on its own
     r = lfm2("generate", str(no_tok), "--prompt", "hi", stdin="")
     assert r.returncode == 1 and "tokenizer" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     bad = lfm2("generate", str(chat_ckpt), "--prompt", "hi", "--temperature", "-1", stdin="")

@@ -27,6 +27,7 @@ from lfm2cli.store.conversations import (
     to_json,
     to_markdown,
 )
+from tests.helpers import memory_capped
 
 
 @pytest.fixture
@@ -481,6 +482,15 @@ def test_cli_list_piped(home: tuple[Path, list[str]]) -> None:
     assert [line.split("\t")[0] for line in _cli(path, "list", "-n", "1").stdout.splitlines()] == ids[:1]
 
 
+def test_history_alone_lists_the_conversations(home: tuple[Path, list[str]], tmp_path_factory) -> None:
+    path, ids = home
+    alone = _cli(path)
+    assert alone.exit_code == 0, alone.output
+    assert alone.stdout == _cli(path, "list").stdout and alone.stdout.split("\t")[0] == ids[0]
+    empty = _cli(tmp_path_factory.mktemp("empty"))  # nothing saved: said on stderr, and still a success
+    assert empty.exit_code == 0 and empty.stdout == "" and "no saved conversations" in empty.stderr
+
+
 def test_cli_list_without_history_creates_nothing(tmp_path: Path) -> None:
     result = _cli(tmp_path, "list")
     assert result.exit_code == 0 and result.stdout == "" and "no saved conversations" in result.stderr
@@ -506,7 +516,9 @@ def test_cli_export(home: tuple[Path, list[str]]) -> None:
     result = _cli(path, "export", ids[1][:4], "-o", str(out))
     assert result.exit_code == 0 and result.stdout == "" and str(out) in result.stderr
     assert out.read_text(encoding="utf-8").startswith("# What is the capital of France?")
-    assert isinstance(_cli(path, "export", ids[1], "--format", "pdf").exception, UsageError)
+    pdf = _cli(path, "export", ids[1], "--format", "pdf")
+    assert pdf.exit_code == 2 and "'pdf' is not one of 'md', 'markdown', 'json'" in pdf.output
+    assert _cli(path, "export", ids[1], "--format", "JSON").stdout == _cli(path, "export", ids[1], "-f", "json").stdout
 
 
 def test_cli_rm(home: tuple[Path, list[str]]) -> None:
@@ -703,3 +715,116 @@ def test_reply_without_a_finish_reason_is_shown_as_incomplete(tmp_path: Path) ->
     assert buf.getvalue().rstrip().endswith("[incomplete]")
     with HistoryStore(path) as s:
         assert s.get(conv.id).messages[1].finish_reason is None  # shown so, not rewritten
+
+
+# ---------------------------------------------------------------- hostile rows and paths (issue 24)
+
+def _run_lfm2(home: Path, *args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LFM2_HOME": str(home), "LFM2_CACHE": str(home / "cache")}
+    env.pop("LFM2_DEBUG", None)
+    # bounded: a history command never needs torch, a chat turn on the tiny model well under 3 GB of address space
+    return subprocess.run([sys.executable, "-m", "lfm2cli", *args], input=stdin, capture_output=True, text=True,
+                          env=env, timeout=timeout, preexec_fn=memory_capped(3 if args[0] == "chat" else 1))
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _two_conversations(home: Path) -> tuple[str, str]:
+    with HistoryStore(home / "history.db") as s:
+        good = s.create_conversation("m", title="good one")
+        s.add_message(good.id, "user", "hello")
+        s.add_message(good.id, "assistant", "hi there", finish_reason="stop")
+        bad = s.create_conversation("m", title="bad one")
+        for i, text in enumerate(["first", "second", "third", "fourth", "fifth"]):
+            s.add_message(bad.id, "user" if i % 2 == 0 else "assistant", text)
+    return good.id, bad.id
+
+
+@pytest.mark.slow
+def test_damaged_rows_are_skipped_with_a_note_and_the_rest_still_works(tmp_path: Path) -> None:
+    good, bad = _two_conversations(tmp_path)
+    db = _raw(tmp_path / "history.db")
+    db.execute("UPDATE conversations SET options = '[1, 2]', title = X'ff00fe' WHERE id = ?", (bad,))
+    db.execute("UPDATE messages SET tool_calls = '5' WHERE conversation_id = ? AND position = 1", (bad,))
+    db.execute("UPDATE messages SET role = 'hacker' WHERE conversation_id = ? AND position = 2", (bad,))
+    db.execute("UPDATE messages SET content = X'00ff', timings = '{bad json' WHERE conversation_id = ? "
+               "AND position = 3", (bad,))
+    db.close()
+    before = _files(tmp_path)
+    listed = _run_lfm2(tmp_path, "history", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert good in listed.stdout and bad in listed.stdout
+    assert "settings" in listed.stderr and bad in listed.stderr
+    shown = _run_lfm2(tmp_path, "history", "show", bad)
+    assert shown.returncode == 0, shown.stderr
+    assert "first" in shown.stdout and "fifth" in shown.stdout and "third" not in shown.stdout
+    notes = [line for line in shown.stderr.splitlines() if line.startswith("note:")]
+    assert any("#1" in n and "tool calls" in n for n in notes) and any("#2" in n and "role" in n for n in notes)
+    assert "Traceback" not in shown.stderr
+    assert _run_lfm2(tmp_path, "history", "show", good).stdout.count("hi there") == 1
+    assert _files(tmp_path) == before  # reading repaired nothing behind the user's back
+
+
+@pytest.mark.slow
+def test_a_negative_schema_version_is_refused_in_one_line(tmp_path: Path) -> None:
+    _two_conversations(tmp_path)
+    db = _raw(tmp_path / "history.db")
+    db.execute("PRAGMA user_version = -1")
+    db.close()
+    before = _files(tmp_path)
+    proc = _run_lfm2(tmp_path, "history", "list")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "schema version -1" in proc.stderr and "history.db" in proc.stderr
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["directory", "fifo", "devnull", "loop", "dangling"])
+def test_a_history_path_that_is_no_file_is_named(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "history.db"
+    expected = {"directory": "a directory", "fifo": "a FIFO", "devnull": "a device", "loop": "symlink loop",
+                "dangling": "symlink to nothing"}[kind]
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "devnull":
+        path.symlink_to("/dev/null")
+    elif kind == "loop":
+        path.symlink_to(tmp_path / "other.db")
+        (tmp_path / "other.db").symlink_to(path)
+    else:
+        path.symlink_to(tmp_path / "gone" / "history.db")
+    proc = _run_lfm2(tmp_path, "history", "show", "abc", timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.count("\n") == 1 and expected in proc.stderr and str(path) in proc.stderr
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["db", "link", "wal", "cache"])
+def test_export_never_writes_over_lfm2s_own_files(tmp_path: Path, target: str) -> None:
+    good, _ = _two_conversations(tmp_path)
+    (tmp_path / "cache" / "models").mkdir(parents=True)
+    out = {"db": tmp_path / "history.db", "link": tmp_path / "innocent.md", "wal": tmp_path / "history.db-wal",
+           "cache": tmp_path / "cache" / "models" / "x.md"}[target]
+    if target == "link":
+        out.symlink_to(tmp_path / "history.db")
+    before = _files(tmp_path)
+    proc = _run_lfm2(tmp_path, "history", "export", good, "-o", str(out))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "refusing to write" in proc.stderr
+    assert _files(tmp_path) == before
+    assert _run_lfm2(tmp_path, "history", "show", good).returncode == 0  # the history is intact
+
+
+@pytest.mark.slow
+def test_chat_save_refuses_the_history_database_and_keeps_the_session(chat_ckpt: Path, tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    script = f"hello\n/save {db}\n/save {tmp_path / 'fine.md'}\n"
+    proc = _run_lfm2(tmp_path, "chat", str(chat_ckpt), "-n", "3", "-t", "0", stdin=script, timeout=300)
+    assert "refusing to write over" in proc.stderr
+    assert (tmp_path / "fine.md").read_text().startswith("# ")
+    with HistoryStore(db) as s:  # still a database, holding the conversation
+        assert s.latest() is not None and s.latest().messages[0].content == "hello"

@@ -125,8 +125,10 @@ def test_sharded_checkpoint(sharded_ckpt: Path) -> None:
     lines = plain_lines(d)
     # a long run of shards is one row in human output, with their summed size
     shard_bytes = sum((sharded_ckpt / s).stat().st_size for s in shards)
-    assert f"file {len(shards)} safetensors shards: {human_bytes(shard_bytes)}" in lines
-    assert not any(line.startswith("file model-00001") for line in lines)
+    assert f"shards: {len(shards)} safetensors files, {human_bytes(shard_bytes)}" in lines
+    assert not any(line.startswith(("file model-00001", "file shards")) for line in lines)
+    assert "file model.safetensors.index.json: " + human_bytes(
+        (sharded_ckpt / "model.safetensors.index.json").stat().st_size) in lines
 
 
 def test_bf16_checkpoint(bf16_ckpt: Path) -> None:
@@ -134,7 +136,28 @@ def test_bf16_checkpoint(bf16_ckpt: Path) -> None:
     total = d["parameters"]["total"]
     assert d["dtypes"] == {"BF16": total}
     assert d["memory"]["weights_stored_bytes"] == d["memory"]["weights_bf16_bytes"] == total * 2
-    assert "weights (BF16): " + human_bytes(total * 2) in plain_lines(d)
+    lines = plain_lines(d)
+    assert "weights: " + human_bytes(total * 2) + " (BF16)" in lines  # one row: bf16 is how it is stored
+    assert [line.split(":")[0] for line in lines].count("weights") == 1
+    assert not any(line.lower().startswith("weights (") for line in lines)
+
+
+def test_one_weights_row_says_both_sizes_when_stored_otherwise(dense_ckpt: Path, moe_ckpt: Path) -> None:
+    """A float32 checkpoint: its size as stored and in bf16 (what lfm2 runs), in one row; MoE likewise per token."""
+    d = describe(dense_ckpt)
+    mem = d["memory"]
+    assert list(d["dtypes"]) == ["F32"]
+    weights = [line for line in plain_lines(d) if line.startswith("weights")]
+    assert weights == [f"weights: {human_bytes(mem['weights_stored_bytes'])} as stored (F32), "
+                       f"{human_bytes(mem['weights_bf16_bytes'])} in bf16"]
+    d = describe(moe_ckpt)
+    mem = d["memory"]
+    weights = [line for line in plain_lines(d) if line.startswith("weights")]
+    assert weights == [
+        f"weights: {human_bytes(mem['weights_stored_bytes'])} as stored (F32), "
+        f"{human_bytes(mem['weights_bf16_bytes'])} in bf16",
+        f"weights read per token: {human_bytes(mem['active_weights_stored_bytes_per_token'])} as stored (F32), "
+        f"{human_bytes(mem['active_weights_bf16_bytes_per_token'])} in bf16"]
 
 
 def test_tokens_and_chat_template(dense_ckpt: Path, tmp_path: Path) -> None:
@@ -221,7 +244,7 @@ def test_table_rendering(dense_ckpt: Path) -> None:
     for section in ("Model", "Layers", "Attention", "Feed-forward", "Tokens", "Files", "Memory"):
         assert section in text
     assert "[PAD] (id 0)" in text and "CACA" in text and "KV cache per 1,000 tokens" in text
-    assert "to run, --quantize int4" in text
+    assert "to run, int4" in text and " --" not in text  # info has no --quantize: its rows name none
 
 
 def _sparse_checkpoint(root: Path, raw: dict) -> Path:
@@ -255,7 +278,7 @@ def test_real_size_model_without_real_weights(tmp_path: Path) -> None:
     assert d["feed_forward"]["dense_ff_dim"] == 8192
     lines = plain_lines(d)
     assert "parameters: 1.17B (1,170,340,608)" in lines
-    assert "weights (bf16): 2.34 GB" in lines
+    assert "weights: 2.34 GB (BF16)" in lines
     # 6 attention layers x 2 x 8 kv heads x 64 x 2 bytes x 1000 tokens
     assert "KV cache per 1,000 tokens (bf16): 12.3 MB" in lines
 

@@ -372,7 +372,7 @@ def test_bench_random_shape_that_cannot_be_allocated(tmp_path: Path, monkeypatch
     from tests.tiny import DENSE
 
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({**DENSE, "model_type": "lfm2", "vocab_size": 2 ** 42}))
+    config.write_text(json.dumps({**DENSE, "model_type": "lfm2", "vocab_size": 2 ** 31 - 1}))  # the largest allowed
     code, out, err = _cli(["bench", "--random", str(config), "--force", "--device", "cpu", "--dtype", "float32",
                            "--prompt-tokens", "8", "--gen-tokens", "2", "--repeat", "1"], monkeypatch, capsys)
     assert code == 1 and out == ""
@@ -411,3 +411,63 @@ def test_damaged_checkpoint_in_a_real_process(dense_ckpt: Path, tmp_path: Path) 
                              stdin=subprocess.DEVNULL, env=env, timeout=120)
         assert run.returncode == 1 and run.stdout == ""
         assert run.stderr.count("\n") == 1 and "data_offsets [256, 0]" in run.stderr and NORM in run.stderr
+
+
+# ---- a model that is nowhere is said before torch is imported (issue 23)
+
+NOWHERE = [
+    (["generate", "no-such-model", "-p", "hi"], 2, "'no-such-model' is not a local directory"),
+    (["chat", "no-such-model"], 2, "'no-such-model' is not a local directory"),
+    (["serve", "no-such-model", "--port", "0"], 2, "'no-such-model' is not a local directory"),
+    (["bench", "no-such-model"], 2, "'no-such-model' is not a local directory"),
+    (["info", "no-such-model"], 2, "'no-such-model' is not a local directory"),
+    (["generate", "./no-such-dir", "-p", "hi"], 1, "./no-such-dir: no such checkpoint directory"),
+    (["chat", "./no-such-dir"], 1, "./no-such-dir: no such checkpoint directory"),
+    (["generate", "lfm2-1.2b", "-p", "hi"], 1, "LiquidAI/LFM2-1.2B is not downloaded yet"),
+    (["serve", "lfm2-1.2b", "--port", "0", "--offline"], 1, "LiquidAI/LFM2-1.2B is not downloaded and offline"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "code", "message"), NOWHERE, ids=[" ".join(a[:2]) for a, _, _ in NOWHERE])
+def test_a_model_that_is_nowhere_is_reported_without_importing_torch(args: list[str], code: int, message: str,
+                                                                     tmp_path: Path) -> None:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "LFM2_DEBUG"}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty Hugging Face cache, whatever this machine holds
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "lfm2cli", *args], capture_output=True,
+                         text=True, stdin=subprocess.DEVNULL, env=env, timeout=120, cwd=tmp_path)
+    timings = [line for line in run.stderr.splitlines() if line.startswith("import time:")]
+    said = [line for line in run.stderr.splitlines() if not line.startswith("import time:")]
+    assert timings, "python -X importtime reported no imports"
+    assert not [line for line in timings if line.split("|")[-1].strip() == "torch"], "torch was imported"
+    assert run.returncode == code and run.stdout == ""
+    assert len(said) == 1 and said[0].startswith("error: ") and message in said[0], said
+
+
+# ---- sizes counted before anything is listed (issue 24; the real commands are in test_hostile_checkpoint.py)
+
+def test_tensor_count_is_the_length_of_the_list() -> None:
+    """The memory guard and the header budget count tensors from the sizes alone; the count is exact."""
+    from lfm2cli.checkpoint import expected_tensors, tensor_count
+    from lfm2cli.config import parse_config
+    from lfm2cli.hub.known import KNOWN_CONFIGS
+    from tests.tiny import DENSE, MOE
+
+    configs = [parse_config(raw) for raw in KNOWN_CONFIGS.values()]
+    for raw, model_type in ((DENSE, "lfm2"), (MOE, "lfm2_moe")):
+        for extra in ({}, {"conv_bias": True}, {"tie_word_embeddings": False}, {"use_expert_bias": False}):
+            configs.append(parse_config({**raw, "model_type": model_type, **extra}))
+    for cfg in configs:
+        assert tensor_count(cfg) == len(expected_tensors(cfg))
+
+
+def test_json_numbers_and_nesting_past_the_bounds_are_one_cause() -> None:
+    from lfm2cli.config import parse_json
+
+    assert parse_json('{"a": [1, -2, 3.5]}') == {"a": [1, -2, 3.5]}
+    with pytest.raises(ValueError, match="^a number of 4,400 digits$"):
+        parse_json("[" + "9" * 4_400 + "]")
+    with pytest.raises(ValueError, match="^nested too deeply"):
+        parse_json("[" * 50_000 + "]" * 50_000)

@@ -52,3 +52,12 @@ def test_an_impossible_load_is_refused_in_one_line() -> None:
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--quantize int" in lines[0], r.stderr
+
+
+@pytest.mark.slow
+def test_available_memory_is_read_without_torch() -> None:
+    """`lfm2 list --available` asks the memory guard's own reading, and that costs no torch import."""
+    code = ("import sys, psutil\nfrom lfm2cli.memory import system_available_memory\nfree = system_available_memory()\n"
+            "assert 0 < free <= psutil.virtual_memory().total, free\nassert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

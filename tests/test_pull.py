@@ -226,7 +226,47 @@ def test_cli_no_network(env):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: cannot reach http://127.0.0.1:{port}")
-    assert "--offline" in lines[0]
+    assert "--offline" not in lines[0]  # pull has no such option (and nothing is downloaded to run offline)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_cli_pull_of_a_complete_model_without_the_hub_says_so(env, fake_hub):
+    """Offline or with no network, a model complete in the cache is a success: its path, one line saying the hub
+    was not asked, exit 0, and nothing in the cache changed."""
+    path = download.pull_model(REPO, progress=quiet()).path
+    before = tree(Path(env["LFM2_CACHE"]))
+    commit = path.name
+    for extra, why in (({"HF_HUB_OFFLINE": "1"}, "offline mode is on (HF_HUB_OFFLINE=1)"),
+                       ({"HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}"}, "cannot reach http://127.0.0.1:")):
+        r = run_cli(["pull", REPO], {**env, **extra})
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip()) == path
+        lines = r.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"{REPO} (main = {commit[:12]}, 566 kB) is already downloaded; not checked for a newer commit: {why}")
+    assert tree(Path(env["LFM2_CACHE"])) == before
+    # a revision that was never pulled is still an error, and says what to do
+    r = run_cli(["pull", REPO, "--revision", "v2"], {**env, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        "error: offline mode is on (HF_HUB_OFFLINE=1); unset it to download models"]
+
+
+def test_pull_of_a_model_in_the_hf_cache_without_the_hub(env, fake_hub, monkeypatch):
+    from huggingface_hub import snapshot_download
+
+    hf_path = Path(snapshot_download(REPO, cache_dir=Path(env["HF_HOME"]) / "hub", endpoint=fake_hub.url))
+    fake_hub.stop()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = download.pull_model(REPO, progress=quiet())
+    assert result.path == hf_path and result.source == "hf cache" and result.downloaded == 0
+    assert result.unchecked_because == "offline mode is on (HF_HUB_OFFLINE=1)"
+    assert not local.model_dir(REPO).exists()
 
 
 def test_cli_pull_prints_the_path(env, fake_hub):
@@ -325,10 +365,33 @@ def test_list_shows_models_and_last_use(env, fake_hub):
     path = download.pull_model(REPO, progress=quiet()).path
     size = sum(f.stat().st_size for f in path.iterdir())
     lines = runner.invoke(app, ["list"]).stdout.splitlines()
-    assert lines == [f"{REPO}\tmain\t{size}\tLFM2\tnever"]
+    assert lines == [f"{REPO}\tmain\t{size}\tLFM2\tnever\tlfm2"]
     names.resolve_model(REPO)
     fields = runner.invoke(app, ["list"]).stdout.strip().split("\t")
     assert fields[:4] == [REPO, "main", str(size), "LFM2"] and fields[4][:2] == "20"  # an ISO date
+    assert fields[5] == "lfm2"
+
+
+def test_list_shows_models_in_the_hf_cache(env, fake_hub, monkeypatch, capsys):
+    """`generate` runs a model from the Hugging Face cache, so `list` shows it, marked as such."""
+    from huggingface_hub import snapshot_download
+
+    hf_path = Path(snapshot_download(REPO, cache_dir=Path(env["HF_HOME"]) / "hub", endpoint=fake_hub.url))
+    size = sum(f.stat().st_size for f in hf_path.rglob("*") if f.is_file())  # links followed into blobs/
+    capsys.readouterr()
+    code, out, err = run_main(["list"], monkeypatch, capsys)
+    assert code == 0 and err == ""
+    assert out.splitlines() == [f"{REPO}\tmain\t{size}\tLFM2\t-\thf-cache"]
+    assert names.resolve_model(REPO) == hf_path  # what `generate` runs is what `list` shows
+    download.pull_model(REPO, progress=quiet())  # commit already there: nothing is downloaded
+    code, out, _ = run_main(["list"], monkeypatch, capsys)
+    assert [line.split("\t")[-1] for line in out.splitlines()] == ["hf-cache"]
+    # a model of another architecture in the same cache is none of lfm2's business
+    other = Path(env["HF_HOME"]) / "hub" / "models--test-org--llama" / "snapshots" / ("b" * 40)
+    other.mkdir(parents=True)
+    (other / "config.json").write_text('{"model_type": "llama"}')
+    code, out, err = run_main(["list"], monkeypatch, capsys)
+    assert code == 0 and len(out.splitlines()) == 1 and err == ""
 
 
 def test_list_shows_an_interrupted_download(env, fake_hub):
@@ -395,10 +458,10 @@ def test_cli_a_mistyped_path_is_not_sent_to_the_hub(env, fake_hub, tmp_path):
         assert r.stderr.splitlines() == [line] and r.stdout == ""
     assert tree(tmp_path) == before and not Path(env["LFM2_CACHE"]).exists()
     assert fake_hub.log == []
-    # without the local folder the same shape is a hub id, and the message says how to pull it
+    # without the local folder the same shape is a hub id, and the message says how to pull it (info has no --pull)
     r = run_cli(["info", "other/typo"], env, cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.splitlines() == [
-        "error: other/typo is not downloaded yet; run: lfm2 pull other/typo (or pass --pull)"]
+        "error: other/typo is not downloaded yet; run: lfm2 pull other/typo"]
 
 
 def test_a_downloaded_model_resolves_even_where_its_owner_is_a_folder(env, fake_hub, tmp_path, monkeypatch):

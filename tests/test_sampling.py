@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -160,6 +161,10 @@ def test_pipeline_matches_transformers_processors(cfg: dict) -> None:
     ("top_p", math.nan, "nan"), ("top_p", 0, "0.0"), ("min_p", math.inf, "inf"),
     ("repetition_penalty", math.inf, "inf"), ("top_k", -1, "-1"), ("top_k", 2**63, "9223372036854775808"),
     ("top_k", 2.0, "2.0"), ("max_tokens", 0, "0"), ("max_tokens", "5", "'5'"),
+    # values that pass a plain "> 0" but overflow the logits' arithmetic (issue 24)
+    ("temperature", 1e-45, "1e-45"), ("temperature", 5e-324, "5e-324"), ("temperature", 1e308, "1e+308"),
+    ("repetition_penalty", 1e-40, "1e-40"), ("repetition_penalty", 1e308, "1e+308"),
+    ("repetition_penalty", 0.0, "0.0"),
 ])
 def test_validate_setting_refuses_with_the_name_and_the_value(name: str, value, shown: str) -> None:
     with pytest.raises(UsageError) as e:
@@ -181,7 +186,7 @@ def test_validate_setting_accepts_and_normalises() -> None:
 def test_params_and_parse_use_the_same_rules() -> None:
     with pytest.raises(UsageError, match=r"^--seed must be a whole number from 0 to 9223372036854775807"):
         SamplingParams(seed=2**64).validate()
-    with pytest.raises(UsageError, match=r"^--temperature must be a finite number"):
+    with pytest.raises(UsageError, match=r"^--temperature must be 0 \(greedy\) or a number from 0.001 to 1000"):
         SamplingParams(temperature=math.inf).validate()
     assert parse_setting("seed", " off ") is None and parse_setting("seed", "42") == 42
     assert parse_setting("temperature", "0.5") == 0.5
@@ -202,3 +207,65 @@ def test_generate_refuses_an_out_of_range_option_in_one_line(option: str, value:
     assert proc.stderr.startswith(f"error: {option} must be ") and proc.stderr.count("\n") == 1
     assert proc.stderr.rstrip().endswith(f"got {float(value) if value in ('inf', 'nan') else value}")
     assert list(tmp_path.iterdir()) == []  # nothing created
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=1e-3, repetition_penalty=1e3),
+                                      dict(temperature=1e3, repetition_penalty=1e-3),
+                                      dict(temperature=1e3, repetition_penalty=1e3),
+                                      dict(temperature=1e-3, repetition_penalty=1e-3)])
+def test_the_extremes_the_rule_allows_still_sample_a_real_token(settings: dict) -> None:
+    """At the bounds of the rule, with large logits and every token seen, the draw stays inside the vocabulary."""
+    torch.manual_seed(0)
+    logits = torch.randn(1000) * 1e4
+    generated = torch.arange(1000)
+    s = Sampler(SamplingParams(min_p=0.0, top_p=0.9, seed=1, **settings))
+    for _ in range(5):
+        token = s(logits, generated)
+        assert 0 <= token < 1000
+
+
+def test_non_finite_logits_from_the_model_fall_back_to_the_best_finite_token() -> None:
+    logits = torch.full((50,), float("nan"))
+    logits[7] = 3.0
+    logits[9] = float("inf")
+    token = Sampler(SamplingParams(temperature=0.7, seed=0))(logits)
+    assert token in (7, 9)
+    assert 0 <= Sampler(SamplingParams(temperature=0.7, seed=0))(torch.full((50,), float("nan"))) < 50
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "1e-320"), ("--repetition-penalty", "1e-40"),
+                                           ("--temperature", "1e308")])
+def test_generate_refuses_sampling_values_that_would_overflow(option: str, value: str, chat_ckpt, tmp_path) -> None:
+    """Issue 24: these passed validation and crashed sampling with an IndexError; now exit 2 before loading."""
+    env = {**os.environ, "LFM2_HOME": str(tmp_path)}
+    env.pop("LFM2_DEBUG", None)
+    proc = subprocess.run([sys.executable, "-m", "lfm2cli", "generate", str(chat_ckpt), "-p", "hi", option, value],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith(f"error: {option} must be ") and proc.stderr.count("\n") == 1
+
+
+def test_presence_and_frequency_penalties_count_only_the_reply_and_the_bias_comes_first() -> None:
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=1.0, presence_penalty=1.5, frequency_penalty=0.5,
+                               logit_bias={3: 5.0}), prompt_len=2)
+    # ids 1 and 1 are the prompt; the reply holds 2 three times and 4 once
+    out = s.penalised(torch.zeros(6), torch.tensor([1, 1, 2, 2, 2, 4]))
+    assert out.tolist() == [0.0, 0.0, -0.5 * 3 - 1.5, 5.0, -0.5 - 1.5, 0.0]
+    # without prompt_len, the first call's ids are the prompt
+    s = Sampler(SamplingParams(temperature=0, repetition_penalty=1.0, frequency_penalty=2.0))
+    assert s(torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1])) == 1
+    assert s(torch.tensor([0.0, 1.0, 0.5]), torch.tensor([1, 1])) == 2  # 1 - 2 x 1 < 0.5
+
+
+def test_logit_bias_is_read_from_text_json_and_saved_settings() -> None:
+    assert parse_setting("logit_bias", "13=-100, 42=5") == {13: -100.0, 42: 5.0}
+    assert parse_setting("logit_bias", '{"13": 100}') == {13: 100.0}
+    assert parse_setting("logit_bias", "off") == {}
+    saved = SamplingParams(logit_bias={7: 1.5}).to_dict()
+    assert SamplingParams.from_dict(json.loads(json.dumps(saved))).validate().logit_bias == {7: 1.5}
+    for text, shown in (("13", "must be token ids"), ("13=200", "from -100 to 100"), ("-1=5", "not a token id"),
+                        ('{"a": 1}', "not a token id")):
+        with pytest.raises(UsageError, match=shown):
+            parse_setting("logit_bias", text)
+    with pytest.raises(UsageError, match="--presence-penalty must be a number from -2 to 2"):
+        SamplingParams(presence_penalty=2.5).validate()

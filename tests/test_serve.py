@@ -5,17 +5,13 @@ sampling settings or a wrongly reused cache all show up as a different text."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,70 +22,13 @@ import pytest
 
 from lfm2cli.sampling import SamplingParams
 from tests.conftest import opening_template, run_main, thinking_copy
+from tests.helpers import MODEL, Running, api_error, serving, start_serve
 
-MODEL = "tiny"
 GREEDY = dict(temperature=0)
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
                                      "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}}
 NOW = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
-
-
-@dataclass
-class Running:
-    url: str
-    engine: Any
-    lm: Any
-    log: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-    def client(self, **kw: Any) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
-                             timeout=60, **kw)
-
-    def logged(self, pattern: str, timeout: float = 5.0) -> str:
-        """The request log line matching `pattern` (the line is written once the response is out)."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for line in list(self.log):
-                if re.search(pattern, line):
-                    return line
-            time.sleep(0.02)
-        raise AssertionError(f"no log line matches {pattern!r}: {self.log}")
-
-
-@contextmanager
-def serving(path: Path, queue: int = 16, **app_options: Any) -> Iterator[Running]:
-    """The app on a real uvicorn server in a thread, on a free port of 127.0.0.1."""
-    import uvicorn
-
-    from lfm2cli.loading import load
-    from lfm2cli.serve.app import create_app
-    from lfm2cli.serve.engine import Engine
-
-    lm = load(path, device="cpu", dtype="float32")
-    engine = Engine(lm, queue_size=queue, default_max_tokens=app_options.pop("max_tokens", 64),
-                    think_budget=app_options.pop("think_budget", None))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    running = Running(f"http://127.0.0.1:{sock.getsockname()[1]}", engine, lm)
-    app = create_app(engine, MODEL, aliases=[str(path)], on_request=running.log.append,
-                     on_error=running.errors.append, **{"max_body": 256 << 10, **app_options})
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield running
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -350,16 +289,9 @@ def _post(srv: Running, path: str, body: Any = None, raw: bytes | None = None, *
                       **kw)
 
 
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    assert "Traceback" not in r.text
-    return error
-
-
 @pytest.mark.parametrize("body, param, message", [
-    ({"messages": HELLO, "temperature": "hot"}, "temperature", "temperature must be a finite number >= 0"),
+    ({"messages": HELLO, "temperature": "hot"}, "temperature",
+     "temperature must be 0 (greedy) or a number from 0.001 to 1000"),
     ({"messages": HELLO, "temperature": -1}, "temperature", "temperature must be"),
     ({"messages": HELLO, "top_p": 0}, "top_p", "top_p must be a number in (0, 1]"),
     ({"messages": HELLO, "seed": 1.5}, "seed", "seed must be"),
@@ -384,22 +316,22 @@ def _error(r: httpx.Response, status: int) -> dict:
     ({"messages": HELLO, "model": 3}, "model", "model: expected a string"),
 ])
 def test_a_bad_chat_request_is_a_400_naming_the_field(srv: Running, body: dict, param: str, message: str) -> None:
-    error = _error(_post(srv, "/v1/chat/completions", body), 400)
+    error = api_error(_post(srv, "/v1/chat/completions", body), 400)
     assert error["param"] == param and message in error["message"] and error["type"] == "invalid_request_error"
 
 
 def test_a_bad_completion_request_is_a_400(srv: Running) -> None:
-    assert _error(_post(srv, "/v1/completions", {"prompt": ["a", "b"]}), 400)["param"] == "prompt"
-    assert "outside the vocabulary" in _error(_post(srv, "/v1/completions", {"prompt": [1, 10**6]}), 400)["message"]
-    assert _error(_post(srv, "/v1/completions", {"prompt": "x", "echo": True}), 400)["param"] == "echo"
+    assert api_error(_post(srv, "/v1/completions", {"prompt": ["a", "b"]}), 400)["param"] == "prompt"
+    assert "outside the vocabulary" in api_error(_post(srv, "/v1/completions", {"prompt": [1, 10**6]}), 400)["message"]
+    assert api_error(_post(srv, "/v1/completions", {"prompt": "x", "echo": True}), 400)["param"] == "echo"
 
 
 def test_invalid_json_and_bodies_that_are_not_objects(srv: Running) -> None:
-    assert "not valid JSON" in _error(_post(srv, "/v1/chat/completions", raw=b'{"messages": ['), 400)["message"]
-    assert "not valid JSON" in _error(_post(srv, "/v1/chat/completions", raw=b"\xff\xfe{"), 400)["message"]
-    assert "empty" in _error(_post(srv, "/v1/chat/completions", raw=b""), 400)["message"]
-    assert "must be a JSON object" in _error(_post(srv, "/v1/chat/completions", [1]), 400)["message"]
-    assert "not valid JSON" in _error(_post(srv, "/v1/completions", raw=b"[" * 100_000), 400)["message"]
+    assert "not valid JSON" in api_error(_post(srv, "/v1/chat/completions", raw=b'{"messages": ['), 400)["message"]
+    assert "not valid JSON" in api_error(_post(srv, "/v1/chat/completions", raw=b"\xff\xfe{"), 400)["message"]
+    assert "empty" in api_error(_post(srv, "/v1/chat/completions", raw=b""), 400)["message"]
+    assert "must be a JSON object" in api_error(_post(srv, "/v1/chat/completions", [1]), 400)["message"]
+    assert "not valid JSON" in api_error(_post(srv, "/v1/completions", raw=b"[" * 100_000), 400)["message"]
 
 
 def test_unknown_fields_are_ignored(srv: Running) -> None:
@@ -428,7 +360,7 @@ def test_an_unknown_model_is_a_404(client: openai.OpenAI) -> None:
 
 def test_an_oversize_body_is_a_413(srv: Running) -> None:
     body = {"messages": [{"role": "user", "content": "x" * (300 << 10)}]}
-    assert _error(_post(srv, "/v1/chat/completions", body), 413)["code"] == "request_too_large"
+    assert api_error(_post(srv, "/v1/chat/completions", body), 413)["code"] == "request_too_large"
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the limit applies as the body arrives
         yield b'{"messages": [{"role": "user", "content": "'
@@ -437,12 +369,12 @@ def test_an_oversize_body_is_a_413(srv: Running) -> None:
         yield b'"}]}'
 
     r = httpx.post(srv.url + "/v1/chat/completions", content=chunked(), timeout=30)
-    _error(r, 413)
+    api_error(r, 413)
 
 
 def test_unknown_paths_and_methods_answer_in_the_same_shape(srv: Running) -> None:
-    _error(httpx.get(srv.url + "/v1/nothing"), 404)
-    _error(httpx.get(srv.url + "/v1/chat/completions"), 405)
+    api_error(httpx.get(srv.url + "/v1/nothing"), 404)
+    api_error(httpx.get(srv.url + "/v1/chat/completions"), 405)
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
 
 
@@ -455,7 +387,7 @@ def test_an_unexpected_failure_is_a_generic_500_and_its_details_stay_in_the_log(
 
     monkeypatch.setattr(srv.engine, "chat_job", broken)
     r = _post(srv, "/v1/chat/completions", {"messages": HELLO})
-    error = _error(r, 500)
+    error = api_error(r, 500)
     assert error["type"] == "server_error" and "secret" not in r.text
     assert any("secret detail" in line and "Traceback" not in line for line in srv.errors)
 
@@ -522,7 +454,7 @@ def test_the_api_key_is_required_except_for_health(chat_ckpt: Path) -> None:
         assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             locked.client(api_key="wrong").chat.completions.create(model=MODEL, messages=HELLO)
-        assert _error(httpx.get(locked.url + "/v1/models"), 401)["message"].startswith("this server needs")
+        assert api_error(httpx.get(locked.url + "/v1/models"), 401)["message"].startswith("this server needs")
         assert [m.id for m in locked.client(api_key="s3cret").models.list().data] == [MODEL]
         assert httpx.get(locked.url + "/health").status_code == 200
 
@@ -551,25 +483,7 @@ def test_a_port_in_use_fails_in_one_line_before_the_model_loads(monkeypatch: pyt
 
 
 def _lfm2_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
-    """`lfm2 serve ARGS --port 0` in a subprocess; returns it, its URL and the list its stderr lines go to."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("LFM2_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "lfm2cli", "serve", *args, "--port", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            if "listening on" in line:
-                started.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not started.wait(120):
-        proc.kill()
-        raise AssertionError(f"lfm2 serve did not start: {lines}")
-    url = re.search(r"listening on (http://\S+)/v1", lines[-1]).group(1)
+    proc, url, lines, _ = start_serve(*args)
     return proc, url, lines
 
 
@@ -592,6 +506,39 @@ def test_lfm2_serve_starts_logs_each_request_and_stops_on_ctrl_c(chat_ckpt: Path
         code = proc.wait(30)
     assert code == 0 and lines[-1] == "lfm2 serve stopped"
     assert not any("Traceback" in line or "ERROR" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_serve_name_sets_the_ids_clients_may_send(chat_ckpt: Path) -> None:
+    """--name, repeated: /v1/models lists the names in order, replies carry the first, requests may send any (or
+    the names the server always took: the path, the folder); any other name is still refused."""
+    proc, url, lines = _lfm2_serve(str(chat_ckpt), "--dtype", "float32", "--quiet", "--name", "lfm2-tiny",
+                                   "--name", "gpt-4o-mini", "--name", "lfm2-tiny")
+    try:
+        assert lines[0].startswith("lfm2 serve · lfm2-tiny · cpu float32")
+        client = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["lfm2-tiny", "gpt-4o-mini"]
+        assert client.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+        replies = [client.chat.completions.create(model=name, messages=HELLO, max_tokens=4, **GREEDY)
+                   for name in ("lfm2-tiny", "gpt-4o-mini", str(chat_ckpt), chat_ckpt.name)]
+        assert {r.model for r in replies} == {"lfm2-tiny"}
+        assert len({r.choices[0].message.content for r in replies}) == 1
+        done = client.completions.create(model="gpt-4o-mini", prompt="Hello", max_tokens=4, **GREEDY)
+        assert done.model == "lfm2-tiny"
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="gpt-4", messages=HELLO, max_tokens=4)
+        assert e.value.code == "model_not_found" and "lfm2-tiny" in e.value.message
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(30)
+    assert code == 0
+
+
+@pytest.mark.parametrize("name", ["", " ", " padded"])
+def test_serve_name_must_be_an_id(name: str, chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(["serve", str(chat_ckpt), "--port", "0", "--name", name], monkeypatch, capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and "--name" in err
 
 
 # ---- load

@@ -270,7 +270,7 @@ def test_generate_think_budget(chat_ckpt: Path, tmp_path: Path, monkeypatch: pyt
 
 @pytest.mark.parametrize("args, message", [
     (["--tool-choice", "required"], "--tool-choice required needs --tools"),
-    (["--format", "yaml"], "--format yaml: expected text or json"),
+    (["--format", "yaml"], "'--format': 'yaml' is not one of 'text', 'json'"),
     (["--schema", "{nope"], "--schema: not valid JSON"),
     (["--schema", "[1]"], "--schema: a JSON schema must be an object"),
     (["--schema", "missing.json"], "--schema missing.json: no such file"),

@@ -138,3 +138,43 @@ def test_chat_encoding_has_single_bos(tok_dir: Path, hf) -> None:
     assert ids == expected["input_ids"]
     assert ids[0] == 1 and ids.count(1) == 1
     assert ids[-3:-1] != [7, 7] and 6 in ids
+
+
+# ---- long texts counted in pieces (issue 24; the real commands are in test_hostile_checkpoint.py)
+
+def test_long_text_that_fits_is_encoded_exactly(tok_dir: Path) -> None:
+    """Counting in pieces only ever refuses what cannot fit: a long text whose tokens are one fewer than the
+    limit is encoded exactly as without a limit, and one token more is refused."""
+    from lfm2cli.errors import PromptTooLongError
+    from lfm2cli.tokenizer import PIECE_CHARS
+
+    tok = load_tokenizer(tok_dir)
+    for text in (("Café naïve 🙂 the river\n" * 20_000), ("ab" * 100_000), (" " * 150_000 + "x")):
+        assert len(text) > 2 * PIECE_CHARS
+        whole = tok.encode(text)
+        tok.max_tokens = len(whole) + 1
+        assert tok.encode(text) == whole
+        tok.max_tokens = len(whole) // 2
+        with pytest.raises(PromptTooLongError, match=f"holds {len(whole) // 2:,}; shorten it$"):
+            tok.encode(text)
+        tok.max_tokens = None
+
+
+@pytest.mark.parametrize("change, cause", [
+    (lambda d: d.update(normalizer={"type": "Replace", "pattern": {"String": "a"}, "content": "b" * 5_000}),
+     "content 5,000 characters long"),
+    (lambda d: d.update(decoder={"type": "Replace", "pattern": {"Regex": "a"}, "content": "b"}),
+     "the decoder's Replace matches a regex"),
+    (lambda d: d["added_tokens"].append({"id": 999, "content": "q" * 600, "special": True}), "a token of 600"),
+    (lambda d: d.update(post_processor={"type": "Sequence", "processors": [{"type": "ByteLevel"}] * 3_000}),
+     "more than 4,096 values"),
+])
+def test_tokenizer_json_past_its_bounds_is_refused_unread(tok_dir: Path, tmp_path: Path, change, cause: str) -> None:
+    import shutil
+
+    root = Path(shutil.copytree(tok_dir, tmp_path / "tok"))
+    data = json.loads((root / "tokenizer.json").read_text())
+    change(data)
+    (root / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=cause):
+        load_tokenizer(root)

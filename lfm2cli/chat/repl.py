@@ -11,7 +11,9 @@ else (banner, notes, command output, stats) goes to its second console, stderr i
 
 from __future__ import annotations
 
+import os
 import re
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -23,7 +25,9 @@ from lfm2cli.errors import HistoryError, Lfm2Error, UsageError
 from lfm2cli.formatting import local_time
 from lfm2cli.functions import FunctionSet, ToolResult, describe
 from lfm2cli.render import THOUGHT_MODES, PlainStream, ThoughtStream, make_stream, print_sections, stats_footer
+from lfm2cli.safetext import visible
 from lfm2cli.store.conversations import call_label, finish_label, shorten, thought_label
+from lfm2cli.streams import ReaderGone, StdoutFailed
 from lfm2cli.thinking import Reasoning
 from lfm2cli.toolcalls import ToolCall
 
@@ -83,7 +87,8 @@ class ChatUI:
 
     def say(self, text: str, style: str | None = None) -> None:
         # Text, not markup: user content such as "[x]" prints as typed; soft_wrap keeps lines whole
-        self.err.print(Text(text, style=style or ""), soft_wrap=True)
+        # visible(): names and errors may come from the model or a server, and must not drive the terminal
+        self.err.print(Text(visible(text), style=style or ""), soft_wrap=True)
 
     def note(self, text: str) -> None:
         self.say(text, "dim")
@@ -179,6 +184,19 @@ class ChatLoop:
                 self.ui.error(str(e))
             except KeyboardInterrupt:
                 self.ui.note("interrupted")
+            except (ReaderGone, StdoutFailed, BrokenPipeError):
+                raise  # the output is gone: no later turn could be shown either
+            except Exception as e:  # model output is untrusted: whatever it breaks ends this turn only
+                self._turn_failed(e)
+
+    def _turn_failed(self, e: Exception) -> None:
+        """An unexpected error in one message or command: one line, and the chat goes on with the conversation as
+        it was stored (a reply cut by the error is kept with finish reason "error")."""
+        if os.environ.get("LFM2_DEBUG") == "1":
+            self.ui.err.print(traceback.format_exc(), markup=False, highlight=False)
+        message = " ".join(str(e).split())[:300]
+        self.ui.error(f"this message failed ({type(e).__name__}{': ' + message if message else ''}); the "
+                      "conversation is kept and the chat goes on (LFM2_DEBUG=1 shows the traceback)")
 
     def farewell(self) -> None:
         """Leaving: say where the conversation went, so it is easy to find again."""

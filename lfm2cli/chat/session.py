@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.errors import GenerationError, Lfm2Error, UsageError
+from lfm2cli.errors import GenerationError, Lfm2Error, PromptTooLongError, UsageError
 from lfm2cli.generation import GenerationStats
 from lfm2cli.loading import LoadedModel
 from lfm2cli.prefix_cache import PrefixCache, common_prefix
@@ -192,12 +192,33 @@ class ChatSession:
         return skipped
 
     def set_system(self, text: str | None) -> None:
-        """A new system prompt changes the first tokens of the conversation: the cache starts over."""
+        """A new system prompt changes the first tokens of the conversation: the cache starts over. One that
+        alone fills the context is refused (ContextFullError), and the old one stays."""
+        if text and text != self.system:
+            self._check_system(text)
         if (text or None) != self.system:
             self.system = text or None
             self._reset_cache()
         # "" rather than None: the store reads None as "leave unchanged"
         self._save_settings(system=self.system or "")
+
+    def _check_system(self, text: str) -> None:
+        """The system prompt with the template and tools, and no message yet, must leave room in the context:
+        otherwise every turn after it would fail."""
+        if not hasattr(self, "tokenizer"):  # generated elsewhere (RemoteChatSession): that server decides
+            return
+        limit, saved = self.context_limit, self.system
+        self.system = text
+        try:
+            needed = len(self.prompt_ids([], add_generation_prompt=True))
+        except PromptTooLongError:
+            needed = None
+        finally:
+            self.system = saved
+        if needed is None or needed >= limit:
+            need = f"more than {limit:,}" if needed is None else f"{needed:,}"
+            raise ContextFullError(f"this system prompt does not fit: alone it needs {need} tokens and the model's "
+                                   f"context holds {limit:,}; shorten it (the system prompt is unchanged)")
 
     def _save_settings(self, **changes: Any) -> None:
         if self.conversation_id is not None:
@@ -219,6 +240,9 @@ class ChatSession:
         self.messages = [ChatMessage(m.role, m.content, m.id, m.finish_reason, m.reasoning, m.raw_content,
                                      m.tool_calls, m.tool_call_id, m.name) for m in conv.messages]
         self.system = conv.system or None
+        for note in self.store.notes:  # rows the store skipped or read with defaults
+            self.on_notice(f"note: {note}")
+        self.store.notes.clear()
         skipped = self.apply_options(conv.options)
         if skipped:
             self.on_notice(f"note: ignored a saved setting of conversation {conv.id}: {'; '.join(skipped)}")
@@ -234,7 +258,10 @@ class ChatSession:
 
     def export(self, file: str | Path) -> Path:
         """Write the conversation to `file`: JSON for `.json`, Markdown otherwise."""
-        path = Path(file).expanduser()
+        from lfm2cli.paths import check_output_path
+
+        model_dir = getattr(getattr(self, "lm", None), "path", None)  # a remote session has no local model
+        path = check_output_path(file, protect=(Path(model_dir),) if model_dir else ())
         conv = self.conversation()
         text = to_json(conv) if path.suffix.lower() == ".json" else to_markdown(conv)
         try:

@@ -22,7 +22,9 @@ GROUPS = [("history", "history", "history_app")]
 
 def register(app: typer.Typer) -> None:
     """Attach every command to the app. A module that fails to import is an error, not a missing command."""
+    from lfm2cli.commands.options import Command
+
     for name, module, func in COMMANDS:
-        app.command(name)(getattr(importlib.import_module(f"lfm2cli.commands.{module}"), func))
+        app.command(name, cls=Command)(getattr(importlib.import_module(f"lfm2cli.commands.{module}"), func))
     for name, module, attr in GROUPS:
         app.add_typer(getattr(importlib.import_module(f"lfm2cli.commands.{module}"), attr), name=name)

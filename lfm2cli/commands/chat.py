@@ -13,19 +13,14 @@ from lfm2cli.commands import options as o
 MAX_TOOL_ROUNDS = 8  # lfm2cli.chat.repl.MAX_TOOL_ROUNDS, repeated for the help text: the repl imports rich
 
 # options restored from a resumed conversation unless given on the command line
-_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens")
+_SAMPLING = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "max_tokens",
+             "presence_penalty", "frequency_penalty", "logit_bias")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
     """True when the user typed the option (not its default)."""
     # by name: typer may carry its own copy of click, with its own ParameterSource enum
     return getattr(ctx.get_parameter_source(name), "name", None) in ("COMMANDLINE", "ENVIRONMENT")
-
-
-def _think_choice(value: str) -> str:
-    if value not in ("show", "hide", "fold"):
-        raise typer.BadParameter(f"{value!r} is not one of 'show', 'hide', 'fold'")
-    return value
 
 
 def _model_label(name: str | None) -> str:
@@ -43,56 +38,70 @@ def chat(
     ctx: typer.Context,
     model: str = o.MODEL,
     system: str = o.SYSTEM,
+    cont: bool = typer.Option(False, "--continue", "-c", help="Continue the most recent conversation."),
+    resume: str = typer.Option(None, "--resume", metavar="ID", help="Continue a saved conversation (id or prefix)."),
+    keep_thinking: bool = typer.Option(False, "--keep-thinking",
+                                       help="Show the model the reasoning of all its past replies (the template's "
+                                            "keep_past_thinking), not only of the last one."),
     max_tokens: int = o.MAX_TOKENS,
     temperature: float = o.TEMPERATURE,
     top_k: int = o.TOP_K,
     top_p: float = o.TOP_P,
     min_p: float = o.MIN_P,
     repetition_penalty: float = o.REPETITION_PENALTY,
+    presence_penalty: float = o.PRESENCE_PENALTY,
+    frequency_penalty: float = o.FREQUENCY_PENALTY,
+    logit_bias: list[str] = o.LOGIT_BIAS,
     seed: int = o.SEED,
-    device: str = o.DEVICE,
-    dtype: str = o.DTYPE,
-    quantize: str = o.QUANTIZE,
-    compile: bool = o.COMPILE,
-    force: bool = o.FORCE,
-    offline: bool = o.OFFLINE,
-    pull: bool = o.PULL,
-    plain: bool = typer.Option(False, "--plain", help="Print replies as plain text (no markdown rendering)."),
-    cont: bool = typer.Option(False, "--continue", "-c", help="Continue the most recent conversation."),
-    resume: str = typer.Option(None, "--resume", metavar="ID", help="Continue a saved conversation (id or prefix)."),
-    think: str = typer.Option("fold", "--think", callback=_think_choice,
+    think_budget: int = o.THINK_BUDGET,
+    plain: bool = typer.Option(False, "--plain", rich_help_panel=o.OUTPUT_PANEL,
+                               help="Print replies as plain text (no markdown rendering)."),
+    think: o.Think = o.choice("fold", "--think", rich_help_panel=o.OUTPUT_PANEL,
                               help="How a thinking model's reasoning is shown: show (dimmed, kept), hide, or fold "
                                    "(dimmed while it streams, then one 'thought for N tokens' line). Piped, it "
                                    "never reaches stdout: show writes it to stderr, fold the one line. /think "
                                    "changes it."),
-    keep_thinking: bool = typer.Option(False, "--keep-thinking",
-                                       help="Show the model the reasoning of all its past replies (the template's "
-                                            "keep_past_thinking), not only of the last one."),
-    think_budget: int = o.THINK_BUDGET,
+    fmt: o.Format = o.FORMAT,
+    schema: str = o.SCHEMA,
     functions: str = typer.Option(None, "--functions", metavar="FILE.py", show_default=False,
+                                  rich_help_panel=o.TOOLS_PANEL,
                                   help="Offer the functions of this Python file to the model as tools. Each call "
                                        "is shown and runs once you confirm it (y, n, or a: yes to all); its "
                                        f"result goes back to the model, for up to {MAX_TOOL_ROUNDS} rounds a "
                                        "message. /tools lists them."),
-    yes_tools: bool = typer.Option(False, "--yes-tools",
+    yes_tools: bool = typer.Option(False, "--yes-tools", rich_help_panel=o.TOOLS_PANEL,
                                    help="Run tool calls without asking (piped chat declines them otherwise)."),
     tool_choice: str = typer.Option("auto", "--tool-choice", metavar="auto|required|NAME",
+                                    rich_help_panel=o.TOOLS_PANEL,
                                     help="With --functions: auto lets the model choose; required makes the first "
                                          "reply to each message a tool call, NAME a call of that tool. Replies "
                                          "to tool results are always auto, so the loop can end."),
-    schema: str = o.SCHEMA,
-    fmt: str = o.FORMAT,
+    offline: bool = o.OFFLINE,
+    pull: bool = o.PULL,
+    force: bool = o.FORCE,
     endpoint: str = o.ENDPOINT,
     api_key: str = o.API_KEY,
     remote_model: str = o.REMOTE_MODEL,
+    device: o.Device = o.DEVICE,
+    dtype: o.Dtype = o.DTYPE,
+    quantize: o.Quantize = o.QUANTIZE,
+    compile: bool = o.COMPILE,
 ) -> None:
-    """Chat with a model. Conversations are saved; /help lists the commands, Ctrl-D or /exit leaves."""
+    """Chat with a model. Conversations are saved; /help lists the commands, Ctrl-D or /exit leaves.
+
+    Examples:
+
+    lfm2 chat lfm2-1.2b
+    lfm2 chat -c
+    lfm2 chat lfm2-1.2b --functions tools.py
+    """
     from rich.console import Console
 
     from lfm2cli.errors import GenerationError, HistoryError, UsageError
     from lfm2cli.store.conversations import HistoryStore
 
-    params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
+                               frequency_penalty, logit_bias)
     o.local_only(endpoint, think_budget=think_budget is not None, quantize=quantize != "none", compile=compile,
                  device=device != "auto", dtype=dtype != "auto", offline=offline, pull=pull, force=force,
                  keep_thinking=keep_thinking)
@@ -129,6 +138,8 @@ def chat(
             err.print("no saved conversation to continue; starting a new one", style="dim", markup=False)
         if model is None and saved is not None:
             model = saved.model  # continue with the model it was held with unless told otherwise
+        # before anything imports torch: a model that is nowhere is said at once
+        located = o.find_local(model, offline=offline, pull=pull) if endpoint is None else None
 
         from lfm2cli.chat.repl import ChatLoop, ChatUI
 
@@ -138,13 +149,15 @@ def chat(
                                       tools, tool_choice, schema, fmt, grammar)
         else:
             session = _local_session(model, store, params, max_tokens, system, tools, grammar, call_grammar,
-                                     think_budget, keep_thinking, tty_in, err, device=device, dtype=dtype,
-                                     quantize=quantize, compile=compile, force=force, offline=offline, pull=pull)
+                                     think_budget, keep_thinking, device=device, dtype=dtype, quantize=quantize,
+                                     compile=compile, force=force, offline=offline, pull=pull, path=located)
         session.on_notice = ui.warn  # a saved setting that is skipped on resume is said before the banner
         if saved is not None:
             session.load(saved.id)
             # what was typed on this command line wins over what was saved, and is saved in turn
             given = {name: ctx.params[name] for name in _SAMPLING if _given(ctx, name)}
+            if "logit_bias" in given:
+                given["logit_bias"] = params.logit_bias  # the option's values merged into one
             if given:
                 session.apply_options(given)
                 store.update_conversation(saved.id, options=session.options())
@@ -174,15 +187,11 @@ def chat(
 
 def _local_session(model: str | None, store: Any, params: Any, max_tokens: int, system: str | None,
                    tools: list | None, grammar: Any, call_grammar: Any, think_budget: int | None,
-                   keep_thinking: bool, tty_in: bool, err: Any, **load_options: Any) -> Any:
-    """A ChatSession on the model loaded here."""
+                   keep_thinking: bool, **load_options: Any) -> Any:
+    """A ChatSession on the model loaded here (a progress bar while it loads, on a terminal)."""
     from lfm2cli.chat.session import ChatSession
 
-    def announce(path: Any) -> None:
-        if tty_in:
-            err.print(f"loading {path.name}…", style="dim", markup=False, highlight=False)
-
-    _, lm = o.load_local(model, announce=announce, **load_options)
+    _, lm = o.load_local(model, **load_options)
     return ChatSession(lm, store, _model_label(model), params, max_tokens, system,
                        keep_thinking=True if keep_thinking else None, tools=tools, grammar=grammar,
                        call_grammar=call_grammar, think_budget=think_budget)

@@ -41,12 +41,6 @@ def _read_prompt(prompt: str | None, system: str | None) -> tuple[str, str | Non
     return prompt, system
 
 
-def _think_choice(value: str) -> str:
-    if value not in ("show", "hide"):
-        raise typer.BadParameter(f"{value!r} is not one of 'show', 'hide'")
-    return value
-
-
 class _ReasoningOut:
     """The reasoning of a thinking model on stderr (`--think show`): dimmed on a terminal, plain when piped, and
     ended with a newline once the answer starts, so the two never share a line."""
@@ -109,49 +103,62 @@ def _remote_run(url: str, api_key: str | None, model: str | None, text: str, sys
 
 def generate(
     model: str = o.MODEL,
-    prompt: str = typer.Option(None, "--prompt", "-p", help="The prompt; '-' reads it from stdin."),
+    prompt: str = typer.Option(None, "--prompt", "-p", metavar="TEXT", help="The prompt; '-' reads it from stdin."),
     system: str = o.SYSTEM,
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
     max_tokens: int = o.MAX_TOKENS,
     temperature: float = o.TEMPERATURE,
     top_k: int = o.TOP_K,
     top_p: float = o.TOP_P,
     min_p: float = o.MIN_P,
     repetition_penalty: float = o.REPETITION_PENALTY,
+    presence_penalty: float = o.PRESENCE_PENALTY,
+    frequency_penalty: float = o.FREQUENCY_PENALTY,
+    logit_bias: list[str] = o.LOGIT_BIAS,
     seed: int = o.SEED,
-    stop: list[str] = typer.Option(None, "--stop", help="Stop at this text (repeatable); it is not printed."),
-    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object: text, reasoning, tool calls "
-                                  "(with --tools), finish reason, stats."),
-    think: str = typer.Option("hide", "--think", callback=_think_choice,
-                              help="show or hide the reasoning a thinking model writes before its answer (show: on "
-                                   "stderr); stdout gets only the answer either way."),
-    tools: str = typer.Option(None, "--tools", metavar="FILE",
+    stop: list[str] = typer.Option(None, "--stop", metavar="TEXT", rich_help_panel=o.SAMPLING_PANEL,
+                                   help="Stop at this text (repeatable); it is not printed."),
+    think_budget: int = o.THINK_BUDGET,
+    json_out: bool = typer.Option(False, "--json", rich_help_panel=o.OUTPUT_PANEL,
+                                  help="Print one JSON object: text, reasoning, tool calls (with --tools), finish "
+                                       "reason, stats."),
+    think: o.ThinkShown = o.choice("hide", "--think", rich_help_panel=o.OUTPUT_PANEL,
+                                   help="Show a thinking model's reasoning (on stderr) or hide it; stdout gets only "
+                                        "the answer either way."),
+    fmt: o.Format = o.FORMAT,
+    schema: str = o.SCHEMA,
+    verbose: bool = typer.Option(False, "--verbose", "-v", rich_help_panel=o.OUTPUT_PANEL,
+                                 help="Print speed and memory stats on stderr."),
+    tools: str = typer.Option(None, "--tools", metavar="FILE", show_default=False, rich_help_panel=o.TOOLS_PANEL,
                               help="A JSON file of function tools (OpenAI schemas) the model may call. Calls are "
                                    "not run: each is one 'tool call:' line on stderr, and --json lists them in "
-                                   "tool_calls with finish_reason tool_calls.", show_default=False),
+                                   "tool_calls with finish_reason tool_calls."),
     tool_choice: str = o.TOOL_CHOICE,
-    schema: str = o.SCHEMA,
-    fmt: str = o.FORMAT,
-    think_budget: int = o.THINK_BUDGET,
-    device: str = o.DEVICE,
-    dtype: str = o.DTYPE,
-    quantize: str = o.QUANTIZE,
-    compile: bool = o.COMPILE,
-    force: bool = o.FORCE,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print speed and memory stats on stderr."),
     offline: bool = o.OFFLINE,
     pull: bool = o.PULL,
+    force: bool = o.FORCE,
     endpoint: str = o.ENDPOINT,
     api_key: str = o.API_KEY,
     remote_model: str = o.REMOTE_MODEL,
+    device: o.Device = o.DEVICE,
+    dtype: o.Dtype = o.DTYPE,
+    quantize: o.Quantize = o.QUANTIZE,
+    compile: bool = o.COMPILE,
 ) -> None:
-    """Generate a reply to one prompt. Piped stdin is added before the prompt."""
-    params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+    """Generate a reply to one prompt. Piped stdin is added before the prompt.
+
+    Examples:
+
+    lfm2 generate lfm2-350m -p "Write a haiku about the sea"
+    git diff | lfm2 generate lfm2-1.2b -p "Write a commit message for this change"
+    lfm2 generate ./my-checkpoint -p "Name three colours" --schema colours.json --json
+    """
+    params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
+                               frequency_penalty, logit_bias)
     from lfm2cli.errors import UsageError
 
     o.local_only(endpoint, think_budget=think_budget is not None, quantize=quantize != "none", compile=compile,
                  device=device != "auto", dtype=dtype != "auto", offline=offline, pull=pull, force=force)
-
     if tools is not None and raw:
         raise UsageError("--tools needs the chat template, which lists the tools for the model; --raw sends the "
                          "prompt without it")
@@ -161,6 +168,9 @@ def generate(
 
         tool_list = read_tools(tools)  # before the model loads, so a bad file fails fast
     grammar = o.output_grammar(schema, fmt, tool_list, tool_choice)
+    # after the usage checks (exit 2 whatever the model), before anything imports torch: a model that is nowhere
+    # is said at once
+    located = o.find_local(model, offline=offline, pull=pull) if endpoint is None else None
     text, system = _read_prompt(prompt, system)
     if not text.strip():
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
@@ -173,7 +183,7 @@ def generate(
     else:
         run, label = _local_run(model, text, system, raw, params, max_tokens, stop, tool_list, grammar,
                                 think_budget, device=device, dtype=dtype, quantize=quantize, compile=compile,
-                                force=force, offline=offline, pull=pull)
+                                force=force, offline=offline, pull=pull, path=located)
     thoughts = _ReasoningOut() if think == "show" and not json_out else None
 
     def answer(pieces: Iterable[str]) -> Iterator[str]:
@@ -243,10 +253,12 @@ def generate(
         sys.stderr.write(f"note: the reply {length_stop_note(run.stats, max_tokens)}; a shorter prompt leaves more "
                          "room\n")
     if verbose:
+        from lfm2cli.formatting import rate
+
         s = run.stats
         sys.stderr.write(
             f"{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated ({s.finish_reason}); "
-            f"prefill {s.prefill_tps:.1f} tok/s, decode {s.decode_tps:.1f} tok/s, first token {s.ttft_s:.2f} s, "
+            f"prefill {rate(s.prefill_tps)} tok/s, decode {rate(s.decode_tps)} tok/s, first token {s.ttft_s:.2f} s, "
             f"peak memory {s.peak_memory_bytes / 1e9:.2f} GB\n"
         )
     if interrupted:

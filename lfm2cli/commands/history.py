@@ -7,6 +7,7 @@ can be fed to cut, grep and friends. Ids may be shortened to any unique prefix.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -16,11 +17,35 @@ if TYPE_CHECKING:
 
     from lfm2cli.store.conversations import Conversation, HistoryStore, SearchHit
 
+from lfm2cli.commands.options import Command, Group, choice
+
 history_app = typer.Typer(
-    help="Browse, export and delete saved chat conversations.",
-    no_args_is_help=True,
+    cls=Group,
+    invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+LIST_LIMIT = 50  # what `history list` shows by default, and `history` alone
+
+
+class ExportFormat(str, Enum):
+    md = "md"
+    markdown = "markdown"
+    json = "json"
+
+
+@history_app.callback()
+def history(ctx: typer.Context) -> None:
+    """Browse, export and delete saved chat conversations. Alone, it lists them (as `lfm2 history list`).
+
+    Examples:
+
+    lfm2 history
+    lfm2 history show 3f2a
+    lfm2 history search "capital of France"
+    lfm2 history export 3f2a --format json -o chat.json
+    """
+    if ctx.invoked_subcommand is None:
+        list_conversations(limit=LIST_LIMIT)
 
 
 def _open(must_exist: bool) -> HistoryStore | None:
@@ -28,7 +53,7 @@ def _open(must_exist: bool) -> HistoryStore | None:
     from lfm2cli.store.conversations import HistoryError, HistoryStore, history_path
 
     path = history_path()
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():  # a dangling link or a loop is for the store to name
         if must_exist:
             raise HistoryError("no saved conversations yet; `lfm2 chat` saves them")
         return None
@@ -39,7 +64,15 @@ def _get(conv_id: str) -> Conversation:
     store = _open(must_exist=True)
     assert store is not None
     with store:
-        return store.get(_text(conv_id))
+        conv = store.get(_text(conv_id))
+    _notes(store)
+    return conv
+
+
+def _notes(store: HistoryStore) -> None:
+    """Rows the store could not read were skipped or defaulted: say so, on stderr, once each."""
+    for note in store.notes:
+        sys.stderr.write(f"note: {note}\n")
 
 
 def _text(arg: str) -> str:
@@ -144,9 +177,9 @@ def render_hits(console: Console, hits: list[SearchHit], text: str) -> None:
 
 # ---------------------------------------------------------------- commands
 
-@history_app.command("list")
+@history_app.command("list", cls=Command)
 def list_conversations(
-    limit: int = typer.Option(50, "--limit", "-n", help="Show at most this many (0: all)."),
+    limit: int = typer.Option(LIST_LIMIT, "--limit", "-n", metavar="N", help="Show at most this many (0: all)."),
 ) -> None:
     """List saved conversations, most recently updated first."""
     store = _open(must_exist=False)
@@ -154,6 +187,7 @@ def list_conversations(
     if store is not None:
         with store:
             convs = store.list(limit=limit)
+        _notes(store)
     if not convs:
         sys.stderr.write("no saved conversations yet; `lfm2 chat` saves them\n")
         return
@@ -164,7 +198,7 @@ def list_conversations(
         print("\t".join([c.id, c.updated_at, _plain(c.model), str(c.message_count), _plain(c.display_title)]))
 
 
-@history_app.command("show")
+@history_app.command("show", cls=Command)
 def show(
     conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
 ) -> None:
@@ -178,21 +212,24 @@ def show(
         sys.stdout.write(to_markdown(conv))
 
 
-@history_app.command("export")
+@history_app.command("export", cls=Command)
 def export(
     conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
-    fmt: str = typer.Option("md", "--format", "-f", help="md (Markdown) or json."),
-    output: str = typer.Option(None, "--output", "-o", help="Write to this file instead of stdout."),
+    fmt: ExportFormat = choice("md", "--format", "-f", help="md (or markdown): Markdown; json: every field."),
+    output: str = typer.Option(None, "--output", "-o", metavar="FILE", help="Write to this file instead of stdout."),
 ) -> None:
     """Export a conversation as Markdown or JSON."""
     from pathlib import Path
 
     from lfm2cli.errors import Lfm2Error, UsageError
+    from lfm2cli.paths import check_output_path
     from lfm2cli.store.conversations import to_json, to_markdown
 
     fmt = fmt.lower()
     if fmt not in ("md", "markdown", "json"):
         raise UsageError(f"unknown export format {fmt!r}; use --format md or --format json")
+    if output is not None and output != "-":
+        check_output_path(output)  # before reading: a refused path leaves everything as it was
     conv = _get(conv_id)
     text = to_json(conv) if fmt == "json" else to_markdown(conv)
     if output is None or output == "-":
@@ -205,7 +242,7 @@ def export(
     sys.stderr.write(f"wrote {output}\n")
 
 
-@history_app.command("rm")
+@history_app.command("rm", cls=Command)
 def rm(
     conv_id: str = typer.Argument(..., metavar="ID", help="Conversation id or a unique prefix."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking."),
@@ -230,10 +267,10 @@ def rm(
     sys.stderr.write(f"deleted {conv.id}\n")
 
 
-@history_app.command("search")
+@history_app.command("search", cls=Command)
 def search(
-    text: str = typer.Argument(..., help="Text to look for (case-insensitive) in titles and messages."),
-    limit: int = typer.Option(100, "--limit", "-n", help="Show at most this many matches."),
+    text: str = typer.Argument(..., metavar="TEXT", help="Text to look for (case-insensitive) in titles and messages."),
+    limit: int = typer.Option(100, "--limit", "-n", metavar="N", help="Show at most this many matches."),
 ) -> None:
     """Find conversations whose title or messages contain TEXT."""
     from lfm2cli.errors import UsageError

@@ -6,19 +6,26 @@ import typer
 
 
 def info(
-    model: str = typer.Argument(..., help="Checkpoint directory, hub repo id or alias."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Checkpoint directory, hub repo id or alias."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object for scripts."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network; use the local cache."),
 ) -> None:
-    """Describe a checkpoint: architecture, layers, parameters, tokens, files, memory (no weights loaded). Exits 1
-    when the checkpoint fails the check that loading runs."""
+    """Describe a checkpoint without loading its weights: architecture, layers, parameters, tokens, files, memory.
+
+    Exits 1 when the checkpoint fails the check that loading runs.
+
+    Examples:
+
+    lfm2 info lfm2-1.2b
+    lfm2 info ./my-checkpoint --json
+    """
     import json
     import sys
 
     from lfm2cli.describe import describe, plain_lines
     from lfm2cli.hub.names import resolve_model
 
-    desc = describe(resolve_model(model, offline=offline))
+    desc = describe(resolve_model(model, offline=offline, pull_option=False))  # info has no --pull
     if json_out:
         print(json.dumps(desc, indent=2))
     elif sys.stdout.isatty():
@@ -27,7 +34,9 @@ def info(
 
         print_sections(sections(desc))
     else:
-        print("\n".join(plain_lines(desc)))
+        from lfm2cli.safetext import visible
+
+        print(visible("\n".join(plain_lines(desc))))  # token strings from the files, shown, never acted on
     if desc["problems"]:
         # described as far as it can be, but a checkpoint that would not load fails the check: exit 1 for scripts
         from lfm2cli.errors import CheckpointError

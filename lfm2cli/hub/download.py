@@ -48,6 +48,18 @@ def endpoint() -> str:
 
 
 
+class HubUnreachable(HubError):
+    """The hub could not be asked at all (offline mode, no network): a copy already in a cache may still do.
+    `reason` is the short why, for a message that goes on ("offline mode is on (HF_HUB_OFFLINE=1)")."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+OFFLINE_REASON = "offline mode is on (HF_HUB_OFFLINE=1)"
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     name: str
@@ -74,7 +86,9 @@ class PullResult:
     commit: str
     downloaded: int  # bytes transferred by this pull
     total: int  # bytes of the checkpoint
-    source: str  # "downloaded", "up to date" or "hf cache"
+    source: str  # "downloaded", "up to date", "cached" (in our cache, not checked) or "hf cache"
+    unchecked_because: str | None = None  # the hub could not be asked (offline, no network): why; the result is
+    # then the copy a cache already held
 
 
 def _wanted(name: str) -> bool:
@@ -94,8 +108,10 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
 
 
 @contextmanager
-def _explained(repo_id: str, revision: str | None, resumable: bool = False) -> Iterator[None]:
-    """Turn huggingface_hub and OS errors into one line that says what to do."""
+def _explained(repo_id: str, revision: str | None, resumable: bool = False,
+               cache_dir: str | Path | None = None) -> Iterator[None]:
+    """Turn huggingface_hub and OS errors into one line that says what to do. A hint names `--cache-dir` only
+    when the user gave it (only `pull` has it), else LFM2_CACHE, which every command reads."""
     from huggingface_hub import errors as hf
 
     hub = endpoint()
@@ -112,13 +128,16 @@ def _explained(repo_id: str, revision: str | None, resumable: bool = False) -> I
         raise HubError(f"{repo_id} is gated: accept its terms at {hub}/{repo_id}, then log in with "
                        "`hf auth login` or set HF_TOKEN") from e
     except hf.RevisionNotFoundError as e:
+        if revision is None:  # only `pull` takes a revision; other commands ask for the default branch
+            raise HubError(f"{repo_id} has no default branch on {hub}; name a branch, tag or commit: "
+                           f"lfm2 pull {repo_id} --revision REV") from e
         raise HubError(f"{repo_id} has no revision '{revision}'; pass an existing branch, tag or commit to "
                        "--revision") from e
     except hf.RepositoryNotFoundError as e:
         raise HubError(f"{repo_id} was not found on {hub}; check the name (a private repository needs "
                        "HF_TOKEN or `hf auth login`)") from e
     except hf.OfflineModeIsEnabled as e:
-        raise HubError("offline mode is on (HF_HUB_OFFLINE=1); unset it to download models") from e
+        raise HubUnreachable(f"{OFFLINE_REASON}; unset it to download models", OFFLINE_REASON) from e
     except hf.HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         if status in (401, 403):
@@ -130,21 +149,28 @@ def _explained(repo_id: str, revision: str | None, resumable: bool = False) -> I
         raise HubError(f"{repo_id}: a file the hub listed is missing on the server; try again later") from e
     except _transport_errors() as e:
         reason = (str(e).splitlines() or [type(e).__name__])[0][:120] or type(e).__name__
+        check = "your network" + (f" and HF_ENDPOINT={hub}" if os.environ.get("HF_ENDPOINT") else "")
         tail = "; run the same command again to resume" if resumable else ""
-        raise HubError(f"cannot reach {hub} ({reason}); check your network, or use --offline to run a model "
-                       f"that is already downloaded{tail}") from e
+        raise HubUnreachable(f"cannot reach {hub} ({reason}); check {check}{tail}",
+                             f"cannot reach {hub} ({reason})") from e
     except OSError as e:
+        elsewhere = _elsewhere(cache_dir)
         if e.errno == errno.ENOSPC:
-            raise HubError(f"disk full while downloading {repo_id}; free some space or choose another place "
-                           "with --cache-dir or LFM2_CACHE (the download resumes where it stopped)") from e
-        raise HubError(f"cannot write the model cache: {e.strerror or e} ({e.filename}); "
-                       "use --cache-dir or LFM2_CACHE to put it elsewhere") from e
+            raise HubError(f"disk full while downloading {repo_id}; free some space or {elsewhere} (the "
+                           "download resumes where it stopped)") from e
+        raise HubError(f"cannot write the model cache: {e.strerror or e} ({e.filename}); {elsewhere}") from e
+
+
+def _elsewhere(cache_dir: str | Path | None) -> str:
+    """How to put the cache on another disk, in the words of the command that runs: `--cache-dir` was given (so
+    the command has it), else the environment variable every command reads."""
+    return "pass another folder to --cache-dir" if cache_dir else "set LFM2_CACHE to a folder on another disk"
 
 
 def fetch_plan(repo_id: str, revision: str | None = None) -> Plan:
     """Ask the hub which commit `revision` (default branch when None) is and which files we need."""
     if is_offline():
-        raise HubError("offline mode is on (HF_HUB_OFFLINE=1); unset it to download models")
+        raise HubUnreachable(f"{OFFLINE_REASON}; unset it to download models", OFFLINE_REASON)
     from huggingface_hub import HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -177,11 +203,20 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
     Files already complete are not fetched again; a partial file is continued with a Range request.
     A commit that is already in the standard Hugging Face cache is used from there instead.
     """
-    plan = plan or fetch_plan(repo_id, revision)
+    if plan is None:
+        try:
+            plan = fetch_plan(repo_id, revision)
+        except HubUnreachable as e:
+            cached = cached_copy(repo_id, revision, cache_dir)
+            if cached is None:
+                raise
+            path, size, source = cached
+            return PullResult(path, path.name, 0, size, source, e.reason)
     ref = revision or local.DEFAULT_REVISION
+    local.refuse_links(repo_id, plan.commit, cache_dir)
     snap = local.snapshot_dir(repo_id, plan.commit, cache_dir)
     if local.is_complete(repo_id, plan.commit, cache_dir):
-        with _explained(repo_id, revision):  # a read-only cache: one line, not PermissionError
+        with _explained(repo_id, revision, cache_dir=cache_dir):  # a read-only cache: one line, not PermissionError
             local.write_ref(repo_id, ref, plan.commit, cache_dir)
         local.prune(repo_id, cache_dir)
         return PullResult(snap, plan.commit, 0, plan.total, "up to date")
@@ -189,14 +224,15 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
     if in_hf is not None:
         return PullResult(in_hf, plan.commit, 0, plan.total, "hf cache")
 
-    with _explained(repo_id, revision, resumable=True):
+    with _explained(repo_id, revision, resumable=True, cache_dir=cache_dir):
         snap.mkdir(parents=True, exist_ok=True)
         have = {f.name: _on_disk(snap / f.name) for f in plan.files}
         needed = plan.total - sum(have.values())
         free = shutil.disk_usage(snap).free
         if needed > free:
             raise HubError(f"not enough disk space for {repo_id}: {human_bytes(needed)} to download, "
-                           f"{human_bytes(free)} free in {snap.parent}; free some space or use --cache-dir")
+                           f"{human_bytes(free)} free in {snap.parent}; free some space or "
+                           f"{_elsewhere(cache_dir)}")
         from huggingface_hub.utils import build_hf_headers
 
         headers = build_hf_headers(library_name="lfm2", library_version=__version__)
@@ -218,11 +254,24 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
             progress.finish(ok)
 
     _verify(repo_id, snap)
-    with _explained(repo_id, revision, resumable=True):
+    with _explained(repo_id, revision, resumable=True, cache_dir=cache_dir):
         local.mark_complete(repo_id, plan.commit, {f.name: f.size for f in plan.files}, cache_dir)
         local.write_ref(repo_id, ref, plan.commit, cache_dir)
     local.prune(repo_id, cache_dir)
     return PullResult(snap, plan.commit, needed, plan.total, "downloaded")
+
+
+def cached_copy(repo_id: str, revision: str | None = None,
+                cache_dir: str | Path | None = None) -> tuple[Path, int, str] | None:
+    """(snapshot, bytes, "cached" or "hf cache") of `revision` complete in our cache or else in the Hugging Face
+    cache; None when neither has it. No network: what a pull stands on when the hub cannot be asked."""
+    found = local.find_cached(repo_id, revision, cache_dir)
+    if found is not None:
+        return found, local.snapshot_bytes(repo_id, found.name, cache_dir), "cached"
+    found = local.find_in_hf_cache(repo_id, revision)
+    if found is not None:
+        return found, sum(p.stat().st_size for p in found.iterdir() if p.is_file()), "hf cache"
+    return None
 
 
 def _on_disk(path: Path) -> int:
@@ -299,4 +348,4 @@ def _verify(repo_id: str, snap: Path) -> None:
     from lfm2cli.config import load_config
 
     cfg = load_config(snap)
-    check_tensors(cfg, read_all_headers(snap), repo_id)
+    check_tensors(cfg, read_all_headers(snap, cfg), repo_id)

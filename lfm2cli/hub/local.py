@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from urllib.parse import quote, unquote
 
 from lfm2cli import paths
 from lfm2cli.errors import CheckpointError, HubError, Lfm2Error
+from lfm2cli.formatting import human_bytes
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_REVISION = "main"
@@ -75,11 +77,8 @@ def read_ref(repo_id: str, revision: str | None = None, cache_dir: str | Path | 
     revision = revision or DEFAULT_REVISION
     if COMMIT_RE.match(revision):
         return revision
-    try:
-        commit = _ref_file(model_dir(repo_id, cache_dir), revision).read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-    return commit if COMMIT_RE.match(commit) else None
+    commit = _read(_ref_file(model_dir(repo_id, cache_dir), revision))
+    return commit if commit and COMMIT_RE.match(commit) else None
 
 
 def write_ref(repo_id: str, revision: str, commit: str, cache_dir: str | Path | None = None) -> None:
@@ -107,20 +106,115 @@ def mark_complete(repo_id: str, commit: str, files: dict[str, int], cache_dir: s
     os.replace(tmp, meta)
 
 
-def is_complete(repo_id: str, commit: str, cache_dir: str | Path | None = None) -> bool:
-    """Verified once, and every file still there with its size (catches files deleted by hand)."""
+MAX_INDEX_BYTES = 1 << 20  # a real index lists a few dozen files: anything bigger is not one we wrote
+
+
+def _index_files(meta: Path) -> tuple[dict[str, int] | None, str | None]:
+    """The {file: size} an index lists, or (None, why it cannot be used); (None, None) when there is none (the
+    download has not finished). Read defensively: a hand-edited or damaged index is a reason, never a crash."""
     try:
-        files = json.loads(_meta_file(repo_id, commit, cache_dir).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+        st = meta.lstat()
+    except OSError:
+        return None, None
+    if not stat.S_ISREG(st.st_mode):
+        return None, "not a plain file"
+    if st.st_size > MAX_INDEX_BYTES:
+        return None, f"{st.st_size:,} bytes, not an index lfm2 wrote"
+    try:
+        data = json.loads(meta.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None, "not valid JSON"
+    if not isinstance(data, dict):
+        return None, f"{_kind(data)}, not the JSON object lfm2 writes"
+    files = data.get("files")
+    if not isinstance(files, dict):
+        return None, f"'files' is {_kind(files)}, not an object of file names and sizes"
+    for name, size in files.items():
+        if not _plain_name(name):
+            return None, f"'files' names {name!r}, which is not a file of the snapshot"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return None, f"'files' gives {name} the size {size!r}, not a number of bytes"
+    if "config.json" not in files or not any(n.endswith(".safetensors") for n in files):
+        return None, "'files' lacks config.json or the weights" if files else "'files' is empty"
+    return files, None
+
+
+def _kind(value: object) -> str:
+    """The JSON type of a value, for messages ("'files' is null")."""
+    names = {type(None): "null", list: "a list", str: "a string", bool: "a boolean", dict: "an object"}
+    return names.get(type(value), "a number")
+
+
+def _plain_name(name: str) -> bool:
+    """A file directly in the snapshot folder (all that pull writes): no folders, no way out of it."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
+def _first_link(*paths: Path) -> Path | None:
+    """The first of `paths` that is a link, or None. lfm2 writes plain folders in its cache, and never follows a
+    link out of it."""
+    return next((path for path in paths if path.is_symlink()), None)
+
+
+def snapshot_state(repo_id: str, commit: str, cache_dir: str | Path | None = None) -> tuple[bool, str | None]:
+    """(complete, problem): complete when verified once and every file is still there with its size (catches
+    files deleted by hand); `problem` is one line naming what in the cache cannot be used (a damaged index, a
+    link), None for an ordinary unfinished download."""
+    root = model_dir(repo_id, cache_dir)
+    link = _first_link(root, root / "snapshots", root / "snapshots" / commit)
+    if link is not None:
+        return False, f"{link} is a link to {_target(link)}, which lfm2 does not follow"
+    meta = _meta_file(repo_id, commit, cache_dir)
+    files, why = _index_files(meta)
+    if files is None:
+        return False, f"{meta}: {why}" if why else None
     snap = snapshot_dir(repo_id, commit, cache_dir)
     for name, size in files.items():
         try:
-            if (snap / name).stat().st_size != size:
-                return False
+            st = (snap / name).lstat()  # a link in the snapshot is not a file pull wrote: not complete
         except OSError:
-            return False
-    return True
+            return False, None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+            return False, None
+    return True, None
+
+
+def refuse_links(repo_id: str, commit: str, cache_dir: str | Path | None = None) -> None:
+    """HubError when a folder that a pull writes into is a link: lfm2 never writes through one (a snapshot
+    linked to /usr would get the model's files)."""
+    root = model_dir(repo_id, cache_dir)
+    link = _first_link(root, root / "refs", root / "meta", root / "snapshots", root / "snapshots" / commit)
+    if link is not None:
+        raise HubError(f"{link} is a link to {_target(link)}, and lfm2 writes no files through links in its "
+                       f"cache; remove the link (`lfm2 rm {repo_id}` does, and leaves what it points at), then "
+                       "pull again")
+
+
+def _target(link: Path) -> str:
+    try:
+        return os.readlink(link)
+    except OSError:
+        return "?"
+
+
+def snapshot_bytes(repo_id: str, commit: str, cache_dir: str | Path | None = None) -> int:
+    """The bytes a snapshot's index lists (0 without a usable one)."""
+    files, _ = _index_files(_meta_file(repo_id, commit, cache_dir))
+    return sum(files.values()) if files else 0
+
+
+def is_complete(repo_id: str, commit: str, cache_dir: str | Path | None = None) -> bool:
+    """Verified once, and every file still there with its size (see `snapshot_state`)."""
+    return snapshot_state(repo_id, commit, cache_dir)[0]
+
+
+def cache_problem(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> str | None:
+    """Why the snapshot of `revision` in our cache cannot be used although it is there (a damaged index, a link),
+    or None: what resolving says instead of "not downloaded" when the cache itself is at fault."""
+    commit = read_ref(repo_id, revision, cache_dir)
+    if not commit or not snapshot_dir(repo_id, commit, cache_dir).exists():
+        return None
+    return snapshot_state(repo_id, commit, cache_dir)[1]
 
 
 def find_cached(repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Path | None:
@@ -153,8 +247,13 @@ def prune(repo_id: str, cache_dir: str | Path | None = None) -> None:
 
 
 def _read(path: Path) -> str | None:
+    """A ref's text (a commit hash); a few hundred bytes at most, so a ref that is a link to a device or a huge
+    file costs nothing."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        if not path.is_file():  # a FIFO would block, a device never end
+            return None
+        with path.open("rb") as f:
+            return f.read(256).decode("utf-8", "replace").strip()
     except OSError:
         return None
 
@@ -205,49 +304,178 @@ class CachedModel:
     architecture: str  # "LFM2", "LFM2-MoE" or "?" when config.json is missing or unreadable
     last_used: float | None  # seconds since the epoch
     complete: bool
+    source: str = "lfm2"  # "lfm2" (our cache) or "hf-cache" (the standard Hugging Face cache, read only)
 
     @property
     def revision(self) -> str:
         return ", ".join(self.revisions) if self.revisions else self.commit[:12]
 
 
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+MAX_ENTRIES = 10_000  # entries one walk of the cache reads before it stops: a listing never runs unbounded
+MAX_CONFIG_BYTES = 1 << 20  # config.json read for the architecture column
 
 
-def _architecture(snap: Path) -> str:
-    from lfm2cli.config import load_config
+def _entries(folder: Path, notes: list[str]) -> list[os.DirEntry[str]]:
+    """The entries of one folder, sorted by name, at most MAX_ENTRIES of them (a note says when there are more)."""
+    out: list[os.DirEntry[str]] = []
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if len(out) == MAX_ENTRIES:
+                    notes.append(f"{folder}: more than {MAX_ENTRIES:,} entries; only the first are listed")
+                    break
+                out.append(entry)
+    except OSError:
+        return []
+    return sorted(out, key=lambda e: e.name)
+
+
+def _size(path: Path, inside: Path | None = None) -> tuple[int, bool]:
+    """(bytes of the files under `path`, whether the walk stopped at MAX_ENTRIES). Links are never followed,
+    except, with `inside`, a file link whose target lies under `inside` (the Hugging Face cache's links into
+    its blobs/): a snapshot linked to /usr costs nothing and counts nothing."""
+    total = seen = 0
+    todo = [path]
+    while todo:
+        try:
+            it = os.scandir(todo.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                seen += 1
+                if seen > MAX_ENTRIES:
+                    return total, True
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(Path(entry.path))
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                    elif inside is not None and entry.is_symlink() and _within(Path(entry.path), inside):
+                        total += os.stat(entry.path).st_size
+                except OSError:
+                    pass
+    return total, False
+
+
+def _within(link: Path, root: Path) -> bool:
+    """A link whose target is a plain file under `root`."""
+    try:
+        target = link.resolve(strict=True)
+        return target.is_relative_to(root.resolve()) and target.is_file()
+    except (OSError, RuntimeError):  # a loop, a dangling link
+        return False
+
+
+def _architecture(config: Path, inside: Path) -> str:
+    """"LFM2", "LFM2-MoE" or "?" from a snapshot's config.json, read only when it is a file of the cache itself
+    (a link into `inside` for the Hugging Face cache) and of a config's size."""
+    from lfm2cli.config import parse_config
 
     try:
-        return load_config(snap).architecture
-    except Lfm2Error:
+        if not (config.is_file() and (not config.is_symlink() or _within(config, inside))):
+            return "?"
+        if config.stat().st_size > MAX_CONFIG_BYTES:
+            return "?"
+        return parse_config(json.loads(config.read_bytes()), source=str(config)).architecture
+    except (Lfm2Error, OSError, ValueError, RecursionError, TypeError):
         return "?"
+
+
+def _refs(refs_dir: Path, notes: list[str]) -> dict[str, list[str]]:
+    """commit -> the refs (branch and tag names) that point at it."""
+    out: dict[str, list[str]] = {}
+    for ref in _entries(refs_dir, notes):
+        if ref.is_file(follow_symlinks=False):
+            commit = _read(Path(ref.path))
+            if commit:
+                out.setdefault(commit, []).append(unquote(ref.name))
+    return out
 
 
 def list_cached(cache_dir: str | Path | None = None) -> list[CachedModel]:
     """Every snapshot in our cache, complete or not, sorted by repo id."""
+    return scan_cache(cache_dir)[0]
+
+
+def scan_cache(cache_dir: str | Path | None = None) -> tuple[list[CachedModel], list[str]]:
+    """Every snapshot in our cache, complete or not, sorted by repo id, and one note per entry that was skipped
+    or is damaged (a broken index, a link out of the cache, the leftovers of an interrupted `lfm2 rm`).
+    Reads defensively: a bad entry is a note, the rest is still listed; nothing on disk is changed."""
     out: list[CachedModel] = []
+    notes: list[str] = []
     models = cache_root(cache_dir) / "models"
-    for root in sorted(models.glob("*"), key=lambda p: p.name.lower()):
-        if not root.is_dir() or "--" not in root.name:
+    for entry in sorted(_entries(models, notes), key=lambda e: e.name.lower()):
+        root = Path(entry.path)
+        if entry.name.startswith(".deleting-"):
+            size, _ = _size(root)
+            notes.append(f"{root} is left over from an interrupted `lfm2 rm` ({human_bytes(size)}); delete it "
+                         f"with: rm -rf {shlex.quote(str(root))}")
             continue
-        repo_id = root.name.replace("--", "/", 1)
-        refs: dict[str, list[str]] = {}
-        for ref in sorted((root / "refs").glob("*")):
-            commit = _read(ref)
-            if commit:
-                refs.setdefault(commit, []).append(unquote(ref.name))
-        try:
-            last_used: float | None = (root / "last_used").stat().st_mtime
-        except OSError:
-            last_used = None
-        for snap in sorted((root / "snapshots").glob("*")):
-            if not snap.is_dir():
-                continue
-            names = tuple(r for r in refs.get(snap.name, []) if r != snap.name)
-            out.append(CachedModel(repo_id, names, snap.name, snap, _size(snap), _architecture(snap),
-                                   last_used, is_complete(repo_id, snap.name, cache_dir)))
+        if "--" not in entry.name or entry.name.startswith("."):
+            continue
+        repo_id = entry.name.replace("--", "/", 1)
+        if entry.is_symlink():
+            notes.append(f"{root} is a link to {_target(root)}, which lfm2 does not follow; skipped "
+                         f"(`lfm2 rm {repo_id}` removes the link, not what it points at)")
+            continue
+        if entry.is_dir():
+            out += _scan_model(root, repo_id, cache_dir, notes)
+    return out, notes
+
+
+def _scan_model(root: Path, repo_id: str, cache_dir: str | Path | None, notes: list[str]) -> list[CachedModel]:
+    refs = _refs(root / "refs", notes)
+    try:
+        last_used: float | None = (root / "last_used").stat().st_mtime
+    except OSError:
+        last_used = None
+    out = []
+    for entry in _entries(root / "snapshots", notes):
+        snap = Path(entry.path)
+        if entry.is_symlink():
+            notes.append(f"{snap} is a link to {_target(snap)}, which lfm2 does not follow; skipped "
+                         f"(`lfm2 rm {repo_id}` removes the link, not what it points at)")
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        complete, problem = snapshot_state(repo_id, entry.name, cache_dir)
+        if problem:
+            notes.append(f"{problem}; the snapshot is listed as incomplete (`lfm2 pull {repo_id}` repairs it)")
+        size, cut = _size(snap)
+        if cut:
+            notes.append(f"{snap}: more than {MAX_ENTRIES:,} entries, not a snapshot lfm2 wrote; its size is "
+                         "counted up to there")
+        names = tuple(r for r in refs.get(entry.name, []) if r != entry.name)
+        out.append(CachedModel(repo_id, names, entry.name, snap, size, _architecture(snap / "config.json", snap),
+                               last_used, complete))
     return out
+
+
+def list_hf_cached() -> tuple[list[CachedModel], list[str]]:
+    """The LFM2 snapshots in the standard Hugging Face cache (other models there are none of lfm2's business),
+    each complete when lfm2 can run it from there (`find_in_hf_cache`), and notes as `scan_cache` gives them.
+    Read only, and bounded the same way: links are followed only into the repository's own blobs/."""
+    out: list[CachedModel] = []
+    notes: list[str] = []
+    for entry in _entries(hf_hub_cache(), notes):
+        if not entry.name.startswith("models--") or entry.is_symlink() or not entry.is_dir():
+            continue
+        root = Path(entry.path)
+        repo_id = entry.name.removeprefix("models--").replace("--", "/", 1)
+        refs = _refs(root / "refs", notes)
+        for snap_entry in _entries(root / "snapshots", notes):
+            snap = Path(snap_entry.path)
+            if snap_entry.is_symlink() or not snap_entry.is_dir():
+                continue
+            arch = _architecture(snap / "config.json", root)
+            if arch == "?":
+                continue
+            size, _ = _size(snap, inside=root)
+            names = tuple(r for r in refs.get(snap.name, []) if r != snap.name)
+            usable = find_in_hf_cache(repo_id, snap.name) == snap
+            out.append(CachedModel(repo_id, names, snap.name, snap, size, arch, None, usable, "hf-cache"))
+    return out, notes
 
 
 def remove(repo_id: str, cache_dir: str | Path | None = None) -> int:
@@ -257,6 +485,12 @@ def remove(repo_id: str, cache_dir: str | Path | None = None) -> int:
     model leaves the cache in one rename before its files are deleted, so a failure never leaves half a model.
     """
     root = model_dir(repo_id, cache_dir)
+    if root.is_symlink():  # not a folder lfm2 wrote: the link goes, what it points at stays
+        try:
+            root.unlink()
+        except OSError as e:
+            raise HubError(f"cannot delete the link {root}: {e.strerror or e}; nothing was deleted") from e
+        return 0
     if not root.is_dir():
         return 0
     locked = _not_deletable(root)
@@ -265,8 +499,9 @@ def remove(repo_id: str, cache_dir: str | Path | None = None) -> int:
             f"chmod u+w {shlex.quote(str(locked))}"
         raise HubError(f"cannot delete {repo_id}: {locked} {_why_locked(locked)}; nothing was deleted; make it "
                        f"writable ({fix}) or run lfm2 rm as its owner")
-    freed = _size(root)
-    trash = root.with_name(f".deleting-{os.getpid()}-{time.time_ns()}")  # no "--": list_cached skips it
+    freed = _size(root)[0]
+    # no "--" and a leading dot: `list` shows it as a leftover (should the deletion fail), never as a model
+    trash = root.with_name(f".deleting-{os.getpid()}-{time.time_ns()}")
     try:
         os.rename(root, trash)
     except OSError as e:

@@ -54,6 +54,17 @@ def _looks_like_path(name: str) -> bool:
             or Path(name).expanduser().exists())
 
 
+def _check_length(name: str) -> None:
+    """A name with a part longer than any file name (255 bytes) or path (4,096) can be neither a directory nor a
+    repo id (the hub allows 96 characters a part): refused by its length, before the file system says
+    "File name too long" in the middle of a lookup."""
+    longest = max((len(part.encode("utf-8", "surrogateescape")) for part in name.split("/")), default=0)
+    if longest > 255 or len(name.encode("utf-8", "surrogateescape")) > 4096:
+        raise UsageError(f"'{name[:40]}...' ({len(name):,} characters) is not a local directory, a hub repo id "
+                         "(owner/name) or an alias: a file name has at most 255 bytes, and a hub name 96 "
+                         "characters a part")
+
+
 def _local_parent(name: str) -> Path | None:
     """For an `owner/name` that could be either: the local folder `owner` when there is one, else None.
     `some/typo` typed where `some/` is a folder is a mistyped path, not a hub id."""
@@ -73,19 +84,17 @@ def _missing_path(name: str) -> CheckpointError:
     return CheckpointError(f"{name}: no such checkpoint directory{where}; check the path")
 
 
-def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False,
-                  confirm: Callable[[str], bool] | None = None, revision: str | None = None,
-                  cache_dir: str | Path | None = None, progress: Progress | None = None) -> Path:
-    """Turn what the user typed (a directory, a repo id, an alias or None) into a local checkpoint directory.
-
-    A directory is used as is; a name that can only be a path, or an `owner/name` whose `owner` is a local
-    folder and that no cache holds, is a missing directory (CheckpointError). A repo id is taken from our
-    cache, else from the standard Hugging Face cache, without any network call. When it is in neither:
-    offline -> HubError; `pull` -> download;
-    `confirm` given -> download if it answers yes to the question it is asked; otherwise HubError that says
-    how to download it.
-    """
+def find_model(name: str | None, *, offline: bool = False, may_download: bool = True, pull: bool = False,
+               revision: str | None = None, cache_dir: str | Path | None = None,
+               pull_option: bool = True) -> Path | None:
+    """What `resolve_model` can tell without the network (and without torch, so a wrong name is reported at
+    once): the checkpoint directory when it is on disk, None when the model must be downloaded first. Raises for
+    a name that is nowhere: a missing directory (CheckpointError), a name that is no repo id or alias
+    (UsageError), a model not downloaded while offline or while no download may happen (HubError;
+    `may_download`: --pull was given, or the user can be asked; `pull_option`: the command has --pull, so the
+    message may name it). A snapshot our cache cannot use (a damaged index, a link) is named in that HubError."""
     if name is not None:
+        _check_length(name)
         path = Path(name).expanduser()
         if path.is_dir():
             return path
@@ -100,21 +109,50 @@ def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False
     if found is not None:
         return found
 
-    how = f"lfm2 pull {repo_id}" + (f" --revision {revision}" if revision else "")
+    how = _pull_command(repo_id, revision)
     folder = _local_parent(name) if name is not None and not pull else None
     if folder is not None:
         # checked after both caches, so a downloaded model whose owner is also a local folder still resolves
         raise CheckpointError(f"{name}: no such checkpoint directory ({folder}/ has no {Path(name).name}); "
                               f"check the path, or run `{how}` if you meant the hub repo")
-    if download.is_offline(offline):
+    offline = download.is_offline(offline)
+    if offline or not (pull or may_download):
+        problem = local.cache_problem(repo_id, revision, cache_dir)
+        if problem is not None:  # a download would repair it; without one, say what is wrong, not "not there"
+            raise HubError(f"{problem}; {repo_id} cannot be used from the cache until `{how}` repairs it")
+    if offline:
         raise HubError(f"{repo_id} is not downloaded and offline mode is on; run `{how}` while online")
-    if not (pull or confirm):
-        raise HubError(f"{repo_id} is not downloaded yet; run: {how} (or pass --pull)")
+    if not (pull or may_download):
+        raise HubError(f"{repo_id} is not downloaded yet; run: {how}" + (" (or pass --pull)" if pull_option else ""))
+    return None
+
+
+def _pull_command(repo_id: str, revision: str | None) -> str:
+    return f"lfm2 pull {repo_id}" + (f" --revision {revision}" if revision else "")
+
+
+def resolve_model(name: str | None, *, offline: bool = False, pull: bool = False,
+                  confirm: Callable[[str], bool] | None = None, revision: str | None = None,
+                  cache_dir: str | Path | None = None, progress: Progress | None = None,
+                  pull_option: bool = True) -> Path:
+    """Turn what the user typed (a directory, a repo id, an alias or None) into a local checkpoint directory.
+
+    A directory is used as is; a name that can only be a path, or an `owner/name` whose `owner` is a local
+    folder and that no cache holds, is a missing directory (CheckpointError). A repo id is taken from our
+    cache, else from the standard Hugging Face cache, without any network call (`find_model`). When it is in
+    neither: offline -> HubError; `pull` -> download;
+    `confirm` given -> download if it answers yes to the question it is asked; otherwise HubError that says
+    how to download it.
+    """
+    found = find_model(name, offline=offline, may_download=confirm is not None, pull=pull, revision=revision,
+                       cache_dir=cache_dir, pull_option=pull_option)
+    if found is not None:
+        return found
+    repo_id = repo_id_for(name)
+    how = _pull_command(repo_id, revision)
     plan = download.fetch_plan(repo_id, revision)
     if not pull and confirm is not None and not confirm(f"Download {repo_id} ({human_bytes(plan.total)})?"):
         raise HubError(f"{repo_id} was not downloaded; run `{how}` when you want it")
     result = download.pull_model(repo_id, revision=revision, cache_dir=cache_dir, progress=progress, plan=plan)
     local.mark_used(repo_id, cache_dir)
     return result.path
-
-

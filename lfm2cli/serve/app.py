@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import math
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,40 +25,79 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lfm2cli.errors import Lfm2Error
+from lfm2cli.safetext import visible, visible_line
 from lfm2cli.sampling import SamplingParams
+from lfm2cli.serve.access import ANY, Access, normalize_origin
 from lfm2cli.serve.engine import Cancelled, Engine, Failed, Finished, Job, Result
 from lfm2cli.serve.errors import APIError, bad_request, server_error
-from lfm2cli.serve.protocol import Envelope, new_id, parse_chat, parse_completion, tool_call_entries, usage
+from lfm2cli.serve.metrics import CONTENT_TYPE, ServeMetrics
+from lfm2cli.serve.protocol import (
+    Envelope,
+    check_tree,
+    json_kind,
+    new_id,
+    parse_chat,
+    parse_completion,
+    tool_call_entries,
+    usage,
+)
 from lfm2cli.thinking import Reasoning
 
 MAX_BODY_BYTES = 8 << 20  # a full 128k-token conversation is ~1 MB of JSON; this leaves room and stops abuse
+BODY_BYTES_PER_TOKEN = 64  # --max-body's default: generous JSON (escapes, tool schemas) for a full context
+# Bodies over BIG_BODY are decoded, checked and tokenised on one of BIG_BODY_WORKERS threads kept for them: many
+# arriving at once then cost what that many do, and few threads' heaps keep what their work left behind.
+BIG_BODY, BIG_BODY_WORKERS = 1 << 20, 2
 CLIENT_GONE = 499  # nginx's status for "the client closed the request", for the log line only
 OPEN_PATHS = ("/health",)  # answered without the API key, for load balancers and health checks
 
 
+def default_max_body(context: int) -> int:
+    """The body limit for a model whose context holds `context` tokens: room for a full conversation, 1 to 64 MiB."""
+    return min(max(context * BODY_BYTES_PER_TOKEN, 1 << 20), 64 << 20)
+
+
 def _error_response(error: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    headers = {**error.headers, **({"WWW-Authenticate": "Bearer"} if error.status == 401 else {})}
+    # a message may quote what the client sent; a lone surrogate in it could not be encoded as UTF-8
+    fields = {k: v.encode("utf-8", "backslashreplace").decode() if isinstance(v, str) else v
+              for k, v in error.body()["error"].items()}
+    return JSONResponse({"error": fields}, status_code=error.status, headers=headers)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The body as parsed JSON: 413 past `limit` bytes (checked as it arrives), 400 when it is not JSON."""
-    too_large = APIError(413, f"the request body is larger than this server accepts ({limit} bytes)",
-                         code="request_too_large")
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is too large for a double")
+    return value
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+async def _read_body(request: Request, limit: int) -> bytearray:
+    """The body: 413 past `limit` bytes (checked as it arrives), 400 when empty."""
+    too_large = APIError(413, f"the request body is larger than this server accepts ({limit} bytes; the server's "
+                              "--max-body)", code="request_too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
+    raw = bytearray()  # grown in place: the body is held once, not as chunks and their join
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        if len(raw) + len(chunk) > limit:
             raise too_large
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+        raw += chunk
     if not raw.strip():
         raise bad_request("the request body is empty; expected a JSON object")
+    return raw
+
+
+def _decode(raw: bytearray) -> Any:
+    """The body as parsed JSON; 400 when it is not JSON (NaN, Infinity and numbers beyond a double included:
+    nothing later could write them back)."""
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_float=_finite, parse_constant=_not_json)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         reason = " ".join(str(e).split()) if not isinstance(e, RecursionError) else "nested too deeply"
         raise bad_request(f"the request body is not valid JSON ({reason})") from None
@@ -101,28 +142,76 @@ class _EventStream(StreamingResponse):
 
 
 class _Boundary:
-    """The outermost layer: API key, the last line of defence against tracebacks, and the request log line."""
+    """The outermost layer: Host and Origin (see `access`), the API key, the last line of defence against
+    tracebacks, and the request log line."""
 
-    def __init__(self, app: Any, api_key: str | None, on_request: Callable[[str], None] | None,
-                 on_error: Callable[[str], None] | None, debug: bool) -> None:
-        self.app, self.api_key = app, api_key
+    def __init__(self, app: Any, api_key: str | None, access: Access, on_request: Callable[[str], None] | None,
+                 on_error: Callable[[str], None] | None, debug: bool, metrics: ServeMetrics | None = None) -> None:
+        self.app, self.api_key, self.access = app, api_key, access
         self.on_request, self.on_error, self.debug = on_request, on_error, debug
+        self.metrics = metrics
+
+    def _cors_origin(self, scope: Any) -> bytes | None:
+        """The request's Origin when CORS headers may answer it: only a page allowed by name with --allow-origin
+        (or any, with `*`). A page allowed by default (this machine's, the server's own) gets none: CORS is
+        opt-in."""
+        origin = dict(scope.get("headers") or []).get(b"origin")
+        if origin is None or not self.access.origins:
+            return None
+        if ANY not in self.access.origins:
+            try:
+                if normalize_origin(origin.decode("latin-1").lower()) not in self.access.origins:
+                    return None
+            except ValueError:
+                return None
+        return origin
+
+    async def _preflight(self, scope: Any, send: Any, origin: bytes | None) -> None:
+        """A browser's CORS preflight (OPTIONS with Access-Control-Request-Method): 204, with the CORS headers
+        only for an origin `_cors_origin` allows (without them the browser sends nothing more)."""
+        headers = [(b"vary", b"Origin"), (b"content-length", b"0")]
+        if origin is not None:
+            asked = dict(scope.get("headers") or []).get(b"access-control-request-headers")
+            headers += [(b"access-control-allow-origin", origin),
+                        (b"access-control-allow-methods", b"GET, POST, OPTIONS"),
+                        (b"access-control-max-age", b"600")]
+            if asked:  # the SDKs send their own headers (x-stainless-*); the origin is trusted, so allow them
+                headers.append((b"access-control-allow-headers", asked))
+        await send({"type": "http.response.start", "status": 204, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
 
     def _authorized(self, scope: Any) -> bool:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
             return True
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        # bytes against bytes: the key as UTF-8 is what a client that can send it sends
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key.encode())
+
+    def _refused(self, scope: Any) -> APIError | None:
+        """Why a browser's request may not be answered (see `access`), or None."""
+        headers = dict(scope.get("headers") or [])
+        host = headers[b"host"].decode("latin-1") if b"host" in headers else None
+        if not self.access.host_allowed(host):
+            return APIError(403, f"the Host {visible_line(repr(host)[:120])} is not a name of this server (a web "
+                                 "page may be using DNS rebinding to reach it); start the server with --allow-host "
+                                 "NAME to answer requests for that name", code="host_not_allowed")
+        origin = headers[b"origin"].decode("latin-1") if b"origin" in headers else None
+        if not self.access.origin_allowed(origin, host):
+            return APIError(403, f"requests from web pages at {visible_line(repr(origin)[:120])} are not allowed; "
+                                 "start the server with --allow-origin ORIGIN to allow that site",
+                            code="origin_not_allowed")
+        return None
 
     def _report(self, scope: Any, e: BaseException) -> None:
         if self.on_error is None:
             return
-        where = f"{scope.get('method')} {scope.get('path')}"
+        where = visible_line(f"{scope.get('method')} {scope.get('path')}")
         if self.debug:
-            self.on_error(f"error in {where}:\n" + "".join(traceback.format_exception(e)).rstrip())
+            self.on_error(f"error in {where}:\n" + visible("".join(traceback.format_exception(e)).rstrip()))
         else:
-            self.on_error(f"error in {where}: {type(e).__name__}: {e} (LFM2_DEBUG=1 logs the traceback)")
+            self.on_error(f"error in {where}: {type(e).__name__}: {visible_line(str(e))} (LFM2_DEBUG=1 logs the "
+                          "traceback)")
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -132,17 +221,30 @@ class _Boundary:
         info: dict[str, Any] = scope.setdefault("lfm2", {})
         status: int | None = None
 
+        cors = self._cors_origin(scope)
+
         async def tracked(message: Any) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if cors is not None:
+                    message = {**message, "headers": [*message.get("headers", []), (b"vary", b"Origin"),
+                                                      (b"access-control-allow-origin", cors),
+                                                      (b"access-control-expose-headers", b"Retry-After")]}
             try:
                 await send(message)
             except OSError:
                 info["gone"] = True  # the client went away: nothing more can reach it
 
         try:
-            if not self._authorized(scope):
+            refused = self._refused(scope)
+            if refused is not None:
+                await _error_response(refused)(scope, receive, tracked)
+            elif scope["method"] == "OPTIONS" and any(k == b"access-control-request-method"
+                                                      for k, _ in scope.get("headers") or []):
+                origin, cors = cors, None  # a preflight's CORS headers are its own
+                await self._preflight(scope, tracked, origin)  # before the key: a preflight never carries it
+            elif not self._authorized(scope):
                 given = any(k == b"authorization" for k, _ in scope.get("headers") or [])
                 error = APIError(401, "incorrect API key; send it as 'Authorization: Bearer KEY'" if given else
                                  "this server needs an API key: send 'Authorization: Bearer KEY'",
@@ -157,13 +259,17 @@ class _Boundary:
             if status is None and not info.get("gone"):
                 await _error_response(server_error())(scope, receive, tracked)
         finally:
+            if self.metrics is not None:
+                self.metrics.request(scope.get("path", ""), status or CLIENT_GONE)
             if self.on_request is not None:
                 self.on_request(_log_line(scope, status, info, time.perf_counter() - t0))
 
 
 def _log_line(scope: Any, status: int | None, info: dict[str, Any], seconds: float) -> str:
     client = scope.get("client")
-    parts = [f"{client[0] if client else '-'} {scope.get('method')} {scope.get('path')} {status or CLIENT_GONE}"]
+    # the path is the client's: shown with its control characters escaped, so a log read on a terminal is safe
+    path = visible_line(str(scope.get("path")))
+    parts = [f"{client[0] if client else '-'} {scope.get('method')} {path} {status or CLIENT_GONE}"]
     if "prompt_tokens" in info:
         cached = f" ({info['cached_tokens']} cached)" if info.get("cached_tokens") else ""
         parts.append(f"{info['prompt_tokens']} prompt tokens{cached} + {info['completion_tokens']} generated")
@@ -173,16 +279,20 @@ def _log_line(scope: Any, status: int | None, info: dict[str, Any], seconds: flo
     return " · ".join(parts)
 
 
-def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), api_key: str | None = None,
-               max_body: int = MAX_BODY_BYTES, default_params: SamplingParams | None = None,
+def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), listed: Sequence[str] = (),
+               api_key: str | None = None, max_body: int = MAX_BODY_BYTES, default_params: SamplingParams | None = None,
                on_request: Callable[[str], None] | None = None, on_error: Callable[[str], None] | None = None,
-               debug: bool = False) -> FastAPI:
-    """The app serving `engine`'s model as `model_id` (requests may also name it by one of `aliases`). The
-    engine's worker starts and stops with the app. `on_request` gets one line per request, `on_error` the
-    details of unexpected failures."""
+               debug: bool = False, access: Access | None = None) -> FastAPI:
+    """The app serving `engine`'s model as `model_id` (requests may also name it by one of `aliases`, or of
+    `listed`: further ids /v1/models lists after `model_id`, from serve --name). The engine's worker starts and
+    stops with the app. `on_request` gets one line per request, `on_error` the details of unexpected failures.
+    `access`: which Host names and web pages are answered (default: this machine's)."""
     defaults = default_params or SamplingParams()
-    names = {model_id, *aliases}
+    listed = [model_id, *(n for n in dict.fromkeys(listed) if n != model_id)]
+    names = {*listed, *aliases}
     created = int(time.time())
+
+    big_bodies = ThreadPoolExecutor(BIG_BODY_WORKERS, thread_name_prefix="lfm2-big-body")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -190,10 +300,29 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), ap
         try:
             yield
         finally:
+            big_bodies.shutdown(wait=False, cancel_futures=True)
             await run_in_threadpool(engine.close)
 
-    app = FastAPI(title="lfm2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Boundary, api_key=api_key, on_request=on_request, on_error=on_error, debug=debug)
+    async def prepared(request: Request, parse: Callable[[Any, SamplingParams], Any],
+                       build: Callable[[Any], Job]) -> tuple[Any, Job]:
+        """The request read, parsed, checked and made a job, off the event loop (big bodies on their own threads).
+        The body is dropped here: a reply that takes minutes does not hold it."""
+        raw = await _read_body(request, max_body)
+
+        def work() -> tuple[Any, Job]:
+            req = parse(_decode(raw), defaults)
+            check_model(req.model)
+            return req, build(req)
+
+        if len(raw) > BIG_BODY:
+            return await asyncio.get_running_loop().run_in_executor(big_bodies, work)
+        return await run_in_threadpool(work)
+
+    # no redirect_slashes: its Location would be built from the Host header, which the client chose
+    app = FastAPI(title="lfm2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
+    app.add_middleware(_Boundary, api_key=api_key, access=access or Access.build(), on_request=on_request,
+                       on_error=on_error, debug=debug, metrics=engine.metrics)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -201,12 +330,16 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), ap
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+        path = request.url.path
+        bare = path.rstrip("/")
+        hint = f" (did you mean {bare}?)" if bare != path and any(getattr(r, "path", None) == bare
+                                                                  for r in request.app.routes) else ""
+        message = {404: f"no such endpoint: {request.method} {path}{hint}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
         return _error_response(APIError(exc.status_code, str(message)))
 
-    def model_entry() -> dict[str, Any]:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "lfm2"}
+    def model_entry(name: str = model_id) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "lfm2"}
 
     def check_model(name: str | None) -> None:
         if name is not None and name not in names:
@@ -219,12 +352,53 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), ap
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry()]}
+        return {"object": "list", "data": [model_entry(name) for name in listed]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
         check_model(name)
-        return model_entry()
+        return model_entry(name if name in listed else model_id)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(engine.status()), media_type=CONTENT_TYPE)
+
+    async def small_body(request: Request) -> dict[str, Any]:
+        raw = await _read_body(request, max_body)
+        body = await run_in_threadpool(_decode, raw)
+        if not isinstance(body, dict):
+            raise bad_request(f"the request body must be a JSON object, not {json_kind(body)}")
+        check_tree(body)
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """llama-server's {"content": ...} (no BOS unless add_special) and vLLM's {"prompt": ...} (BOS unless
+        add_special_tokens is false) -> {"tokens": [...]}."""
+        body = await small_body(request)
+        key = "content" if "content" in body else "prompt"
+        text = body.get(key)
+        if not isinstance(text, str):
+            raise bad_request('content: required, the text to tokenize (or "prompt", as vLLM names it)'
+                              if text is None else f"{key}: expected a string, got {json_kind(text)}", key)
+        flag = "add_special" if key == "content" else "add_special_tokens"
+        special = body.get(flag, key == "prompt")
+        if not isinstance(special, bool):
+            raise bad_request(f"{flag}: expected a boolean, got {json_kind(special)}", flag)
+        if body.get("with_pieces"):
+            raise bad_request("with_pieces: not supported by this server", "with_pieces")
+        ids = await run_in_threadpool(engine.encode_text, text, key, special)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        """{"tokens": [...]} -> {"content": text} (llama-server's name) and {"prompt": text} (vLLM's)."""
+        body = await small_body(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise bad_request("tokens: expected a list of token ids", "tokens")
+        text = await run_in_threadpool(engine.decode_ids, ids)
+        return {"content": text, "prompt": text}
 
     def record(request: Request, result: Result) -> None:
         request.scope.setdefault("lfm2", {}).update(prompt_tokens=result.prompt_tokens,
@@ -325,9 +499,7 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), ap
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_chat(await _read_json(request, max_body), defaults)
-        check_model(req.model)
-        job = await run_in_threadpool(engine.chat_job, req)
+        req, job = await prepared(request, parse_chat, engine.chat_job)
         env = Envelope(new_id("chatcmpl"), model_id)
         with_usage = req.gen.include_usage
         if req.gen.stream:
@@ -361,9 +533,7 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), ap
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse_completion(await _read_json(request, max_body), defaults)
-        check_model(req.model)
-        job = await run_in_threadpool(engine.completion_job, req)
+        req, job = await prepared(request, parse_completion, engine.completion_job)
         env = Envelope(new_id("cmpl"), model_id)
         with_usage = req.gen.include_usage
         if req.gen.stream:

@@ -15,6 +15,8 @@ Events go to each job's `sink` from the worker thread: text pieces (`Reasoning`/
 
 from __future__ import annotations
 
+import json
+import math
 import threading
 import time
 from collections import deque
@@ -22,13 +24,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lfm2cli.errors import Lfm2Error, UsageError
+from lfm2cli.errors import CheckpointError, Lfm2Error, UsageError
 from lfm2cli.loading import LoadedModel
 from lfm2cli.prefix_cache import PrefixCache
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.sampling import SamplingParams, check_bias_ids
 from lfm2cli.serve.errors import APIError, bad_request
+from lfm2cli.serve.metrics import ServeMetrics
 from lfm2cli.serve.protocol import ChatRequest, CompletionRequest, Generation
 from lfm2cli.structured import Grammar, json_grammar, tool_call_grammar
+from lfm2cli.template_worker import RendererStopped
 from lfm2cli.textgen import TextRun, require_tokenizer
 from lfm2cli.thinking import Answer, opened_by_prompt
 from lfm2cli.toolcalls import ToolCall
@@ -102,6 +106,8 @@ class Engine:
         self.think_budget = think_budget
         self.last_prefilled = 0  # prompt ids the latest job ran through the model (the rest came from the cache)
         self.completed = 0
+        self.metrics = ServeMetrics()
+        self._job_seconds = 0.0  # a running average of how long a job takes, for the Retry-After of a 429
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
         self._cond = threading.Condition()
@@ -144,8 +150,11 @@ class Engine:
             if self._closed:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
             if len(self._waiting) >= self.queue_size and (self._running is not None or self._waiting):
+                # a slot opens when the running job ends: about one job's time, said in whole seconds (1 to 60)
+                retry = min(60, max(1, math.ceil(self._job_seconds)))
                 raise APIError(429, f"the server is busy: {len(self._waiting)} requests are waiting already (the "
-                                    "queue is full); retry later", type="rate_limit_error", code="queue_full")
+                                    f"queue is full); retry in {retry} s", type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(retry)})
             self._waiting.append(job)
             self._cond.notify_all()
 
@@ -170,12 +179,15 @@ class Engine:
                 if self._closed:  # queued as the server began to stop
                     job.reason = "the server is shutting down"
                     job.cancelled.set()
+            t0 = time.perf_counter()
             try:
                 self._run(job)
             finally:
                 with self._cond:
                     self._running = None
                     self.completed += 1
+                    seconds = time.perf_counter() - t0
+                    self._job_seconds = seconds if self.completed == 1 else 0.8 * self._job_seconds + 0.2 * seconds
 
     def _run(self, job: Job) -> None:
         try:
@@ -196,6 +208,7 @@ class Engine:
         new = pc.sync(ids)
         self.last_prefilled = len(new)
         pc.extend(model, new[:-1], stop=job.cancelled.is_set, marks=job.marks)
+        extended = time.perf_counter() - t0
         if job.cancelled.is_set():
             raise Cancelled(job.reason)
 
@@ -209,7 +222,8 @@ class Engine:
 
         run = TextRun(self.lm, new[-1:], job.params, job.max_tokens, stops=job.stops, cache=pc.cache,
                       context_ids=ids, think=job.chat, opened=job.opened, tools=job.tools, grammar=job.grammar,
-                      think_budget=job.think_budget if job.chat else None, after_token=after_token)
+                      think_budget=job.think_budget if job.chat else None, after_token=after_token,
+                      drop_cut_call=True)
         reasoning_tokens = 0
         answering = False
         try:
@@ -229,17 +243,20 @@ class Engine:
         if run.reasoning and not answering:
             reasoning_tokens = len(run.tokens)
         calls = list(run.tool_calls)[:job.max_calls]
+        prefill_s = extended + run.stats.ttft_s
+        self.metrics.generation(len(ids), len(ids) - len(new), len(run.tokens),
+                                len(new) / prefill_s if prefill_s > 0 else 0.0, run.stats.decode_tps)
         return Result(run.text, run.reasoning, calls, run.stats.finish_reason or "stop", len(ids),
                       len(ids) - len(new), len(run.tokens), reasoning_tokens, time.perf_counter() - t0,
                       list(run.tokens))
 
     # ------------------------------------------------------------------ building jobs (caller's thread)
 
-    def _length(self, prompt: int, gen: Generation) -> int:
+    def _length(self, prompt: int, gen: Generation, param: str = "messages") -> int:
         """The reply's cap for a prompt of `prompt` tokens; a 400 when it cannot fit the context."""
         if prompt >= self.context:
             raise bad_request(f"this model's context holds {self.context} tokens, but the prompt needs {prompt}; "
-                              "shorten the conversation", "messages", code="context_length_exceeded")
+                              "shorten the conversation", param, code="context_length_exceeded")
         room = self.context - prompt
         if gen.max_tokens is None:
             return min(self.default_max_tokens, room)
@@ -249,15 +266,71 @@ class Engine:
                               "max_tokens", code="context_length_exceeded")
         return gen.max_tokens
 
+    def _too_long(self, param: str, what: str) -> APIError:
+        return bad_request(f"this model's context holds {self.context} tokens; {what}", param,
+                           code="context_length_exceeded")
+
+    def _encode(self, text: str, param: str, add_special_tokens: bool = False) -> list[int]:
+        """The prompt's ids, tokenising no more of a hopelessly long text than the context allows for."""
+        try:
+            ids = self.tokenizer.encode_within(text, self.context, add_special_tokens)
+        except CheckpointError as e:  # the checkpoint's tokenizer failed on this text (its library panicked)
+            raise APIError(500, str(e), type="server_error", code="tokenizer_failed") from None
+        except Lfm2Error as e:  # text the tokenizer cannot take (a lone surrogate)
+            raise bad_request(f"{param}: {e}", param) from None
+        if ids is None:
+            raise self._too_long(param, f"the prompt needs far more tokens than the {self.context} the context "
+                                        "holds; shorten it")
+        return ids
+
+    def encode_text(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        """POST /tokenize: the ids of `text` (400 when it could never fit the context)."""
+        return self._encode(text, param, add_special_tokens)
+
+    def decode_ids(self, ids: list[int]) -> str:
+        """POST /detokenize: the text of `ids`, special tokens included; a 400 for an id the tokenizer lacks."""
+        top = self.tokenizer.max_token_id
+        bad = next((t for t in ids if not 0 <= t <= top), None)
+        if bad is not None:
+            raise bad_request(f"tokens: token id {bad} is outside the vocabulary (0 to {top})", "tokens")
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
+        except CheckpointError as e:
+            raise APIError(500, str(e), type="server_error", code="tokenizer_failed") from None
+
+    def _check_sizes(self, req: ChatRequest, tools: list[dict[str, Any]] | None) -> None:
+        """Before the template runs: text that could never fit the context however it is tokenised (each token
+        stands for at most `max_token_chars` characters; 4x leaves room for what normalisation folds)."""
+        most = 4 * self.context * self.tokenizer.max_token_chars
+        if tools and len(json.dumps(tools)) > most:
+            raise self._too_long("tools", f"the tool schemas are {len(json.dumps(tools))} characters of JSON, "
+                                          "too large to fit; send fewer or smaller tools")
+        chars = sum(len(m["content"]) for m in req.messages)
+        if chars > most:
+            raise self._too_long("messages", f"the messages hold {chars} characters, far more than fit; shorten "
+                                             "the conversation")
+
+    def _check_bias(self, params: SamplingParams) -> None:
+        try:
+            check_bias_ids(params.logit_bias, self.lm.config.vocab_size, "logit_bias")
+        except UsageError as e:
+            raise bad_request(str(e), "logit_bias") from None
+
     def chat_job(self, req: ChatRequest) -> Job:
         """The job for a chat request: the template rendered (with the tools unless tool_choice is none), the
         grammar for response_format or a forced tool call, and the length checked against the context."""
+        self._check_bias(req.gen.params)
         tools = req.tools if req.tool_choice != "none" else None
+        self._check_sizes(req, tools)
         try:
             text = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tools=tools)
+        except RendererStopped as e:
+            raise APIError(503, str(e), type="server_error", code="shutting_down") from None
+        except CheckpointError as e:  # the template is broken or ran out of its budget: the checkpoint's fault
+            raise APIError(500, str(e), type="server_error", code="chat_template_failed") from None
         except Lfm2Error as e:
             raise bad_request(f"messages: {e}", "messages") from None
-        ids = self.tokenizer.encode(text)
+        ids = self._encode(text, "messages")
         grammar = None
         try:
             if req.tool_choice == "required":
@@ -291,13 +364,14 @@ class Engine:
 
     def completion_job(self, req: CompletionRequest) -> Job:
         """The job for a completions request: the prompt as is (BOS first), or the token ids given."""
+        self._check_bias(req.gen.params)
         if isinstance(req.prompt, str):
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=True)
+            ids = self._encode(req.prompt, "prompt", add_special_tokens=True)
         else:
             vocab = self.lm.config.vocab_size
             bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
             if bad is not None:
                 raise bad_request(f"prompt: token id {bad} is outside the vocabulary (0 to {vocab - 1})", "prompt")
             ids = list(req.prompt)
-        return Job(ids, req.gen.params, self._length(len(ids), req.gen), req.gen.stops)
+        return Job(ids, req.gen.params, self._length(len(ids), req.gen, "prompt"), req.gen.stops)
 

@@ -8,6 +8,8 @@ expected, and so the sampling values follow the one set of rules the command lin
 
 from __future__ import annotations
 
+import json
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -21,8 +23,38 @@ from lfm2cli.textgen import check_tools
 from lfm2cli.toolcalls import ParseError, ToolCall, format_calls
 
 MAX_STOPS = 16
+MAX_TOOLS = 128  # OpenAI's own limit; more only makes the template and the prompt huge
+MAX_DEPTH = 64  # nesting of a body (and of tool-call arguments); OpenAI allows 5 levels in a schema
 ROLES = ("system", "developer", "user", "assistant", "tool")
-SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "presence_penalty",
+            "frequency_penalty", "logit_bias")
+# Fields that would change the reply but are not implemented: a 400 naming the field unless the value is one that
+# asks for nothing (an OpenAI field at its default, or an extension other servers take, left at "off").
+# name -> (values that ask for nothing, what to do instead)
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "functions": ((), 'the legacy field is not supported; send tools: [{"type": "function", "function": {...}}]'),
+    "function_call": ((), 'the legacy field is not supported; send tool_choice ("auto", "none", "required" or '
+                          '{"type": "function", "function": {"name": ...}}) with tools'),
+    "reasoning_effort": ((), "not supported; think_budget (a number of tokens) bounds a thinking model's reasoning"),
+    "audio": ((), "not supported: this server runs a text model"),
+    "modalities": ((["text"],), 'only ["text"] is supported: this server runs a text model'),
+    "verbosity": ((), "not supported by this server"),
+    "web_search_options": ((), "not supported: this server has no web search"),
+    "top_logprobs": ((0,), "not supported by this server"),
+    "min_tokens": ((0,), "not supported by this server"),
+    "ignore_eos": ((False,), "not supported by this server"),
+    "typical_p": ((1, 1.0), "not supported by this server"),
+    "use_beam_search": ((False,), "not supported by this server"),
+    "guided_json": ((), "not supported; send response_format: {\"type\": \"json_schema\", ...}"),
+    "guided_regex": ((), "not supported by this server"),
+    "guided_choice": ((), "not supported by this server"),
+    "guided_grammar": ((), "not supported by this server"),
+    "grammar": ((), "not supported by this server"),
+    "json_schema": ((), "not supported; send response_format: {\"type\": \"json_schema\", ...}"),
+    "chat_template_kwargs": (({},), "not supported by this server"),
+}
+# OpenAI fields that leave the reply as it is, so they are accepted without effect (see docs/serving.md):
+# user, metadata, store, service_tier, safety_identifier, prompt_cache_key, prediction.
 
 
 def json_kind(value: Any) -> str:
@@ -31,6 +63,67 @@ def json_kind(value: Any) -> str:
         return "boolean"
     return {dict: "object", list: "array", str: "string", type(None): "null", int: "number",
             float: "number"}.get(type(value), type(value).__name__)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _path(chain: tuple[Any, ...] | None, root: str) -> str:
+    """`messages[0].content` from the linked keys `(((None, "messages"), 0), "content")`; a path into deep
+    nesting is cut short after its first keys (they and the depth say enough)."""
+    keys: list[Any] = []
+    while chain is not None:
+        chain, key = chain
+        keys.append(key)
+    keys.reverse()
+    out = root
+    for key in keys[:10]:
+        if isinstance(key, int):
+            out += f"[{key}]"
+        elif key.isidentifier() and key.isascii():
+            out += f".{key}" if out else key
+        else:
+            shown = json.dumps(key)  # escapes whatever could not be shown or encoded
+            out += f"[{shown if len(shown) <= 40 else shown[:36] + '...' + chr(34)}]"
+    return out + (f"...({len(keys) - 10} levels more)" if len(keys) > 10 else "")
+
+
+def _check_text(text: str, chain: tuple[Any, ...] | None, root: str) -> None:
+    if not text.isascii() and (bad := _SURROGATE.search(text)):
+        where = _path(chain, root)
+        raise bad_request(f"{where or 'the request body'}: contains a lone surrogate ({json.dumps(bad[0])[1:-1]}) at "
+                          f"character {bad.start()}; text must be valid Unicode", where or None)
+
+
+def check_tree(value: Any, root: str = "", max_depth: int = MAX_DEPTH) -> None:
+    """A 400 naming the first place in a parsed JSON value that no later step can take: nesting deeper than
+    `max_depth` (templates, grammars and the call formatter recurse) or a string with a lone surrogate (a `\\ud800`
+    escape: it cannot be encoded, so the tokenizer and every reply would fail on it). Iterative, with one iterator
+    per level: any depth is safe and a list of a million items costs nothing extra; a path is only spelled out for
+    the error."""
+    if isinstance(value, str):
+        _check_text(value, None, root)
+    if not isinstance(value, (dict, list)):
+        return
+    stack: list[tuple[Any, Any]] = [(iter(value.items()) if isinstance(value, dict) else enumerate(value), None)]
+    while stack:
+        children, chain = stack[-1]
+        for key, child in children:
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                where = _path(chain, root)
+                raise bad_request(f"{where or 'the request body'}: a key contains a lone surrogate; text must be "
+                                  "valid Unicode", where or None)
+            if isinstance(child, str):
+                _check_text(child, (chain, key), root)
+            elif isinstance(child, (dict, list)):
+                if len(stack) >= max_depth:
+                    where = _path((chain, key), root)
+                    raise bad_request(f"{where}: nested more than {max_depth} levels deep", where)
+                if child:
+                    stack.append((iter(child.items()) if isinstance(child, dict) else enumerate(child), (chain, key)))
+                    break  # the child's items next; this level goes on where it stopped
+        else:
+            stack.pop()
 
 
 def _wrong(param: str, expected: str, value: Any) -> APIError:
@@ -118,6 +211,15 @@ def _generation(body: Mapping[str, Any], default_params: SamplingParams) -> Gene
     return Generation(params, max_tokens, stops, stream, include_usage)
 
 
+def _refuse_unsupported(body: Mapping[str, Any], names: tuple[str, ...] | None = None) -> None:
+    """A 400 naming the first field of `_UNSUPPORTED` (or of `names` among them) that asks for something."""
+    for name in names or tuple(_UNSUPPORTED):
+        value = body.get(name)
+        off, instead = _UNSUPPORTED[name]
+        if value is not None and not any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in off):
+            raise bad_request(f"{name}: {instead}", name)
+
+
 def _model(body: Mapping[str, Any]) -> str | None:
     return _opt(body, "model", str, "a string (a model id from GET /v1/models)")
 
@@ -153,9 +255,16 @@ def _message(m: Any, i: int) -> dict[str, Any]:
             raise _wrong(f"{where}.tool_calls", "a list of tool calls", raw)
         for n, entry in enumerate(raw):
             try:
-                calls.append(ToolCall.from_openai(entry))
+                call = ToolCall.from_openai(entry)
             except ParseError as e:
                 raise bad_request(f"{where}.tool_calls[{n}]: {e}", f"{where}.tool_calls") from None
+            except RecursionError:  # arguments as a JSON string nested beyond what the parser takes
+                raise bad_request(f"{where}.tool_calls[{n}].function.arguments: nested too deeply",
+                                  f"{where}.tool_calls") from None
+            # the arguments came as a JSON string: what it holds is checked like the body (the template and
+            # the call formatter recurse into it)
+            check_tree(call.arguments, f"{where}.tool_calls[{n}].function.arguments")
+            calls.append(call)
     if content is None and not calls:
         raise bad_request(f"{where}.content: required for a {role} message", f"{where}.content")
     text = "" if content is None else _text(content, f"{where}.content")
@@ -163,11 +272,12 @@ def _message(m: Any, i: int) -> dict[str, Any]:
         # LFM2's templates take the reply as text: the call block as the model writes it, after any prose
         text += format_calls(calls)
     out: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
-    for key in ("name", "tool_call_id"):
-        if m.get(key) is not None:
-            out[key] = _opt(m, key, str, "a string")
-    if role == "assistant" and isinstance(m.get("reasoning_content"), str):
-        out["reasoning_content"] = m["reasoning_content"]
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        value = m.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _wrong(f"{where}.{key}", "a string", value)
+        if value is not None and (key != "reasoning_content" or role == "assistant"):
+            out[key] = value
     return out
 
 
@@ -218,6 +328,7 @@ def parse_chat(body: Any, default_params: SamplingParams) -> ChatRequest:
     """A chat completions body -> ChatRequest; APIError (400) naming the first field that is wrong."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, not {json_kind(body)}")
+    check_tree(body)
     model = _model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -227,8 +338,12 @@ def parse_chat(body: Any, default_params: SamplingParams) -> ChatRequest:
     msgs = [_message(m, i) for i, m in enumerate(messages)]
     if _opt(body, "logprobs", bool, "a boolean"):
         raise bad_request("logprobs: not supported by this server", "logprobs")
+    _refuse_unsupported(body)
     gen = _generation(body, default_params)
     tools = body.get("tools")
+    if isinstance(tools, list) and len(tools) > MAX_TOOLS:
+        raise bad_request(f"tools: {len(tools)} tools are too many; this server takes at most {MAX_TOOLS} a "
+                          "request (send the ones this turn may need)", "tools", code="too_many_tools")
     if tools is not None:
         try:
             tools = check_tools(tools)
@@ -251,6 +366,7 @@ def parse_completion(body: Any, default_params: SamplingParams) -> CompletionReq
     """A (legacy) completions body -> CompletionRequest: the prompt is a string (or one in a list) or token ids."""
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, not {json_kind(body)}")
+    check_tree(body)
     model = _model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
@@ -274,6 +390,8 @@ def parse_completion(body: Any, default_params: SamplingParams) -> CompletionReq
     best_of = _opt(body, "best_of", int, "an integer")
     if best_of is not None and best_of != 1:
         raise bad_request("best_of: only 1 is supported", "best_of")
+    _refuse_unsupported(body, ("min_tokens", "ignore_eos", "typical_p", "use_beam_search", "guided_json",
+                               "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema"))
     return CompletionRequest(model, prompt, _generation(body, default_params))
 
 

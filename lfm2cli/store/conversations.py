@@ -8,6 +8,7 @@ and upgraded at open by an ordered list of migrations, all applied in one transa
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -129,8 +130,41 @@ def _contains(haystack: str | None, needle: str) -> bool:
     return haystack is not None and needle in haystack.casefold()
 
 
-def _loads(value: str | None) -> Any:
-    return None if value is None else json.loads(value)
+class _BadRow(ValueError):
+    """A row that cannot be read as what it should hold (edited by hand, written by another program)."""
+
+
+def _text(value: Any, what: str, required: bool = False) -> str | None:
+    """A text column as str: bytes (a BLOB) are decoded, numbers shown; None only where that is allowed."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        if required:
+            raise _BadRow(f"{what} is missing")
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _json_column(value: Any, kind: type, what: str) -> Any:
+    """A JSON column holding a `kind` (dict or list), or None. Depth is bounded by json's own recursion guard,
+    which raises RecursionError rather than crashing: that too is a bad row."""
+    if value is None:
+        return None
+    try:
+        loaded = json.loads(value)
+    except (ValueError, TypeError, RecursionError):
+        raise _BadRow(f"{what} is not JSON") from None
+    if loaded is not None and not isinstance(loaded, kind):
+        raise _BadRow(f"{what} is not a JSON {'object' if kind is dict else 'list'}")
+    return loaded
+
+
+def _int_column(value: Any, what: str) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise _BadRow(f"{what} is not a whole number")
 
 
 def _finite(value: Any) -> Any:
@@ -200,6 +234,29 @@ def _check(role: str | None, finish_reason: str | None) -> None:
         raise ValueError(f"finish_reason must be one of {FINISH_REASONS} or None, not {finish_reason!r}")
 
 
+def _check_path(path: Path) -> None:
+    """One line for a history path that is no file SQLite can use, instead of SQLite's "unable to open": a
+    directory, a FIFO or device (SQLite would block or write into it), or a symlink loop."""
+    import stat
+
+    fix = "move it aside or set LFM2_HOME to another directory"
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        if path.is_symlink():  # a dangling link: SQLite would create its target wherever it points
+            raise HistoryError(f"the history database {path} is a symlink to nothing; {fix}") from None
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise HistoryError(f"the history database {path} is a symlink loop; {fix}") from None
+        raise HistoryError(f"cannot open the history database {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise HistoryError(f"the history database {path} is a directory, not a file; {fix}")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+        raise HistoryError(f"the history database {path} is {kind}, not a file; {fix}")
+
+
 # ---------------------------------------------------------------- the store
 
 class HistoryStore:
@@ -207,6 +264,8 @@ class HistoryStore:
 
     def __init__(self, path: Path | None = None, timeout: float = 30.0) -> None:
         self.path = Path(path) if path is not None else history_path()
+        self.notes: list[str] = []  # rows that could not be read and were skipped or defaulted, for the user
+        _check_path(self.path)
         # usable from any thread (a server's workers, a test's threads), one statement at a time
         self._lock = threading.RLock()
         try:
@@ -249,6 +308,8 @@ class HistoryStore:
             if db.in_transaction:
                 db.execute("COMMIT")
         aside = "move it aside (lfm2 then starts a new history) or set LFM2_HOME to use another directory"
+        if version < 0:
+            raise HistoryError(f"the history database {self.path} is damaged (schema version {version}); {aside}")
         if version > SCHEMA_VERSION:
             raise HistoryError(f"the history database {self.path} was written by a newer lfm2 (schema version "
                                f"{version}, this one knows {SCHEMA_VERSION}); upgrade lfm2, or set LFM2_HOME "
@@ -468,12 +529,48 @@ class HistoryStore:
 
     # -- reading
 
-    @staticmethod
-    def _conversation(row: sqlite3.Row | tuple, count: int = 0) -> Conversation:
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def _conversation(self, row: sqlite3.Row | tuple, count: int = 0) -> Conversation | None:
+        """A conversation row, read defensively: a damaged field falls back to its default with a note, a row
+        without an id is skipped (None) with a note."""
         conv_id, title, model, system, options, created, updated = row[:7]
-        return Conversation(id=conv_id, model=model, title=title, system=system,
-                            options=_loads(options) or {}, created_at=created, updated_at=updated,
-                            message_count=count)
+        if not isinstance(conv_id, str) or not conv_id:
+            self._note(f"skipped a conversation row with a damaged id ({conv_id!r:.40}) in {self.path}")
+            return None
+        try:
+            settings = _json_column(options, dict, "its settings") or {}
+        except _BadRow as e:
+            self._note(f"conversation {conv_id}: {e}; using the default settings")
+            settings = {}
+        return Conversation(id=conv_id, model=_text(model, "model") or "?", title=_text(title, "title"),
+                            system=_text(system, "system"), options=settings,
+                            created_at=_text(created, "created") or "", updated_at=_text(updated, "updated") or "",
+                            message_count=count if isinstance(count, int) else 0)
+
+    def _message(self, r: sqlite3.Row | tuple) -> Message | None:
+        """A message row, or None (with a note) when it cannot be shown or replayed as a message."""
+        try:
+            role = _text(r[3], "its role", required=True)
+            if role not in ROLES:
+                raise _BadRow(f"its role {role!r:.40} is unknown")
+            calls = _json_column(r[11], list, "its tool calls")
+            if calls is not None and not all(isinstance(c, dict) for c in calls):
+                raise _BadRow("its tool calls are not JSON objects")
+            reason = _text(r[7], "its finish reason")
+            return Message(id=r[0], conversation_id=r[1], position=_int_column(r[2], "its position") or 0,
+                           role=role, content=_text(r[4], "its content") or "",
+                           tokens=_int_column(r[5], "its token count"),
+                           timings=_json_column(r[6], dict, "its timings"),
+                           finish_reason=reason if reason in FINISH_REASONS else None,
+                           created_at=_text(r[8], "its time") or "", reasoning=_text(r[9], "its reasoning"),
+                           raw_content=_text(r[10], "its raw text"), tool_calls=calls,
+                           tool_call_id=_text(r[12], "its tool call id"), name=_text(r[13], "its tool name"))
+        except _BadRow as e:
+            self._note(f"conversation {r[1]}: skipped message #{r[2]}: {e}")
+            return None
 
     _COLUMNS = "c.id, c.title, c.model, c.system, c.options, c.created_at, c.updated_at"
 
@@ -508,11 +605,9 @@ class HistoryStore:
                 f"created_at, {', '.join(_EXTRA)} FROM messages WHERE conversation_id = ? ORDER BY position",
                 (conv_id,)).fetchall()
         conv = self._conversation(row)
-        conv.messages = [Message(id=r[0], conversation_id=r[1], position=r[2], role=r[3], content=r[4],
-                                 tokens=r[5], timings=_loads(r[6]), finish_reason=r[7], created_at=r[8],
-                                 reasoning=r[9], raw_content=r[10], tool_calls=_loads(r[11]),
-                                 tool_call_id=r[12], name=r[13])
-                         for r in rows]
+        if conv is None:
+            raise HistoryError(f"conversation {conv_id_or_prefix!r} is damaged in {self.path}")
+        conv.messages = [m for r in rows if (m := self._message(r)) is not None]
         conv.message_count = len(conv.messages)
         return conv
 
@@ -530,7 +625,7 @@ class HistoryStore:
                 "FROM conversations c ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?",
                 (limit if limit > 0 else -1,),
             ).fetchall()
-        return [self._conversation(r, r[7]) for r in rows]
+        return [c for r in rows if (c := self._conversation(r, r[7])) is not None]
 
     def search(self, text: str, limit: int = 100) -> list[SearchHit]:
         """Case-insensitive substring search over titles and message contents, newest conversation first."""
