@@ -148,3 +148,37 @@ def memory_capped(gigabytes: float) -> Any:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     return cap
+
+
+def _tree_peaks(pid: int, peaks: dict[int, int]) -> None:
+    """Record the peak resident size (VmHWM, kB) of `pid` and every process below it, as far as /proc shows."""
+    stack = [pid]
+    while stack:
+        current = stack.pop()
+        try:
+            with open(f"/proc/{current}/status") as f:
+                found = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.M)
+            if found:
+                peaks[current] = max(peaks.get(current, 0), int(found.group(1)))
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    stack += [int(child) for child in f.read().split()]
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+
+
+def wait_measured(pid: int, deadline: float) -> tuple[int, float]:
+    """Wait for child `pid` until `deadline` (time.monotonic), killing it past that: (exit code, peak MB of it and
+    its descendants together). Peaks are polled from /proc, not taken from wait4: a child forked from a large test
+    process reports that process's size as its own peak."""
+    peaks: dict[int, int] = {}
+    while True:
+        _tree_peaks(pid, peaks)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status), sum(peaks.values()) / 1024
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the command ran past its time")
+        time.sleep(0.02)

@@ -22,7 +22,7 @@ import pytest
 
 from lfm2cli.chat_template import MAX_TOOLS
 from tests.conftest import template_copy
-from tests.helpers import start_serve
+from tests.helpers import start_serve, wait_measured
 
 SECONDS = 150  # a bounded failure takes seconds; unbounded, these ran for minutes to hours
 PEAK_MB = 768  # lfm2 with torch and a tiny model is ~260 MB, a worker may add 256 MB to its own ~30 MB
@@ -68,16 +68,8 @@ def _env(home: Path | None = None) -> dict[str, str]:
 
 
 def _reap(pid: int, deadline: float) -> tuple[int, float]:
-    """Wait for `pid` with wait4, whose usage covers the children it reaped too: (exit code, peak MB)."""
-    while True:
-        done, status, usage = os.wait4(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.wait4(pid, 0)
-            raise AssertionError("the command ran past its time")
-        time.sleep(0.05)
+    """(exit code, peak MB of the command and the template workers it started)."""
+    return wait_measured(pid, deadline)
 
 
 def run_lfm2(args: list[str], cwd: Path, stdin: str | None = None, home: Path | None = None) -> Ran:
