@@ -24,12 +24,16 @@ def data_dir() -> Path:
     return Path(user_data_dir("lfm2", appauthor=False))
 
 
-def _hf_cache() -> Path:
-    """The Hugging Face hub cache, as huggingface_hub resolves it (HF_HUB_CACHE, HF_HOME, ~/.cache)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+def hf_hub_cache() -> Path:
+    """Where huggingface_hub keeps downloads, read from the environment now (its own constant is fixed at
+    import time): HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "huggingface" / "hub"
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -53,11 +57,11 @@ def check_output_path(file: str | Path, protect: tuple[Path, ...] = ()) -> Path:
     home = data_dir()
     own_files = [home / name for name in ("history.db", "history.db-wal", "history.db-shm", "input_history")]
     for own in own_files:
-        same = target == own.resolve() if not own.exists() else (target.exists() and os.path.samefile(target, own))
-        if same:
+        # samefile also catches a hard link; resolve() alone a file that does not exist yet
+        if target == own.resolve() or (own.exists() and target.exists() and os.path.samefile(target, own)):
             raise Lfm2Error(f"refusing to write over {own}, lfm2's own {own.name.split('.')[0].replace('_', ' ')} "
                             "file; choose another file name")
-    for folder in (cache_dir(), _hf_cache(), *protect):
+    for folder in (cache_dir(), hf_hub_cache(), *protect):
         if _inside(target, folder):
             raise Lfm2Error(f"refusing to write {path} inside {folder}, where lfm2 keeps models; "
                             "choose a file elsewhere")

@@ -272,15 +272,17 @@ class Sampler:
         if self.params.temperature == 0:
             return int(self.penalised(logits, generated).argmax())
         probs = self.filtered_logits(logits, generated).softmax(-1)
-        if not bool(torch.isfinite(probs).all()):
-            # Only non-finite logits from the model itself get here (the settings cannot overflow): never let
-            # NaN reach the draw, where searchsorted would return an id past the vocabulary.
-            scores = torch.nan_to_num(self.penalised(logits, generated), nan=float("-inf"))
-            return int(scores.argmax())
         # Inverse-CDF draw: one uniform number and a binary search, far cheaper than multinomial
         # over a 65k vocabulary. Zero-probability tokens have no width in the CDF, so never win.
         cdf = probs.cumsum(-1)
         total = cdf[-1:]
         u = torch.rand(1, generator=self._generator(probs.device), device=probs.device) * total
         u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # stay below the top
-        return int(torch.searchsorted(cdf, u, right=True))
+        # A NaN anywhere in probs makes the total NaN: checked in the same read as the token (one sync a token).
+        token = int(torch.where(torch.isfinite(total), torch.searchsorted(cdf, u, right=True), -1))
+        if token < 0:
+            # Only non-finite logits from the model itself get here (the settings cannot overflow): never let
+            # NaN reach the draw, where searchsorted would return an id past the vocabulary.
+            scores = torch.nan_to_num(self.penalised(logits, generated), nan=float("-inf"))
+            return int(scores.argmax())
+        return token

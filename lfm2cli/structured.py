@@ -484,11 +484,11 @@ class Constraint:
         if not len(ids):
             return allowed
         candidates = allowed[ids].nonzero().flatten().tolist()
-        over = [int(ids[i]) for i in candidates if not number_fits(run + heads[i])]
+        over = [i for i in candidates if not number_fits(run + heads[i])]
         if not over:
             return allowed
         bounded = allowed.clone()
-        bounded[over] = False
+        bounded[ids[over]] = False  # one gather, not a tensor index per id
         return bounded if bool(bounded.any()) else allowed  # the grammar itself wants more digits: let it
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ import sys
 import threading
 from typing import Any
 
-from lfm2cli.chat_template import _ADVICE, _where
+from lfm2cli.chat_template import _ADVICE, _where, render_here
 from lfm2cli.errors import CheckpointError, GenerationError, Lfm2Error, TemplateError, UsageError
+from lfm2cli.template_sandbox import TIME_LIMIT_S, environment
 
 GRACE_S = 1.0  # past the sandbox's TIME_LIMIT_S before the worker is killed: its own message is clearer
 START_TIMEOUT_S = 60.0  # a worker's start (a loaded machine can be slow)
@@ -38,12 +39,6 @@ _ERRORS: dict[str, type[Lfm2Error]] = {cls.__name__: cls for cls in
 
 class RendererStopped(Lfm2Error):
     """Rendering was stopped from outside (the server is shutting down), not by the template."""
-
-
-def _time_limit() -> float:
-    from lfm2cli.template_sandbox import TIME_LIMIT_S
-
-    return TIME_LIMIT_S
 
 
 class _Worker:
@@ -140,10 +135,9 @@ class _Pool:
         self.stopped = False
 
     def acquire(self, where: str) -> _Worker:
-        wait = SLOT_WAIT_S
-        if not self.slots.acquire(timeout=wait):
+        if not self.slots.acquire(timeout=SLOT_WAIT_S):
             raise TemplateError(f"{where} is too slow: {MAX_WORKERS} renderings of it were still running after "
-                                f"{wait:g} s; {_ADVICE}")
+                                f"{SLOT_WAIT_S:g} s; {_ADVICE}")
         try:
             worker = self._take()
         except BaseException:
@@ -220,8 +214,6 @@ def _kill_workers() -> None:
 def render(template: str, source: str | None, variables: dict[str, Any]) -> str:
     """`template` rendered with `variables` (plain data) in a worker process; the errors of
     `chat_template.render_here`, and TemplateError when the worker runs past its time or memory."""
-    from lfm2cli.chat_template import render_here
-
     where = _where(source)
     try:
         payload = pickle.dumps((template, source, variables), protocol=pickle.HIGHEST_PROTOCOL)
@@ -235,7 +227,7 @@ def render(template: str, source: str | None, variables: dict[str, Any]) -> str:
     except EOFError:
         raise Lfm2Error("cannot start the process chat templates render in; run with LFM2_DEBUG=1 to see "
                         "why") from None
-    limit = _time_limit()
+    limit = TIME_LIMIT_S
     reuse = False
     try:
         kind, retire, body = worker.call(payload, limit + GRACE_S + len(payload) / 50e6)
@@ -291,7 +283,7 @@ def _bounded(base: int | None, payload: int) -> None:
         _limit(resource, resource.RLIMIT_AS, base + MEMORY_LIMIT + MEMORY_PER_INPUT_BYTE * payload)
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu = used.ru_utime + used.ru_stime
-    _limit(resource, resource.RLIMIT_CPU, int(cpu + _time_limit() + GRACE_S) + 2)  # SIGXCPU if the caller is gone
+    _limit(resource, resource.RLIMIT_CPU, int(cpu + TIME_LIMIT_S + GRACE_S) + 2)  # SIGXCPU if the caller is gone
 
 
 def _unbounded() -> bool:
@@ -307,8 +299,6 @@ def _unbounded() -> bool:
 
 
 def _reply(source: str | None, template: str, variables: dict[str, Any]) -> tuple[bytes, str]:
-    from lfm2cli.chat_template import render_here
-
     try:
         return b"T", render_here(template, source, variables)
     except Lfm2Error as e:
@@ -328,8 +318,6 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a worker killed for CPU time leaves no core file
     except (ImportError, ValueError, OSError):
         pass
-    from lfm2cli.template_sandbox import environment
-
     environment()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # the pipe carries replies only

@@ -233,8 +233,8 @@ class TextRun:
         tok = require_tokenizer(self.lm)
         markers = thinking_markers(tok) if self.think else {}
         keep = dict(markers)
-        if self.tools is not None:
-            keep |= tool_markers(tok)
+        call_markers = tool_markers(tok) if self.tools is not None else {}
+        keep |= call_markers
         detok = StreamingDetokenizer(tok, keep=keep)
         # with tools, a call block begun inside an unclosed <think> ends the reasoning: the call is not lost in it
         call_start = TOOL_CALL_START if self.tools is not None else None
@@ -248,7 +248,7 @@ class TextRun:
         eos = sorted(stop_ids(self.lm))
         if self.grammar is not None:
             constraint = Constraint(tok, self.grammar, self.lm.config.vocab_size, eos)
-        call_id = {v: k for k, v in tool_markers(tok).items()}.get(TOOL_CALL_START) if call_start else None
+        call_id = next((i for i, m in call_markers.items() if m == TOOL_CALL_START), None)
         check_bias_ids(self.params.logit_bias, self.lm.config.vocab_size)
         history = self.context_ids if self.context_ids is not None else self.prompt
         steer = _Steer(Sampler(self.params, len(history)), tok, splitter, budget, constraint, ids.get(OPEN), eos,

@@ -56,7 +56,6 @@ class Tokenizer:
     template_source: str | None = None  # the file the chat templates came from, named in template errors
     source: str = "tokenizer.json"  # the tokenizer's file, named when the library fails on a text
     max_tokens: int | None = None  # the model's context: a text that needs more is refused before it is encoded
-    longest_token: int = 1  # characters of the longest token (load_tokenizer measures it)
 
     def __init__(self, backend: Any, *, bos_token: str | None, eos_token: str | None, pad_token: str | None,
                  templates: dict[str, str] | None = None) -> None:
@@ -72,7 +71,7 @@ class Tokenizer:
             t.content: i for i, t in backend.get_added_tokens_decoder().items() if t.special
         }
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
-        self._max_token_chars: int | None = None
+        self._max_token_chars: int | None = None  # load_tokenizer sets it from the file it checked
 
     @property
     def max_token_id(self) -> int:
@@ -115,7 +114,7 @@ class Tokenizer:
     def _refuse_too_long(self, text: str, limit: int) -> None:
         """Count `text`'s tokens a piece at a time, each cut before a space or newline, and refuse it once the
         pieces need `limit` tokens even after the most that tokens across the cuts could save (a cut splits at
-        most two tokens of the whole text, each into at most `longest_token` pieces): memory and time follow
+        most two tokens of the whole text, each into at most `max_token_chars` pieces): memory and time follow
         the limit, not the text (the library holds a few hundred bytes per token until it is done)."""
         counted, start, cuts = 0, 0, 0
         while start < len(text):
@@ -125,7 +124,7 @@ class Tokenizer:
                 cut = max(text.rfind(" ", half, end), text.rfind("\n", half, end))
                 end, cuts = (cut if cut > start else end), cuts + 1
             counted += len(self._encode(text[start:end], False))
-            least = counted - cuts * 2 * self.longest_token
+            least = counted - cuts * 2 * self.max_token_chars
             if least >= limit:
                 raise PromptTooLongError(
                     f"the prompt needs more than {limit:,} tokens (its first {end:,} of {len(text):,} characters "
@@ -230,7 +229,7 @@ def load_tokenizer(path: Path, max_tokens: int | None = None) -> Tokenizer:
         pad_token=special("pad_token", "<|pad|>"),
         templates=_templates(path, config),
     )
-    tokenizer.source, tokenizer.max_tokens, tokenizer.longest_token = str(file), max_tokens, longest
+    tokenizer.source, tokenizer.max_tokens, tokenizer._max_token_chars = str(file), max_tokens, longest
     template_file = path / TEMPLATE_FILE  # the one _templates preferred, when it is there
     tokenizer.template_source = str(template_file if template_file.is_file() else path / "tokenizer_config.json")
     return tokenizer

@@ -260,8 +260,8 @@ class ChatSession:
         """Write the conversation to `file`: JSON for `.json`, Markdown otherwise."""
         from lfm2cli.paths import check_output_path
 
-        model_dir = getattr(getattr(self, "lm", None), "path", None)  # a remote session has no local model
-        path = check_output_path(file, protect=(Path(model_dir),) if model_dir else ())
+        # the model's own folder is protected too; a remote session (lm None) has none here
+        path = check_output_path(file, protect=(self.lm.path,) if self.lm is not None else ())
         conv = self.conversation()
         text = to_json(conv) if path.suffix.lower() == ".json" else to_markdown(conv)
         try:

@@ -41,31 +41,28 @@ def _bare_flags(params: list[Any]) -> list[Any]:
     return params
 
 
-class Command(TyperCommand):
+class _Shaped:
+    """Help text reflowed, examples in the epilog, flags without a metavar: mixed into Command and Group."""
+
+    help: str | None
+    epilog: str | None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help, examples = _help_and_examples(self.help)
+        self.epilog = self.epilog or examples
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _bare_flags(super().get_params(ctx))  # type: ignore[misc]
+
+
+class Command(_Shaped, TyperCommand):
     """Every lfm2 command: help text reflowed, examples in the epilog, flags without a metavar."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        help_text, examples = _help_and_examples(self.help)
-        self.help = help_text
-        self.epilog = self.epilog or examples
 
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _bare_flags(super().get_params(ctx))
-
-
-class Group(TyperGroup):
+class Group(_Shaped, TyperGroup):
     """`lfm2` and `lfm2 history`: as Command, for a group's own help and options; and, run as the program, its
     usage errors (an unknown option, a value not among the choices) in one line, as lfm2's own errors are."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        help_text, examples = _help_and_examples(self.help)
-        self.help = help_text
-        self.epilog = self.epilog or examples
-
-    def get_params(self, ctx: Any) -> list[Any]:
-        return _bare_flags(super().get_params(ctx))
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:

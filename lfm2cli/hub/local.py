@@ -260,23 +260,11 @@ def _read(path: Path) -> str | None:
 
 # ---- the standard Hugging Face cache (read only: other tools own it) ----
 
-def hf_hub_cache() -> Path:
-    """Where huggingface_hub keeps downloads, read from the environment now (its own constant is fixed at
-    import time): HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(var):
-            return Path(os.path.expandvars(os.environ[var])).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "huggingface" / "hub"
-
-
 def find_in_hf_cache(repo_id: str, revision: str | None = None) -> Path | None:
     """A snapshot in the standard Hugging Face cache that has everything lfm2 needs, or None. No network."""
     from lfm2cli.checkpoint import weight_files
 
-    root = hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
+    root = paths.hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
     revision = revision or DEFAULT_REVISION
     commit = revision if COMMIT_RE.match(revision) else _read(root / "refs" / revision)
     if not commit:
@@ -370,15 +358,13 @@ def _within(link: Path, root: Path) -> bool:
 def _architecture(config: Path, inside: Path) -> str:
     """"LFM2", "LFM2-MoE" or "?" from a snapshot's config.json, read only when it is a file of the cache itself
     (a link into `inside` for the Hugging Face cache) and of a config's size."""
-    from lfm2cli.config import parse_config
+    from lfm2cli.config import parse_config, read_json_object
 
-    try:
-        if not (config.is_file() and (not config.is_symlink() or _within(config, inside))):
-            return "?"
-        if config.stat().st_size > MAX_CONFIG_BYTES:
-            return "?"
-        return parse_config(json.loads(config.read_bytes()), source=str(config)).architecture
-    except (Lfm2Error, OSError, ValueError, RecursionError, TypeError):
+    if config.is_symlink() and not _within(config, inside):
+        return "?"
+    try:  # read_json_object refuses what is not a regular file of at most MAX_CONFIG_BYTES
+        return parse_config(read_json_object(config, MAX_CONFIG_BYTES), source=str(config)).architecture
+    except (Lfm2Error, ValueError, TypeError):
         return "?"
 
 
@@ -458,7 +444,7 @@ def list_hf_cached() -> tuple[list[CachedModel], list[str]]:
     Read only, and bounded the same way: links are followed only into the repository's own blobs/."""
     out: list[CachedModel] = []
     notes: list[str] = []
-    for entry in _entries(hf_hub_cache(), notes):
+    for entry in _entries(paths.hf_hub_cache(), notes):
         if not entry.name.startswith("models--") or entry.is_symlink() or not entry.is_dir():
             continue
         root = Path(entry.path)

@@ -134,14 +134,10 @@ class _BadRow(ValueError):
     """A row that cannot be read as what it should hold (edited by hand, written by another program)."""
 
 
-def _text(value: Any, what: str, required: bool = False) -> str | None:
-    """A text column as str: bytes (a BLOB) are decoded, numbers shown; None only where that is allowed."""
-    if isinstance(value, str):
+def _text(value: Any) -> str | None:
+    """A text column as str: bytes (a BLOB) are decoded and numbers shown; None stays None."""
+    if value is None or isinstance(value, str):
         return value
-    if value is None:
-        if required:
-            raise _BadRow(f"{what} is missing")
-        return None
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
@@ -545,29 +541,29 @@ class HistoryStore:
         except _BadRow as e:
             self._note(f"conversation {conv_id}: {e}; using the default settings")
             settings = {}
-        return Conversation(id=conv_id, model=_text(model, "model") or "?", title=_text(title, "title"),
-                            system=_text(system, "system"), options=settings,
-                            created_at=_text(created, "created") or "", updated_at=_text(updated, "updated") or "",
+        return Conversation(id=conv_id, model=_text(model) or "?", title=_text(title),
+                            system=_text(system), options=settings,
+                            created_at=_text(created) or "", updated_at=_text(updated) or "",
                             message_count=count if isinstance(count, int) else 0)
 
     def _message(self, r: sqlite3.Row | tuple) -> Message | None:
         """A message row, or None (with a note) when it cannot be shown or replayed as a message."""
         try:
-            role = _text(r[3], "its role", required=True)
+            role = _text(r[3])
             if role not in ROLES:
                 raise _BadRow(f"its role {role!r:.40} is unknown")
             calls = _json_column(r[11], list, "its tool calls")
             if calls is not None and not all(isinstance(c, dict) for c in calls):
                 raise _BadRow("its tool calls are not JSON objects")
-            reason = _text(r[7], "its finish reason")
+            reason = _text(r[7])
             return Message(id=r[0], conversation_id=r[1], position=_int_column(r[2], "its position") or 0,
-                           role=role, content=_text(r[4], "its content") or "",
+                           role=role, content=_text(r[4]) or "",
                            tokens=_int_column(r[5], "its token count"),
                            timings=_json_column(r[6], dict, "its timings"),
                            finish_reason=reason if reason in FINISH_REASONS else None,
-                           created_at=_text(r[8], "its time") or "", reasoning=_text(r[9], "its reasoning"),
-                           raw_content=_text(r[10], "its raw text"), tool_calls=calls,
-                           tool_call_id=_text(r[12], "its tool call id"), name=_text(r[13], "its tool name"))
+                           created_at=_text(r[8]) or "", reasoning=_text(r[9]),
+                           raw_content=_text(r[10]), tool_calls=calls,
+                           tool_call_id=_text(r[12]), name=_text(r[13]))
         except _BadRow as e:
             self._note(f"conversation {r[1]}: skipped message #{r[2]}: {e}")
             return None
