@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is insta
 
 import torch  # noqa: E402
 
-from lfm2cli import loading  # noqa: E402
 from lfm2cli.benchmark import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth, share_of_ceiling  # noqa: E402
-from lfm2cli.generation import GenerationStats, generate  # noqa: E402
+from lfm2cli.decoding.loop import GenerationStats, generate  # noqa: E402
 from lfm2cli.hub.known import KNOWN_CONFIGS, known_config  # noqa: E402
+from lfm2cli.loading import loader  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 CPU = torch.device("cpu")
@@ -57,7 +57,7 @@ class Engine:
 # ---- the two engines ----
 
 def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = False, native: bool = True) -> Engine:
-    model = loading.random_model(cfg, CPU, torch.bfloat16, quantize=quantize, compile=compile, native=native)
+    model = loader.random_model(cfg, CPU, torch.bfloat16, quantize=quantize, compile=compile, native=native)
 
     def run(prompt: list[int], new: int) -> GenerationStats:
         stats = GenerationStats()
@@ -158,7 +158,7 @@ def write_checkpoint(path: Path, repo: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     cfg = known_config(repo)
-    model = loading.random_model(cfg, CPU, torch.bfloat16, fast=False)
+    model = loader.random_model(cfg, CPU, torch.bfloat16, fast=False)
     tensors = {n: t.contiguous() for n, t in model.state_dict().items()}
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -202,8 +202,8 @@ def process_timings(repeat: int) -> dict[str, float]:
 # ---- the comparison ----
 
 def machine() -> str:
-    from lfm2cli import cpu
     from lfm2cli.kernels import native
+    from lfm2cli.system import cpu
 
     level = native.level() or os.environ.get("LFM2_NATIVE_ISA") or (cpu.native_level()[0] or "none")
     return (f"{cpu.model_name()} ({cpu.describe()}), {cpu.physical_cores()} cores, {torch.get_num_threads()} "
@@ -318,7 +318,7 @@ def main() -> None:
     if repo not in KNOWN_CONFIGS:
         sys.exit(f"unknown model {args.model!r}; use one of lfm2-350m, lfm2-700m, lfm2-1.2b, lfm2-2.6b, lfm2-8b-a1b")
     cfg = known_config(repo)
-    loading.configure_threads(CPU)
+    loader.configure_threads(CPU)
     print(f"machine: {machine()}", file=sys.stderr)
     bandwidths: list[float] = []
     big = cfg.is_moe  # two 8B models do not fit next to each other: run the engines one after the other
@@ -360,8 +360,8 @@ def main() -> None:
         bandwidths = run_all(engines, lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
     bandwidth = med(bandwidths)
     base = engines[0] if not args.no_transformers else None
-    from lfm2cli import cpu
     from lfm2cli.kernels import native
+    from lfm2cli.system import cpu
 
     lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1: {cpu.describe()} CPU, lfm2's "
              f"{native.level() or 'torch'} kernels", "",

@@ -86,7 +86,7 @@ def replay_llguidance(tok, grammar, ids, vocab, eos):
     """Seconds per token to mask and consume `ids`, through lfm2's own Constraint (what generation runs)."""
     import torch
 
-    from lfm2cli.structured import Constraint
+    from lfm2cli.decoding.constraints import Constraint
 
     t0 = time.perf_counter()
     c = Constraint(tok, grammar, vocab, [eos])
@@ -133,13 +133,13 @@ def decode_step_s(repeat: int) -> float:
     """Median seconds per decode step of LFM2-350M's shape (random bf16 weights, this machine's kernels)."""
     import torch
 
-    from lfm2cli import loading
     from lfm2cli.benchmark import random_config
-    from lfm2cli.generation import generate
+    from lfm2cli.decoding.loop import generate
+    from lfm2cli.loading import loader
 
-    loading.configure_threads(torch.device("cpu"))
+    loader.configure_threads(torch.device("cpu"))
     cfg, _ = random_config("lfm2-350m")
-    model = loading.random_model(cfg, torch.device("cpu"), torch.bfloat16)
+    model = loader.random_model(cfg, torch.device("cpu"), torch.bfloat16)
     times = []
     for _ in range(repeat):
         prompt = list(range(100, 164))
@@ -159,8 +159,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="put the table into docs/performance.md")
     args = ap.parse_args()
 
-    from lfm2cli.structured import json_grammar, tool_call_grammar
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.decoding.constraints import json_grammar, tool_call_grammar
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     directory = CACHE / "tokenizer"
     directory.mkdir(parents=True, exist_ok=True)

@@ -10,10 +10,12 @@ the same weights: relative logit error and top-1 agreement against the bf16 mode
 
 For each published shape (lfm2cli.hub.known; names that share a shape are measured once) and each weight
 distribution (normal, and Student-t with 3 degrees of freedom scaled to the same std, 1/sqrt(fan-in) as
-`lfm2cli.loading.random_model` uses; norm weights 1, MoE routing biases 0), the weights are drawn once from a fixed
+`lfm2cli.loading.loader.random_model`
+uses; norm weights 1, MoE routing biases 0), the weights are drawn once from a fixed
 seed and rounded to bf16: the reference. Four copies then have every projection weight (each Linear's: attention
 q/k/v/out, conv in/out, the feed-forward and expert w1/w2/w3) replaced by its quantise -> dequantise round trip in
-one format: lfm2 int8 and int4 (`lfm2cli.quantize`, given the bf16 weight as `--quantize` gives it), gguf Q8_0 and
+one format: lfm2 int8 and int4 (`lfm2cli.kernels.quantize`,
+given the bf16 weight as `--quantize` gives it), gguf Q8_0 and
 Q4_0. Not quantised in any of them: the embedding table, which is also the (tied) output head, the conv filters,
 the norms and the MoE router (`gate`, which lfm2 keeps in model precision). All five models run in float32 on the
 same teacher-forced prompts (random token ids), so only the projection weights differ.
@@ -42,8 +44,8 @@ sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is insta
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lfm2cli.config import Lfm2Config, parse_config  # noqa: E402
-from lfm2cli.model import Lfm2ForCausalLM  # noqa: E402
+from lfm2cli.model.config import Lfm2Config, parse_config  # noqa: E402
+from lfm2cli.model.lfm2 import Lfm2ForCausalLM  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 START, END = "<!-- quality:start -->", "<!-- quality:end -->"
@@ -181,14 +183,14 @@ def build_model(cfg: Lfm2Config, dist: str, seed: int) -> tuple[Lfm2ForCausalLM,
 # ---- the four formats: bf16 weight -> (float32 weight as the format stores it, storage bits) ----
 
 def ours_int8(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from lfm2cli.quantize import dequantize_int8, quantize_int8
+    from lfm2cli.kernels.quantize import dequantize_int8, quantize_int8
 
     q, scales = quantize_int8(w)
     return dequantize_int8(q, scales), 8 * (q.nbytes + scales.nbytes)
 
 
 def ours_int4(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    from lfm2cli.quantize import dequantize_int4, quantize_int4
+    from lfm2cli.kernels.quantize import dequantize_int4, quantize_int4
 
     nibbles, scales = quantize_int4(w)
     return dequantize_int4(nibbles, scales).float(), 8 * (nibbles.nbytes + scales.nbytes)
@@ -216,7 +218,7 @@ def bits_per_weight(fmt: str, shapes: Iterable[tuple[int, int]]) -> float:
     sizes: int8 and int4 a bf16 scale per 32; Q8_0/Q4_0 per gguf's block sizes)."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from lfm2cli.quantize import GROUP
+    from lfm2cli.kernels.quantize import GROUP
 
     bits = count = 0
     for out, inn in shapes:

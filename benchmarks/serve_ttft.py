@@ -61,19 +61,19 @@ def main() -> None:
     import uvicorn
     from tiny_tokenizer import make_tokenizer
 
-    from lfm2cli import loading
     from lfm2cli.benchmark import random_config
+    from lfm2cli.loading import loader
     from lfm2cli.serve.app import create_app
     from lfm2cli.serve.engine import Engine
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     device = torch.device(args.device)
-    loading.configure_threads(device)
+    loader.configure_threads(device)
     cfg, _ = random_config(args.model)
     dtype = torch.bfloat16
-    model = loading.random_model(cfg, device, dtype)
+    model = loader.random_model(cfg, device, dtype)
     tok_dir = make_tokenizer(Path(tempfile.mkdtemp()))
-    lm = loading.LoadedModel(model, cfg, tok_dir, device, dtype, tokenizer=load_tokenizer(tok_dir))
+    lm = loader.LoadedModel(model, cfg, tok_dir, device, dtype, tokenizer=load_tokenizer(tok_dir))
     engine = Engine(lm, queue_size=4)
 
     sock = socket.socket()

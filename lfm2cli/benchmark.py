@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from lfm2cli.checkpoint import parameter_counts
-from lfm2cli.config import Lfm2Config, load_config
+from lfm2cli.decoding.loop import GenerationStats, generate
 from lfm2cli.errors import MemoryLimitError, UsageError
-from lfm2cli.generation import GenerationStats, generate
 from lfm2cli.kernels.proj import Proj
-from lfm2cli.memory import check_fits, peak_memory, reset_peak_memory
-from lfm2cli.model import Lfm2ForCausalLM
+from lfm2cli.loading.checkpoint import parameter_counts
+from lfm2cli.model.config import Lfm2Config, load_config
+from lfm2cli.model.lfm2 import Lfm2ForCausalLM
+from lfm2cli.system.memory import check_fits, peak_memory, reset_peak_memory
 
 BANDWIDTH_BYTES = 512 * 1024 * 1024  # far larger than any CPU cache
 PROBE_MIN_BYTES = 64 * 1024 * 1024  # a table this large is read from memory, not a cache, by the per-run probe
@@ -226,8 +226,8 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
           load_progress: Callable[[int, int], None] | None = None) -> BenchResult:
     """Build or load the model, measure bandwidth, run the prompts; returns everything the command prints.
     `progress` is told what is being done, `load_progress` the bytes of weights read or built so far."""
-    from lfm2cli import loading
-    from lfm2cli.quantize import check_mode
+    from lfm2cli.kernels.quantize import check_mode
+    from lfm2cli.loading import loader
 
     quantize = check_mode(quantize)
     if not prompt_lengths or min(prompt_lengths) < 1:
@@ -236,9 +236,9 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         raise UsageError("--gen-tokens must be at least 2 (the first token comes from prefill)")
     if repeat < 1:
         raise UsageError("--repeat must be at least 1")
-    dev = loading.resolve_device(device)
-    dt = loading.resolve_dtype(dtype, dev)
-    loading.configure_threads(dev)
+    dev = loader.resolve_device(device)
+    dt = loader.resolve_dtype(dtype, dev)
+    loader.configure_threads(dev)
     say = progress or (lambda _msg: None)
     if random_weights:
         if name is None:
@@ -253,7 +253,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     if random_weights:
         say(f"building {label} with random weights ({str(dt).removeprefix('torch.')})")
         try:
-            model = loading.random_model(cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
+            model = loader.random_model(cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
         except (MemoryError, RuntimeError) as e:
             raise _out_of_memory(e, label) from None
         label += " (random weights)"
@@ -265,7 +265,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         cfg = load_config(path)
         if not force:
             check_fits(cfg, quantize, dt, dev)
-        model = loading.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
+        model = loader.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
         label = str(path)
     load_s = time.perf_counter() - t0
     longest = max(prompt_lengths) + gen_tokens
@@ -315,7 +315,7 @@ def _range(gbs: tuple[float, float]) -> str:
 
 
 def summary(result: BenchResult) -> list[str]:
-    from lfm2cli.formatting import human_bytes, human_count
+    from lfm2cli.terminal.formatting import human_bytes, human_count
 
     params = human_count(result.parameters)
     if result.active_parameters != result.parameters:

@@ -14,7 +14,7 @@ import typer
 from lfm2cli import __version__
 from lfm2cli.commands import register
 from lfm2cli.commands.options import Group
-from lfm2cli.streams import ReaderGone, StdoutFailed, guard_stdout
+from lfm2cli.terminal.streams import ReaderGone, StdoutFailed, guard_stdout
 
 app = typer.Typer(
     name="lfm2",
@@ -54,7 +54,7 @@ register(app)
 
 
 def _fail(message: str, code: int) -> None:
-    from lfm2cli.safetext import visible_line
+    from lfm2cli.terminal.safetext import visible_line
 
     # messages quote names from files and servers: their control characters are shown, never acted on
     sys.stderr.write(f"error: {visible_line(message)}\n")

@@ -162,7 +162,7 @@ def opening_ckpt(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def lm(chat_ckpt: Path):
     """The chat checkpoint loaded in float32 on the CPU."""
-    from lfm2cli.loading import load
+    from lfm2cli.loading.loader import load
 
     return load(chat_ckpt, device="cpu", dtype="float32")
 

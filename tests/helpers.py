@@ -50,7 +50,7 @@ def serving(path: Path, queue: int = 16, **app_options: Any) -> Iterator[Running
     """The app on a real uvicorn server in a thread, on a free port of 127.0.0.1."""
     import uvicorn
 
-    from lfm2cli.loading import load
+    from lfm2cli.loading.loader import load
     from lfm2cli.serve.app import create_app
     from lfm2cli.serve.engine import Engine
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lfm2cli import cpu
 from lfm2cli.kernels import native
+from lfm2cli.system import cpu
 
 HARNESS = Path(__file__).with_name("arm") / "harness.c"
 CROSS = shutil.which("aarch64-linux-gnu-gcc")

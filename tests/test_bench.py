@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from lfm2cli.benchmark import COLUMNS, bench, decode_bytes, random_config, rows, summary
-from lfm2cli.checkpoint import parameter_counts
 from lfm2cli.errors import UsageError
-from lfm2cli.loading import load
-from lfm2cli.render import print_report
+from lfm2cli.loading.checkpoint import parameter_counts
+from lfm2cli.loading.loader import load
+from lfm2cli.terminal.render import print_report
 
 RUN_FIELDS = {"prompt_tokens", "gen_tokens", "repeat", "prefill_tps", "decode_tps", "ttft_s",
               "ceiling_tps", "decode_fraction_of_ceiling"}
@@ -102,8 +102,8 @@ def test_prompt_token_option_forms() -> None:
 def test_decode_bytes_counts_active_weights(ckpt: str, fast: bool, request: pytest.FixtureRequest) -> None:
     """Bytes per decoded token = active parameters x 2 (bf16) + the one embedding row looked up: the tied head
     reads the whole table, MoE layers only their top-k experts. Same with fused/prepacked weights."""
-    from lfm2cli.config import load_config
-    from lfm2cli.loading import load_model
+    from lfm2cli.loading.loader import load_model
+    from lfm2cli.model.config import load_config
 
     path = request.getfixturevalue(ckpt)
     cfg = load_config(path)

@@ -24,10 +24,10 @@ from lfm2cli.chat.input import ChatInput
 from lfm2cli.chat.repl import ChatLoop, ChatUI, completions
 from lfm2cli.chat.session import ChatSession, ContextFullError, common_prefix
 from lfm2cli.cli import app
+from lfm2cli.decoding.loop import prefill
+from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.errors import UsageError
-from lfm2cli.generation import prefill
-from lfm2cli.loading import LoadedModel, load
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.loading.loader import LoadedModel, load
 from lfm2cli.store.conversations import HistoryStore
 
 runner = CliRunner()

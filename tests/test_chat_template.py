@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from lfm2cli.chat_template import MAX_CHARS, compile_template, render
 from lfm2cli.errors import CheckpointError, GenerationError, TemplateError
-from lfm2cli.tokenizer import load_tokenizer
+from lfm2cli.text.chat_template import MAX_CHARS, compile_template, render
+from lfm2cli.text.tokenizer import load_tokenizer
 from tests.conftest import template_copy
 from tests.tiny_tokenizer import BUILTIN_TEMPLATE, SHARED_TEMPLATES, default_template, make_tokenizer
 

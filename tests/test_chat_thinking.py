@@ -19,10 +19,10 @@ from lfm2cli.chat.input import LineInput
 from lfm2cli.chat.repl import ChatLoop, ChatUI
 from lfm2cli.chat.session import ChatSession
 from lfm2cli.cli import app
-from lfm2cli.loading import LoadedModel, load
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.decoding.sampling import SamplingParams
+from lfm2cli.loading.loader import LoadedModel, load
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
-from lfm2cli.tokenizer import load_tokenizer
+from lfm2cli.text.tokenizer import load_tokenizer
 from tests.conftest import thinking_copy
 from tests.helpers import screen
 from tests.test_chat import LONG, assert_cache_holds
@@ -73,7 +73,7 @@ class Script:
         # canonical encodings: re-encoding the text gives the same ids, as for a model that wrote them
         self.replies = [tok.encode(r) if isinstance(r, str) else list(r) for r in replies]
         self.seen: list[list[int]] = []
-        monkeypatch.setattr("lfm2cli.textgen.Sampler", self._sampler)
+        monkeypatch.setattr("lfm2cli.runs.local.Sampler", self._sampler)
 
     def _sampler(self, params: SamplingParams, prompt_len: int | None = None):
         ids = iter(self.replies.pop(0) if self.replies else [])

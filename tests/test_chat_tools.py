@@ -16,17 +16,17 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-import lfm2cli.textgen as textgen
+import lfm2cli.runs.local as textgen
 from lfm2cli.chat.input import LineInput
 from lfm2cli.chat.repl import MAX_TOOL_ROUNDS, ChatLoop, ChatUI
 from lfm2cli.chat.session import ChatSession
 from lfm2cli.cli import app
-from lfm2cli.functions import load_functions
-from lfm2cli.loading import LoadedModel
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.decoding.sampling import SamplingParams
+from lfm2cli.loading.loader import LoadedModel
+from lfm2cli.reply.functions import load_functions
+from lfm2cli.reply.toolcalls import TOOL_CALL_END, TOOL_CALL_START
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
-from lfm2cli.tokenizer import load_tokenizer
-from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START
+from lfm2cli.text.tokenizer import load_tokenizer
 from tests.conftest import run_main
 from tests.test_chat_thinking import Script
 from tests.test_structured import SCHEMAS

@@ -1,4 +1,4 @@
-"""What the CPU can do is decided in one place (lfm2cli/cpu.py), and LFM2_CPU_HIDE makes any machine look like one
+"""What the CPU can do is decided in one place (system/cpu.py), and LFM2_CPU_HIDE makes any machine look like one
 without those features: the AVX2 level and the torch fallback then run here as they would on such a CPU, and a
 bf16 model never reaches torch's oneDNN bf16 path where the CPU cannot run it."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli import cpu
 from lfm2cli.errors import UsageError
 from lfm2cli.kernels.proj import can_prepack
-from lfm2cli.loading import load, resolve_dtype
+from lfm2cli.loading.loader import load, resolve_dtype
+from lfm2cli.system import cpu
 
 CPU = torch.device("cpu")
 x86 = pytest.mark.skipif("avx2" not in cpu.flags(), reason="an x86-64 CPU with AVX2")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lfm2cli.detokenize import StreamingDetokenizer
-from lfm2cli.stops import StopMatcher
-from lfm2cli.tokenizer import Tokenizer, load_tokenizer
+from lfm2cli.text.detokenize import StreamingDetokenizer
+from lfm2cli.text.stops import StopMatcher
+from lfm2cli.text.tokenizer import Tokenizer, load_tokenizer
 from tests.tiny_tokenizer import make_tokenizer
 
 TEXTS = [
@@ -156,7 +156,7 @@ def think_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 def test_kept_markers_come_through_while_other_special_tokens_are_skipped(think_tok: Tokenizer) -> None:
-    from lfm2cli.textgen import thinking_markers
+    from lfm2cli.runs.local import thinking_markers
 
     keep = thinking_markers(think_tok)
     assert sorted(keep.values()) == ["</think>", "<think>"]
@@ -175,7 +175,7 @@ def test_kept_markers_come_through_while_other_special_tokens_are_skipped(think_
 
 
 def test_random_streams_with_kept_markers_add_up(think_tok: Tokenizer) -> None:
-    from lfm2cli.textgen import thinking_markers
+    from lfm2cli.runs.local import thinking_markers
 
     keep = thinking_markers(think_tok)
     rng = random.Random(1)

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli.checkpoint import parameter_counts
-from lfm2cli.config import load_config
 from lfm2cli.errors import UsageError
 from lfm2cli.hub.known import KNOWN_CONFIGS, known_config, known_names
 from lfm2cli.kernels import accelerate, is_accelerated
 from lfm2cli.kernels.proj import BLOCK, Proj
-from lfm2cli.loading import load, load_model, random_model
-from lfm2cli.quantize import GROUP, check_mode, dequantize_int8, quantize_int8
+from lfm2cli.kernels.quantize import GROUP, check_mode, dequantize_int8, quantize_int8
+from lfm2cli.loading.checkpoint import parameter_counts
+from lfm2cli.loading.loader import load, load_model, random_model
+from lfm2cli.model.config import load_config
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -253,7 +253,7 @@ def test_known_configs_match_published_sizes() -> None:
 
 
 def test_random_model_has_the_config_shape() -> None:
-    from lfm2cli.config import parse_config
+    from lfm2cli.model.config import parse_config
     from tests.tiny import DENSE
 
     cfg = parse_config({**DENSE, "model_type": "lfm2"})

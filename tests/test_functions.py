@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from lfm2cli.errors import UsageError
-from lfm2cli.functions import FunctionSet, ToolResult, describe, load_functions
-from lfm2cli.textgen import check_tools
-from lfm2cli.toolcalls import ToolCall, parse_calls
+from lfm2cli.reply.functions import FunctionSet, ToolResult, describe, load_functions
+from lfm2cli.reply.toolcalls import ToolCall, parse_calls
+from lfm2cli.runs.local import check_tools
 
 WEATHER = '''
 from enum import Enum
@@ -344,7 +344,7 @@ def test_describe_reads_back_as_the_call(weather: FunctionSet) -> None:
 
 
 def test_tools_render_through_the_chat_template(weather: FunctionSet, tmp_path: Path) -> None:
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
     from tests.tiny_tokenizer import make_tokenizer
 
     tokenizer = load_tokenizer(make_tokenizer(tmp_path / "tok"))

@@ -18,11 +18,11 @@ import torch
 from typer.testing import CliRunner
 
 from lfm2cli.cli import app
+from lfm2cli.decoding.loop import GenerationStats, generate
+from lfm2cli.decoding.sampling import Sampler, SamplingParams
 from lfm2cli.errors import GenerationError
-from lfm2cli.generation import GenerationStats, generate
-from lfm2cli.loading import load
-from lfm2cli.sampling import Sampler, SamplingParams
-from lfm2cli.textgen import TextRun, prompt_ids
+from lfm2cli.loading.loader import load
+from lfm2cli.runs.local import TextRun, prompt_ids
 from tests.tiny import reference_model
 
 ANSI = re.compile(r"\x1b\[")
@@ -84,8 +84,8 @@ def test_rates_over_zero_tokens_are_a_dash(chat_ckpt: Path, monkeypatch: pytest.
                                           capsys: pytest.CaptureFixture) -> None:
     """-n 1: the one token comes from prefill, so no decode step ran and there is no decode rate to show."""
     from lfm2cli.benchmark import Spread, _fmt
-    from lfm2cli.formatting import rate
-    from lfm2cli.render import stats_footer
+    from lfm2cli.terminal.formatting import rate
+    from lfm2cli.terminal.render import stats_footer
     from tests.conftest import run_main
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
@@ -249,7 +249,7 @@ def test_generate_refuses_non_finite_logits_from_the_loop(chat_ckpt: Path) -> No
 
 
 def test_as_text_replaces_invalid_utf8_only() -> None:
-    from lfm2cli.textgen import as_text, read_stdin_text
+    from lfm2cli.runs.local import as_text, read_stdin_text
 
     assert as_text(b"hello \xff\xfe world") == ("hello \ufffd\ufffd world", True)
     # what Python makes of those bytes in argv or a surrogateescape stdin
@@ -347,7 +347,7 @@ def short_context(endless_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_context_limit_is_told_apart_from_max_tokens(short_context: Path) -> None:
-    from lfm2cli.textgen import length_stop_note
+    from lfm2cli.runs.local import length_stop_note
 
     lm = load(short_context, device="cpu", dtype="float32")
     ids = prompt_ids(lm, "hi")
@@ -405,7 +405,7 @@ def _generate(args: list[str], script: list[int], monkeypatch: pytest.MonkeyPatc
     from tests.conftest import run_main
 
     prompts: list[list[int]] = []
-    monkeypatch.setattr("lfm2cli.textgen.generate", _scripted(script, prompts))
+    monkeypatch.setattr("lfm2cli.runs.local.generate", _scripted(script, prompts))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     code, out, err = run_main(["generate", *args, "--dtype", "float32", "--device", "cpu"], monkeypatch, capsys)
     return code, out, err, prompts
@@ -414,7 +414,7 @@ def _generate(args: list[str], script: list[int], monkeypatch: pytest.MonkeyPatc
 def _ids(path: Path, *parts: str) -> list[int]:
     """Token ids for the parts in order; "<think>" and "</think>" are their special tokens where the tokenizer
     has them (as the model writes them), else the text's ordinary tokens."""
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(path)
     ids: list[int] = []
@@ -451,7 +451,7 @@ def test_generate_prints_only_the_answer_of_a_model_that_thinks(markers: str, th
 def test_a_prompt_that_opens_the_block_starts_in_the_reasoning(opening_ckpt: Path, think_ckpt: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture) -> None:
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     # The template wrote `<think>`: the model's output begins inside the block and only closes it.
     script = _ids(opening_ckpt, "Two and two make 4.", "</think>", "\n\n4")
@@ -579,7 +579,7 @@ def tools_file(tmp_path: Path) -> Path:
 def test_tool_calls_go_to_stderr_and_json_never_to_stdout(chat_ckpt: Path, tools_file: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture) -> None:
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     head = _ids(chat_ckpt, "Let me check.\n", "<|tool_call_start|>", CALLS, "<|tool_call_end|>")
     script = head + _ids(chat_ckpt, "Text the model should never get to write")

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 in groups of 32 (lfm2cli/quantize.py, csrc/linear_grouped.c): int4's round trip keeps
+"""Weight-only int8 and int4 in groups of 32 (kernels/quantize.py, csrc/linear_grouped.c): int4's round trip keeps
 its documented bound and is at least as accurate as llama.cpp's Q4_0 rule (int8's bounds: tests/test_quality.py);
 at every native level this CPU executes, the kernels of both formats equal a torch reference on the same numbers
 (activations rounded per group of 32 to int8) for odd shapes and every token count, a token's result does not
@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli import cpu
 from lfm2cli.errors import UsageError
 from lfm2cli.kernels import native
 from lfm2cli.kernels.native_step import NativeDecoder
 from lfm2cli.kernels.proj import Proj
-from lfm2cli.loading import load
-from lfm2cli.quantize import (
+from lfm2cli.kernels.quantize import (
     GROUP,
     check_mode,
     dequantize_int4,
@@ -28,6 +26,8 @@ from lfm2cli.quantize import (
     quantize_int4,
     quantize_int8,
 )
+from lfm2cli.loading.loader import load
+from lfm2cli.system import cpu
 from tests.conftest import native_at_level
 
 
@@ -268,7 +268,7 @@ def body_kinds(model) -> set[str]:
 def test_int4_models_stay_within_the_bound(kernel: str, ckpt: str, bound: float, min_agree: int,
                                           fallback_bound: float, request: pytest.FixtureRequest,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """The documented bound (lfm2cli/quantize.py) on these tiny random checkpoints, whose rows are only 2-3
+    """The documented bound (lfm2cli/kernels/quantize.py) on these tiny random checkpoints, whose rows are only 2-3
     groups wide; and torch's fallback (LFM2_NATIVE=0) gives the native answers up to the activations' int8
     rounding in decode (MoE: 15 %, where that rounding can flip an expert choice)."""
     path = request.getfixturevalue(ckpt)

@@ -136,7 +136,7 @@ def _damaged(cache: Path, src: Path) -> None:
 @pytest.mark.slow
 def test_the_hints_each_command_prints_name_its_own_options(setting, dense_ckpt, monkeypatch, capsys):
     import lfm2cli.hub.local
-    import lfm2cli.memory
+    import lfm2cli.system.memory
 
     cache = setting / "cache"
     cases: list[tuple[str, list[str]]] = []
@@ -168,7 +168,7 @@ def test_the_hints_each_command_prints_name_its_own_options(setting, dense_ckpt,
         run("pull", ["pull", "test-org/tiny", "--revision", "v9"])
     # too little memory: the guard's advice, for each command that loads a model
     with monkeypatch.context() as m:
-        m.setattr(lfm2cli.memory, "available_memory", lambda device: 1)
+        m.setattr(lfm2cli.system.memory, "available_memory", lambda device: 1)
         for command, extra in MODEL_COMMANDS.items():
             if command != "info":
                 run(command, [command, str(dense_ckpt), *extra])

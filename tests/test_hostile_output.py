@@ -26,8 +26,7 @@ from typing import Any
 
 import pytest
 
-from lfm2cli.errors import UsageError
-from lfm2cli.structured import (
+from lfm2cli.decoding.constraints import (
     MAX_EXP_DIGITS,
     MAX_FRAC_DIGITS,
     MAX_INT_DIGITS,
@@ -37,8 +36,9 @@ from lfm2cli.structured import (
     read_schema,
     tool_call_grammar,
 )
-from lfm2cli.thinking import Answer, Reasoning, ThinkingSplitter
-from lfm2cli.toolcalls import (
+from lfm2cli.errors import UsageError
+from lfm2cli.reply.thinking import Answer, Reasoning, ThinkingSplitter
+from lfm2cli.reply.toolcalls import (
     MAX_BLOCK_CHARS,
     TOOL_CALL_END,
     TOOL_CALL_START,
@@ -248,11 +248,11 @@ class Script:
     """Stands in for the sampler: each reply takes the next script (text or ids, then EOS)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, ckpt: Path, *replies: str) -> None:
-        from lfm2cli.tokenizer import load_tokenizer
+        from lfm2cli.text.tokenizer import load_tokenizer
 
         tok = load_tokenizer(ckpt)
         self.replies = [tok.encode(r, add_special_tokens=False) for r in replies]
-        monkeypatch.setattr("lfm2cli.textgen.Sampler", self._sampler)
+        monkeypatch.setattr("lfm2cli.runs.local.Sampler", self._sampler)
 
     def _sampler(self, params: Any, prompt_len: int | None = None) -> Callable[[Any, Any], int]:
         ids = iter(self.replies.pop(0) if self.replies else [])
@@ -264,7 +264,7 @@ def digit_lover(monkeypatch: pytest.MonkeyPatch, ckpt: Path) -> None:
     token: unbounded, it writes one number until max_tokens."""
     import torch
 
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(ckpt)
     texts = [tok.decode([i]) for i in range(tok.vocab_size)]
@@ -281,12 +281,12 @@ def digit_lover(monkeypatch: pytest.MonkeyPatch, ckpt: Path) -> None:
             return int(logits.argmax())
         return sample
 
-    monkeypatch.setattr("lfm2cli.textgen.Sampler", sampler)
+    monkeypatch.setattr("lfm2cli.runs.local.Sampler", sampler)
 
 
 def constrained_run(lm: Any, grammar: Any, tools: Any = None, max_tokens: int = 200, prompt: str = "Compute.") -> Any:
-    from lfm2cli.sampling import SamplingParams
-    from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
+    from lfm2cli.decoding.sampling import SamplingParams
+    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
 
     ids = encode_prompt(lm, prompt_text(lm, prompt, tools=tools))
     run = TextRun(lm, ids, SamplingParams(temperature=0), max_tokens, grammar=grammar, tools=tools)
@@ -334,9 +334,9 @@ def test_a_forced_call_begun_inside_the_reasoning_is_the_call(opening_ckpt: Path
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The prompt opened <think>; the model writes <think> again, reasons, and starts the call without closing the
     block. The grammar takes the marker as its own first token and the call comes out whole."""
-    from lfm2cli.loading import load
-    from lfm2cli.sampling import SamplingParams
-    from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
+    from lfm2cli.decoding.sampling import SamplingParams
+    from lfm2cli.loading.loader import load
+    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
 
     lm = load(opening_ckpt, device="cpu", dtype="float32")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -409,7 +409,7 @@ def accepts(tokenizer: Any, grammar: Any, text: str) -> bool:
 
 
 def test_counts_written_as_floats_and_draft_7_refs(chat_ckpt: Path) -> None:
-    from lfm2cli.tokenizer import load_tokenizer
+    from lfm2cli.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(chat_ckpt)
     counted = json_grammar({"type": "array", "items": {"type": "string", "maxLength": 3.0}, "maxItems": 2.0,
@@ -510,7 +510,7 @@ def test_an_unexpected_error_ends_the_turn_not_the_chat(chat_ckpt: Path, home: P
     def broken(*args: Any, **kw: Any) -> Any:
         raise RecursionError("maximum recursion depth exceeded")
 
-    monkeypatch.setattr("lfm2cli.toolcalls.parse_calls", broken)
+    monkeypatch.setattr("lfm2cli.reply.toolcalls.parse_calls", broken)
     Script(monkeypatch, chat_ckpt, block('[get_weather(city="Paris")]'), "Fine, thanks.")
     code, out, err = chat([str(chat_ckpt), *ARGS, "-n", "60", "--functions", str(tools_file), "--yes-tools"],
                           "Weather?\nHow are you?\n", monkeypatch, capsys)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from lfm2cli.checkpoint import expected_tensors, read_all_headers
 from lfm2cli.cli import app
-from lfm2cli.config import parse_config
-from lfm2cli.describe import describe, plain_lines
 from lfm2cli.errors import Lfm2Error
-from lfm2cli.formatting import human_bytes, human_count
+from lfm2cli.loading.checkpoint import expected_tensors, read_all_headers
+from lfm2cli.loading.describe import describe, plain_lines
+from lfm2cli.model.config import parse_config
+from lfm2cli.terminal.formatting import human_bytes, human_count
 from tests.conftest import run_main
 from tests.tiny import edit_config, make_checkpoint
 
@@ -233,8 +233,8 @@ def test_table_rendering(dense_ckpt: Path) -> None:
     """The terminal table shows every section and value; token text is never read as rich markup."""
     from rich.console import Console
 
-    from lfm2cli.describe import sections
-    from lfm2cli.render import print_sections
+    from lfm2cli.loading.describe import sections
+    from lfm2cli.terminal.render import print_sections
 
     d = describe(dense_ckpt)
     d["tokens"]["pad_token"] = "[PAD]"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lfm2cli.checkpoint import memory_needed
-from lfm2cli.formatting import human_bytes
 from lfm2cli.hub import local
 from lfm2cli.hub.known import known_config
+from lfm2cli.loading.checkpoint import memory_needed
+from lfm2cli.terminal.formatting import human_bytes
 from tests.conftest import run_main
 
 GOOD, BAD = "test-org/good", "test-org/bad"
@@ -238,7 +238,7 @@ def _available_rows(out: str) -> dict[str, list[str]]:
 
 def test_available_lists_the_known_models_with_sizes_fit_and_download_state(cache, chat_ckpt, tmp_path,
                                                                            monkeypatch, capsys):
-    import lfm2cli.memory
+    import lfm2cli.system.memory
 
     cached(cache, "LiquidAI/LFM2-350M", chat_ckpt)
     cached(cache, "LiquidAI/LFM2-700M", chat_ckpt, complete=False)  # an interrupted pull
@@ -252,7 +252,7 @@ def test_available_lists_the_known_models_with_sizes_fit_and_download_state(cach
         (hf / "snapshots" / COMMIT / f.name).symlink_to(Path("../../blobs") / f.name)
     cfg_8b = known_config("lfm2-8b-a1b")
     free = memory_needed(cfg_8b, "int8")  # the 8B fits in int8 exactly, not in bf16
-    monkeypatch.setattr(lfm2cli.memory, "system_available_memory", lambda: free)
+    monkeypatch.setattr(lfm2cli.system.memory, "system_available_memory", lambda: free)
 
     code, out, err = run_main(["list", "--available"], monkeypatch, capsys)
     assert code == 0

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lfm2cli.checkpoint import parameter_counts, read_all_headers
-from lfm2cli.config import load_config
 from lfm2cli.errors import CheckpointError, ConfigError
-from lfm2cli.loading import load
+from lfm2cli.loading.checkpoint import parameter_counts, read_all_headers
+from lfm2cli.loading.loader import load
+from lfm2cli.model.config import load_config
 from tests.tiny import edit_config, make_checkpoint
 
 
@@ -118,7 +118,7 @@ def test_peak_memory_stays_near_weight_size(tmp_path: Path) -> None:
     path = make_checkpoint(tmp_path / "big", hidden_size=1024, intermediate_size=3072, vocab_size=4096)
     weights = (path / "model.safetensors").stat().st_size  # float32 on disk
     code = (
-        "import resource, sys, torch; from lfm2cli.loading import load;"
+        "import resource, sys, torch; from lfm2cli.loading.loader import load;"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024;"
         f"load({str(path)!r}, device='cpu', dtype=sys.argv[1], tokenizer=False);"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)"
@@ -354,7 +354,7 @@ def test_info_and_load_run_the_same_check(dense_ckpt: Path, tmp_path: Path) -> N
     """Whatever `info` lists under "problems" is what loading raises, word for word."""
     import shutil
 
-    from lfm2cli.describe import describe
+    from lfm2cli.loading.describe import describe
 
     root = Path(shutil.copytree(dense_ckpt, tmp_path / "ckpt"))
     _retype(W1, torch.int8)(root)
@@ -383,7 +383,7 @@ def test_bench_random_shape_that_cannot_be_allocated(tmp_path: Path, monkeypatch
 def test_hf_cache_links_into_blobs_are_allowed(tmp_path: Path) -> None:
     """The standard Hugging Face cache keeps every file of a snapshot as a link into the repo's blobs/: those
     links leave the snapshot directory, and they are fine."""
-    from lfm2cli.checkpoint import weight_files
+    from lfm2cli.loading.checkpoint import weight_files
 
     src = _sharded(tmp_path)
     repo = tmp_path / "hub" / "models--LiquidAI--LFM2-Test"
@@ -450,9 +450,9 @@ def test_a_model_that_is_nowhere_is_reported_without_importing_torch(args: list[
 
 def test_tensor_count_is_the_length_of_the_list() -> None:
     """The memory guard and the header budget count tensors from the sizes alone; the count is exact."""
-    from lfm2cli.checkpoint import expected_tensors, tensor_count
-    from lfm2cli.config import parse_config
     from lfm2cli.hub.known import KNOWN_CONFIGS
+    from lfm2cli.loading.checkpoint import expected_tensors, tensor_count
+    from lfm2cli.model.config import parse_config
     from tests.tiny import DENSE, MOE
 
     configs = [parse_config(raw) for raw in KNOWN_CONFIGS.values()]
@@ -464,7 +464,7 @@ def test_tensor_count_is_the_length_of_the_list() -> None:
 
 
 def test_json_numbers_and_nesting_past_the_bounds_are_one_cause() -> None:
-    from lfm2cli.config import parse_json
+    from lfm2cli.model.config import parse_json
 
     assert parse_json('{"a": [1, -2, 3.5]}') == {"a": [1, -2, 3.5]}
     with pytest.raises(ValueError, match="^a number of 4,400 digits$"):

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from lfm2cli.checkpoint import memory_needed, parameter_counts, weight_bytes
 from lfm2cli.hub.known import known_config
-from lfm2cli.memory import available_memory, fits_advice
+from lfm2cli.loading.checkpoint import memory_needed, parameter_counts, weight_bytes
+from lfm2cli.system.memory import available_memory, fits_advice
 
 
 def test_weight_bytes_follow_the_formats() -> None:
@@ -57,7 +57,8 @@ def test_an_impossible_load_is_refused_in_one_line() -> None:
 @pytest.mark.slow
 def test_available_memory_is_read_without_torch() -> None:
     """`lfm2 list --available` asks the memory guard's own reading, and that costs no torch import."""
-    code = ("import sys, psutil\nfrom lfm2cli.memory import system_available_memory\nfree = system_available_memory()\n"
+    code = ("import sys, psutil\n"
+            "from lfm2cli.system.memory import system_available_memory\nfree = system_available_memory()\n"
             "assert 0 < free <= psutil.virtual_memory().total, free\nassert 'torch' not in sys.modules\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

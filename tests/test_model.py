@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli.loading import load
+from lfm2cli.loading.loader import load
 from tests.tiny import edit_config, make_checkpoint, reference_model
 
 TOL = 1e-4
@@ -187,8 +187,8 @@ BAD_CONFIG_VALUES = [
 def test_config_values_are_checked(change: dict, words: str) -> None:
     """A value of the wrong type or range is one ConfigError naming the file and the key, never a bare
     ValueError or TypeError from int(), nor a config that builds a broken model."""
-    from lfm2cli.config import parse_config
     from lfm2cli.errors import ConfigError
+    from lfm2cli.model.config import parse_config
     from tests.tiny import DENSE
 
     with pytest.raises(ConfigError) as info:
@@ -200,8 +200,8 @@ def test_config_values_are_checked(change: dict, words: str) -> None:
 
 def test_config_forms_that_stay_accepted() -> None:
     """Whole numbers written as floats, a null kv-head count or head_dim, and every published shape parse."""
-    from lfm2cli.config import parse_config
     from lfm2cli.hub.known import KNOWN_CONFIGS
+    from lfm2cli.model.config import parse_config
     from tests.tiny import DENSE, MOE
 
     cfg = parse_config({**DENSE, "model_type": "lfm2", "hidden_size": 64.0, "num_key_value_heads": None,

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lfm2cli import cpu
-from lfm2cli.config import load_config
 from lfm2cli.kernels import native
 from lfm2cli.kernels.native_step import NativeDecoder
 from lfm2cli.kernels.proj import Proj
-from lfm2cli.loading import load, load_model
+from lfm2cli.loading.loader import load, load_model
+from lfm2cli.model.config import load_config
 from lfm2cli.model.layers import RMSNorm, apply_rope, decode_attention, rope_cos_sin
+from lfm2cli.system import cpu
 from tests.conftest import native_at_level
 
 CPU = torch.device("cpu")
@@ -256,7 +256,7 @@ def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dens
         quant = load(path, device="cpu", dtype="bfloat16", tokenizer=False, quantize="int8").model
         assert "int8-native" in {m.kind for m in quant.modules() if isinstance(m, Proj)}
         worst, agree, _, _ = teacher_forced(ref, quant)
-        # int8 weights and, in the kernels, int8 activations (lfm2cli/quantize.py): measured 4-7 % dense, 5-17 % MoE
+        # int8 weights and, in the kernels, int8 activations (kernels/quantize.py): measured 4-7 % dense, 5-17 % MoE
         assert worst < int8_bound and agree >= 19
 
 
@@ -279,7 +279,7 @@ def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path
              ({"PATH": str(tmp_path), "CC": "", "LFM2_NATIVE": "1"}, "compiler")]
     for extra, reason in cases:
         env = {**os.environ, "LFM2_CACHE": str(tmp_path / "c"), **extra}
-        code = ("import sys, torch; from lfm2cli.loading import load; from lfm2cli.kernels import native;"
+        code = ("import sys, torch; from lfm2cli.loading.loader import load; from lfm2cli.kernels import native;"
                 f"m = load({str(dense_ckpt)!r}, device='cpu', dtype='bfloat16', tokenizer=False).model;"
                 "m(torch.tensor([[1, 2, 3]]));"
                 "print(native.why_not()); print(sorted({p.kind for p in m.modules() if hasattr(p, 'kind')}))")

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli.prefix_cache import PrefixCache, common_prefix
+from lfm2cli.decoding.prefix_cache import PrefixCache, common_prefix
 
 
 @pytest.fixture(scope="module")
 def lm(dense_ckpt: Path):
-    from lfm2cli.loading import load
+    from lfm2cli.loading.loader import load
 
     return load(dense_ckpt, device="cpu", dtype="float32")
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm2cli.checkpoint import read_all_headers
-from lfm2cli.config import load_config
-from lfm2cli.loading import KEEP_FLOAT32, load, random_model
+from lfm2cli.loading.checkpoint import read_all_headers
+from lfm2cli.loading.loader import KEEP_FLOAT32, load, random_model
+from lfm2cli.model.config import load_config
 from tests.helpers import screen
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
@@ -45,7 +45,7 @@ def test_the_loader_counts_every_byte_of_the_weights(chat_ckpt: Path) -> None:
 
 
 def test_random_weights_count_the_bytes_built(chat_ckpt: Path) -> None:
-    from lfm2cli.model import Lfm2ForCausalLM
+    from lfm2cli.model.lfm2 import Lfm2ForCausalLM
 
     cfg = load_config(chat_ckpt)
     with torch.device("meta"):

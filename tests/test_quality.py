@@ -1,4 +1,4 @@
-"""int8 and int4 weights: the per-weight error bounds lfm2cli/quantize.py documents, and logit quality next to
+"""int8 and int4 weights: the per-weight error bounds lfm2cli/kernels/quantize.py documents, and logit quality next to
 llama.cpp's Q8_0 and Q4_0 (the `gguf` package) on the same weights of a shrunk LFM2 shape. The measurement code is
 benchmarks/quality.py's; docs/performance.md ("Quality of int8 and int4 against GGUF Q8_0 and Q4_0") has the
 numbers on the published shapes."""
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lfm2cli.hub.known import known_config
-from lfm2cli.quantize import GROUP, dequantize_int4, quantize_int4, quantize_int8
+from lfm2cli.kernels.quantize import GROUP, dequantize_int4, quantize_int4, quantize_int8
 
 _spec = importlib.util.spec_from_file_location(
     "lfm2_bench_quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
@@ -35,7 +35,7 @@ def weights(dist: str, dtype: torch.dtype, shape: tuple[int, int] = (192, 1024),
     return quality.sample(shape, dist, gen).div_(shape[1] ** 0.5).to(dtype)
 
 
-# ---- (a) the per-weight bounds of lfm2cli/quantize.py's docstring ----
+# ---- (a) the per-weight bounds of lfm2cli/kernels/quantize.py's docstring ----
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dist", DISTS)

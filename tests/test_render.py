@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from rich.markdown import Markdown
 
-from lfm2cli.render import BlockSplitter, MarkdownStream, PlainStream, make_stream, stats_footer
+from lfm2cli.terminal.render import BlockSplitter, MarkdownStream, PlainStream, make_stream, stats_footer
 
 PARAGRAPHS = [f"Paragraph {n} says something short number {n}." for n in range(1, 7)]
 CODE_LINES = [f"    total_{n} = compute({n})  # step {n}" for n in range(1, 16)]

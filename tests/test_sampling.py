@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from lfm2cli.decoding.sampling import Sampler, SamplingParams, flag, parse_setting, validate_setting
 from lfm2cli.errors import UsageError
-from lfm2cli.sampling import Sampler, SamplingParams, flag, parse_setting, validate_setting
 
 V = 512
 

@@ -20,7 +20,7 @@ import jsonschema
 import openai
 import pytest
 
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.decoding.sampling import SamplingParams
 from tests.conftest import opening_template, run_main, thinking_copy
 from tests.helpers import MODEL, Running, api_error, serving, start_serve
 
@@ -45,8 +45,8 @@ def client(srv: Running) -> openai.OpenAI:
 def _expected(lm, messages: list[dict] | None = None, prompt: str | None = None, max_tokens: int = 64,
               params: dict | None = None, **run_options: Any):
     """What the library generates cold for this request: the reference the server must match."""
-    from lfm2cli.textgen import TextRun
-    from lfm2cli.thinking import opened_by_prompt
+    from lfm2cli.reply.thinking import opened_by_prompt
+    from lfm2cli.runs.local import TextRun
 
     sampling = SamplingParams.from_dict({**SamplingParams().to_dict(), **(params or GREEDY)})
     if messages is not None:
@@ -205,7 +205,7 @@ def test_a_named_tool_choice_calls_that_tool_also_when_streamed(client: openai.O
 
 
 def test_tool_history_reaches_the_template_as_the_model_writes_it(srv: Running, client: openai.OpenAI) -> None:
-    from lfm2cli.toolcalls import ToolCall, format_calls
+    from lfm2cli.reply.toolcalls import ToolCall, format_calls
 
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from lfm2cli.loading import load
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.decoding.sampling import SamplingParams
+from lfm2cli.loading.loader import load
 from tests.conftest import run_main
 from tests.helpers import MODEL, Running, serving
 
@@ -47,7 +47,7 @@ def client(srv: Running) -> openai.OpenAI:
 
 def _library(lm: Any, max_tokens: int, **params: Any) -> list[int]:
     """The tokens the library itself generates for HELLO with these settings: what the server must give."""
-    from lfm2cli.textgen import TextRun
+    from lfm2cli.runs.local import TextRun
 
     ids = lm.tokenizer.encode(lm.tokenizer.apply_chat_template(HELLO, add_generation_prompt=True))
     run = TextRun(lm, ids, SamplingParams(**{"repetition_penalty": 1.0, **params}), max_tokens, think=True)

@@ -1,4 +1,4 @@
-"""Constrained decoding (lfm2cli/structured.py): --schema, --format json, --tool-choice and the thinking budget,
+"""Constrained decoding (decoding/constraints.py): --schema, --format json, --tool-choice and the thinking budget,
 driven through a real tiny model sampling at temperature 1, where only the grammar keeps the output valid."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from lfm2cli.decoding.constraints import choose_grammar, json_grammar, read_schema, tool_call_grammar
 from lfm2cli.errors import UsageError
-from lfm2cli.structured import choose_grammar, json_grammar, read_schema, tool_call_grammar
 from tests.conftest import opening_template, run_main, thinking_copy
 
 SCHEMAS = {
@@ -46,8 +46,8 @@ TOOLS = [
 
 
 def _run(lm, grammar, seed: int, *, tools=None, max_tokens: int = 160, prompt: str = "Describe someone.", **kw):
-    from lfm2cli.sampling import SamplingParams
-    from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
+    from lfm2cli.decoding.sampling import SamplingParams
+    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
 
     ids = encode_prompt(lm, prompt_text(lm, prompt, tools=tools))
     run = TextRun(lm, ids, SamplingParams(temperature=1.0, min_p=0.0, seed=seed), max_tokens, grammar=grammar,
@@ -72,8 +72,8 @@ def test_every_seed_gives_json_that_validates(name: str, lm) -> None:
 
 def test_the_same_model_without_a_grammar_writes_no_json(lm) -> None:
     """The control: what makes the outputs above valid is the grammar, not the model."""
-    from lfm2cli.sampling import SamplingParams
-    from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
+    from lfm2cli.decoding.sampling import SamplingParams
+    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
 
     ids = encode_prompt(lm, prompt_text(lm, "Describe someone."))
     parsed = 0
@@ -166,7 +166,7 @@ def test_a_reply_cut_before_the_json_is_complete_says_so(lm) -> None:
 
 @pytest.fixture(scope="module")
 def opening_lm(opening_ckpt: Path):
-    from lfm2cli.loading import load
+    from lfm2cli.loading.loader import load
 
     return load(opening_ckpt, device="cpu", dtype="float32")
 
@@ -201,8 +201,8 @@ def test_a_model_may_still_open_its_block_under_a_grammar(chat_ckpt: Path, tmp_p
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A model that wants to think (here: a sampler that always prefers `<think>`) opens its block first; the
     grammar then holds back nothing until the answer, and `<think>` cannot appear in the answer."""
-    import lfm2cli.textgen as textgen
-    from lfm2cli.loading import load
+    import lfm2cli.runs.local as textgen
+    from lfm2cli.loading.loader import load
 
     lm = load(thinking_copy(chat_ckpt, tmp_path / "ckpt"), device="cpu", dtype="float32")
     think = lm.tokenizer.special_tokens["<think>"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from lfm2cli.chat_template import MAX_TOOLS
+from lfm2cli.text.chat_template import MAX_TOOLS
 from tests.conftest import template_copy
 from tests.helpers import start_serve, wait_measured
 
@@ -196,7 +196,7 @@ SWEEP = {
 
 _SWEEP_SCRIPT = """
 import json, sys
-from lfm2cli.chat_template import render
+from lfm2cli.text.chat_template import render
 from lfm2cli.errors import Lfm2Error
 out = {}
 for name, template in json.loads(sys.stdin.read()).items():
@@ -235,8 +235,8 @@ def test_every_variant_is_stopped_in_one_line_with_bounded_memory(tmp_path: Path
 
 _REUSE_SCRIPT = """
 import sys
-from lfm2cli import template_worker
-from lfm2cli.chat_template import render
+from lfm2cli.text import template_worker
+from lfm2cli.text.chat_template import render
 from lfm2cli.errors import TemplateError
 ballast = b"x" * (400 << 20)  # resident, like a loaded model: a child inherits its parent's peak in ru_maxrss
 chat = [{"role": "user", "content": "hi"}]

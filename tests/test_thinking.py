@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from lfm2cli.thinking import (
+from lfm2cli.reply.thinking import (
     CLOSE_TEXT,
     Answer,
     Reasoning,

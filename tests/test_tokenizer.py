@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lfm2cli.errors import CheckpointError
-from lfm2cli.tokenizer import load_tokenizer
+from lfm2cli.text.tokenizer import load_tokenizer
 from tests.tiny_tokenizer import SPECIAL_TOKENS, default_template, make_tokenizer
 
 TEXTS = [
@@ -146,7 +146,7 @@ def test_long_text_that_fits_is_encoded_exactly(tok_dir: Path) -> None:
     """Counting in pieces only ever refuses what cannot fit: a long text whose tokens are one fewer than the
     limit is encoded exactly as without a limit, and one token more is refused."""
     from lfm2cli.errors import PromptTooLongError
-    from lfm2cli.tokenizer import PIECE_CHARS
+    from lfm2cli.text.tokenizer import PIECE_CHARS
 
     tok = load_tokenizer(tok_dir)
     for text in (("Café naïve 🙂 the river\n" * 20_000), ("ab" * 100_000), (" " * 150_000 + "x")):

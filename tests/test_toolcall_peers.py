@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START, ToolCallStream, collect, parse_output
+from lfm2cli.reply.toolcalls import TOOL_CALL_END, TOOL_CALL_START, ToolCallStream, collect, parse_output
 
 S, E = TOOL_CALL_START, TOOL_CALL_END
 Call = tuple[str, dict[str, Any]]

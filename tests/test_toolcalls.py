@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lfm2cli.toolcalls import (
+from lfm2cli.reply.toolcalls import (
     TOOL_CALL_END,
     TOOL_CALL_START,
     Calls,

@@ -2,7 +2,7 @@
 
 It is trained on a built-in corpus (English plus accented, CJK and emoji text, so that streaming
 decoders meet characters split across tokens) and written as `tokenizer.json`,
-`tokenizer_config.json` and `special_tokens_map.json`, which both `lfm2cli.tokenizer` and
+`tokenizer_config.json` and `special_tokens_map.json`, which both `lfm2cli.text.tokenizer` and
 transformers' `AutoTokenizer` can load."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A chat whose replies come from an OpenAI-compatible server (`chat --endpoint`): the same conversation, history,
-tool loop and display as `ChatSession`, with generation by `lfm2cli.remote.RemoteRun`.
+tool loop and display as `ChatSession`, with generation by `lfm2cli.runs.remote.RemoteRun`.
 
 There is no local model, tokenizer or cache here. The server renders the messages with its own template and
 keeps its own prefix cache (vLLM's prefix caching, SGLang's radix tree), so the methods that count or rewind
@@ -13,11 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
+from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.errors import UsageError
-from lfm2cli.remote import Endpoint, RemoteRun
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.reply.thinking import Reasoning
+from lfm2cli.runs.remote import Endpoint, RemoteRun
 from lfm2cli.store.conversations import HistoryStore
-from lfm2cli.thinking import Reasoning
 
 
 class RemoteChatSession(ChatSession):

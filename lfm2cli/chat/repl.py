@@ -22,14 +22,14 @@ from rich.text import Text
 
 from lfm2cli.chat.session import ChatMessage, ChatSession, TurnResult
 from lfm2cli.errors import HistoryError, Lfm2Error, UsageError
-from lfm2cli.formatting import local_time
-from lfm2cli.functions import FunctionSet, ToolResult, describe
-from lfm2cli.render import THOUGHT_MODES, PlainStream, ThoughtStream, make_stream, print_sections, stats_footer
-from lfm2cli.safetext import visible
+from lfm2cli.reply.functions import FunctionSet, ToolResult, describe
+from lfm2cli.reply.thinking import Reasoning
+from lfm2cli.reply.toolcalls import ToolCall
 from lfm2cli.store.conversations import call_label, finish_label, shorten, thought_label
-from lfm2cli.streams import ReaderGone, StdoutFailed
-from lfm2cli.thinking import Reasoning
-from lfm2cli.toolcalls import ToolCall
+from lfm2cli.terminal.formatting import local_time
+from lfm2cli.terminal.render import THOUGHT_MODES, PlainStream, ThoughtStream, make_stream, print_sections, stats_footer
+from lfm2cli.terminal.safetext import visible
+from lfm2cli.terminal.streams import ReaderGone, StdoutFailed
 
 # name -> (arguments, help); the completer shows the help next to each name
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -417,7 +417,7 @@ class ChatLoop:
         self.ui.note(f"saved {len(self.session.messages)} messages to {path} ({kind})")
 
     def _cmd_info(self, arg: str) -> None:
-        from lfm2cli.describe import describe, plain_lines, sections
+        from lfm2cli.loading.describe import describe, plain_lines, sections
 
         s = self.session
         if s.lm is None:

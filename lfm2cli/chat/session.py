@@ -32,16 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lfm2cli.decoding.constraints import Grammar
+from lfm2cli.decoding.loop import GenerationStats
+from lfm2cli.decoding.prefix_cache import PrefixCache, common_prefix
+from lfm2cli.decoding.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
 from lfm2cli.errors import GenerationError, Lfm2Error, PromptTooLongError, UsageError
-from lfm2cli.generation import GenerationStats
-from lfm2cli.loading import LoadedModel
-from lfm2cli.prefix_cache import PrefixCache, common_prefix
-from lfm2cli.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
+from lfm2cli.loading.loader import LoadedModel
+from lfm2cli.reply.thinking import OPEN, Reasoning, opened_by_prompt
+from lfm2cli.reply.toolcalls import ToolCall, format_calls
+from lfm2cli.runs.local import TextRun, require_tokenizer
 from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
-from lfm2cli.structured import Grammar
-from lfm2cli.textgen import TextRun, require_tokenizer
-from lfm2cli.thinking import OPEN, Reasoning, opened_by_prompt
-from lfm2cli.toolcalls import ToolCall, format_calls
 
 SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
 NEAR_FULL = 0.9  # warn once the conversation fills this share of the context
@@ -258,7 +258,7 @@ class ChatSession:
 
     def export(self, file: str | Path) -> Path:
         """Write the conversation to `file`: JSON for `.json`, Markdown otherwise."""
-        from lfm2cli.paths import check_output_path
+        from lfm2cli.system.paths import check_output_path
 
         # the model's own folder is protected too; a remote session (lm None) has none here
         path = check_output_path(file, protect=(self.lm.path,) if self.lm is not None else ())

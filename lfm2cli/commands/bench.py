@@ -65,8 +65,8 @@ def bench(
 
     from lfm2cli.benchmark import COLUMNS, rows, summary
     from lfm2cli.benchmark import bench as run_bench
-    from lfm2cli.load_progress import StatusLine
-    from lfm2cli.render import print_report
+    from lfm2cli.terminal.load_progress import StatusLine
+    from lfm2cli.terminal.render import print_report
 
     status = StatusLine()
     try:

@@ -15,7 +15,7 @@ def _read_prompt(prompt: str | None, system: str | None) -> tuple[str, str | Non
     """Piped stdin comes before the instruction (`cat notes | lfm2 generate -p "Summarise"`);
     `--prompt -` reads the whole prompt from stdin. Invalid UTF-8 anywhere becomes U+FFFD, with one note."""
     from lfm2cli.errors import UsageError
-    from lfm2cli.textgen import as_text, read_stdin_text, replaced_note
+    from lfm2cli.runs.local import as_text, read_stdin_text, replaced_note
 
     bad: list[str] = []
     piped = None
@@ -72,8 +72,8 @@ def _local_run(model: str | None, text: str, system: str | None, raw: bool, para
                stop: list[str] | None, tools: list | None, grammar: Any, think_budget: int | None,
                **load_options: Any) -> tuple[Any, str]:
     """A TextRun on the model loaded here, and the label --json names it by."""
-    from lfm2cli.textgen import TextRun, encode_prompt, prompt_text
-    from lfm2cli.thinking import opened_by_prompt
+    from lfm2cli.reply.thinking import opened_by_prompt
+    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
 
     path, lm = o.load_local(model, **load_options)
     rendered = prompt_text(lm, text, system, raw, tools=tools)
@@ -87,8 +87,8 @@ def _remote_run(url: str, api_key: str | None, model: str | None, text: str, sys
                 params: Any, max_tokens: int, stop: list[str] | None, tools: list | None, tool_choice: str,
                 schema: str | None, fmt: str) -> tuple[Any, str]:
     """A RemoteRun on the --endpoint server: the same messages, tools and constraints, in OpenAI's terms."""
-    from lfm2cli.remote import Endpoint, RemoteRun, response_format
-    from lfm2cli.structured import read_schema
+    from lfm2cli.decoding.constraints import read_schema
+    from lfm2cli.runs.remote import Endpoint, RemoteRun, response_format
 
     endpoint = Endpoint(url, api_key, model)
     common = dict(params=params, max_tokens=max_tokens, stops=stop or ())
@@ -164,7 +164,7 @@ def generate(
                          "prompt without it")
     tool_list = None
     if tools is not None:
-        from lfm2cli.textgen import read_tools
+        from lfm2cli.runs.local import read_tools
 
         tool_list = read_tools(tools)  # before the model loads, so a bad file fails fast
     grammar = o.output_grammar(schema, fmt, tool_list, tool_choice)
@@ -174,8 +174,8 @@ def generate(
     text, system = _read_prompt(prompt, system)
     if not text.strip():
         raise UsageError("the prompt is empty; pass --prompt TEXT or pipe text on stdin")
-    from lfm2cli.textgen import length_stop_note
-    from lfm2cli.thinking import Reasoning
+    from lfm2cli.reply.thinking import Reasoning
+    from lfm2cli.runs.local import length_stop_note
 
     if endpoint is not None:
         run, label = _remote_run(endpoint, api_key, remote_model or model, text, system, raw, params, max_tokens,
@@ -207,7 +207,7 @@ def generate(
         elif tty:
             from rich.console import Console
 
-            from lfm2cli.render import make_stream
+            from lfm2cli.terminal.render import make_stream
 
             out = make_stream(Console(), plain=False)
             try:
@@ -253,7 +253,7 @@ def generate(
         sys.stderr.write(f"note: the reply {length_stop_note(run.stats, max_tokens)}; a shorter prompt leaves more "
                          "room\n")
     if verbose:
-        from lfm2cli.formatting import rate
+        from lfm2cli.terminal.formatting import rate
 
         s = run.stats
         sys.stderr.write(

@@ -106,7 +106,7 @@ def _console() -> Console:
 def render_list(console: Console, convs: list[Conversation]) -> None:
     from rich.table import Table
 
-    from lfm2cli.formatting import local_time
+    from lfm2cli.terminal.formatting import local_time
 
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("id", style="cyan", no_wrap=True)
@@ -123,8 +123,8 @@ def render_conversation(console: Console, conv: Conversation) -> None:
     from rich.markdown import Markdown
     from rich.text import Text
 
-    from lfm2cli.formatting import local_time
     from lfm2cli.store.conversations import call_label, finish_label, thought_summary
+    from lfm2cli.terminal.formatting import local_time
 
     console.print(Text(conv.display_title, style="bold"))
     details = [conv.id, conv.model, local_time(conv.updated_at)]
@@ -222,8 +222,8 @@ def export(
     from pathlib import Path
 
     from lfm2cli.errors import Lfm2Error, UsageError
-    from lfm2cli.paths import check_output_path
     from lfm2cli.store.conversations import to_json, to_markdown
+    from lfm2cli.system.paths import check_output_path
 
     fmt = fmt.lower()
     if fmt not in ("md", "markdown", "json"):

@@ -22,19 +22,19 @@ def info(
     import json
     import sys
 
-    from lfm2cli.describe import describe, plain_lines
     from lfm2cli.hub.names import resolve_model
+    from lfm2cli.loading.describe import describe, plain_lines
 
     desc = describe(resolve_model(model, offline=offline, pull_option=False))  # info has no --pull
     if json_out:
         print(json.dumps(desc, indent=2))
     elif sys.stdout.isatty():
-        from lfm2cli.describe import sections
-        from lfm2cli.render import print_sections
+        from lfm2cli.loading.describe import sections
+        from lfm2cli.terminal.render import print_sections
 
         print_sections(sections(desc))
     else:
-        from lfm2cli.safetext import visible
+        from lfm2cli.terminal.safetext import visible
 
         print(visible("\n".join(plain_lines(desc))))  # token strings from the files, shown, never acted on
     if desc["problems"]:

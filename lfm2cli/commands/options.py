@@ -82,7 +82,7 @@ class Group(_Shaped, TyperGroup):
 
 def _usage_error(error: Any) -> None:
     """One line on stderr for typer's usage error (None: an aborted prompt), then its exit code."""
-    from lfm2cli.safetext import visible_line
+    from lfm2cli.terminal.safetext import visible_line
 
     if error is None:
         message, code = "aborted", 1
@@ -174,11 +174,11 @@ DTYPE = choice("auto", "--dtype", rich_help_panel=PERFORMANCE_PANEL,
 
 
 def _checked(name: str) -> Callable[[Any], Any]:
-    """An option callback that applies the sampling setting's one rule (lfm2cli.sampling.validate_setting),
+    """An option callback that applies the sampling setting's one rule (lfm2cli.decoding.sampling.validate_setting),
     so the command line accepts exactly what /set accepts; the error names the option and its value."""
 
     def check(value: Any) -> Any:
-        from lfm2cli.sampling import flag, validate_setting
+        from lfm2cli.decoding.sampling import flag, validate_setting
 
         return validate_setting(name, value, label=flag(name))
 
@@ -209,7 +209,7 @@ FREQUENCY_PENALTY = typer.Option(0.0, "--frequency-penalty", callback=_checked("
 
 def logit_bias(values: list[str] | None) -> dict[int, float]:
     """Every --logit-bias value (ID=BIAS pairs or a JSON object) merged, checked by the setting's rule."""
-    from lfm2cli.sampling import parse_bias, validate_setting
+    from lfm2cli.decoding.sampling import parse_bias, validate_setting
 
     merged: dict[int, float] = {}
     for text in values or []:
@@ -285,7 +285,7 @@ def local_only(endpoint: str | None, **given: Any) -> None:
 
 def output_grammar(schema: str | None, fmt: str, tools: list | None, tool_choice: str):  # -> Grammar | None
     """The grammar --schema, --format and --tool-choice ask for (checked before the model loads)."""
-    from lfm2cli.structured import choose_grammar, read_schema
+    from lfm2cli.decoding.constraints import choose_grammar, read_schema
 
     return choose_grammar(read_schema(schema) if schema is not None else None, fmt, tools, tool_choice)
 
@@ -293,7 +293,7 @@ def output_grammar(schema: str | None, fmt: str, tools: list | None, tool_choice
 def sampling_params(temperature: float, top_k: int, top_p: float, min_p: float, repetition_penalty: float,
                     seed: int | None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                     bias: list[str] | None = None):  # -> SamplingParams (imported lazily)
-    from lfm2cli.sampling import SamplingParams
+    from lfm2cli.decoding.sampling import SamplingParams
 
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
@@ -327,8 +327,8 @@ def load_local(model: str | None, *, offline: bool, pull: bool, path: Any = None
     else:  # a snapshot folder is named by its commit: the repo's name says more
         shown = repo_id_for(model).split("/")[-1]
 
-    from lfm2cli.load_progress import loading_bar
-    from lfm2cli.loading import load
+    from lfm2cli.loading.loader import load
+    from lfm2cli.terminal.load_progress import loading_bar
 
     with loading_bar(f"loading {shown}") as progress:
         lm = load(path, progress=progress, **load_options)

@@ -28,9 +28,9 @@ def pull(
     lfm2 pull LiquidAI/LFM2-8B-A1B --revision main
     cd "$(lfm2 pull lfm2-350m)"
     """
-    from lfm2cli.formatting import human_bytes
     from lfm2cli.hub.download import pull_model
     from lfm2cli.hub.names import repo_id_for
+    from lfm2cli.terminal.formatting import human_bytes
 
     repo_id = repo_id_for(model)
     result = pull_model(repo_id, revision=revision, cache_dir=cache_dir)
@@ -72,7 +72,7 @@ def list_models(
         _list_available(cache_dir)
         return
     from lfm2cli.hub.local import cache_root, list_hf_cached, scan_cache
-    from lfm2cli.safetext import visible_line
+    from lfm2cli.terminal.safetext import visible_line
 
     models, notes = scan_cache(cache_dir)
     hf_models, hf_notes = list_hf_cached()
@@ -100,8 +100,8 @@ def _models_table(models: list) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from lfm2cli.formatting import ago, human_bytes
-    from lfm2cli.safetext import visible_line
+    from lfm2cli.terminal.formatting import ago, human_bytes
+    from lfm2cli.terminal.safetext import visible_line
 
     table = Table(box=None, header_style="bold")
     for column in ("MODEL", "REVISION", "SIZE", "ARCHITECTURE", "LAST USED", "SOURCE"):
@@ -118,9 +118,9 @@ def _models_table(models: list) -> None:
 
 def _list_available(cache_dir: Path | None) -> None:
     """`lfm2 list --available`: what can run here, from the known shapes (no download, no torch)."""
-    from lfm2cli.formatting import human_bytes
     from lfm2cli.hub.catalog import PRECISIONS, catalog
-    from lfm2cli.memory import system_available_memory
+    from lfm2cli.system.memory import system_available_memory
+    from lfm2cli.terminal.formatting import human_bytes
 
     free = system_available_memory()
     entries = catalog(free, cache_dir)
@@ -134,7 +134,7 @@ def _list_available(cache_dir: Path | None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from lfm2cli.formatting import human_count
+    from lfm2cli.terminal.formatting import human_count
 
     table = Table(box=None, header_style="bold")
     for column in ("MODEL", "PARAMETERS", *(p.upper() for p in PRECISIONS), "FITS NOW", "DOWNLOADED"):
@@ -162,9 +162,9 @@ def rm(
     """
     from lfm2cli.commands.confirm import ask_yes_no
     from lfm2cli.errors import HubError, UsageError
-    from lfm2cli.formatting import human_bytes
     from lfm2cli.hub.local import find_in_hf_cache, list_cached, model_dir, remove
     from lfm2cli.hub.names import repo_id_for
+    from lfm2cli.terminal.formatting import human_bytes
 
     repo_id = repo_id_for(model)
     found = [m for m in list_cached(cache_dir) if m.repo_id == repo_id]

@@ -221,9 +221,9 @@ def _run(sock: socket.socket, model: str | None, names: list[str] | None, host: 
 
     import uvicorn
 
-    from lfm2cli import template_worker
     from lfm2cli.serve.app import create_app, default_max_body
     from lfm2cli.serve.engine import Engine
+    from lfm2cli.text import template_worker
 
     engine = Engine(lm, queue_size=queue, default_max_tokens=max_tokens, think_budget=think_budget)
     model_id, listed, aliases = _model_names(model, path, names)

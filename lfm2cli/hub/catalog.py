@@ -7,10 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lfm2cli.checkpoint import memory_needed, parameter_counts
 from lfm2cli.hub import local
 from lfm2cli.hub.known import KNOWN_CONFIGS
 from lfm2cli.hub.names import PUBLISHED
+from lfm2cli.loading.checkpoint import memory_needed, parameter_counts
 
 PRECISIONS = ("bf16", "int8", "int4")  # largest first: `fits` names the first that fits
 _QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"}  # bf16: the model unquantized, two bytes a weight
@@ -28,7 +28,7 @@ class Entry:
 
 def catalog(available: int, cache_dir: str | Path | None = None) -> list[Entry]:
     """One entry per published model of known shape, in the order of `names.PUBLISHED` (by family, then size)."""
-    from lfm2cli.config import parse_config
+    from lfm2cli.model.config import parse_config
 
     sized: dict[int, tuple[int, dict[str, int]]] = {}  # variants share one config dict: size it once
     out = []

@@ -22,9 +22,9 @@ from urllib.parse import quote
 
 from lfm2cli import __version__
 from lfm2cli.errors import HubError, Lfm2Error
-from lfm2cli.formatting import human_bytes
 from lfm2cli.hub import local
 from lfm2cli.hub.progress import Progress, make_progress
+from lfm2cli.terminal.formatting import human_bytes
 
 # Everything lfm2 reads from a checkpoint repo; READMEs, GGUF/ONNX exports and images are skipped.
 ALLOW_PATTERNS = (
@@ -331,7 +331,7 @@ def _download(url: str, dest: Path, size: int, headers: dict[str, str], progress
 
 
 def _check_architecture(repo_id: str, config_path: Path) -> None:
-    from lfm2cli.config import SUPPORTED_MODEL_TYPES
+    from lfm2cli.model.config import SUPPORTED_MODEL_TYPES
 
     try:
         model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
@@ -344,8 +344,8 @@ def _check_architecture(repo_id: str, config_path: Path) -> None:
 
 def _verify(repo_id: str, snap: Path) -> None:
     """Loadable in principle: config parses and every tensor it needs is in the safetensors headers."""
-    from lfm2cli.checkpoint import check_tensors, read_all_headers
-    from lfm2cli.config import load_config
+    from lfm2cli.loading.checkpoint import check_tensors, read_all_headers
+    from lfm2cli.model.config import load_config
 
     cfg = load_config(snap)
     check_tensors(cfg, read_all_headers(snap, cfg), repo_id)

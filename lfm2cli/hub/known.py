@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lfm2cli.config import Lfm2Config, parse_config
+from lfm2cli.model.config import Lfm2Config, parse_config
 
 # Attention positions of the 16-layer dense models (LFM2-350M, 700M, 1.2B; LFM2.5-1.2B).
 _ATTN_16 = (2, 5, 8, 10, 12, 14)

@@ -1,7 +1,7 @@
 """The on-disk model cache: where pulled models live, which of them are complete, and the standard
 Hugging Face cache we reuse. Pure filesystem code: no network, no huggingface_hub, no torch.
 
-Layout under the cache directory (`lfm2cli.paths.cache_dir()`, or --cache-dir):
+Layout under the cache directory (`lfm2cli.system.paths.cache_dir()`, or --cache-dir):
 
     models/<owner>--<name>/
         refs/<revision>        commit hash a branch or tag pointed at when it was pulled
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from lfm2cli import paths
 from lfm2cli.errors import CheckpointError, HubError, Lfm2Error
-from lfm2cli.formatting import human_bytes
+from lfm2cli.system import paths
+from lfm2cli.terminal.formatting import human_bytes
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_REVISION = "main"
@@ -262,7 +262,7 @@ def _read(path: Path) -> str | None:
 
 def find_in_hf_cache(repo_id: str, revision: str | None = None) -> Path | None:
     """A snapshot in the standard Hugging Face cache that has everything lfm2 needs, or None. No network."""
-    from lfm2cli.checkpoint import weight_files
+    from lfm2cli.loading.checkpoint import weight_files
 
     root = paths.hf_hub_cache() / ("models--" + repo_id.replace("/", "--"))
     revision = revision or DEFAULT_REVISION
@@ -358,7 +358,7 @@ def _within(link: Path, root: Path) -> bool:
 def _architecture(config: Path, inside: Path) -> str:
     """"LFM2", "LFM2-MoE" or "?" from a snapshot's config.json, read only when it is a file of the cache itself
     (a link into `inside` for the Hugging Face cache) and of a config's size."""
-    from lfm2cli.config import parse_config, read_json_object
+    from lfm2cli.model.config import parse_config, read_json_object
 
     if config.is_symlink() and not _within(config, inside):
         return "?"

@@ -11,9 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lfm2cli.errors import CheckpointError, HubError, UsageError
-from lfm2cli.formatting import human_bytes
 from lfm2cli.hub import download, local
 from lfm2cli.hub.progress import Progress
+from lfm2cli.terminal.formatting import human_bytes
 
 DEFAULT_MODEL = "LiquidAI/LFM2-350M"  # the smallest LFM2: used when no model is named
 

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, Protocol, TextIO
 
-from lfm2cli.formatting import human_bytes
+from lfm2cli.terminal.formatting import human_bytes
 
 
 class Progress(Protocol):

@@ -211,8 +211,8 @@ def accelerate(model: Lfm2ForCausalLM, quantize: str | None = None, prepack: boo
 def native_available(device: torch.device, dtype: torch.dtype) -> str | None:
     """Loads lfm2's native CPU code (built once per machine and level into the cache's kernels/ folder) for bf16
     models on CPU. Returns None when it is in use, else why not; the model then runs on torch's kernels."""
-    from lfm2cli import paths
     from lfm2cli.kernels import native
+    from lfm2cli.system import paths
 
     if device.type != "cpu" or dtype != torch.bfloat16:
         return "used for bf16 on CPU only"

@@ -3,7 +3,8 @@ with ctypes. `Proj` runs its matrix products here and a one-token decode step ru
 here too (`lfm2cli.kernels.native_step`), for bf16 models on x86-64 CPUs with AVX2 + FMA + F16C or better and on
 ARM64 CPUs.
 
-Levels, one code path each, chosen once when the library is loaded (`lfm2cli.cpu.native_level`): on x86-64 `avx512`
+Levels, one code path each, chosen once when the library is loaded (`lfm2cli.system.cpu.native_level`):
+on x86-64 `avx512`
 (AVX512-BF16 and VNNI: Zen 4 and later, Sapphire Rapids and later) and `avx2` (x86-64-v3: Haswell and later,
 Zen 1-3, every recent Intel laptop); on ARM64 `bf16` (dotprod + BF16: Apple M2 and later, Graviton 3/4),
 `dotprod` (Apple M1, Raspberry Pi 5, Graviton 2) and `neon` (any ARMv8.0, e.g. Raspberry Pi 3/4). All read the same
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from lfm2cli import cpu
+from lfm2cli.system import cpu
 
 SOURCES = Path(__file__).with_name("csrc")
 ROWS = 64  # output channels per tile in the kernels: packed weights are padded to a multiple of this
@@ -175,7 +176,7 @@ def why_not() -> str | None:
 
 
 BF16, INT8, INT4 = 0, 1, 2  # the weight formats lfm2_linear takes (LFM2_BF16, LFM2_INT8, LFM2_INT4 in common.h)
-GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.quantize.GROUP)
+GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.kernels.quantize.GROUP)
 GROUP_BYTES = {INT8: 544, INT4: 288}  # one 16-row block's group: 16 bf16 scales, then 16 x 32 values
 
 
@@ -205,7 +206,7 @@ def can_pack_grouped(in_features: int) -> bool:
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lfm2cli.quantize.quantize_int4` for a bf16 weight, the same bytes, ~50x faster (for loading)."""
+    """`lfm2cli.kernels.quantize.quantize_int4` for a bf16 weight, the same bytes, ~50x faster (for loading)."""
     out, inn = weight.shape
     w = weight.contiguous()
     nib = torch.empty(out, inn // 2, dtype=torch.uint8)
@@ -215,7 +216,7 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`lfm2cli.quantize.quantize_int8` for a bf16 weight: the same bytes, at memory speed (for loading)."""
+    """`lfm2cli.kernels.quantize.quantize_int8` for a bf16 weight: the same bytes, at memory speed (for loading)."""
     out, inn = weight.shape
     w = weight.contiguous()
     q = torch.empty(out, inn, dtype=torch.int8)
@@ -225,7 +226,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def pack_grouped(q: torch.Tensor, scales: torch.Tensor, fmt: int) -> torch.Tensor:
-    """int8 or int4 weights from `lfm2cli.quantize` (int8 q [out, in] with fp16 scales, or int4 nibbles
+    """int8 or int4 weights from `lfm2cli.kernels.quantize` (int8 q [out, in] with fp16 scales, or int4 nibbles
     [out, in/2] with bf16 scales; scales [out, in/32]) -> the layout of csrc/linear_grouped.c: uint8
     [out'/16, in/32, GROUP_BYTES[fmt]] with out' = out rounded up to 64 (zero scales in the padding): each 16-row
     block's groups one after another, each group's scales before its values, so a decode product reads the

@@ -1,7 +1,7 @@
 """`Proj`: the linear layer `lfm2cli.kernels.accelerate` swaps in for the model's `nn.Linear` layers. It holds one
 weight in the fastest form for the device: plain (any device), packed for lfm2's own CPU kernels
 (`lfm2cli.kernels.native`: bf16, int8 or int4), prepacked for oneDNN (CPU, eager, where the native kernel cannot
-run), weight-only int8 or int4 (see `lfm2cli.quantize`; outside the native kernels they run torch's slow
+run), weight-only int8 or int4 (see `lfm2cli.kernels.quantize`; outside the native kernels they run torch's slow
 fallback), or blocked for the compiled decode step (plain or int8). Batch-1 decode is bound by reading weights,
 so the form decides its speed.
 
@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2cli import cpu
 from lfm2cli.kernels import native
-from lfm2cli.quantize import GROUP
+from lfm2cli.kernels.quantize import GROUP
+from lfm2cli.system import cpu
 
 BLOCK = 32  # output channels per block in the blocked form (16 and 64 measured slower in the compiled step)
 _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj._unblocked_t
@@ -26,7 +26,7 @@ _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj.
 
 def can_prepack(weight: torch.Tensor) -> bool:
     """oneDNN prepacking pays on CPU: torch's plain bf16 `linear` reorders the weight on every call. For bf16 it
-    needs a CPU that computes bf16 (elsewhere oneDNN raises or crawls): `lfm2cli.cpu` decides that."""
+    needs a CPU that computes bf16 (elsewhere oneDNN raises or crawls): `lfm2cli.system.cpu` decides that."""
     if weight.dtype == torch.bfloat16 and not cpu.onednn_bf16():
         return False
     return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
@@ -88,10 +88,10 @@ class Proj(nn.Module):
         self.weight = None  # the packed copy replaces it: no second copy in memory
 
     def quantize(self, mode: str) -> None:
-        """Weight-only int8 or int4 (`lfm2cli.quantize`): made by the native code where it runs (the same bytes as
+        """Weight-only int8 or int4 (`kernels/quantize.py`): made by the native code where it runs (the same bytes as
         the torch definition, far faster at load time). Both group 32 inputs; a weight whose input width is not
         a multiple of 32 keeps its precision (none in the LFM2 checkpoints: their widths are multiples of 256)."""
-        from lfm2cli import quantize
+        from lfm2cli.kernels import quantize
 
         w = self.weight
         assert w is not None and mode in ("int8", "int4")
@@ -188,7 +188,7 @@ class Proj(nn.Module):
                 y = torch.matmul(x, self._unblocked_t(x.dtype))
             return y if self.bias is None else y + self.bias
         if self.qweight is not None:
-            from lfm2cli.quantize import grouped_linear
+            from lfm2cli.kernels.quantize import grouped_linear
 
             y = grouped_linear(x, self.qweight, self.scales, self.quant)
             return y if self.bias is None else y + self.bias

@@ -1,6 +1,2 @@
-"""Our PyTorch implementation of LFM2 and LFM2-MoE. Imports only torch and the config."""
-
-from lfm2cli.model.cache import CacheSnapshot, HybridCache
-from lfm2cli.model.lfm2 import Lfm2ForCausalLM
-
-__all__ = ["CacheSnapshot", "HybridCache", "Lfm2ForCausalLM"]
+"""Our PyTorch implementation of LFM2 and LFM2-MoE (`lfm2.py`, `layers.py`, `moe.py`, `cache.py`) and the config it
+is built from (`config.py`, read without torch, so that `info` and the CLI's checks never import it)."""

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2cli.config import Lfm2Config
 from lfm2cli.model.cache import HybridCache
+from lfm2cli.model.config import Lfm2Config
 
 
 class Linear(nn.Linear):

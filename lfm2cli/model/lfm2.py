@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lfm2cli.config import Lfm2Config
 from lfm2cli.model.cache import HybridCache
+from lfm2cli.model.config import Lfm2Config
 from lfm2cli.model.layers import MLP, DecoderLayer, Linear, RMSNorm, rope_cos_sin
 from lfm2cli.model.moe import SparseMoE
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lfm2cli.config import Lfm2Config
+from lfm2cli.model.config import Lfm2Config
 from lfm2cli.model.layers import MLP, Linear
 
 

@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.errors import Lfm2Error
-from lfm2cli.safetext import visible, visible_line
-from lfm2cli.sampling import SamplingParams
+from lfm2cli.reply.thinking import Reasoning
 from lfm2cli.serve.access import ANY, Access, normalize_origin
 from lfm2cli.serve.engine import Cancelled, Engine, Failed, Finished, Job, Result
 from lfm2cli.serve.errors import APIError, bad_request, server_error
@@ -41,7 +41,7 @@ from lfm2cli.serve.protocol import (
     tool_call_entries,
     usage,
 )
-from lfm2cli.thinking import Reasoning
+from lfm2cli.terminal.safetext import visible, visible_line
 
 MAX_BODY_BYTES = 8 << 20  # a full 128k-token conversation is ~1 MB of JSON; this leaves room and stops abuse
 BODY_BYTES_PER_TOKEN = 64  # --max-body's default: generous JSON (escapes, tool schemas) for a full context

@@ -24,18 +24,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lfm2cli.decoding.constraints import Grammar, json_grammar, tool_call_grammar
+from lfm2cli.decoding.prefix_cache import PrefixCache
+from lfm2cli.decoding.sampling import SamplingParams, check_bias_ids
 from lfm2cli.errors import CheckpointError, Lfm2Error, UsageError
-from lfm2cli.loading import LoadedModel
-from lfm2cli.prefix_cache import PrefixCache
-from lfm2cli.sampling import SamplingParams, check_bias_ids
+from lfm2cli.loading.loader import LoadedModel
+from lfm2cli.reply.thinking import Answer, opened_by_prompt
+from lfm2cli.reply.toolcalls import ToolCall
+from lfm2cli.runs.local import TextRun, require_tokenizer
 from lfm2cli.serve.errors import APIError, bad_request
 from lfm2cli.serve.metrics import ServeMetrics
 from lfm2cli.serve.protocol import ChatRequest, CompletionRequest, Generation
-from lfm2cli.structured import Grammar, json_grammar, tool_call_grammar
-from lfm2cli.template_worker import RendererStopped
-from lfm2cli.textgen import TextRun, require_tokenizer
-from lfm2cli.thinking import Answer, opened_by_prompt
-from lfm2cli.toolcalls import ToolCall
+from lfm2cli.text.template_worker import RendererStopped
 
 SNAPSHOT_EVERY = 128  # generated tokens between snapshots of a reply
 DEFAULT_MAX_TOKENS = 4096

@@ -3,7 +3,7 @@ field; unknown fields are ignored, as OpenAI does), and the responses and stream
 
 Checks are written out here rather than left to a schema library so each message says what was wrong and what is
 expected, and so the sampling values follow the one set of rules the command line and `/set` follow
-(`lfm2cli.sampling.validate_setting`).
+(`lfm2cli.decoding.sampling.validate_setting`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lfm2cli.decoding.sampling import SamplingParams, validate_setting
 from lfm2cli.errors import UsageError
-from lfm2cli.sampling import SamplingParams, validate_setting
+from lfm2cli.reply.toolcalls import ParseError, ToolCall, format_calls
+from lfm2cli.runs.local import check_tools
 from lfm2cli.serve.errors import APIError, bad_request
-from lfm2cli.textgen import check_tools
-from lfm2cli.toolcalls import ParseError, ToolCall, format_calls
 
 MAX_STOPS = 16
 MAX_TOOLS = 128  # OpenAI's own limit; more only makes the template and the prompt huge

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lfm2cli.errors import HistoryError
-from lfm2cli.paths import data_dir
 from lfm2cli.store.migrations import MIGRATIONS, SCHEMA_VERSION, apply_migrations
+from lfm2cli.system.paths import data_dir
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "HistoryError", "HistoryStore", "apply_migrations", "call_label",
            "finish_label", "thought_label", "thought_summary", "to_json", "to_markdown"]
@@ -196,7 +196,7 @@ def finish_label(role: str, finish_reason: str | None, thinking_only: bool = Fal
 def call_label(entry: Any) -> str:
     """A stored tool call (OpenAI's shape) as LFM2 writes it, `get_weather(city="Paris")`; an entry that cannot be
     read back that way (written by another client) is shown as its name and raw arguments."""
-    from lfm2cli.toolcalls import ToolCall
+    from lfm2cli.reply.toolcalls import ToolCall
 
     try:
         return ToolCall.from_openai(entry).to_pythonic()

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lfm2cli import cpu
-from lfm2cli.checkpoint import (
+from lfm2cli.errors import CheckpointError, UsageError
+from lfm2cli.loading.checkpoint import (
     TensorInfo,
     check_tensors,
     inspect_checkpoint,
@@ -24,9 +24,9 @@ from lfm2cli.checkpoint import (
     uses_own_head,
     weight_files,
 )
-from lfm2cli.config import Lfm2Config
-from lfm2cli.errors import CheckpointError, UsageError
-from lfm2cli.model import Lfm2ForCausalLM
+from lfm2cli.model.config import Lfm2Config
+from lfm2cli.model.lfm2 import Lfm2ForCausalLM
+from lfm2cli.system import cpu
 
 if TYPE_CHECKING:
     from lfm2cli.kernels import Plan
@@ -44,7 +44,7 @@ class LoadedModel:
     path: Path
     device: torch.device
     dtype: torch.dtype
-    tokenizer: Any = None  # lfm2cli.tokenizer.Tokenizer when the checkpoint has tokenizer files
+    tokenizer: Any = None  # lfm2cli.text.tokenizer.Tokenizer when the checkpoint has tokenizer files
     quantize: str | None = None  # "int8" or "int4" when weights were quantised at load time
     skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
 
@@ -103,7 +103,7 @@ TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float
 
 
 Reader = Callable[[memoryview, int], int]  # fill a view from a file offset; returns the bytes read
-# told (bytes of weights in place, bytes in all) as a model loads, for a progress bar (lfm2cli.load_progress)
+# told (bytes of weights in place, bytes in all) as a model loads, for a progress bar (lfm2cli.terminal.load_progress)
 Progress = Callable[[int, int], None]
 
 
@@ -367,7 +367,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer:
     `"int4"` quantises weights at load time; `compile=True` compiles the decode step with torch.compile.
     Refuses (MemoryLimitError) a model that does not fit in the available memory unless `force`. `progress`
     is told (bytes read, bytes in all) as the weights are read."""
-    from lfm2cli.quantize import check_mode
+    from lfm2cli.kernels.quantize import check_mode
 
     quantize = check_mode(quantize)
     root = Path(path).expanduser()
@@ -380,7 +380,7 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if not force:
-        from lfm2cli.memory import check_fits
+        from lfm2cli.system.memory import check_fits
 
         check_fits(cfg, quantize, dt, dev)
     model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile, headers=found.headers,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lfm2cli.generation import PREFILL_CHUNK, prefill
+from lfm2cli.decoding.loop import PREFILL_CHUNK, prefill
 
 MAX_SNAPSHOTS = 64  # conv states only: a few hundred KB each for the largest LFM2
 

@@ -31,7 +31,7 @@ from typing import Any
 import docstring_parser
 
 from lfm2cli.errors import UsageError
-from lfm2cli.toolcalls import ToolCall
+from lfm2cli.reply.toolcalls import ToolCall
 
 # A tool's result goes into the context whole; past this it is cut, so that one call cannot fill the context.
 MAX_RESULT_CHARS = 16_000

@@ -9,16 +9,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lfm2cli.config import parse_json
-from lfm2cli.detokenize import StreamingDetokenizer
+from lfm2cli.decoding.constraints import Constraint, Grammar
+from lfm2cli.decoding.loop import GenerationStats, generate
+from lfm2cli.decoding.sampling import Sampler, SamplingParams, check_bias_ids
 from lfm2cli.errors import CheckpointError, UsageError
-from lfm2cli.generation import GenerationStats, generate
-from lfm2cli.loading import LoadedModel
-from lfm2cli.sampling import Sampler, SamplingParams, check_bias_ids
-from lfm2cli.stops import StopMatcher
-from lfm2cli.structured import Constraint, Grammar
-from lfm2cli.thinking import CLOSE, OPEN, Answer, Reasoning, ThinkingBudget, ThinkingSplitter
-from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START, Calls, Event, ToolCall, ToolCallStream, Unparsed
+from lfm2cli.loading.loader import LoadedModel
+from lfm2cli.model.config import parse_json
+from lfm2cli.reply.thinking import CLOSE, OPEN, Answer, Reasoning, ThinkingBudget, ThinkingSplitter
+from lfm2cli.reply.toolcalls import TOOL_CALL_END, TOOL_CALL_START, Calls, Event, ToolCall, ToolCallStream, Unparsed
+from lfm2cli.text.detokenize import StreamingDetokenizer
+from lfm2cli.text.stops import StopMatcher
 
 
 def as_text(data: bytes | str) -> tuple[str, bool]:
@@ -91,7 +91,7 @@ def check_tools(data: Any) -> list[dict[str, Any]]:
     objects), kept as given for the template. Raises ValueError saying what is wrong and what is expected."""
     if not isinstance(data, list):
         raise ValueError(f"expected {_TOOLS_SHAPE}, not a JSON {_json_kind(data)}")
-    from lfm2cli.chat_template import tools_problem
+    from lfm2cli.text.chat_template import tools_problem
 
     problem = tools_problem(data)  # too many or too large for any prompt: said before a template chokes on them
     if problem is not None:

@@ -20,7 +20,7 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.text import Text
 
-from lfm2cli.safetext import visible
+from lfm2cli.terminal.safetext import visible
 
 # Any indentation is accepted for fences so that a fence inside a list item is tracked too: treating
 # something as a fence only ever keeps lines together, which is always safe.
@@ -387,7 +387,7 @@ def stats_footer(stats: dict) -> str:
         parts.append(f"{tokens} token" + ("" if tokens == 1 else "s"))
     tps = stats.get("decode_tps")
     if tps is not None:
-        from lfm2cli.formatting import rate
+        from lfm2cli.terminal.formatting import rate
 
         parts.append(f"{rate(tps)} tok/s")  # '-' when no token was decoded
     ttft = stats.get("ttft_s")

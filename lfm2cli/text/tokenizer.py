@@ -7,10 +7,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lfm2cli import chat_template as _chat_template
-from lfm2cli.config import parse_json, read_json_object, read_regular
 from lfm2cli.errors import CheckpointError, ConfigError, GenerationError, PromptTooLongError
-from lfm2cli.tokenizer_limits import FILE_LIMIT, check_tokenizer_json, guarded
+from lfm2cli.model.config import parse_json, read_json_object, read_regular
+from lfm2cli.text import chat_template as _chat_template
+from lfm2cli.text.tokenizer_limits import FILE_LIMIT, check_tokenizer_json, guarded
 
 TEMPLATE_FILE = "chat_template.jinja"
 TEMPLATE_LIMIT = 4 << 20  # bytes of chat_template.jinja; real templates are a few kB

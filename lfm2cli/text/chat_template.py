@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from lfm2cli.errors import CheckpointError, GenerationError, TemplateError, UsageError
-from lfm2cli.template_sandbox import (
+from lfm2cli.text.template_sandbox import (
     BUDGET,
     MAX_CHARS,
     Budget,
@@ -154,7 +154,7 @@ def render(template: str | None, messages: list[dict], *, bos_token: str | None,
     `template_source` names the file the template came from, for messages. The template runs in a worker
     process (`template_worker`) under a budget of time, steps, sizes and memory (see TIME_LIMIT_S and below);
     running out raises TemplateError."""
-    from lfm2cli import template_worker
+    from lfm2cli.text import template_worker
 
     msgs = _prepare_messages(messages)
     tool_list = _prepare_tools(tools)

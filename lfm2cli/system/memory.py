@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lfm2cli.checkpoint import memory_needed
-from lfm2cli.config import Lfm2Config
 from lfm2cli.errors import MemoryLimitError
-from lfm2cli.formatting import human_bytes
+from lfm2cli.loading.checkpoint import memory_needed
+from lfm2cli.model.config import Lfm2Config
+from lfm2cli.terminal.formatting import human_bytes
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `lfm2 list --available` asks psutil alone
     import torch

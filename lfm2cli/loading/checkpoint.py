@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.config import MAX_TENSORS, Lfm2Config, load_config, parse_json, read_json_object
 from lfm2cli.errors import CheckpointError
+from lfm2cli.model.config import MAX_TENSORS, Lfm2Config, load_config, parse_json, read_json_object
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -370,7 +370,7 @@ class Inspection:
     root: Path
     config: Lfm2Config
     headers: dict[str, TensorInfo]
-    tokenizer: Any = None  # lfm2cli.tokenizer.Tokenizer, when asked for and the checkpoint has tokenizer.json
+    tokenizer: Any = None  # lfm2cli.text.tokenizer.Tokenizer, when asked for and the checkpoint has tokenizer.json
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what loads but cannot generate text (no tokenizer files)
 
@@ -383,7 +383,7 @@ def _token_problems(root: Path, cfg: Lfm2Config, tokenizer: Any) -> list[str]:
     """Token ids must index the embedding table: the config's special ids, and every id the tokenizer can give."""
     v = cfg.vocab_size
     problems = []
-    generation = root / "generation_config.json"  # its eos_token_id wins over config.json's (lfm2cli.config)
+    generation = root / "generation_config.json"  # its eos_token_id wins over config.json's (lfm2cli.model.config)
     eos_file = "config.json"
     if generation.is_file() and read_json_object(generation).get("eos_token_id") is not None:
         eos_file = generation.name
@@ -417,7 +417,7 @@ def inspect_checkpoint(root: Path, tokenizer: bool = True) -> Inspection:
     found.problems += tensor_problems(cfg, headers, str(root))
     file = root / "tokenizer.json"
     if tokenizer and (file.exists() or file.is_symlink()):  # present but not a readable file is a problem
-        from lfm2cli.tokenizer import load_tokenizer
+        from lfm2cli.text.tokenizer import load_tokenizer
 
         try:
             found.tokenizer = load_tokenizer(root, max_tokens=cfg.max_position_embeddings)
@@ -448,7 +448,7 @@ def parameter_counts(cfg: Lfm2Config) -> tuple[int, int]:
     return total, active
 
 
-GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.quantize)
+GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.kernels.quantize)
 
 
 def _quantized_bytes(rows: int, cols: int, quantize: str | None, dtype_bytes: int) -> int:

@@ -9,12 +9,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lfm2cli.decoding.loop import GenerationStats
+from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.errors import Lfm2Error, UsageError
-from lfm2cli.generation import GenerationStats
-from lfm2cli.sampling import SamplingParams
-from lfm2cli.stops import StopMatcher
-from lfm2cli.thinking import Answer, Reasoning, ThinkingSplitter
-from lfm2cli.toolcalls import TOOL_CALL_START, Calls, ParseError, ToolCall, ToolCallStream, Unparsed, loads_json
+from lfm2cli.reply.thinking import Answer, Reasoning, ThinkingSplitter
+from lfm2cli.reply.toolcalls import TOOL_CALL_START, Calls, ParseError, ToolCall, ToolCallStream, Unparsed, loads_json
+from lfm2cli.text.stops import StopMatcher
 
 TIMEOUT_S = 600.0  # a long reply from a busy cluster is normal; a dead connection still fails at connect
 # A server that ignores max_tokens is cut off here: at most this many characters a token (LFM2's longest tokens

@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lfm2cli.errors import GenerationError
-from lfm2cli.memory import peak_memory
-from lfm2cli.model import HybridCache, Lfm2ForCausalLM
+from lfm2cli.model.cache import HybridCache
+from lfm2cli.model.lfm2 import Lfm2ForCausalLM
+from lfm2cli.system.memory import peak_memory
 
 PREFILL_CHUNK = 512  # long prompts run in chunks so activations stay small
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lfm2cli.checkpoint import inspect_checkpoint, memory_needed, parameter_counts, undecodable_ids
-from lfm2cli.config import Lfm2Config, read_json_object
 from lfm2cli.errors import CheckpointError
-from lfm2cli.formatting import human_bytes, human_count
-from lfm2cli.tokenizer import token_text
+from lfm2cli.loading.checkpoint import inspect_checkpoint, memory_needed, parameter_counts, undecodable_ids
+from lfm2cli.model.config import Lfm2Config, read_json_object
+from lfm2cli.terminal.formatting import human_bytes, human_count
+from lfm2cli.text.tokenizer import token_text
 
 BF16_BYTES = 2
 KV_TOKENS = 1000  # the KV-cache estimate is quoted per this many tokens

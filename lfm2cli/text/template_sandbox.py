@@ -1,4 +1,4 @@
-"""The sandbox chat templates render in (`lfm2cli.chat_template`): jinja2's immutable sandbox with the filters and
+"""The sandbox chat templates render in (`lfm2cli.text.chat_template`): jinja2's immutable sandbox with the filters and
 globals the hub's templates are written against, under a budget. A checkpoint's template is code we did not
 write, rendered again on every chat turn, so loops, calls, sizes, nesting and time are counted and a hostile or
 broken template fails fast with one line (TemplateError) instead of hanging or eating memory.

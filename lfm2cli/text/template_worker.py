@@ -20,9 +20,9 @@ import sys
 import threading
 from typing import Any
 
-from lfm2cli.chat_template import _ADVICE, _where, render_here
 from lfm2cli.errors import CheckpointError, GenerationError, Lfm2Error, TemplateError, UsageError
-from lfm2cli.template_sandbox import TIME_LIMIT_S, environment
+from lfm2cli.text.chat_template import _ADVICE, _where, render_here
+from lfm2cli.text.template_sandbox import TIME_LIMIT_S, environment
 
 GRACE_S = 1.0  # past the sandbox's TIME_LIMIT_S before the worker is killed: its own message is clearer
 START_TIMEOUT_S = 60.0  # a worker's start (a loaded machine can be slow)
@@ -48,7 +48,7 @@ class _Worker:
         if not sys.executable:
             raise OSError("no Python interpreter to start")
         paths = [p or os.getcwd() for p in sys.path]  # the modules this process imports, and no others
-        code = f"import sys; sys.path[:] = {paths!r}; from lfm2cli.template_worker import main; main()"
+        code = f"import sys; sys.path[:] = {paths!r}; from lfm2cli.text.template_worker import main; main()"
         debug = os.environ.get("LFM2_DEBUG") == "1"
         self.proc = subprocess.Popen([sys.executable, "-I", "-c", code], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=None if debug else subprocess.DEVNULL)

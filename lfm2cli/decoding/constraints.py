@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lfm2cli.config import parse_json
 from lfm2cli.errors import UsageError
-from lfm2cli.toolcalls import TOOL_CALL_END, TOOL_CALL_START, json_depth
+from lfm2cli.model.config import parse_json
+from lfm2cli.reply.toolcalls import TOOL_CALL_END, TOOL_CALL_START, json_depth
 
 if TYPE_CHECKING:
     import torch

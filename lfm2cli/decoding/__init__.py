@@ -1,0 +1,1 @@
+"""Choosing tokens: the prefill/decode loop, sampling, constrained decoding, the prefix cache."""

@@ -1,0 +1,1 @@
+"""A checkpoint on disk into a model in memory: files and headers, loading, the description behind `info`."""
