@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # the working tree, not whatever lfm2cli is insta
 import torch  # noqa: E402
 
 from lfm2cli.benchmark import BANDWIDTH_BYTES, decode_bytes, measure_bandwidth, share_of_ceiling  # noqa: E402
-from lfm2cli.decoding.loop import GenerationStats, generate  # noqa: E402
+from lfm2cli.decoding.loop import GenerationStats, decode_tokens  # noqa: E402
 from lfm2cli.hub.known import KNOWN_CONFIGS, known_config  # noqa: E402
 from lfm2cli.loading import loader  # noqa: E402
 
@@ -62,7 +62,7 @@ def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = Fal
     def run(prompt: list[int], new: int) -> GenerationStats:
         stats = GenerationStats()
         cache = model.new_cache(capacity=len(prompt) + new)
-        for _ in generate(model, prompt, sampler=lambda logits, _seen: int(logits.argmax()), max_tokens=new,
+        for _ in decode_tokens(model, prompt, sampler=lambda logits, _seen: int(logits.argmax()), max_tokens=new,
                           cache=cache, stats=stats):
             pass
         return stats

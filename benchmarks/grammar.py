@@ -134,7 +134,7 @@ def decode_step_s(repeat: int) -> float:
     import torch
 
     from lfm2cli.benchmark import random_config
-    from lfm2cli.decoding.loop import generate
+    from lfm2cli.decoding.loop import decode_tokens
     from lfm2cli.loading import loader
 
     loader.configure_threads(torch.device("cpu"))
@@ -145,7 +145,7 @@ def decode_step_s(repeat: int) -> float:
         prompt = list(range(100, 164))
         t0 = None
         n = 0
-        for _tok in generate(model, prompt, sampler=lambda lg, _s: int(lg.argmax()), max_tokens=65):
+        for _tok in decode_tokens(model, prompt, sampler=lambda lg, _s: int(lg.argmax()), max_tokens=65):
             if t0 is None:
                 t0 = time.perf_counter()
             n += 1

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
-from lfm2cli.decoding.loop import GenerationStats, generate
+from lfm2cli.decoding.loop import GenerationStats, decode_tokens
 from lfm2cli.errors import MemoryLimitError, UsageError
 from lfm2cli.kernels.proj import Proj
 from lfm2cli.loading.checkpoint import parameter_counts
+from lfm2cli.loading.fit import check_fits
 from lfm2cli.model.config import Lfm2Config, load_config
 from lfm2cli.model.lfm2 import Lfm2ForCausalLM
-from lfm2cli.system.memory import check_fits, peak_memory, reset_peak_memory
+from lfm2cli.system.memory import peak_memory, reset_peak_memory
 
 BANDWIDTH_BYTES = 512 * 1024 * 1024  # far larger than any CPU cache
 PROBE_MIN_BYTES = 64 * 1024 * 1024  # a table this large is read from memory, not a cache, by the per-run probe
@@ -61,7 +62,7 @@ class BenchResult:
     quantize: str
     compile: bool
     threads: int
-    kernels: str  # "native avx512", "native avx2", "compiled" or "torch": see lfm2cli.kernels.which
+    kernels: str  # "native avx512", "native avx2", "compiled" or "torch": see lfm2cli.kernels.plan.Plan.kernels
     kernels_note: str | None
     random_weights: bool
     load_s: float
@@ -72,6 +73,7 @@ class BenchResult:
     peak_memory_bytes: int
     runs: list[BenchRun] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
+    plan: list[dict[str, str]] = field(default_factory=list)  # the decode plan: which code runs each part
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,7 +168,7 @@ def greedy(logits: torch.Tensor, _seen: torch.Tensor | None = None) -> int:
 def _run_once(model: Lfm2ForCausalLM, prompt: list[int], gen_tokens: int) -> GenerationStats:
     stats = GenerationStats()
     cache = model.new_cache(capacity=len(prompt) + gen_tokens)
-    for _ in generate(model, prompt, sampler=greedy, max_tokens=gen_tokens, cache=cache, stats=stats):
+    for _ in decode_tokens(model, prompt, sampler=greedy, max_tokens=gen_tokens, cache=cache, stats=stats):
         pass
     return stats
 
@@ -218,6 +220,29 @@ def run_bench(model: Lfm2ForCausalLM, prompt_lengths: Sequence[int], gen_tokens:
     return runs, [bw for n in prompt_lengths for bw in measured[n]]
 
 
+def _check_runs(prompt_lengths: Sequence[int], gen_tokens: int, repeat: int, context: int | None = None) -> None:
+    """Usage errors in the run options; with the model's `context`, a run longer than it."""
+    if context is not None and max(prompt_lengths) + gen_tokens > context:
+        raise UsageError(f"{max(prompt_lengths) + gen_tokens} tokens exceed the model's context of {context}")
+    if not prompt_lengths or min(prompt_lengths) < 1:
+        raise UsageError("--prompt-tokens needs whole numbers >= 1")
+    if gen_tokens < 2:
+        raise UsageError("--gen-tokens must be at least 2 (the first token comes from prefill)")
+    if repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+
+
+def _random_model(cfg: Lfm2Config, label: str, device: torch.device, dtype: torch.dtype, **options: Any
+                  ) -> Lfm2ForCausalLM:
+    """`loader.random_model`, its allocation failures said as the tool's out-of-memory error."""
+    from lfm2cli.loading import loader
+
+    try:
+        return loader.random_model(cfg, device, dtype, **options)
+    except (MemoryError, RuntimeError) as e:
+        raise _out_of_memory(e, label) from None
+
+
 def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Sequence[int] = (128, 512),
           gen_tokens: int = 64, repeat: int = 3, device: str = "auto", dtype: str = "auto",
           quantize: str | None = None, compile: bool = False, offline: bool = False, pull: bool = False,
@@ -230,12 +255,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     from lfm2cli.loading import loader
 
     quantize = check_mode(quantize)
-    if not prompt_lengths or min(prompt_lengths) < 1:
-        raise UsageError("--prompt-tokens needs whole numbers >= 1")
-    if gen_tokens < 2:
-        raise UsageError("--gen-tokens must be at least 2 (the first token comes from prefill)")
-    if repeat < 1:
-        raise UsageError("--repeat must be at least 1")
+    _check_runs(prompt_lengths, gen_tokens, repeat)
     dev = loader.resolve_device(device)
     dt = loader.resolve_dtype(dtype, dev)
     loader.configure_threads(dev)
@@ -252,10 +272,7 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
     t0 = time.perf_counter()
     if random_weights:
         say(f"building {label} with random weights ({str(dt).removeprefix('torch.')})")
-        try:
-            model = loader.random_model(cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
-        except (MemoryError, RuntimeError) as e:
-            raise _out_of_memory(e, label) from None
+        model = _random_model(cfg, label, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
         label += " (random weights)"
     else:
         from lfm2cli.hub.names import resolve_model
@@ -268,18 +285,14 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         model = loader.load_model(path, cfg, dev, dt, quantize=quantize, compile=compile, progress=load_progress)
         label = str(path)
     load_s = time.perf_counter() - t0
-    longest = max(prompt_lengths) + gen_tokens
-    if longest > cfg.max_position_embeddings:
-        raise UsageError(f"{longest} tokens exceed the model's context of {cfg.max_position_embeddings}")
+    _check_runs(prompt_lengths, gen_tokens, repeat, cfg.max_position_embeddings)
     per_token = decode_bytes(model)
     runs, measured = run_bench(model, list(prompt_lengths), gen_tokens, repeat, per_token,
                                bandwidth_probe(model) or bandwidth, progress=progress)
     samples = [bandwidth, *measured]
     bandwidth = statistics.median(samples)
     total, active = parameter_counts(cfg)
-    from lfm2cli import kernels
-
-    kernel, kernel_note = kernels.which(model)
+    kernel, kernel_note = model.decode_plan.kernels()
     return BenchResult(
         model=label, architecture=cfg.architecture, parameters=total, active_parameters=active, device=str(dev),
         dtype=str(dt).removeprefix("torch."), quantize=quantize or "none", compile=compile,
@@ -288,7 +301,8 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         memory_bandwidth_gbs=round(bandwidth / 1e9, 2),
         memory_bandwidth_range_gbs=(round(min(samples) / 1e9, 2), round(max(samples) / 1e9, 2)),
         decode_bytes_per_token=per_token, decode_ceiling_tps=round(bandwidth / per_token, 2),
-        peak_memory_bytes=peak_memory(dev), runs=runs, skipped=model.skipped_options,
+        peak_memory_bytes=peak_memory(dev), runs=runs, skipped=model.decode_plan.skipped,
+        plan=model.decode_plan.table(),
     )
 
 
@@ -312,6 +326,13 @@ def _range(gbs: tuple[float, float]) -> str:
     """' (median; 38-45 measured)' when the bandwidth moved during the bench; else nothing."""
     low, high = gbs
     return f" (median; {low:.0f}-{high:.0f} measured)" if round(low) != round(high) else ""
+
+
+def plan_report(result: BenchResult) -> list[str]:
+    """The decode plan the model ran with, as plain lines under a title."""
+    from lfm2cli.kernels.plan import plan_lines
+
+    return ["decode plan (which code runs each part of the model here):", *plan_lines(result.plan)]
 
 
 def summary(result: BenchResult) -> list[str]:

@@ -1,6 +1,8 @@
-"""What several test modules share and is no fixture: a real `lfm2 serve` app on uvicorn in a thread.
+"""What several test modules share that is no fixture: the entry point run in this process, checkpoint copies with
+another template or thinking tokens, model comparisons, a scripted sampler, schemas, a real `lfm2 serve` (in a thread
+or a subprocess) and measured child processes.
 
-Test modules never import each other; they import from here (and use the fixtures in conftest.py)."""
+Test modules never import each other, nor conftest.py; they import from here and use conftest.py's fixtures."""
 
 from __future__ import annotations
 
@@ -15,9 +17,193 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+import pytest
+
+if TYPE_CHECKING:
+    import openai
+    import torch
+
+    from lfm2cli.chat.session import ChatSession
+
+
+def run_main(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple:
+    """The real entry point in this process, its error boundary included (so a test can patch the library):
+    (exit code, stdout, stderr)."""
+    from lfm2cli.cli import main
+
+    monkeypatch.delenv("LFM2_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["lfm2", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+@contextmanager
+def native_at_level(level: str, directory: Path) -> Iterator[None]:
+    """lfm2's native library built and loaded at one ISA level (LFM2_NATIVE_ISA); afterwards the process goes
+    back to the level it would pick itself."""
+    from lfm2cli.kernels import native
+
+    saved = os.environ.get("LFM2_NATIVE_ISA")
+    os.environ["LFM2_NATIVE_ISA"] = level
+    native.reset()
+    try:
+        native.load(directory)
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("LFM2_NATIVE_ISA", None)
+        else:
+            os.environ["LFM2_NATIVE_ISA"] = saved
+        native.reset()
+
+
+# ---- checkpoint copies with another chat template or thinking tokens
+
+def thinking_copy(src: Path, dst: Path, template: str | None = None) -> Path:
+    """A copy of `src` whose tokenizer has `<think>`/`</think>` as special tokens (and `template`, if given)."""
+    import shutil
+
+    from tests.tiny_tokenizer import add_think_tokens, make_tokenizer
+
+    path = Path(shutil.copytree(src, dst))
+    if template is not None:
+        make_tokenizer(path, chat_template=template)
+    add_think_tokens(path)
+    return path
+
+
+def template_copy(src: Path, dst: Path, template: str, as_file: bool = True) -> Path:
+    """A copy of the checkpoint `src` at `dst` whose chat template is `template`, written to chat_template.jinja
+    (`as_file`) or to tokenizer_config.json's `chat_template`; returns the file that holds it."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if as_file:
+        (dst / "chat_template.jinja").write_text(template, encoding="utf-8")
+        return dst / "chat_template.jinja"
+    config_file = dst / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    return config_file
+
+
+def opening_template() -> str:
+    """The test template with a generation prompt that opens the block, as some thinking models' templates do."""
+    from tests.tiny_tokenizer import BUILTIN_TEMPLATE
+
+    old = "{{- '<|im_start|>assistant\\n' -}}"
+    assert BUILTIN_TEMPLATE.count(old) == 1
+    return BUILTIN_TEMPLATE.replace(old, "{{- '<|im_start|>assistant\\n<think>\\n' -}}")
+
+
+# ---- models compared token by token
+
+def prompt(n: int, seed: int = 1) -> torch.Tensor:
+    """`n` random token ids (batch of one) below the tiny checkpoints' 512 embeddings."""
+    import torch
+
+    return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def teacher_forced(a: Any, b: Any, n_prompt: int = 16, steps: int = 24, seed: int = 1
+                   ) -> tuple[float, int, list[int], list[int]]:
+    """Feed both models the same tokens (a's greedy choices); return (max |logit diff| / logit range of a,
+    number of steps where both pick the same token, a's tokens, b's tokens)."""
+    import torch
+
+    ids = prompt(n_prompt, seed)
+    ca, cb = a.new_cache(), b.new_cache()
+    la, lb = a(ids, ca), b(ids, cb)
+    worst, agree, toks_a, toks_b = 0.0, 0, [], []
+    for _ in range(steps):
+        worst = max(worst, ((la - lb).abs().max() / (la.max() - la.min())).item())
+        ta, tb = int(la.argmax()), int(lb.argmax())
+        toks_a.append(ta)
+        toks_b.append(tb)
+        agree += ta == tb
+        step = torch.tensor([[ta]])
+        la, lb = a(step, ca), b(step, cb)
+    return worst, agree, toks_a, toks_b
+
+
+# ---- chat sessions
+
+EOS = 7  # <|im_end|> of the tiny tokenizer
+# a long first message, so that what a later turn adds is small next to the whole conversation
+LONG = ("A language model reads text as a sequence of tokens and predicts the next one. Small models can run "
+        "on a laptop, a phone or a single graphics card. ") * 4
+
+
+def assert_cache_holds(s: ChatSession) -> None:
+    """The session's cache is what a fresh prefill of `cached_ids` gives: same logits for a probe token."""
+    import torch
+
+    from lfm2cli.decoding.loop import prefill
+
+    model = s.lm.model
+    probe = torch.tensor([[42]])
+    fresh = model.new_cache()
+    prefill(model, s.cached_ids, fresh)
+    snap = s.cache.snapshot()
+    ours = model(probe, s.cache)
+    s.cache.restore(snap)
+    assert s.cache.pos == len(s.cached_ids)
+    torch.testing.assert_close(ours, model(probe, fresh), rtol=1e-4, atol=1e-4)
+
+
+class Script:
+    """Stands in for the sampler: each reply takes the next script of ids (then EOS); a reply with no script left
+    is EOS at once. `seen` records what the model had in context before each reply (the whole prompt)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path, *replies: str | list[int]) -> None:
+        from lfm2cli.text.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(path)
+        # canonical encodings: re-encoding the text gives the same ids, as for a model that wrote them
+        self.replies = [tok.encode(r) if isinstance(r, str) else list(r) for r in replies]
+        self.seen: list[list[int]] = []
+        monkeypatch.setattr("lfm2cli.runs.local.Sampler", self._sampler)
+
+    def _sampler(self, params: Any, prompt_len: int | None = None) -> Any:
+        ids = iter(self.replies.pop(0) if self.replies else [])
+        first = True
+
+        def sample(logits: Any, seen: Any) -> int:
+            nonlocal first
+            if first:
+                self.seen.append(seen.tolist())
+                first = False
+            return next(ids, EOS)
+
+        return sample
+
+
+# ---- structured output
+
+SCHEMAS = {
+    "person": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4}},
+        "required": ["name", "age", "tags"], "additionalProperties": False},
+    "nested": {"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"}},
+                 "required": ["id", "ok"], "additionalProperties": False},
+        "score": {"type": "number"}, "note": {"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]}},
+        "required": ["user", "score", "note"], "additionalProperties": False},
+    "pattern": {"type": "object", "properties": {"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
+                                                 "level": {"enum": ["low", "high"]}},
+                "required": ["date", "level"], "additionalProperties": False},
+    "list": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 5},
+}
+
+
+# ---- a real `lfm2 serve`
 
 MODEL = "tiny"  # the id the test servers give their model
 
@@ -31,6 +217,8 @@ class Running:
     errors: list[str] = field(default_factory=list)
 
     def client(self, **kw: Any) -> openai.OpenAI:
+        import openai
+
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0,
                              timeout=60, **kw)
 
@@ -56,7 +244,7 @@ def serving(path: Path, queue: int = 16, **app_options: Any) -> Iterator[Running
 
     lm = load(path, device="cpu", dtype="float32")
     engine = Engine(lm, queue_size=queue, default_max_tokens=app_options.pop("max_tokens", 64),
-                    think_budget=app_options.pop("think_budget", None))
+                    think_budget=app_options.pop("think_budget", None), parallel=app_options.pop("parallel", 1))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -136,6 +324,8 @@ def start_serve(*args: str, cwd: Path | None = None, timeout: float = 120
         raise AssertionError(f"lfm2 serve did not start: {lines}")
     return proc, re.search(r"listening on (http://\S+)/v1", lines[-1]).group(1), lines, reader
 
+
+# ---- child processes measured and capped
 
 def memory_capped(gigabytes: float) -> Any:
     """A `preexec_fn` that caps a child's address space, so a command that would grow without bound fails inside

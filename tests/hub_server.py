@@ -50,9 +50,8 @@ def _is_lfs(path: str) -> bool:
 class FakeHub:
     """Use as a context manager; `url` is what HF_ENDPOINT should be set to."""
 
-    def __init__(self, redirect_lfs: bool = True) -> None:
+    def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
-        self.redirect_lfs = redirect_lfs
         self.token: str | None = None  # the one token that opens gated repos
         self.log: list[Logged] = []
         self.file_bytes: dict[str, int] = {}  # repo path -> content bytes sent (bodies of GETs only)
@@ -259,7 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             self._error(404, "EntryNotFound", f"{name} does not exist on {revision}")
             return
-        if _is_lfs(name) and self.hub.redirect_lfs:
+        if _is_lfs(name):
             # like the hub: the file's identity on the redirect itself, the bytes elsewhere
             sha = _sha256(data)
             self._reply(302, b"", {"Location": f"{self.hub.url}/cdn/{sha}", "X-Repo-Commit": commit,

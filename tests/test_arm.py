@@ -1,4 +1,4 @@
-"""The ARM64 kernels (csrc/linear_neon.c, linear_grouped_neon.c) without ARM hardware: tests/arm/harness.c, built
+"""The ARM64 kernels (csrc/arch/arm/) without ARM hardware: tests/arm/harness.c, built
 with Debian's aarch64 cross compiler at each level's flags (native.LEVEL_FLAGS) and run under qemu-user on the
 weakest CPU model that has the level's features, checks every kernel against plain-C references (bf16 products
 within float tolerance, int8 / int4 bit-exact, the small ops and whole decode steps); the same harness built for
@@ -77,23 +77,26 @@ def arm_runs(arm_builds: dict[str, Path], qemu_models: dict[str, str]) -> dict[s
     return runs
 
 
+@pytest.mark.slow
 @needs_arm_tools
 @pytest.mark.parametrize("level", list(cpu.ARM_LEVELS))
 def test_every_kernel_passes_at_every_arm_level(arm_runs: dict[str, dict[str, str]], level: str) -> None:
     run = arm_runs[level]
     print(run["text"])
     assert run["rc"] == "0" and "PASS" in run["text"], run["text"]
-    assert run["level"] == level  # the level's -march flags select its kernel file (LFM2_ISA in common.h)
-    isa = int(run["text"].split("LFM2_ISA ")[1].split(")")[0])
+    assert run["level"] == level  # the level's flags select its kernel file (LFM2_LEVEL_SOURCE in native.c)
+    isa = int(run["text"].split("LFM2_LEVEL ")[1].split(")")[0])
     assert native.LEVEL_IDS[isa] == level  # and the library would report it so
 
 
+@pytest.mark.slow
 @needs_arm_tools
 def test_exact_outputs_are_the_same_bits_on_every_arm_level(arm_runs: dict[str, dict[str, str]]) -> None:
     digests = {level: run["digest"] for level, run in arm_runs.items()}
     assert len(set(digests.values())) == 1 and all(digests.values()), digests
 
 
+@pytest.mark.slow
 @needs_arm_tools
 @pytest.mark.parametrize("level", list(WEAKER))
 def test_a_level_uses_its_features(arm_builds: dict[str, Path], qemu_models: dict[str, str], level: str) -> None:
@@ -106,6 +109,7 @@ def test_a_level_uses_its_features(arm_builds: dict[str, Path], qemu_models: dic
     assert done.returncode != 0 and "Illegal instruction" in done.stderr, done.stdout[-500:] + done.stderr[-500:]
 
 
+@pytest.mark.slow
 @needs_arm_tools
 def test_without_openmp_every_kernel_still_passes(tmp_path: Path, qemu_models: dict[str, str]) -> None:
     """macOS without a libomp builds without OpenMP (the pragmas ignored): the kernels then run whole on one
@@ -120,6 +124,7 @@ def test_without_openmp_every_kernel_still_passes(tmp_path: Path, qemu_models: d
     assert run.returncode == 0 and "PASS" in run.stdout, run.stdout + run.stderr
 
 
+@pytest.mark.slow
 @needs_arm_tools
 @pytest.mark.parametrize("level", list(cpu.ARM_LEVELS))
 def test_the_library_builds_for_arm_with_every_function_python_binds(tmp_path: Path, level: str) -> None:
@@ -137,26 +142,29 @@ def test_the_library_builds_for_arm_with_every_function_python_binds(tmp_path: P
 
 @pytest.fixture(scope="module")
 def x86_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
-    """The same harness built for this CPU at each x86 level it executes."""
+    """The same harness built for this CPU at each x86 level it executes, and without a level (the scalar
+    reference kernels, csrc/reference.c)."""
     cc = native._compiler()
     levels = [level for level in cpu.native_levels() if level in cpu.LEVELS]
     if cc is None or not levels:
         pytest.skip("needs a C compiler and an x86-64 CPU with AVX2")
     out = tmp_path_factory.mktemp("x86")
     runs = {}
-    for level in levels:
-        binary = compile_harness(cc, native.LEVEL_FLAGS[level], out / f"harness-{level}", static=False)
+    for level in [*levels, "none"]:
+        binary = compile_harness(cc, native.LEVEL_FLAGS.get(level, []), out / f"harness-{level}", static=False)
         done = subprocess.run([str(binary), "2"], capture_output=True, text=True, timeout=120)
         runs[level] = result(done) | {"rc": str(done.returncode)}
     return runs
 
 
+@pytest.mark.slow
 def test_the_reference_agrees_with_the_x86_kernels(x86_runs: dict[str, dict[str, str]]) -> None:
     for level, run in x86_runs.items():
         assert run["rc"] == "0" and "PASS" in run["text"], run["text"]
         assert run["level"] == level
 
 
+@pytest.mark.slow
 @needs_arm_tools
 def test_arm_and_x86_grouped_kernels_give_the_same_bits(arm_runs: dict[str, dict[str, str]],
                                                         x86_runs: dict[str, dict[str, str]]) -> None:

@@ -28,6 +28,7 @@ def lfm2(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=Path(__file__).parent.parent)
 
 
+@pytest.mark.slow
 def test_bench_random_json(dense_ckpt: Path) -> None:
     """--random builds the model from a config alone (here the tiny checkpoint's config.json)."""
     r = lfm2("bench", "--random", str(dense_ckpt / "config.json"), "--prompt-tokens", "8,16", "--gen-tokens", "4",
@@ -37,6 +38,8 @@ def test_bench_random_json(dense_ckpt: Path) -> None:
     assert TOP_FIELDS <= set(data)
     assert data["random_weights"] is True and data["dtype"] == "float32" and data["quantize"] == "none"
     assert data["kernels"] == "torch"  # the native code is for bf16
+    head = next(row for row in data["plan"] if row["part"] == "LM head")
+    assert head["format"] == "fp32" and head["why_not"] == "native code used for bf16 on CPU only"
     assert [run["prompt_tokens"] for run in data["runs"]] == [8, 16]
     for run in data["runs"]:
         assert RUN_FIELDS <= set(run)
@@ -51,6 +54,7 @@ def test_bench_random_json(dense_ckpt: Path) -> None:
         data["memory_bandwidth_gbs"] * 1e9 / data["decode_bytes_per_token"], rel=0.01)
 
 
+@pytest.mark.slow
 def test_bench_real_checkpoint_plain_output(moe_ckpt: Path) -> None:
     r = lfm2("bench", str(moe_ckpt), "--prompt-tokens", "6", "--gen-tokens", "3", "--repeat", "1",
              "--quantize", "int8")
@@ -61,8 +65,13 @@ def test_bench_real_checkpoint_plain_output(moe_ckpt: Path) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("prompt"))
     assert "decode tok/s" in lines[header] and lines[header + 1].split()[0] == "6"
     assert "\x1b[" not in r.stdout  # piped: no terminal codes
+    plan = lines[lines.index("decode plan (which code runs each part of the model here):") + 1:]
+    assert plan[0].split()[:3] == ["part", "implementation", "format"]
+    parts = [line.split("  ")[0] for line in plan[1:]]
+    assert {"MoE experts w1/w3, w2", "MoE router", "LM head", "one-token step"} <= set(parts)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--random", "lfm2-9000m"], "--random needs a published model"),
     (["--random", "lfm2-350m", "--prompt-tokens", "12,x"], "--prompt-tokens takes whole numbers"),
@@ -75,6 +84,7 @@ def test_bench_usage_errors(args: list[str], message: str) -> None:
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bench_in_process_repeated_prompt_options(dense_ckpt: Path) -> None:
     result = bench(str(dense_ckpt), prompt_lengths=[5, 9], gen_tokens=3, repeat=2, device="cpu", dtype="bfloat16")
     assert [r.prompt_tokens for r in result.runs] == [5, 9] and result.dtype == "bfloat16"

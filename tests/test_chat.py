@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
@@ -24,20 +23,15 @@ from lfm2cli.chat.input import ChatInput
 from lfm2cli.chat.repl import ChatLoop, ChatUI, completions
 from lfm2cli.chat.session import ChatSession, ContextFullError, common_prefix
 from lfm2cli.cli import app
-from lfm2cli.decoding.loop import prefill
 from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.errors import UsageError
 from lfm2cli.loading.loader import LoadedModel, load
 from lfm2cli.store.conversations import HistoryStore
+from tests.helpers import LONG, assert_cache_holds
 
 runner = CliRunner()
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
 GREEDY_ARGS = ["-t", "0", "--repetition-penalty", "1", "--device", "cpu", "--dtype", "float32"]
-# a long first message, so that what a later turn adds is small next to the whole conversation
-LONG = ("A language model reads text as a sequence of tokens and predicts the next one. Small models can run "
-        "on a laptop, a phone or a single graphics card. ") * 4
-
-
 @pytest.fixture(scope="module")
 def moe_lm(chat_moe_ckpt: Path) -> LoadedModel:
     return load(chat_moe_ckpt, device="cpu", dtype="float32")
@@ -45,19 +39,6 @@ def moe_lm(chat_moe_ckpt: Path) -> LoadedModel:
 
 def session(lm: LoadedModel, store: HistoryStore, max_tokens: int = 6, **kw) -> ChatSession:
     return ChatSession(lm, store, "tiny", kw.pop("params", GREEDY), max_tokens, **kw)
-
-
-def assert_cache_holds(s: ChatSession) -> None:
-    """The session's cache is what a fresh prefill of `cached_ids` gives: same logits for a probe token."""
-    model = s.lm.model
-    probe = torch.tensor([[42]])
-    fresh = model.new_cache()
-    prefill(model, s.cached_ids, fresh)
-    snap = s.cache.snapshot()
-    ours = model(probe, s.cache)
-    s.cache.restore(snap)
-    assert s.cache.pos == len(s.cached_ids)
-    torch.testing.assert_close(ours, model(probe, fresh), rtol=1e-4, atol=1e-4)
 
 
 def only_conversation(store: HistoryStore):
@@ -73,6 +54,7 @@ def chat_cli(ckpt: Path, *args: str, input: str):
 # ---------------------------------------------------------------- cache reuse
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["lm", "moe_lm"])
 def test_next_turn_runs_only_new_tokens_and_matches_a_fresh_run(which: str, request: pytest.FixtureRequest,
                                                                 store: HistoryStore) -> None:
@@ -104,6 +86,7 @@ def test_next_turn_runs_only_new_tokens_and_matches_a_fresh_run(which: str, requ
         s.messages[-1].id = fresh.messages[-1].id
 
 
+@pytest.mark.slow
 def test_template_that_rewrites_past_turns(lm: LoadedModel, store: HistoryStore,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Like LFM2.5, drop `<think>` blocks from all but the last reply: the rendered conversation of a turn
@@ -162,6 +145,7 @@ def test_retry_and_undo_restore_snapshots(lm: LoadedModel, store: HistoryStore) 
     assert only_conversation(store).messages == []
 
 
+@pytest.mark.slow
 def test_interrupted_forward_pass_restores_the_cache(lm: LoadedModel, store: HistoryStore) -> None:
     """Ctrl-C inside a forward pass leaves conv states half updated: the reply is kept as interrupted and
     the next turn still matches a fresh run."""
@@ -202,6 +186,7 @@ def words(lm: LoadedModel, tokens: int) -> str:
     return "word " * int(tokens / per_word)
 
 
+@pytest.mark.slow
 def test_context_full_is_refused_before_anything_is_stored(lm: LoadedModel, store: HistoryStore) -> None:
     s = session(lm, store, max_tokens=200)
     notices: list[str] = []
@@ -220,6 +205,7 @@ def test_context_full_is_refused_before_anything_is_stored(lm: LoadedModel, stor
 # ---------------------------------------------------------------- settings and store
 
 
+@pytest.mark.slow
 def test_set_and_system_are_saved_with_the_conversation(lm: LoadedModel, store: HistoryStore) -> None:
     s = session(lm, store)
     s.set_option("max-tokens", "3")  # before the first message: saved when the conversation is created
@@ -245,6 +231,7 @@ def test_set_and_system_are_saved_with_the_conversation(lm: LoadedModel, store: 
     assert only_conversation(store).system in (None, "")
 
 
+@pytest.mark.slow
 def test_streaming_reply_is_written_while_it_grows(lm: LoadedModel, store: HistoryStore) -> None:
     s = session(lm, store, max_tokens=8)
     seen: list[str] = []
@@ -353,6 +340,7 @@ def test_refused_message_keeps_the_chat_going(chat_ckpt: Path, home: Path) -> No
 # ---------------------------------------------------------------- the prompt-toolkit session
 
 
+@pytest.mark.slow
 def test_prompt_toolkit_session(lm: LoadedModel, store: HistoryStore, home: Path) -> None:
     s = session(lm, store)
     out, err = io.StringIO(), io.StringIO()
@@ -460,6 +448,7 @@ def damage_a_page(db: Path) -> None:
     db.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, culprit", [(drop_messages_table, "the messages table is missing"),
                                              (damage_a_page, "is damaged")])
 def test_chat_refuses_a_history_it_cannot_write_before_loading(chat_ckpt: Path, home: Path, damage,
@@ -495,6 +484,7 @@ def bound_by_permissions(tmp_path: Path) -> tuple[str, ...]:
     return prefix
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["file", "directory", "empty directory"])
 def test_chat_refuses_a_read_only_history(chat_ckpt: Path, home: Path, tmp_path: Path, what: str) -> None:
     prefix = bound_by_permissions(tmp_path)
@@ -534,6 +524,7 @@ def options_of(db: Path, conv_id: str) -> str:
     return sqlite3.connect(db).execute("SELECT options FROM conversations WHERE id = ?", (conv_id,)).fetchone()[0]
 
 
+@pytest.mark.slow
 def test_set_refuses_what_the_command_line_refuses(chat_ckpt: Path, home: Path) -> None:
     script = "Hello\n/set seed 99999999999999999999999\n/set temperature inf\n/set top_p nan\n"
     result = chat_cli(chat_ckpt, "-n", "3", input=script)
@@ -556,6 +547,7 @@ def test_set_refuses_what_the_command_line_refuses(chat_ckpt: Path, home: Path) 
         assert only_conversation(st).messages == conv.messages  # nothing added by the refused runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [{"seed": 99999999999999999999999}, {"temperature": float("inf")},
                                  {"top_k": -4, "max_tokens": 0}])
 def test_resume_skips_a_bad_saved_setting(chat_ckpt: Path, home: Path, bad: dict) -> None:
@@ -585,6 +577,7 @@ def test_resume_skips_a_bad_saved_setting(chat_ckpt: Path, home: Path, bad: dict
     assert options_of(db, conv.id) == stored  # nothing was rewritten behind the user's back
 
 
+@pytest.mark.slow
 def test_piped_invalid_utf8_is_replaced_not_fatal(chat_ckpt: Path, home: Path) -> None:
     result = run_chat(chat_ckpt, home, "-n", "3", stdin=b"hello \xff\xfe world\nsecond \xc3\n/exit\n")
     assert result.returncode == 0, result.stderr

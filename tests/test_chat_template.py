@@ -13,7 +13,7 @@ import pytest
 from lfm2cli.errors import CheckpointError, GenerationError, TemplateError
 from lfm2cli.text.chat_template import MAX_CHARS, compile_template, render
 from lfm2cli.text.tokenizer import load_tokenizer
-from tests.conftest import template_copy
+from tests.helpers import template_copy
 from tests.tiny_tokenizer import BUILTIN_TEMPLATE, SHARED_TEMPLATES, default_template, make_tokenizer
 
 WEATHER_TOOL = {

@@ -23,14 +23,11 @@ from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.loading.loader import LoadedModel, load
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
 from lfm2cli.text.tokenizer import load_tokenizer
-from tests.conftest import thinking_copy
-from tests.helpers import screen
-from tests.test_chat import LONG, assert_cache_holds
+from tests.helpers import LONG, Script, assert_cache_holds, screen, thinking_copy
 from tests.tiny_tokenizer import SHARED_TEMPLATES
 
 runner = CliRunner()
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
-EOS = 7  # <|im_end|>
 LFM25_TEMPLATE = SHARED_TEMPLATES / "chat_template_lfm2.5.jinja"
 
 REASONING = "The user says hello. I should greet them back."
@@ -62,31 +59,6 @@ def lfm25_lm(lfm25_ckpt: Path) -> LoadedModel:
 @pytest.fixture(scope="module")
 def opening_lm(opening_ckpt: Path) -> LoadedModel:
     return load(opening_ckpt, device="cpu", dtype="float32")
-
-
-class Script:
-    """Stands in for the sampler: each reply takes the next script of ids (then EOS); a reply with no script left
-    is EOS at once. `seen` records what the model had in context before each reply (the whole prompt)."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, path: Path, *replies: str | list[int]) -> None:
-        tok = load_tokenizer(path)
-        # canonical encodings: re-encoding the text gives the same ids, as for a model that wrote them
-        self.replies = [tok.encode(r) if isinstance(r, str) else list(r) for r in replies]
-        self.seen: list[list[int]] = []
-        monkeypatch.setattr("lfm2cli.runs.local.Sampler", self._sampler)
-
-    def _sampler(self, params: SamplingParams, prompt_len: int | None = None):
-        ids = iter(self.replies.pop(0) if self.replies else [])
-        first = True
-
-        def sample(logits, seen) -> int:
-            nonlocal first
-            if first:
-                self.seen.append(seen.tolist())
-                first = False
-            return next(ids, EOS)
-
-        return sample
 
 
 def session(lm: LoadedModel, store: HistoryStore, max_tokens: int = 64, **kw) -> ChatSession:
@@ -137,6 +109,7 @@ def test_a_reply_cut_inside_its_block_is_all_reasoning(think_lm: LoadedModel, th
 
 # ---------------------------------------------------------------- what the template gets back; the cache
 
+@pytest.mark.slow
 def test_lfm25_next_turn_prefills_only_new_tokens_then_rewinds_when_the_block_is_dropped(
         lfm25_lm: LoadedModel, lfm25_ckpt: Path, store: HistoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
     first = f"<think>\nThe user talks about language models.\n</think>\n\n{ANSWER}"
@@ -170,6 +143,7 @@ def test_lfm25_next_turn_prefills_only_new_tokens_then_rewinds_when_the_block_is
     assert fresh.prompt_text() == s.prompt_text()
 
 
+@pytest.mark.slow
 def test_keep_thinking_shows_past_blocks_and_keeps_the_cache(lfm25_lm: LoadedModel, lfm25_ckpt: Path,
                                                              store: HistoryStore,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,6 +160,7 @@ def test_keep_thinking_shows_past_blocks_and_keeps_the_cache(lfm25_lm: LoadedMod
     assert_cache_holds(s)
 
 
+@pytest.mark.slow
 def test_a_template_that_keeps_replies_as_they_are_never_rewinds(think_lm: LoadedModel, think_ckpt: Path,
                                                                   store: HistoryStore,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,6 +175,7 @@ def test_a_template_that_keeps_replies_as_they_are_never_rewinds(think_lm: Loade
         assert_cache_holds(s)
 
 
+@pytest.mark.slow
 def test_a_prompt_that_opens_the_block(opening_lm: LoadedModel, opening_ckpt: Path, store: HistoryStore,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # the template wrote `<think>\n`; the model only continues and closes the block
@@ -230,6 +206,7 @@ def run_loop(lm: LoadedModel, store: HistoryStore, lines: str, *, plain: bool, t
     return out.getvalue(), err.getvalue(), s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("think", ["show", "hide", "fold"])
 def test_plain_output_never_gets_the_reasoning(think: str, think_lm: LoadedModel, think_ckpt: Path,
                                                store: HistoryStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -246,6 +223,7 @@ def test_plain_output_never_gets_the_reasoning(think: str, think_lm: LoadedModel
         assert REASONING not in err and "thought for" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("think", ["show", "hide", "fold"])
 def test_terminal_reasoning_is_dimmed_then_kept_hidden_or_folded(think: str, think_lm: LoadedModel,
                                                                   think_ckpt: Path, store: HistoryStore,
@@ -274,6 +252,7 @@ def test_a_reply_without_reasoning_shows_no_fold_line(think_lm: LoadedModel, thi
     assert out == "Plain answer.\n" and "thought" not in err
 
 
+@pytest.mark.slow
 def test_think_command(think_lm: LoadedModel, think_ckpt: Path, store: HistoryStore,
                        monkeypatch: pytest.MonkeyPatch) -> None:
     Script(monkeypatch, think_ckpt, RAW, RAW)
@@ -294,6 +273,7 @@ def chat(ckpt: Path, *args: str, input: str):
                          input=input)
 
 
+@pytest.mark.slow
 def test_cli_think_keep_thinking_resume_and_exports(lfm25_ckpt: Path, home: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     replies = [f"<think>\nFirst thoughts.\n</think>\n\n{ANSWER}", "<think>\nParis.\n</think>\n\nParis.", "Eight."]
@@ -323,6 +303,7 @@ def test_cli_think_keep_thinking_resume_and_exports(lfm25_ckpt: Path, home: Path
     assert bad.exit_code == 2 and "'loud' is not one of 'show', 'hide', 'fold'" in bad.output
 
 
+@pytest.mark.slow
 def test_cli_piped_fold_writes_one_line_to_stderr(think_ckpt: Path, home: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     Script(monkeypatch, think_ckpt, RAW)

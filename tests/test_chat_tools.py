@@ -3,7 +3,7 @@ answered; the round limit; Ctrl-C), `--tool-choice`, `--schema`/`--format json`,
 `--resume`, the recap and the exports make of tool calls and results.
 
 The end-to-end tests run the real CLI on the tiny chat checkpoint, where only the grammar makes the model call a
-tool; the loop tests script the sampler (tests/test_chat_thinking.Script) so that every reply is a call."""
+tool; the loop tests script the sampler (tests/helpers.Script) so that every reply is a call."""
 
 from __future__ import annotations
 
@@ -27,9 +27,7 @@ from lfm2cli.reply.functions import load_functions
 from lfm2cli.reply.toolcalls import TOOL_CALL_END, TOOL_CALL_START
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
 from lfm2cli.text.tokenizer import load_tokenizer
-from tests.conftest import run_main
-from tests.test_chat_thinking import Script
-from tests.test_structured import SCHEMAS
+from tests.helpers import SCHEMAS, Script, run_main
 
 runner = CliRunner()
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
@@ -131,6 +129,7 @@ def record_final_prompts(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # ---------------------------------------------------------------- end to end, the real model
 
 
+@pytest.mark.slow
 def test_required_tool_call_runs_and_is_answered_end_to_end_then_resume_renders_the_same_prompt(
         chat_ckpt: Path, home: Path, tools_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     contexts = Contexts(monkeypatch, chat_ckpt)
@@ -175,6 +174,7 @@ def test_required_tool_call_runs_and_is_answered_end_to_end_then_resume_renders_
     assert bare.exit_code == 0 and "this conversation called tools (get_weather)" in bare.stderr
 
 
+@pytest.mark.slow
 def test_tool_choice_required_calls_runs_and_answers_whichever_tool_the_model_picks(
         chat_ckpt: Path, home: Path, tools_file: Path) -> None:
     """`required` leaves the choice of tool to the model (sampled here): every call it makes is parsed, run (or
@@ -213,6 +213,7 @@ def test_a_failing_tool_is_an_error_result_the_model_reads(chat_ckpt: Path, home
     assert "→ error: RuntimeError: the tool broke" in result.stderr and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_piped_chat_declines_calls_with_one_note(chat_ckpt: Path, home: Path, tools_file: Path) -> None:
     result = chat(chat_ckpt, "--functions", str(tools_file), "--tool-choice", "get_weather", "-n", "40",
                   input="Weather in Paris?\nAnd in Oslo?\n")
@@ -246,6 +247,7 @@ def run_loop(s: ChatSession, functions, lines: str, **kw) -> tuple[str, str]:
     return out.getvalue(), err.getvalue()
 
 
+@pytest.mark.slow
 def test_the_round_limit_stops_a_model_that_keeps_calling(chat_ckpt: Path, home: Path, tools_file: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     Script(monkeypatch, chat_ckpt, *[call_block("count()")] * (MAX_TOOL_ROUNDS + 3), "Done.")
@@ -264,6 +266,7 @@ def test_the_round_limit_stops_a_model_that_keeps_calling(chat_ckpt: Path, home:
     assert in_help == MAX_TOOL_ROUNDS
 
 
+@pytest.mark.slow
 def test_confirmation_yes_no_all(lm: LoadedModel, chat_ckpt: Path, store: HistoryStore, tools_file: Path,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     Script(monkeypatch, chat_ckpt, call_block("count()", "count()"), call_block("count()"), "Done.")
@@ -283,6 +286,7 @@ def test_confirmation_yes_no_all(lm: LoadedModel, chat_ckpt: Path, store: Histor
     assert out == "Done.\n" and "answer y, n or a" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["confirmation", "tool"])
 def test_ctrl_c_cancels_the_loop_and_keeps_what_was_stored(where: str, lm: LoadedModel, chat_ckpt: Path,
                                                            store: HistoryStore, tools_file: Path,
@@ -387,6 +391,7 @@ def test_history_show_and_exports_show_calls_and_results(home: Path) -> None:
 # ---------------------------------------------------------------- structured output and the thinking budget
 
 
+@pytest.mark.slow
 def test_schema_in_chat_gives_json_that_validates(chat_ckpt: Path, home: Path) -> None:
     schema = SCHEMAS["pattern"]
     for seed in range(4):
@@ -416,6 +421,7 @@ def test_schema_output_cut_short_fails_the_message(chat_ckpt: Path, home: Path) 
 
 
 
+@pytest.mark.slow
 def test_think_budget_in_chat(opening_ckpt: Path, home: Path) -> None:
     close = load_tokenizer(opening_ckpt).special_tokens["</think>"]
     for budget in (None, 3):

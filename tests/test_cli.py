@@ -132,7 +132,7 @@ def test_root_help_offers_completion_and_examples() -> None:
 
 
 def test_usage_errors_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    from tests.conftest import run_main
+    from tests.helpers import run_main
 
     for args, message in [(["generate", "--bogus"], "No such option: --bogus"),
                           (["generate", "--quantize", "int3"], "'int3' is not one of 'none', 'int8', 'int4'"),

@@ -65,6 +65,7 @@ def test_no_onednn_bf16_prepack_without_bf16_compute(monkeypatch: pytest.MonkeyP
                               and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
+@pytest.mark.slow
 def test_auto_dtype_is_bf16_only_where_something_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from lfm2cli.kernels import native
 
@@ -132,7 +133,7 @@ def test_an_unknown_native_isa_is_an_error_in_one_line(value: str, chat_ckpt: Pa
     the value and what this architecture accepts, exit 2, whatever the dtype."""
     import io
 
-    from tests.conftest import run_main
+    from tests.helpers import run_main
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     monkeypatch.setenv("LFM2_NATIVE_ISA", value)

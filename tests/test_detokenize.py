@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
 from lfm2cli.text.detokenize import StreamingDetokenizer
 from lfm2cli.text.stops import StopMatcher
 from lfm2cli.text.tokenizer import Tokenizer, load_tokenizer
-from tests.tiny_tokenizer import make_tokenizer
+from tests.tiny_tokenizer import add_think_tokens, make_tokenizer
 
 TEXTS = [
     "Café 🙂 日本語のテキスト 👍🏽 🇫🇷 done.",
@@ -136,18 +135,6 @@ def test_any_chunking_never_emits_stop(seed: int) -> None:
     assert not any(s in out for s in stops)
 
 
-def add_think_tokens(path: Path) -> tuple[int, int]:
-    """Make `<think>`/`</think>` special tokens of the tokenizer in `path`, as in LFM2.5's tokenizer; their ids."""
-    from tokenizers import AddedToken
-    from tokenizers import Tokenizer as Backend
-
-    backend = Backend.from_file(str(path / "tokenizer.json"))
-    backend.add_special_tokens([AddedToken("<think>", special=True, normalized=False),
-                                AddedToken("</think>", special=True, normalized=False)])
-    backend.save(str(path / "tokenizer.json"))
-    return backend.token_to_id("<think>"), backend.token_to_id("</think>")
-
-
 @pytest.fixture(scope="module")
 def think_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     path = make_tokenizer(tmp_path_factory.mktemp("think"))
@@ -156,7 +143,7 @@ def think_tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 
 
 def test_kept_markers_come_through_while_other_special_tokens_are_skipped(think_tok: Tokenizer) -> None:
-    from lfm2cli.runs.local import thinking_markers
+    from lfm2cli.runs.prompt import thinking_markers
 
     keep = thinking_markers(think_tok)
     assert sorted(keep.values()) == ["</think>", "<think>"]
@@ -175,7 +162,7 @@ def test_kept_markers_come_through_while_other_special_tokens_are_skipped(think_
 
 
 def test_random_streams_with_kept_markers_add_up(think_tok: Tokenizer) -> None:
-    from lfm2cli.runs.local import thinking_markers
+    from lfm2cli.runs.prompt import thinking_markers
 
     keep = thinking_markers(think_tok)
     rng = random.Random(1)

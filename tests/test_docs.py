@@ -97,3 +97,36 @@ def test_module_map_matches_the_tree() -> None:
         if rel not in listed and not only_docstring:
             unlisted.append(rel)
     assert not unlisted, f"modules missing from docs/architecture.md's map: {unlisted}"
+
+
+def test_packages_import_only_the_layers_below() -> None:
+    """docs/architecture.md lists the packages from the bottom up; a module may import from its own package and
+    those listed before it (and `errors.py`), never from a later one: the data flow reads top to bottom."""
+    import ast
+    import re
+
+    text = MAP.read_text(encoding="utf-8")
+    table = text[text.index("Packages, from the bottom up"):text.index("## Module map")]
+    order: list[str] = []
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            order += re.findall(r"`(\w+)/`", line.split("|")[1])
+    rank = {name: i for i, name in enumerate(order)}
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} <= set(rank), "a package is unlisted"
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).parts
+        if len(parts) < 2:
+            continue  # top-level modules (cli, benchmark, errors) sit outside the layers
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module else
+                     [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "lfm2cli":
+                names = [f"lfm2cli.{a.name}" for a in node.names]
+            for name in names:
+                target = name.split(".")
+                if target[0] != "lfm2cli" or len(target) < 2 or target[1] == parts[0]:
+                    continue
+                if target[1] in rank and rank[target[1]] > rank[parts[0]]:
+                    upward.append(f"{'/'.join(parts)}:{node.lineno} imports {name}")
+    assert not upward, upward

@@ -17,7 +17,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from tests.conftest import run_main
+from tests.helpers import run_main
 
 KEY = "test-key-123"
 
@@ -68,6 +68,7 @@ def _generate(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     return run_main(["generate", *args], monkeypatch, capsys)
 
 
+@pytest.mark.slow
 def test_greedy_text_equals_the_local_run(server: str, chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
     """The server renders the same template and runs the same model: greedy output is the same text."""
@@ -112,6 +113,7 @@ def test_schema_and_tool_choice_travel_to_the_server(server: str, tmp_path: Path
     assert "city" in json.loads(data["tool_calls"][0]["function"]["arguments"])
 
 
+@pytest.mark.slow
 def test_chat_through_the_server_keeps_history(server: str, tmp_path: Path) -> None:
     env = {**os.environ, "LFM2_HOME": str(tmp_path / "home"), "LFM2_DEBUG": ""}
     run = subprocess.run([sys.executable, "-m", "lfm2cli", "chat", "--endpoint", server, "-t", "0", "-n", "12"],
@@ -128,6 +130,7 @@ def test_chat_through_the_server_keeps_history(server: str, tmp_path: Path) -> N
     assert all(m["content"] for m in messages)
 
 
+@pytest.mark.slow
 def test_chat_tool_loop_through_the_server(server: str, tmp_path: Path) -> None:
     marker = tmp_path / "called.json"
     functions = tmp_path / "tools.py"
@@ -148,6 +151,7 @@ def test_chat_tool_loop_through_the_server(server: str, tmp_path: Path) -> None:
     assert "→ 18 degrees" in run.stderr
 
 
+@pytest.mark.slow
 def test_errors_are_one_line(keyed_server: str, monkeypatch: pytest.MonkeyPatch,
                              capsys: pytest.CaptureFixture) -> None:
     code, out, err = _generate(["--endpoint", keyed_server, "-p", "Hi", "-n", "4"], monkeypatch, capsys)

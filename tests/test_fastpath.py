@@ -12,12 +12,13 @@ import torch
 
 from lfm2cli.errors import UsageError
 from lfm2cli.hub.known import KNOWN_CONFIGS, known_config, known_names
-from lfm2cli.kernels import accelerate, is_accelerated
-from lfm2cli.kernels.proj import BLOCK, Proj
+from lfm2cli.kernels.plan import accelerate, is_accelerated
+from lfm2cli.kernels.proj import BLOCK, PlainProj, Proj
 from lfm2cli.kernels.quantize import GROUP, check_mode, dequantize_int8, quantize_int8
 from lfm2cli.loading.checkpoint import parameter_counts
 from lfm2cli.loading.loader import load, load_model, random_model
 from lfm2cli.model.config import load_config
+from tests.helpers import prompt, teacher_forced
 
 TOL = 1e-4
 CPU = torch.device("cpu")
@@ -25,31 +26,9 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
-def prompt(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 def reference(path: Path, dtype: torch.dtype = torch.float32):
     """The model exactly as loaded: separate q/k/v and w1/w3, plain nn.Linear, SDPA attention."""
     return load_model(path, load_config(path), CPU, dtype, fast=False)
-
-
-def teacher_forced(a, b, n_prompt: int = 16, steps: int = 24, seed: int = 1):
-    """Feed both models the same tokens (a's greedy choices); return (max |logit diff| / logit range of a,
-    number of steps where both pick the same token, a's tokens, b's tokens)."""
-    ids = prompt(n_prompt, seed)
-    ca, cb = a.new_cache(), b.new_cache()
-    la, lb = a(ids, ca), b(ids, cb)
-    worst, agree, toks_a, toks_b = 0.0, 0, [], []
-    for _ in range(steps):
-        worst = max(worst, ((la - lb).abs().max() / (la.max() - la.min())).item())
-        ta, tb = int(la.argmax()), int(lb.argmax())
-        toks_a.append(ta)
-        toks_b.append(tb)
-        agree += ta == tb
-        step = torch.tensor([[ta]])
-        la, lb = a(step, ca), b(step, cb)
-    return worst, agree, toks_a, toks_b
 
 
 # ---- fused, prepacked and MoE paths ----
@@ -81,6 +60,7 @@ def test_moe_decode_path_equals_grouped_prefill_path(moe_ckpt: Path) -> None:
     assert (whole - one_by_one).abs().max().item() < TOL
 
 
+@pytest.mark.slow
 def test_bf16_fast_path_is_close_to_bf16_reference(dense_ckpt: Path) -> None:
     ref = reference(dense_ckpt, torch.bfloat16)
     fast = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False).model
@@ -98,17 +78,15 @@ def test_proj_forms_agree(shape: tuple[int, int], rows: int) -> None:
     bias = torch.randn(shape[0], generator=g)
     x = torch.randn(1, rows, shape[1], generator=g)
     expected = torch.nn.functional.linear(x, weight, bias)
-    packed = Proj(weight.clone(), bias)
-    packed.prepack()
-    assert packed.weight is None and packed.kind == "packed"
+    plain = PlainProj(weight.clone(), bias)
+    packed = plain.prepacked()
+    assert plain.weight is None and packed.kind == "packed"  # the packed copy replaces the plain one
     assert (packed(x) - expected).abs().max().item() < TOL
     if shape[0] % BLOCK == 0:
-        blocked = Proj(weight.clone(), bias)
-        blocked.block()
+        blocked = PlainProj(weight.clone(), bias).blocked()
         assert blocked.kind == "blocked" and blocked.blocked.shape == (shape[0] // BLOCK, shape[1], BLOCK)
         assert (blocked(x) - expected).abs().max().item() < TOL  # eager: the blocked weights unblocked
-    q = Proj(weight.clone(), bias)
-    q.quantize("int8")
+    q = PlainProj(weight.clone(), bias).quantized("int8")
     if shape[1] % GROUP == 0:
         deq = dequantize_int8(q.qweight, q.scales)
         assert (q(x) - torch.nn.functional.linear(x, deq, bias)).abs().max().item() < TOL
@@ -135,6 +113,7 @@ def test_quantize_mode_names() -> None:
 
 # ---- int8 model: the stated bound ----
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt, bound, min_agree", [("dense_ckpt", 0.06, 21), ("moe_ckpt", 0.15, 19)])
 def test_int8_logits_stay_within_bound(ckpt: str, bound: float, min_agree: int,
                                        request: pytest.FixtureRequest) -> None:
@@ -178,7 +157,7 @@ def test_fast_decode_gives_eager_tokens(dense_ckpt: Path, quantize: str | None) 
     accelerate(eager, quantize=quantize)
     compiled = load(dense_ckpt, device="cpu", dtype="float32", tokenizer=False, quantize=quantize,
                     compile=True).model
-    assert compiled.step is not None
+    assert compiled.decode_step is not None
     assert {m.kind for m in compiled.modules() if isinstance(m, Proj)} == {"int8-blocked" if quantize else "blocked"}
     # long enough that the KV cache grows (256 -> 512 positions) under the compiled step
     worst, agree, toks_eager, toks_compiled = teacher_forced(eager, compiled, n_prompt=250, steps=12)
@@ -210,9 +189,10 @@ def test_static_masked_decode_step_matches_eager(dense_ckpt: Path) -> None:
 
 def test_compile_is_skipped_for_moe(moe_ckpt: Path) -> None:
     lm = load(moe_ckpt, device="cpu", dtype="float32", tokenizer=False, compile=True)
-    assert lm.model.step is None and is_accelerated(lm.model) and "compile" in lm.skipped
+    assert lm.model.decode_step is None and is_accelerated(lm.model) and "compile" in lm.skipped
 
 
+@pytest.mark.slow
 def test_generate_command_takes_quantize_and_compile(chat_ckpt: Path) -> None:
     import subprocess
     import sys
@@ -265,3 +245,50 @@ def test_random_model_has_the_config_shape() -> None:
     assert sum(p.numel() for p in params.values()) == parameter_counts(cfg)[0]
     logits = model(prompt(8))
     assert torch.isfinite(logits).all()
+
+
+# ---- the decode plan ----
+
+PARTS = (("self_attn.", "attention q/k/v, out"), (".conv.", "conv in, out"), (".experts.", "MoE experts w1/w3, w2"),
+         ("feed_forward.gate", "MoE router"), ("feed_forward.", "MLP w1/w3, w2"), ("lm_head", "LM head"))
+IMPLEMENTATIONS = {"native": "native", "packed": "oneDNN", "plain": "torch", "int8": "torch", "int4": "torch",
+                   "blocked": "compiled"}
+
+
+@pytest.mark.parametrize("ckpt, dtype, quantize", [("dense_ckpt", "float32", None), ("dense_ckpt", "bfloat16", None),
+                                                   ("moe_ckpt", "bfloat16", "int4"), ("moe_ckpt", "float32", "int8")])
+def test_the_plan_says_what_loading_did(ckpt: str, dtype: str, quantize: str | None,
+                                        request: pytest.FixtureRequest) -> None:
+    """The plan is decided from the config before any weight is read; every projection then has the form its
+    part's row names, and the one-token step is the one the plan names."""
+    from lfm2cli.kernels.native_step import NativeDecoder
+    from lfm2cli.kernels.plan import DTYPE_NAMES
+
+    lm = load(request.getfixturevalue(ckpt), device="cpu", dtype=dtype, tokenizer=False, quantize=quantize)
+    assert lm.plan is lm.model.decode_plan
+    rows = {r.part: r for r in lm.plan.rows}
+    for name, m in lm.model.named_modules():
+        if isinstance(m, Proj):
+            row = rows[next(part for key, part in PARTS if key in name)]
+            assert IMPLEMENTATIONS[m.kind.split("-")[-1]] in row.implementation, (name, m.kind, row)
+            assert (m.quant or DTYPE_NAMES[lm.dtype]) in row.format.split(" / "), (name, m.kind, row)
+    step = {"native": NativeDecoder, "eager": type(None)}[lm.plan.step()]
+    assert isinstance(lm.model.decode_step, step) and "one-token step" in rows and "prefill" in rows
+    assert lm.plan.lines()[0].split() == ["part", "implementation", "format", "why", "not", "faster"]
+
+
+def test_plan_without_weights_names_why_not(dense_ckpt: Path) -> None:
+    """A float32 model on CPU is planned from its config alone: torch or oneDNN, each row saying why the
+    native code does not run it; --compile gives way to the native step where that runs."""
+    from lfm2cli.kernels.plan import plan
+
+    cfg = load_config(dense_ckpt)
+    p = plan(cfg, CPU, torch.float32)
+    assert p.step() == "eager" and p.kernels()[0] == "torch"
+    assert all(r.why_not == "native code used for bf16 on CPU only" for r in p.rows if r.part == "LM head")
+    reference = plan(cfg, CPU, torch.float32, fast=False)
+    assert {r.implementation for r in reference.rows if r.part == "LM head"} == {"torch, as loaded"}
+    with_native = plan(cfg, CPU, torch.bfloat16, compile=True)
+    if with_native.native:
+        assert with_native.skipped == {"compile": "lfm2's native CPU code runs this model faster"}
+        assert with_native.step() == "native"

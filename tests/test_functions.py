@@ -10,8 +10,8 @@ import pytest
 
 from lfm2cli.errors import UsageError
 from lfm2cli.reply.functions import FunctionSet, ToolResult, describe, load_functions
+from lfm2cli.reply.tool_specs import check_tools
 from lfm2cli.reply.toolcalls import ToolCall, parse_calls
-from lfm2cli.runs.local import check_tools
 
 WEATHER = '''
 from enum import Enum

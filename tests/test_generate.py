@@ -18,11 +18,12 @@ import torch
 from typer.testing import CliRunner
 
 from lfm2cli.cli import app
-from lfm2cli.decoding.loop import GenerationStats, generate
+from lfm2cli.decoding.loop import GenerationStats, decode_tokens
 from lfm2cli.decoding.sampling import Sampler, SamplingParams
 from lfm2cli.errors import GenerationError
 from lfm2cli.loading.loader import load
-from lfm2cli.runs.local import TextRun, prompt_ids
+from lfm2cli.runs.local import TextRun
+from lfm2cli.runs.prompt import one_shot_prompt
 from tests.tiny import reference_model
 
 ANSI = re.compile(r"\x1b\[")
@@ -34,12 +35,13 @@ def lfm2(*args: str, stdin: str | None = None, timeout: float = 120) -> subproce
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["chat_ckpt", "chat_moe_ckpt"])
 def test_greedy_raw_matches_reference_generate(fixture: str, request: pytest.FixtureRequest) -> None:
     path: Path = request.getfixturevalue(fixture)
     lm = load(path, device="cpu", dtype="float32")
     text = "The quick brown fox jumps over the lazy dog"
-    ids = prompt_ids(lm, text, raw=True)
+    ids = one_shot_prompt(lm, text, raw=True).ids
     assert ids[0] == lm.tokenizer.bos_token_id  # raw prompts get BOS, like tokenizer(text)
     ref = reference_model(path)
     expected = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, repetition_penalty=1.05,
@@ -53,9 +55,10 @@ def test_greedy_raw_matches_reference_generate(fixture: str, request: pytest.Fix
     assert out["stats"]["generated_tokens"] == len(expected)
 
 
+@pytest.mark.slow
 def test_stop_string_is_never_printed(chat_ckpt: Path) -> None:
     lm = load(chat_ckpt, device="cpu", dtype="float32")
-    ids = prompt_ids(lm, "Tell me a story")
+    ids = one_shot_prompt(lm, "Tell me a story").ids
     greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
     full = TextRun(lm, ids, greedy, 40).run()
     stop = full[len(full) // 2: len(full) // 2 + 3]
@@ -66,9 +69,10 @@ def test_stop_string_is_never_printed(chat_ckpt: Path) -> None:
     assert stop not in run.text and run.stats.finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_finish_reasons_and_stats(chat_ckpt: Path) -> None:
     lm = load(chat_ckpt, device="cpu", dtype="float32")
-    ids = prompt_ids(lm, "Hello")
+    ids = one_shot_prompt(lm, "Hello").ids
     run = TextRun(lm, ids, SamplingParams(temperature=0), 5)
     run.run()
     s = run.stats
@@ -76,7 +80,7 @@ def test_finish_reasons_and_stats(chat_ckpt: Path) -> None:
     assert s.prompt_tokens == len(ids) and s.ttft_s > 0 and s.peak_memory_bytes > 0
     # an EOS id forced by a sampler that always picks it ends with "stop" and yields nothing
     stats = GenerationStats()
-    out = list(generate(lm.model, ids, sampler=lambda logits, seen: 7, max_tokens=5, eos_ids=[7], stats=stats))
+    out = list(decode_tokens(lm.model, ids, sampler=lambda logits, seen: 7, max_tokens=5, eos_ids=[7], stats=stats))
     assert out == [] and stats.finish_reason == "stop"
 
 
@@ -86,7 +90,7 @@ def test_rates_over_zero_tokens_are_a_dash(chat_ckpt: Path, monkeypatch: pytest.
     from lfm2cli.benchmark import Spread, _fmt
     from lfm2cli.terminal.formatting import rate
     from lfm2cli.terminal.render import stats_footer
-    from tests.conftest import run_main
+    from tests.helpers import run_main
 
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
     greedy = ["-p", "hi", "-v", "-t", "0", "--dtype", "float32"]
@@ -104,10 +108,10 @@ def test_rates_over_zero_tokens_are_a_dash(chat_ckpt: Path, monkeypatch: pytest.
 
 def test_seeded_sampling_is_reproducible(chat_ckpt: Path) -> None:
     lm = load(chat_ckpt, device="cpu", dtype="float32")
-    ids = prompt_ids(lm, "Hello")
+    ids = one_shot_prompt(lm, "Hello").ids
     p = SamplingParams(temperature=1.0, min_p=0.0, seed=42)
-    a = list(generate(lm.model, ids, sampler=Sampler(p), max_tokens=20))
-    b = list(generate(lm.model, ids, sampler=Sampler(p), max_tokens=20))
+    a = list(decode_tokens(lm.model, ids, sampler=Sampler(p), max_tokens=20))
+    b = list(decode_tokens(lm.model, ids, sampler=Sampler(p), max_tokens=20))
     assert a == b
 
 
@@ -118,6 +122,7 @@ def test_prompt_longer_than_context_fails_before_compute(chat_ckpt: Path) -> Non
     assert "context holds 2048" in str(result.exception)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(chat_ckpt: Path, tmp_path: Path) -> None:
     empty = lfm2("generate", str(chat_ckpt), "--prompt", "   ", stdin="")
     assert empty.returncode == 2 and empty.stderr.strip().startswith("error:") and "empty" in empty.stderr
@@ -135,6 +140,7 @@ def test_cli_errors_are_one_line(chat_ckpt: Path, tmp_path: Path) -> None:
     assert bad.returncode == 2
 
 
+@pytest.mark.slow
 def test_options_the_loader_skips_are_noted_on_stderr(chat_moe_ckpt: Path) -> None:
     """The library returns why it skipped --compile (MoE has no compiled step); the command says so on stderr."""
     r = lfm2("generate", str(chat_moe_ckpt), "--prompt", "hi", "-n", "2", "--compile", "--dtype", "float32",
@@ -229,7 +235,7 @@ def test_non_finite_logits_stop_with_one_line(chat_ckpt: Path, tmp_path: Path, v
 def test_generate_refuses_non_finite_logits_from_the_loop(chat_ckpt: Path) -> None:
     """The check sits in the generation loop, so chat and bench get it too; a finite row passes."""
     lm = load(chat_ckpt, device="cpu", dtype="float32")
-    ids = prompt_ids(lm, "Hello")
+    ids = one_shot_prompt(lm, "Hello").ids
     calls = []
 
     def spy(logits: torch.Tensor, seen: torch.Tensor) -> int:
@@ -244,12 +250,12 @@ def test_generate_refuses_non_finite_logits_from_the_loop(chat_ckpt: Path) -> No
 
     lm.model.forward = poisoned
     with pytest.raises(GenerationError, match="NaN/inf logits at generated token 4"):
-        list(generate(lm.model, ids, sampler=spy, max_tokens=10))
+        list(decode_tokens(lm.model, ids, sampler=spy, max_tokens=10))
     assert len(calls) == 3  # the sampler never saw the bad row
 
 
 def test_as_text_replaces_invalid_utf8_only() -> None:
-    from lfm2cli.runs.local import as_text, read_stdin_text
+    from lfm2cli.terminal.input_text import as_text, read_stdin_text
 
     assert as_text(b"hello \xff\xfe world") == ("hello \ufffd\ufffd world", True)
     # what Python makes of those bytes in argv or a surrogateescape stdin
@@ -346,11 +352,12 @@ def short_context(endless_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) 
     return path
 
 
+@pytest.mark.slow
 def test_context_limit_is_told_apart_from_max_tokens(short_context: Path) -> None:
     from lfm2cli.runs.local import length_stop_note
 
     lm = load(short_context, device="cpu", dtype="float32")
-    ids = prompt_ids(lm, "hi")
+    ids = one_shot_prompt(lm, "hi").ids
     greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
     full = TextRun(lm, ids, greedy, 1000)
     full.run()
@@ -402,10 +409,10 @@ def _generate(args: list[str], script: list[int], monkeypatch: pytest.MonkeyPatc
     """`lfm2 generate ARGS` through the real entry point, the model's output being `script`."""
     import io
 
-    from tests.conftest import run_main
+    from tests.helpers import run_main
 
     prompts: list[list[int]] = []
-    monkeypatch.setattr("lfm2cli.runs.local.generate", _scripted(script, prompts))
+    monkeypatch.setattr("lfm2cli.runs.local.decode_tokens", _scripted(script, prompts))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     code, out, err = run_main(["generate", *args, "--dtype", "float32", "--device", "cpu"], monkeypatch, capsys)
     return code, out, err, prompts
@@ -424,6 +431,7 @@ def _ids(path: Path, *parts: str) -> list[int]:
     return ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("markers", ["special tokens", "plain text"])
 def test_generate_prints_only_the_answer_of_a_model_that_thinks(markers: str, think_ckpt: Path, chat_ckpt: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
@@ -448,6 +456,7 @@ def test_generate_prints_only_the_answer_of_a_model_that_thinks(markers: str, th
     assert data["finish_reason"] == "stop" and data["stats"]["generated_tokens"] == len(script)
 
 
+@pytest.mark.slow
 def test_a_prompt_that_opens_the_block_starts_in_the_reasoning(opening_ckpt: Path, think_ckpt: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture) -> None:
@@ -495,6 +504,7 @@ def test_a_reply_cut_inside_the_block_is_all_reasoning(think_ckpt: Path, monkeyp
     assert (json.loads(out)["text"], json.loads(out)["reasoning"]) == ("", "First, let me think about")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reply", ["  \n<b>Bold</b> and <think>a tag</think> in the answer\n",
                                    "\n\n<thi", "</think> first\n\n", "plain"])
 def test_a_reply_without_a_leading_block_is_printed_as_is(reply: str, think_ckpt: Path,
@@ -507,17 +517,18 @@ def test_a_reply_without_a_leading_block_is_printed_as_is(reply: str, think_ckpt
     assert (json.loads(out)["text"], json.loads(out)["reasoning"]) == (reply, "")
 
 
+@pytest.mark.slow
 def test_a_model_that_never_thinks_prints_what_it_always_did(chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture) -> None:
     """The real loop on the tiny checkpoint: stdout is the text of the run without the split, byte for byte."""
     import io
 
-    from tests.conftest import run_main
+    from tests.helpers import run_main
 
     lm = load(chat_ckpt, device="cpu", dtype="float32")
     greedy = SamplingParams(temperature=0, repetition_penalty=1.0)
     for prompt in ("Tell me a story", "Hello"):
-        ids = prompt_ids(lm, prompt)
+        ids = one_shot_prompt(lm, prompt).ids
         before = TextRun(lm, ids, greedy, 30).run()
         assert before.strip()
         monkeypatch.setattr(sys, "stdin", io.StringIO(""))
@@ -535,7 +546,7 @@ def test_a_model_that_never_thinks_prints_what_it_always_did(chat_ckpt: Path, mo
 def test_reasoning_on_a_terminal_is_dimmed_and_ends_its_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
 
-    from lfm2cli.commands.generate import _ReasoningOut
+    from lfm2cli.commands.generate_output import ReasoningOut
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
@@ -543,7 +554,7 @@ def test_reasoning_on_a_terminal_is_dimmed_and_ends_its_line(monkeypatch: pytest
 
     err = Terminal()
     monkeypatch.setattr(sys, "stderr", err)
-    out = _ReasoningOut()
+    out = ReasoningOut()
     out.feed("2 + 2 [bold]is[/bold] 4")  # markup in the model's text is text
     out.end()
     out.end()  # a second end (answer, then the end of the reply) adds nothing
@@ -645,6 +656,7 @@ def test_a_block_that_does_not_parse_is_shown_as_text(chat_ckpt: Path, tools_fil
     assert data["text"] == "<|tool_call_start|>[get_weather(location=Paris]<|tool_call_end|> sorry"
 
 
+@pytest.mark.slow
 def test_tools_with_a_plain_reply_stop_strings_and_an_unclosed_block(chat_ckpt: Path, tools_file: Path,
                                                                      monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture) -> None:

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 in groups of 32 (kernels/quantize.py, csrc/linear_grouped.c): int4's round trip keeps
+"""Weight-only int8 and int4 in groups of 32 (kernels/quantize.py, csrc/arch/*/quant.c): int4's round trip keeps
 its documented bound and is at least as accurate as llama.cpp's Q4_0 rule (int8's bounds: tests/test_quality.py);
 at every native level this CPU executes, the kernels of both formats equal a torch reference on the same numbers
 (activations rounded per group of 32 to int8) for odd shapes and every token count, a token's result does not
@@ -16,7 +16,7 @@ import torch
 from lfm2cli.errors import UsageError
 from lfm2cli.kernels import native
 from lfm2cli.kernels.native_step import NativeDecoder
-from lfm2cli.kernels.proj import Proj
+from lfm2cli.kernels.proj import PlainProj, Proj
 from lfm2cli.kernels.quantize import (
     GROUP,
     check_mode,
@@ -28,7 +28,7 @@ from lfm2cli.kernels.quantize import (
 )
 from lfm2cli.loading.loader import load
 from lfm2cli.system import cpu
-from tests.conftest import native_at_level
+from tests.helpers import native_at_level
 
 
 @pytest.fixture(scope="module", params=cpu.native_levels() or ["none"])
@@ -99,8 +99,7 @@ def test_at_least_as_accurate_as_q4_0() -> None:
 def test_widths_that_are_not_whole_groups(mode: str) -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         QUANTIZE[mode](torch.randn(16, 48))
-    p = Proj(torch.randn(16, 48).bfloat16())
-    p.quantize(mode)  # keeps its precision
+    p = PlainProj(torch.randn(16, 48).bfloat16()).quantized(mode)  # keeps its precision
     assert p.quant is None and p.weight is not None and p.kind == "plain"
 
 
@@ -118,8 +117,7 @@ def test_torch_fallback_is_the_dequantised_product(mode: str) -> None:
     deq = DEQUANTIZE[mode](q, scales)
     assert torch.equal(grouped_linear(x, q, scales, mode), torch.nn.functional.linear(x, deq.bfloat16()))
     assert torch.equal(grouped_linear(x.float(), q, scales, mode), torch.nn.functional.linear(x.float(), deq))
-    p = Proj(w.clone())
-    p.quantize(mode)
+    p = PlainProj(w.clone()).quantized(mode)
     assert p.kind == mode and p.nbytes() == 70 * 96 * BITS[mode] // 8 + 70 * 3 * 2
     assert torch.equal(p(x), grouped_linear(x, q, scales, mode))
 
@@ -170,6 +168,7 @@ def test_a_token_gives_the_same_bits_alone_or_with_others(kernel: str, mode: str
     assert torch.equal(native.linear(x[:6], packed, 200, FORMAT[mode]), many[:6])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_levels_give_the_same_bits(kernel: str, mode: str) -> None:
     """Both levels read the same packed layouts and sum in exact integers, group by group in the same order:
@@ -230,12 +229,11 @@ def test_group_of_products_equals_each_product(kernel: str, mode: str) -> None:
 def test_proj_switches_to_the_native_form(kernel: str, mode: str) -> None:
     w = weights(80, 64, 6)
     x = torch.randn(1, 4, 64).bfloat16()
-    p = Proj(w.clone())
-    p.quantize(mode)
-    q, scales = p.qweight, p.scales
-    assert p.can_native()
-    p.to_native()
-    assert p.kind == f"{mode}-native" and p.qweight is None and p.scales is None
+    quantized = PlainProj(w.clone()).quantized(mode)
+    q, scales = quantized.qweight, quantized.scales
+    assert quantized.can_native()
+    p = quantized.to_native()
+    assert p.kind == f"{mode}-native" and quantized.qweight is None and quantized.scales is None
     assert p.native_format == FORMAT[mode] and p.nbytes() == 80 * 64 * BITS[mode] // 8 + 80 * 2 * 2
     check_product(p(x).view(4, -1), x.view(4, -1), q, scales)
     check_product(p(x[:, :1]).view(1, -1), x[0, :1], q, scales)
@@ -263,6 +261,7 @@ def body_kinds(model) -> set[str]:
     return {m.kind for m in model.modules() if isinstance(m, Proj) and not m.keep_precision and m is not model.lm_head}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt, bound, min_agree, fallback_bound",
                          [("dense_ckpt", 0.6, 6, 0.05), ("moe_ckpt", 0.6, 8, 0.15)])
 def test_int4_models_stay_within_the_bound(kernel: str, ckpt: str, bound: float, min_agree: int,
@@ -275,7 +274,7 @@ def test_int4_models_stay_within_the_bound(kernel: str, ckpt: str, bound: float,
     full = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
     int4 = load(path, device="cpu", dtype="bfloat16", tokenizer=False, quantize="int4").model
     assert body_kinds(int4) == {"int4-native"}
-    assert isinstance(int4.step, NativeDecoder) and int4.step.layers is not None
+    assert isinstance(int4.decode_step, NativeDecoder) and int4.decode_step.layers is not None
     worst, agree = teacher_forced(full, int4)
     assert worst < bound and agree >= min_agree
     monkeypatch.setenv("LFM2_NATIVE", "0")

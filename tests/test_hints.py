@@ -19,7 +19,7 @@ import pytest
 import typer
 
 from lfm2cli.cli import app
-from tests.conftest import run_main
+from tests.helpers import run_main
 from tests.hub_server import FakeHub
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lfm2cli"
@@ -80,6 +80,7 @@ def _texts(tree: ast.AST) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 def test_every_flag_written_in_the_package_exists() -> None:
     """A flag in a message, a help text or a docstring is an option of the command it names, or of some command."""
     every = set().union(*OPTIONS.values())

@@ -542,6 +542,7 @@ def test_cli_search(home: tuple[Path, list[str]]) -> None:
     assert none.exit_code == 0 and none.stdout == "" and "xylophone" in none.stderr
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_with_exit_codes(home: tuple[Path, list[str]]) -> None:
     path, ids = home
     env = {**os.environ, "LFM2_HOME": str(path)}
@@ -602,6 +603,7 @@ def _foreign(path: Path) -> None:
     db.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make, culprit", [(_future_schema, "newer lfm2"), (_foreign, "not lfm2's chat history")])
 @pytest.mark.parametrize("command", [["history", "list"], ["history", "search", "kept"], ["chat", "/no/model"]])
 def test_refused_history_file_is_not_changed(tmp_path: Path, make, culprit: str, command: list[str]) -> None:
@@ -675,6 +677,7 @@ def test_export_json_is_strict_json(tmp_path: Path) -> None:
                       parse_constant=_no_constants) == {"temperature": None}
 
 
+@pytest.mark.slow
 def test_search_and_show_with_arguments_that_are_not_utf8(home: tuple[Path, list[str]]) -> None:
     path, ids = home
     with HistoryStore(path / "history.db") as s:

@@ -49,8 +49,7 @@ from lfm2cli.reply.toolcalls import (
     parse_calls,
     parse_output,
 )
-from tests.conftest import run_main
-from tests.helpers import wait_measured
+from tests.helpers import run_main, wait_measured
 
 S, E = TOOL_CALL_START, TOOL_CALL_END
 EOS = 7  # <|im_end|> in the test tokenizer
@@ -286,9 +285,10 @@ def digit_lover(monkeypatch: pytest.MonkeyPatch, ckpt: Path) -> None:
 
 def constrained_run(lm: Any, grammar: Any, tools: Any = None, max_tokens: int = 200, prompt: str = "Compute.") -> Any:
     from lfm2cli.decoding.sampling import SamplingParams
-    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
+    from lfm2cli.runs.local import TextRun
+    from lfm2cli.runs.prompt import one_shot_prompt
 
-    ids = encode_prompt(lm, prompt_text(lm, prompt, tools=tools))
+    ids = one_shot_prompt(lm, prompt, tools=tools).ids
     run = TextRun(lm, ids, SamplingParams(temperature=0), max_tokens, grammar=grammar, tools=tools)
     run.run()
     return run
@@ -336,14 +336,15 @@ def test_a_forced_call_begun_inside_the_reasoning_is_the_call(opening_ckpt: Path
     block. The grammar takes the marker as its own first token and the call comes out whole."""
     from lfm2cli.decoding.sampling import SamplingParams
     from lfm2cli.loading.loader import load
-    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
+    from lfm2cli.runs.local import TextRun
+    from lfm2cli.runs.prompt import one_shot_prompt
 
     lm = load(opening_ckpt, device="cpu", dtype="float32")
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     Script(monkeypatch, opening_ckpt, f'<think>\nI will look it up.{S}[get_weather(city="Paris")]{E}')
-    rendered = prompt_text(lm, "Weather in Paris?", tools=tools)
-    run = TextRun(lm, encode_prompt(lm, rendered), SamplingParams(temperature=0), 100, think=True, opened=True,
+    rendered = one_shot_prompt(lm, "Weather in Paris?", tools=tools)
+    run = TextRun(lm, rendered.ids, SamplingParams(temperature=0), 100, think=True, opened=True,
                   tools=tools, grammar=tool_call_grammar(tools))
     run.run()
     assert run.reasoning == "I will look it up."

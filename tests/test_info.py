@@ -20,7 +20,7 @@ from lfm2cli.loading.checkpoint import expected_tensors, read_all_headers
 from lfm2cli.loading.describe import describe, plain_lines
 from lfm2cli.model.config import parse_config
 from lfm2cli.terminal.formatting import human_bytes, human_count
-from tests.conftest import run_main
+from tests.helpers import run_main
 from tests.tiny import edit_config, make_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -352,6 +352,27 @@ def test_subprocess_never_imports_torch_and_pipes_plain_text(dense_ckpt: Path) -
     assert piped.returncode == 0 and piped.stderr == ""
     assert "\x1b" not in piped.stdout
     assert piped.stdout.splitlines() == plain_lines(describe(dense_ckpt))
+
+
+def test_plan_is_the_one_loading_follows(dense_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture) -> None:
+    """`--plan` adds the decode plan that loading with the same options follows, decided from the config alone;
+    without it the JSON has no plan."""
+    from lfm2cli.loading.loader import load
+
+    code, out, _ = run_main(["info", str(dense_ckpt), "--plan", "--json", "--dtype", "float32", "--quantize",
+                             "int8"], monkeypatch, capsys)
+    assert code == 0
+    lm = load(dense_ckpt, dtype="float32", quantize="int8", tokenizer=False)
+    assert json.loads(out)["plan"] == lm.plan.table()
+    assert {row["format"] for row in lm.plan.table() if row["part"] == "LM head"} == {"int8"}
+    code, out, _ = run_main(["info", str(dense_ckpt), "--plan", "--dtype", "float32"], monkeypatch, capsys)
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("decode plan on this machine (cpu, fp32"))
+    assert code == 0 and lines[start + 1].split()[:3] == ["part", "implementation", "format"]
+    assert "one-token step" in out and "prefill" in out
+    code, out, _ = run_main(["info", str(dense_ckpt), "--json"], monkeypatch, capsys)
+    assert code == 0 and "plan" not in json.loads(out)
 
 
 def test_failed_check_still_describes_then_exits_1(dense_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

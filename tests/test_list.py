@@ -13,9 +13,9 @@ import pytest
 
 from lfm2cli.hub import local
 from lfm2cli.hub.known import known_config
-from lfm2cli.loading.checkpoint import memory_needed
+from lfm2cli.loading.fit import memory_needed
 from lfm2cli.terminal.formatting import human_bytes
-from tests.conftest import run_main
+from tests.helpers import run_main
 
 GOOD, BAD = "test-org/good", "test-org/bad"
 COMMIT = "c" * 40

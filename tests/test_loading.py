@@ -260,6 +260,7 @@ def _assert_refused(root: Path, words: list[str], monkeypatch: pytest.MonkeyPatc
     assert _files(root) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(DAMAGED))
 def test_damaged_checkpoint_is_refused_by_info_and_generate(kind: str, dense_ckpt: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch,

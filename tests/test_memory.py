@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from lfm2cli.hub.known import known_config
-from lfm2cli.loading.checkpoint import memory_needed, parameter_counts, weight_bytes
-from lfm2cli.system.memory import available_memory, fits_advice
+from lfm2cli.loading.checkpoint import parameter_counts
+from lfm2cli.loading.fit import fits_advice, memory_needed, weight_bytes
+from lfm2cli.system.memory import available_memory
 
 
 def test_weight_bytes_follow_the_formats() -> None:
@@ -39,6 +40,7 @@ def test_advice_names_the_largest_precision_that_fits() -> None:
     assert "smaller model" in fits_advice(cfg, "int4", 2, need["int4"] - 1)
 
 
+@pytest.mark.slow
 def test_an_impossible_load_is_refused_in_one_line() -> None:
     """The real command on this machine: LFM2-24B-A2B in bf16 (~48 GB) is refused before anything is built."""
     import torch

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lfm2cli.loading.loader import load
+from tests.helpers import prompt
 from tests.tiny import edit_config, make_checkpoint, reference_model
 
 TOL = 1e-4
@@ -35,10 +36,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def prompt(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 512, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module", params=list(VARIANTS), ids=list(VARIANTS))
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     path = make_checkpoint(tmp_path_factory.mktemp(request.param), **VARIANTS[request.param])
@@ -46,6 +43,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return ours, reference_model(path, "float32"), path
 
 
+@pytest.mark.slow
 def test_full_forward_matches_reference(pair) -> None:
     ours, ref, _ = pair
     ids = prompt(N_PROMPT + N_DECODE)
@@ -56,6 +54,7 @@ def test_full_forward_matches_reference(pair) -> None:
     assert (got - expected).abs().max().item() < TOL
 
 
+@pytest.mark.slow
 def test_prefill_then_decode_matches_reference(pair) -> None:
     ours, ref, _ = pair
     ids = prompt(N_PROMPT + N_DECODE)
@@ -70,6 +69,7 @@ def test_prefill_then_decode_matches_reference(pair) -> None:
         assert (logits - expected[N_PROMPT - 1 + j]).abs().max().item() < TOL
 
 
+@pytest.mark.slow
 def test_chunked_prefill_matches_reference(pair) -> None:
     ours, ref, _ = pair
     ids = prompt(N_PROMPT + N_DECODE, seed=2)
@@ -80,6 +80,7 @@ def test_chunked_prefill_matches_reference(pair) -> None:
     assert (torch.cat(chunks, dim=1) - expected).abs().max().item() < TOL
 
 
+@pytest.mark.slow
 def test_greedy_continuation_matches_reference_generate(pair) -> None:
     ours, ref, _ = pair
     ids = prompt(12, seed=3)

@@ -6,7 +6,9 @@ answers; without it (no compiler, LFM2_NATIVE=0) everything still runs."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,12 @@ import torch.nn.functional as F
 
 from lfm2cli.kernels import native
 from lfm2cli.kernels.native_step import NativeDecoder
-from lfm2cli.kernels.proj import Proj
+from lfm2cli.kernels.proj import PlainProj, Proj
 from lfm2cli.loading.loader import load, load_model
 from lfm2cli.model.config import load_config
 from lfm2cli.model.layers import RMSNorm, apply_rope, decode_attention, rope_cos_sin
 from lfm2cli.system import cpu
-from tests.conftest import native_at_level
+from tests.helpers import native_at_level
 
 CPU = torch.device("cpu")
 
@@ -61,6 +63,20 @@ def test_bf16_product_is_the_rounded_float_product(kernel: None, shape: tuple[in
     assert bf16_close(y, x.float() @ w.float().t())
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (70, 38), (200, 1040), (130, 2000), (64, 1538)])
+def test_a_token_gives_the_same_bits_alone_or_with_others(kernel: None, shape: tuple[int, int]) -> None:
+    """One token (decode) and several (a batch of sequences, prefill) sum a row in one order, chunks of long rows
+    included: a sequence's numbers do not depend on what it is batched with."""
+    g = torch.Generator().manual_seed(shape[1])
+    w = torch.randn(shape, generator=g).bfloat16()
+    packed = native.pack(w)
+    for rows in (2, 7, 13, 40):
+        x = torch.randn(rows, shape[1], generator=g).bfloat16()
+        many = native.linear(x, packed, shape[0])
+        for t in range(rows):
+            assert torch.equal(native.linear(x[t:t + 1], packed, shape[0]), many[t:t + 1]), (rows, t)
+
+
 def test_group_of_products_equals_each_product(kernel: None) -> None:
     """The MoE step's routed experts run as one group: bit-identical to one product at a time."""
     g = torch.Generator().manual_seed(12)
@@ -95,21 +111,19 @@ def test_proj_switches_to_the_native_form(kernel: None) -> None:
     g = torch.Generator().manual_seed(6)
     w, b = torch.randn(80, 64, generator=g).bfloat16(), torch.randn(80, generator=g).bfloat16()
     x = torch.randn(1, 4, 64, generator=g).bfloat16()
-    p, with_bias = Proj(w.clone()), Proj(w.clone(), b)
-    assert p.can_native()
-    p.to_native()
-    with_bias.to_native()
-    assert p.kind == "native" and p.weight is None and p.nbytes() == 80 * 64 * 2
+    plain, with_bias = PlainProj(w.clone()), PlainProj(w.clone(), b)
+    assert plain.can_native()
+    p = plain.to_native()
+    with_bias = with_bias.to_native()
+    assert p.kind == "native" and plain.weight is None and p.nbytes() == 80 * 64 * 2
     assert bf16_close(p(x), x.float() @ w.float().t())
     assert torch.equal(with_bias(x), p(x) + b)
-    q = Proj(w.clone())
-    q.quantize("int8")
-    q.to_native()
-    assert q.kind == "int8-native" and q.qweight is None
-    odd = Proj(torch.randn(16, 33, generator=g).bfloat16())
+    q = PlainProj(w.clone()).quantized("int8")
+    assert q.to_native().kind == "int8-native" and q.qweight is None
+    odd = PlainProj(torch.randn(16, 33, generator=g).bfloat16())
     assert not odd.can_native()  # inputs come in pairs: odd widths keep torch's kernels
-    partial = Proj(torch.randn(16, 34, generator=g).bfloat16())
-    partial.quantize("int8")  # not whole groups of 32: kept in bf16, and native as such
+    partial = PlainProj(torch.randn(16, 34, generator=g).bfloat16())
+    partial = partial.quantized("int8")  # not whole groups of 32: kept in bf16, and native as such
     assert partial.quant is None and partial.can_native()
 
 
@@ -179,7 +193,7 @@ def test_attention_step_equals_torch(library: None, pos: int) -> None:
 def lockstep(model, first, second, steps: int):
     """Two caches fed the same tokens (the first run's greedy choices), `first()` / `second()` setting the model
     up before each one's step; yields each step's pair of logits."""
-    from tests.test_fastpath import prompt
+    from tests.helpers import prompt
 
     caches = (model.new_cache(), model.new_cache())
     logits = [model(prompt(9), c) for c in caches]
@@ -193,14 +207,15 @@ def lockstep(model, first, second, steps: int):
     assert caches[0].pos == caches[1].pos
 
 
+@pytest.mark.slow
 def test_native_decode_step_gives_the_eager_answers(kernel: None, dense_ckpt: Path, moe_ckpt: Path) -> None:
     """The one-token step in native code against the eager torch layers on the same native products."""
     for path in (dense_ckpt, moe_ckpt):
         model = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
-        decoder = model.step
+        decoder = model.decode_step
         assert isinstance(decoder, NativeDecoder)
-        for fast, eager in lockstep(model, lambda m=model, d=decoder: setattr(m, "step", d),
-                                    lambda m=model: setattr(m, "step", None), 20):
+        for fast, eager in lockstep(model, lambda m=model, d=decoder: setattr(m, "decode_step", d),
+                                    lambda m=model: setattr(m, "decode_step", None), 20):
             assert int(fast.argmax()) == int(eager.argmax())
             assert (fast - eager).abs().max() <= 0.01 * (eager.max() - eager.min())  # sums in another order
 
@@ -212,7 +227,7 @@ def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path, moe_c
     same numbers up to the last bit of a rounding."""
     for path, exact in ((dense_ckpt, True), (moe_ckpt, False)):
         model = load(path, device="cpu", dtype="bfloat16", tokenizer=False).model
-        decoder, table = model.step, model.step.layers
+        decoder, table = model.decode_step, model.decode_step.layers
         assert table is not None
         for whole, per_op in lockstep(model, lambda d=decoder, t=table: setattr(d, "layers", t),
                                       lambda d=decoder: setattr(d, "layers", None), 12):
@@ -223,6 +238,7 @@ def test_whole_step_equals_the_per_op_step(kernel: None, dense_ckpt: Path, moe_c
                 assert (whole - per_op).abs().max() <= 0.01 * (per_op.max() - per_op.min())
 
 
+@pytest.mark.slow
 def test_build_is_cached_and_keyed_by_source_and_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
@@ -239,12 +255,62 @@ def test_build_is_cached_and_keyed_by_source_and_level(tmp_path: Path, monkeypat
     (changed / "ops.c").write_text((changed / "ops.c").read_text() + "\n/* changed */\n")
     monkeypatch.setattr(native, "SOURCES", changed)
     assert native.build(tmp_path / "out", "avx2") != first  # a new source is a new build, never a stale library
+    second = native.build(tmp_path / "out", "avx2")
+    kernel = changed / "arch" / "x86" / "avx2.c"
+    kernel.write_text(kernel.read_text() + "\n/* changed */\n")
+    assert native.build(tmp_path / "out", "avx2") != second  # the level files in subfolders count too
     assert not list((tmp_path / "out").glob(".build-*"))
+
+
+@pytest.fixture()
+def level_zero(tmp_path: Path) -> Path:
+    """The library built without a level's flags (level 0: csrc/reference.c's scalar kernels)."""
+    cc = native._compiler()
+    if cc is None:
+        pytest.skip("no C compiler here")
+    lib = tmp_path / "lfm2-none.so"
+    done = subprocess.run([cc, *native.COMMON_FLAGS, f"-I{native.SOURCES}", str(native.SOURCES / "native.c"), "-o",
+                           str(lib)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    yield lib
+    native.reset()
+
+
+def test_a_library_without_a_level_loads_cleanly_and_is_not_used(level_zero: Path) -> None:
+    """Every level exports every function, so a build without one loads; models then stay on torch."""
+    native.reset()
+    assert native.attach(level_zero, "avx2") == "built without its avx2 kernel"
+    assert not native.ready() and native.level() is None
+
+
+def test_a_library_that_does_not_match_is_refused_with_the_reason(level_zero: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing function or a struct of another size is a reason in why_not, not an AttributeError or a crash."""
+    monkeypatch.setitem(native._SIGNATURES, "lfm2_no_such_function", [])
+    native.reset()
+    why = native.attach(level_zero, "avx2")
+    assert why is not None and "lacks lfm2_no_such_function" in why and native._lib is None
+    monkeypatch.delitem(native._SIGNATURES, "lfm2_no_such_function")
+
+    layer = native.Layer
+
+    class Shorter(ctypes.Structure):
+        _fields_ = layer._fields_[:-1]
+
+    monkeypatch.setattr(native, "Layer", Shorter)
+    native.reset()
+    why = native.attach(level_zero, "avx2")
+    assert why is not None and "lfm2_layer" in why and not native.ready()
+    monkeypatch.setattr(native, "Layer", layer)
+    monkeypatch.setitem(native.FORMATS, "int4", native.Format("int4", native.INT4, 32, 289))
+    native.reset()
+    why = native.attach(level_zero, "avx2")
+    assert why is not None and "int4" in why and not native.ready()
 
 
 def test_models_use_it_for_bf16_and_answer_like_the_reference(kernel: None, dense_ckpt: Path,
                                                              moe_ckpt: Path) -> None:
-    from tests.test_fastpath import teacher_forced
+    from tests.helpers import teacher_forced
 
     for path, int8_bound in ((dense_ckpt, 0.1), (moe_ckpt, 0.25)):
         ref = load_model(path, load_config(path), CPU, torch.float32, fast=False)
@@ -264,11 +330,12 @@ def test_compile_is_ignored_where_the_native_code_runs(kernel: None, dense_ckpt:
                                                        capfd: pytest.CaptureFixture) -> None:
     """The native step decodes faster than the compiled one and compiles nothing: --compile gives way to it."""
     lm = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False, compile=True)
-    assert isinstance(lm.model.step, NativeDecoder)
+    assert isinstance(lm.model.decode_step, NativeDecoder)
     assert lm.skipped == {"compile": "lfm2's native CPU code runs this model faster"}
     assert capfd.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path) -> None:
     """No compiler on PATH and LFM2_NATIVE=0: a bf16 model still runs, on torch's kernels."""
     import subprocess

@@ -153,6 +153,7 @@ def test_the_package_imports_only_runtime_dependencies() -> None:
     assert all(normalise(carrier) in runtime for carrier, _ in CARRIED.values())
 
 
+@pytest.mark.slow
 def test_tests_and_benchmarks_import_only_declared_dependencies() -> None:
     runtime, test_extra = declared()
     found = {m for m, _, _ in third_party_imports("tests")} | {m for m, _, _ in third_party_imports("benchmarks")}

@@ -19,7 +19,7 @@ from lfm2cli.commands.confirm import ask_yes_no
 from lfm2cli.errors import CheckpointError, HubError, UsageError
 from lfm2cli.hub import download, local, names
 from lfm2cli.hub.progress import LineProgress, RichProgress
-from tests.conftest import run_main
+from tests.helpers import run_main
 from tests.hub_server import FakeHub
 
 REPO = "test-org/tiny-lfm2"
@@ -438,6 +438,7 @@ def test_yes_no_question():
 
 # ---- names that are paths, a cache that is a file, a cache that cannot be changed ----
 
+@pytest.mark.slow
 def test_cli_a_mistyped_path_is_not_sent_to_the_hub(env, fake_hub, tmp_path):
     # the rule (hub/names.py): `owner/name` is a path when the folder `owner` is here and no cache holds it;
     # a leading `.`, `/` or `~`, a backslash, a second `/` or a trailing `/` always make a path
@@ -473,6 +474,7 @@ def test_a_downloaded_model_resolves_even_where_its_owner_is_a_folder(env, fake_
         names.resolve_model("test-org/other")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inside", [False, True], ids=["the-file", "below-the-file"])
 def test_cli_cache_setting_that_is_a_file_is_one_line(env, fake_hub, tmp_path, inside):
     blocker = tmp_path / "cache-file"

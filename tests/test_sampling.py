@@ -195,6 +195,7 @@ def test_params_and_parse_use_the_same_rules() -> None:
             parse_setting("temperature", text)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, value", [("--seed", "99999999999999999999999"), ("--seed", "-3"),
                                            ("--temperature", "inf"), ("--top-p", "nan"), ("--max-tokens", "0")])
 def test_generate_refuses_an_out_of_range_option_in_one_line(option: str, value: str, tmp_path) -> None:
@@ -233,6 +234,7 @@ def test_non_finite_logits_from_the_model_fall_back_to_the_best_finite_token() -
     assert 0 <= Sampler(SamplingParams(temperature=0.7, seed=0))(torch.full((50,), float("nan"))) < 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option, value", [("--temperature", "1e-320"), ("--repetition-penalty", "1e-40"),
                                            ("--temperature", "1e308")])
 def test_generate_refuses_sampling_values_that_would_overflow(option: str, value: str, chat_ckpt, tmp_path) -> None:

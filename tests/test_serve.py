@@ -21,8 +21,9 @@ import openai
 import pytest
 
 from lfm2cli.decoding.sampling import SamplingParams
-from tests.conftest import opening_template, run_main, thinking_copy
-from tests.helpers import MODEL, Running, api_error, serving, start_serve
+from tests.helpers import MODEL, Running, api_error, opening_template, run_main, serving, start_serve, thinking_copy
+
+pytestmark = pytest.mark.slow  # every test here runs a real server
 
 GREEDY = dict(temperature=0)
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather", "parameters": {
@@ -45,14 +46,15 @@ def client(srv: Running) -> openai.OpenAI:
 def _expected(lm, messages: list[dict] | None = None, prompt: str | None = None, max_tokens: int = 64,
               params: dict | None = None, **run_options: Any):
     """What the library generates cold for this request: the reference the server must match."""
-    from lfm2cli.reply.thinking import opened_by_prompt
     from lfm2cli.runs.local import TextRun
+    from lfm2cli.runs.prompt import encode_prompt
 
     sampling = SamplingParams.from_dict({**SamplingParams().to_dict(), **(params or GREEDY)})
     if messages is not None:
         text = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=run_options.get("tools"))
-        ids = lm.tokenizer.encode(text)
-        run = TextRun(lm, ids, sampling, max_tokens, think=True, opened=opened_by_prompt(text), **run_options)
+        rendered = encode_prompt(lm.tokenizer, text)
+        ids = rendered.ids
+        run = TextRun(lm, ids, sampling, max_tokens, think=True, opened=rendered.opened, **run_options)
     else:
         ids = lm.tokenizer.encode(prompt, add_special_tokens=True)
         run = TextRun(lm, ids, sampling, max_tokens, **run_options)
@@ -298,7 +300,7 @@ def _post(srv: Running, path: str, body: Any = None, raw: bytes | None = None, *
     ({"messages": HELLO, "max_tokens": 0}, "max_tokens", "max_tokens must be a whole number >= 1"),
     ({"messages": HELLO, "stream": "yes"}, "stream", "stream: expected a boolean, got string"),
     ({"messages": HELLO, "stop": [1]}, "stop", "stop: expected a string or a list"),
-    ({"messages": HELLO, "n": 2}, "n", "only 1 choice"),
+    ({"messages": HELLO, "n": 9}, "n", "n: expected 1 to 8 choices"),
     ({"messages": "hi"}, "messages", "messages: expected a non-empty list"),
     ({"model": MODEL}, "messages", "messages: required"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "expected one of system"),
@@ -487,7 +489,6 @@ def _lfm2_serve(*args: str) -> tuple[subprocess.Popen, str, list[str]]:
     return proc, url, lines
 
 
-@pytest.mark.slow
 def test_lfm2_serve_starts_logs_each_request_and_stops_on_ctrl_c(chat_ckpt: Path) -> None:
     proc, url, lines = _lfm2_serve(str(chat_ckpt), "--dtype", "float32", "--api-key", "k1")
     try:
@@ -508,7 +509,6 @@ def test_lfm2_serve_starts_logs_each_request_and_stops_on_ctrl_c(chat_ckpt: Path
     assert not any("Traceback" in line or "ERROR" in line for line in lines)
 
 
-@pytest.mark.slow
 def test_serve_name_sets_the_ids_clients_may_send(chat_ckpt: Path) -> None:
     """--name, repeated: /v1/models lists the names in order, replies carry the first, requests may send any (or
     the names the server always took: the path, the folder); any other name is still refused."""
@@ -551,7 +551,6 @@ def _rss_kb(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc")
 def test_sixteen_clients_with_a_quarter_leaving_mid_stream(endless_ckpt: Path) -> None:
     """16 clients x 8 requests on one server (queue 16): every completed reply equals the reply the same request

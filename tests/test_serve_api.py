@@ -20,8 +20,7 @@ import pytest
 
 from lfm2cli.decoding.sampling import SamplingParams
 from lfm2cli.loading.loader import load
-from tests.conftest import run_main
-from tests.helpers import MODEL, Running, serving
+from tests.helpers import MODEL, Running, run_main, serving
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +97,7 @@ def test_presence_and_frequency_penalties_are_applied_as_the_library_applies_the
     ({"function_call": "auto"}, "function_call", "tool_choice"),
     ({"reasoning_effort": "low"}, "reasoning_effort", "think_budget"),
     ({"modalities": ["text", "audio"]}, "modalities", "text model"),
-    ({"top_logprobs": 3}, "top_logprobs", "not supported"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
     ({"extra_body": {"min_tokens": 5}}, "min_tokens", "not supported"),
     ({"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}, "chat_template_kwargs", "not supported"),
 ])

@@ -14,23 +14,8 @@ import pytest
 
 from lfm2cli.decoding.constraints import choose_grammar, json_grammar, read_schema, tool_call_grammar
 from lfm2cli.errors import UsageError
-from tests.conftest import opening_template, run_main, thinking_copy
+from tests.helpers import SCHEMAS, opening_template, run_main, thinking_copy
 
-SCHEMAS = {
-    "person": {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
-        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4}},
-        "required": ["name", "age", "tags"], "additionalProperties": False},
-    "nested": {"type": "object", "properties": {
-        "user": {"type": "object", "properties": {"id": {"type": "integer"}, "ok": {"type": "boolean"}},
-                 "required": ["id", "ok"], "additionalProperties": False},
-        "score": {"type": "number"}, "note": {"anyOf": [{"type": "string", "maxLength": 10}, {"type": "null"}]}},
-        "required": ["user", "score", "note"], "additionalProperties": False},
-    "pattern": {"type": "object", "properties": {"date": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"},
-                                                 "level": {"enum": ["low", "high"]}},
-                "required": ["date", "level"], "additionalProperties": False},
-    "list": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 5},
-}
 SEEDS = range(20)
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
@@ -47,15 +32,17 @@ TOOLS = [
 
 def _run(lm, grammar, seed: int, *, tools=None, max_tokens: int = 160, prompt: str = "Describe someone.", **kw):
     from lfm2cli.decoding.sampling import SamplingParams
-    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
+    from lfm2cli.runs.local import TextRun
+    from lfm2cli.runs.prompt import one_shot_prompt
 
-    ids = encode_prompt(lm, prompt_text(lm, prompt, tools=tools))
+    ids = one_shot_prompt(lm, prompt, tools=tools).ids
     run = TextRun(lm, ids, SamplingParams(temperature=1.0, min_p=0.0, seed=seed), max_tokens, grammar=grammar,
                   tools=tools, **kw)
     run.run()
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_every_seed_gives_json_that_validates(name: str, lm) -> None:
     schema = SCHEMAS[name]
@@ -70,12 +57,14 @@ def test_every_seed_gives_json_that_validates(name: str, lm) -> None:
     assert len(texts) > len(SEEDS) // 2  # sampled, not one canned answer
 
 
+@pytest.mark.slow
 def test_the_same_model_without_a_grammar_writes_no_json(lm) -> None:
     """The control: what makes the outputs above valid is the grammar, not the model."""
     from lfm2cli.decoding.sampling import SamplingParams
-    from lfm2cli.runs.local import TextRun, encode_prompt, prompt_text
+    from lfm2cli.runs.local import TextRun
+    from lfm2cli.runs.prompt import one_shot_prompt
 
-    ids = encode_prompt(lm, prompt_text(lm, "Describe someone."))
+    ids = one_shot_prompt(lm, "Describe someone.").ids
     parsed = 0
     for seed in range(5):
         text = TextRun(lm, ids, SamplingParams(temperature=1.0, min_p=0.0, seed=seed), 60).run()
@@ -87,6 +76,7 @@ def test_the_same_model_without_a_grammar_writes_no_json(lm) -> None:
     assert parsed == 0
 
 
+@pytest.mark.slow
 def test_format_json_is_always_an_object(lm) -> None:
     """Free-form strings may run past max_tokens on a random model: such a reply is flagged, every other parses."""
     grammar = json_grammar(None)
@@ -101,6 +91,7 @@ def test_format_json_is_always_an_object(lm) -> None:
     assert complete >= len(SEEDS) // 2
 
 
+@pytest.mark.slow
 def test_json_is_written_in_one_style(lm) -> None:
     """Separators as json.dumps writes them, and no runs of whitespace between tokens."""
     for seed in range(5):
@@ -110,6 +101,7 @@ def test_json_is_written_in_one_style(lm) -> None:
         assert re.sub(r"([,:]) ", r"\1", bare) == "".join(bare.split()), text
 
 
+@pytest.mark.slow
 def test_required_tool_choice_always_gives_valid_calls(lm) -> None:
     grammar = tool_call_grammar(TOOLS)
     by_name = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
@@ -130,12 +122,14 @@ def test_required_tool_choice_always_gives_valid_calls(lm) -> None:
     assert {"Calendar.create_event", "now"} <= seen  # the dotted name and the argument-less one are reachable
 
 
+@pytest.mark.slow
 def test_without_parallel_calls_the_block_holds_one_call(lm) -> None:
     for seed in range(8):
         run = _run(lm, tool_call_grammar(TOOLS, parallel=False), seed, tools=TOOLS, max_tokens=300)
         assert run.stats.finish_reason == "tool_calls" and len(run.tool_calls) == 1
 
 
+@pytest.mark.slow
 def test_a_tool_whose_call_cannot_be_pythonic_is_called_in_json(lm) -> None:
     """`max-results=3` and `from=...` are no Python keyword arguments: those calls are forced in the JSON form."""
     tools = [{"type": "function", "function": {"name": "search-web", "parameters": {"type": "object", "properties": {
@@ -149,6 +143,7 @@ def test_a_tool_whose_call_cannot_be_pythonic_is_called_in_json(lm) -> None:
         jsonschema.validate(call.arguments, tools[0]["function"]["parameters"])
 
 
+@pytest.mark.slow
 def test_a_named_tool_choice_calls_only_that_tool(lm) -> None:
     grammar = choose_grammar(None, "text", TOOLS, "get_weather")
     for seed in range(8):
@@ -157,6 +152,7 @@ def test_a_named_tool_choice_calls_only_that_tool(lm) -> None:
         assert all("city" in c.arguments for c in run.tool_calls)
 
 
+@pytest.mark.slow
 def test_a_reply_cut_before_the_json_is_complete_says_so(lm) -> None:
     run = _run(lm, json_grammar({"type": "string", "minLength": 200}), 0, max_tokens=8)
     assert run.stats.finish_reason == "length" and run.incomplete
@@ -171,32 +167,35 @@ def opening_lm(opening_ckpt: Path):
     return load(opening_ckpt, device="cpu", dtype="float32")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [0, 1, 6])
 def test_the_budget_closes_the_block_after_n_tokens(opening_lm, budget: int) -> None:
     """The template opened `<think>`; random weights never close it, so only the budget can."""
     close = opening_lm.tokenizer.special_tokens["</think>"]
-    run = _run(opening_lm, None, 3, think=True, opened=True, think_budget=budget, max_tokens=30)
+    run = _run(opening_lm, None, 3, think=True, opened="<think>", think_budget=budget, max_tokens=30)
     assert run.tokens.index(close) == budget
     assert run.reasoning.strip() == opening_lm.tokenizer.decode(run.tokens[:budget]).strip()
     assert run.stats.generated_tokens == len(run.tokens)
 
 
 def test_without_a_budget_the_block_stays_open(opening_lm) -> None:
-    run = _run(opening_lm, None, 3, think=True, opened=True, max_tokens=30)
+    run = _run(opening_lm, None, 3, think=True, opened="<think>", max_tokens=30)
     assert opening_lm.tokenizer.special_tokens["</think>"] not in run.tokens
     assert run.text == "" and run.reasoning
 
 
+@pytest.mark.slow
 def test_the_grammar_leaves_the_reasoning_free_and_constrains_the_answer(opening_lm) -> None:
     schema = SCHEMAS["person"]
     for seed in range(8):
-        run = _run(opening_lm, json_grammar(schema), seed, think=True, opened=True, think_budget=5)
+        run = _run(opening_lm, json_grammar(schema), seed, think=True, opened="<think>", think_budget=5)
         assert run.reasoning  # random text: nothing constrained it
         with pytest.raises(ValueError):
             json.loads(run.reasoning)
         jsonschema.validate(json.loads(run.text), schema)
 
 
+@pytest.mark.slow
 def test_a_model_may_still_open_its_block_under_a_grammar(chat_ckpt: Path, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A model that wants to think (here: a sampler that always prefers `<think>`) opens its block first; the
@@ -226,6 +225,7 @@ def _generate(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     return run_main(["generate", *args], monkeypatch, capsys)
 
 
+@pytest.mark.slow
 def test_generate_schema_from_a_file_and_inline(chat_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture) -> None:
     file = tmp_path / "schema.json"
@@ -237,6 +237,7 @@ def test_generate_schema_from_a_file_and_inline(chat_ckpt: Path, tmp_path: Path,
         jsonschema.validate(json.loads(out), SCHEMAS["pattern"])
 
 
+@pytest.mark.slow
 def test_generate_format_json_in_a_pipe(chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture) -> None:
     code, out, err = _generate([str(chat_ckpt), "-p", "Hi", "--format", "json", "-t", "1", "--seed", "4", "--json"],
@@ -245,6 +246,7 @@ def test_generate_format_json_in_a_pipe(chat_ckpt: Path, monkeypatch: pytest.Mon
     assert isinstance(json.loads(json.loads(out)["text"]), dict)
 
 
+@pytest.mark.slow
 def test_generate_tool_choice_required(chat_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
     tools = tmp_path / "tools.json"
@@ -258,6 +260,7 @@ def test_generate_tool_choice_required(chat_ckpt: Path, tmp_path: Path, monkeypa
     assert all(c["function"]["name"] in names for c in data["tool_calls"])
 
 
+@pytest.mark.slow
 def test_generate_think_budget(chat_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture) -> None:
     path = thinking_copy(chat_ckpt, tmp_path / "ckpt", template=opening_template())
@@ -299,6 +302,7 @@ def test_tool_choice_conflicts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     assert code == 2 and "no such tool" in err and "get_weather" in err
 
 
+@pytest.mark.slow
 def test_an_incomplete_answer_exits_1(chat_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture) -> None:
     code, _, err = _generate([str(chat_ckpt), "-p", "Hi", "--schema", '{"type": "string", "minLength": 100}',

@@ -21,8 +21,7 @@ import httpx
 import pytest
 
 from lfm2cli.text.chat_template import MAX_TOOLS
-from tests.conftest import template_copy
-from tests.helpers import start_serve, wait_measured
+from tests.helpers import start_serve, template_copy, wait_measured
 
 SECONDS = 150  # a bounded failure takes seconds; unbounded, these ran for minutes to hours
 PEAK_MB = 768  # lfm2 with torch and a tiny model is ~260 MB, a worker may add 256 MB to its own ~30 MB

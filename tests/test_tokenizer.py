@@ -38,7 +38,7 @@ def test_special_tokens_and_ids(tok_dir: Path) -> None:
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 7)
     assert tok.pad_token_id == 0
     assert tok.vocab_size == 400
-    assert tok.id_to_token(6) == "<|im_start|>"
+    assert tok.decode([6], skip_special_tokens=False) == "<|im_start|>"
     ids = [i for text in TEXTS for i in tok.encode(text, add_special_tokens=True)]
     assert max(ids) < 512
 
@@ -133,7 +133,7 @@ def test_matches_transformers(tok_dir: Path, hf, text: str) -> None:
 def test_chat_encoding_has_single_bos(tok_dir: Path, hf) -> None:
     tok = load_tokenizer(tok_dir)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Wie geht's? 🙂"}]
-    ids = tok.encode_chat(msgs)
+    ids = tok.encode(tok.apply_chat_template(msgs))
     expected = hf.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert ids == expected["input_ids"]
     assert ids[0] == 1 and ids.count(1) == 1
@@ -142,6 +142,7 @@ def test_chat_encoding_has_single_bos(tok_dir: Path, hf) -> None:
 
 # ---- long texts counted in pieces (issue 24; the real commands are in test_hostile_checkpoint.py)
 
+@pytest.mark.slow
 def test_long_text_that_fits_is_encoded_exactly(tok_dir: Path) -> None:
     """Counting in pieces only ever refuses what cannot fit: a long text whose tokens are one fewer than the
     limit is encoded exactly as without a limit, and one token more is refused."""

@@ -134,3 +134,15 @@ def make_tokenizer(path: Path, chat_template: str | None | object = DEFAULT, tem
     }
     (path / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2), encoding="utf-8")
     return path
+
+
+def add_think_tokens(path: Path) -> tuple[int, int]:
+    """Make `<think>`/`</think>` special tokens of the tokenizer in `path`, as in LFM2.5's tokenizer; their ids."""
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as Backend
+
+    backend = Backend.from_file(str(path / "tokenizer.json"))
+    backend.add_special_tokens([AddedToken("<think>", special=True, normalized=False),
+                                AddedToken("</think>", special=True, normalized=False)])
+    backend.save(str(path / "tokenizer.json"))
+    return backend.token_to_id("<think>"), backend.token_to_id("</think>")

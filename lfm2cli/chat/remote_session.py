@@ -76,30 +76,24 @@ class RemoteChatSession(ChatSession):
         pass  # no cache here
 
     def _remote_reply(self, on_piece: Callable[[str], None] | None, tool_choice: str) -> TurnResult:
-        conv_id = self._ensure_conversation()
         run = RemoteRun(self.endpoint, self.params, self.max_tokens, messages=self.template_messages(),
                         tools=self.tools, tool_choice=tool_choice if self.tools is not None else "auto",
                         response_format=self.response_format)
-        reply = ChatMessage("assistant", "")
-        reply.id = self.store.add_message(conv_id, "assistant", "")  # kept even if the process is killed
-        self.messages.append(reply)
-        self.thought_tokens = 0
+        reply = self._placeholder()
         t0 = time.perf_counter()
-        answering = False
         try:
             for piece in run.pieces():
                 self._take(reply, run, "")
                 if isinstance(piece, Reasoning):
-                    self.thought_tokens = len(run.tokens)
-                elif not answering:
-                    answering = True
+                    self.thought_tokens = run.generated
                 if on_piece is not None:
                     on_piece(piece)
         except BaseException as e:
             run.stats.finish_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
             self._finish(reply, run, "", run.stats.prompt_tokens, time.perf_counter() - t0)
             if isinstance(e, KeyboardInterrupt):
-                return self._result(run, reply, run.stats.prompt_tokens)
+                return self._result(run, reply, run.stats.prompt_tokens, None)
             raise
         self._finish(reply, run, "", run.stats.prompt_tokens, time.perf_counter() - t0)
-        return self._result(run, reply, run.stats.prompt_tokens)
+        # the server enforces response_format: no grammar of ours to name as cut
+        return self._result(run, reply, run.stats.prompt_tokens, None)

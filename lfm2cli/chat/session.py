@@ -34,13 +34,15 @@ from typing import Any
 
 from lfm2cli.decoding.constraints import Grammar
 from lfm2cli.decoding.loop import GenerationStats
-from lfm2cli.decoding.prefix_cache import PrefixCache, common_prefix
+from lfm2cli.decoding.prefix_cache import CachedReply, PrefixCache, common_prefix
 from lfm2cli.decoding.sampling import SETTINGS, SamplingParams, parse_setting, validate_setting
 from lfm2cli.errors import GenerationError, Lfm2Error, PromptTooLongError, UsageError
 from lfm2cli.loading.loader import LoadedModel
-from lfm2cli.reply.thinking import OPEN, Reasoning, opened_by_prompt
+from lfm2cli.reply.thinking import OPEN, Reasoning
 from lfm2cli.reply.toolcalls import ToolCall, format_calls
-from lfm2cli.runs.local import TextRun, require_tokenizer
+from lfm2cli.runs.base import Run
+from lfm2cli.runs.local import TextRun
+from lfm2cli.runs.prompt import Prompt, encode_prompt, require_tokenizer
 from lfm2cli.store.conversations import Conversation, HistoryStore, to_json, to_markdown
 
 SAVE_INTERVAL_S = 0.3  # how often a streaming reply is written to the store
@@ -131,7 +133,7 @@ class ChatSession:
         """What every chat has, whoever generates its replies (here, or a server: RemoteChatSession)."""
         self.store = store
         self.model_name = model_name
-        self.params = (params or SamplingParams()).validate()
+        self.params = params or SamplingParams()
         self.max_tokens = max_tokens
         self.system = system or None
         self.tools = tools  # listed for the model on every turn; None: no tools, calls are not looked for
@@ -294,9 +296,12 @@ class ChatSession:
         return self.tokenizer.apply_chat_template(self.template_messages(messages), add_generation_prompt,
                                                   tools=self.tools, **self.template_kwargs)
 
+    def prompt(self, messages: Sequence[ChatMessage] | None = None, add_generation_prompt: bool = True) -> Prompt:
+        return encode_prompt(self.tokenizer, self.prompt_text(messages, add_generation_prompt))
+
     def prompt_ids(self, messages: Sequence[ChatMessage] | None = None, add_generation_prompt: bool = True
                    ) -> list[int]:
-        return self.tokenizer.encode(self.prompt_text(messages, add_generation_prompt))
+        return self.prompt(messages, add_generation_prompt).ids
 
     def context_used(self) -> int:
         return len(self.prompt_ids(add_generation_prompt=False)) if self.messages or self.system else 0
@@ -322,13 +327,12 @@ class ChatSession:
         if not text.strip():
             raise UsageError("the message is empty")
         user = ChatMessage("user", text)
-        prompt = self.prompt_text([*self.messages, user])
-        ids = self.tokenizer.encode(prompt)
-        self._check_context(ids)  # before anything is stored: a refused message leaves no trace
+        prompt = self.prompt([*self.messages, user])
+        self._check_context(prompt.ids)  # before anything is stored: a refused message leaves no trace
         conv_id = self._ensure_conversation()
         user.id = self.store.add_message(conv_id, "user", text)
         self.messages.append(user)
-        return self._reply(ids, _opened_block(prompt), on_piece, self._grammar_after("user"))
+        return self._reply(prompt, on_piece, self._grammar_after("user"))
 
     def retry(self, on_piece: Callable[[str], None] | None = None) -> TurnResult:
         """Regenerate the last reply (with the current settings); the old one is deleted. After tool results,
@@ -357,10 +361,9 @@ class ChatSession:
         return self._continue(on_piece)
 
     def _continue(self, on_piece: Callable[[str], None] | None) -> TurnResult:
-        prompt = self.prompt_text()
-        ids = self.tokenizer.encode(prompt)
-        self._check_context(ids)
-        return self._reply(ids, _opened_block(prompt), on_piece, self._grammar_after(self.messages[-1].role))
+        prompt = self.prompt()
+        self._check_context(prompt.ids)
+        return self._reply(prompt, on_piece, self._grammar_after(self.messages[-1].role))
 
     def _grammar_after(self, role: str) -> Grammar | None:
         if role == "user" and self.call_grammar is not None:
@@ -390,87 +393,86 @@ class ChatSession:
                 self.store.delete_messages_from(self.conversation_id, first)
         del self.messages[index:]
 
-    def _text_run(self, ids: list[int], new: list[int], opened: str, grammar: Grammar | None) -> TextRun:
-        """The generation of one reply. Every reply goes through the reasoning/answer split: one without a
-        leading `<think>` block is all answer."""
-        return TextRun(self.lm, new[-1:], self.params, self.max_tokens, cache=self.cache, context_ids=ids,
-                       think=True, opened=bool(opened), tools=self.tools, grammar=grammar,
-                       think_budget=self.think_budget)
-
-    def _reply(self, ids: list[int], opened: str, on_piece: Callable[[str], None] | None,
-               grammar: Grammar | None = None) -> TurnResult:
-        """Stream a reply to the prompt `ids`; `opened`: the `<think>` text that the prompt ends with, if any."""
-        new = self.prefix.sync(ids)
-        conv_id = self._ensure_conversation()
-        reply = ChatMessage("assistant", "")
-        # the placeholder is written first so a killed process still keeps what was streamed
-        reply.id = self.store.add_message(conv_id, "assistant", "")
-        self.messages.append(reply)
-        run = self._text_run(ids, new, opened, grammar)
-        self.thought_tokens = 0
+    def _reply(self, prompt: Prompt, on_piece: Callable[[str], None] | None, grammar: Grammar | None = None
+               ) -> TurnResult:
+        """Stream a reply to `prompt`, the whole conversation, on the cache kept across turns."""
+        cached = CachedReply(self.prefix, prompt.ids)
+        reply = self._placeholder()
+        # Every reply goes through the reasoning/answer split: one without a leading `<think>` block is all answer.
+        run = TextRun(self.lm, cached.last, self.params, self.max_tokens, cache=self.cache, context_ids=prompt.ids,
+                      think=True, opened=prompt.opened, tools=self.tools, grammar=grammar,
+                      think_budget=self.think_budget)
+        prefilled = len(cached.new)
         t0 = time.perf_counter()
         try:
-            self.prefix.extend(self.lm.model, new[:-1])
-            # the last prompt token is fed by the generation itself, so this snapshot is where /retry and an
-            # interrupted reply come back to, with one token to run for fresh logits
-            self.prefix.snapshot()
-            pre_s = time.perf_counter() - t0
-            saved_at = time.perf_counter()
-            answering = False
-            for piece in run.pieces():
-                self._take(reply, run, opened)
-                if isinstance(piece, Reasoning):
-                    if not answering:
-                        self.thought_tokens = len(run.tokens)
-                elif not answering:
-                    answering = True
-                    # the token that began the answer is not reasoning
-                    self.thought_tokens = len(run.tokens) - 1 if run.reasoning else 0
-                if on_piece is not None:
-                    on_piece(piece)
-                if time.perf_counter() - saved_at >= SAVE_INTERVAL_S:
-                    self.store.update_message(reply.id, content=run.text, reasoning=reply.reasoning,
-                                              raw_content=reply.raw_content)
-                    saved_at = time.perf_counter()
-            # after EOS or the length limit the last token is not fed back; the next prefix check fixes that
-            self.prefix.commit(ids + run.tokens)
-            self.prefix.snapshot()
+            with cached.generating(run.tokens):
+                cached.prefill(self.lm.model)
+                pre_s = time.perf_counter() - t0
+                self._stream(run, reply, prompt.opened, on_piece)
         except BaseException as e:
-            # a forward pass cut short leaves conv states half updated: go back to the last safe snapshot
-            self.prefix.rewind(len(ids) - 1)
             run.stats.finish_reason = "interrupted" if isinstance(e, KeyboardInterrupt) else "error"
-            self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
+            self._finish(reply, run, prompt.opened, prefilled, time.perf_counter() - t0)
             if isinstance(e, KeyboardInterrupt):
-                return self._result(run, reply, len(new))
+                return self._result(run, reply, prefilled, grammar)
             raise
-        # stats as if the whole prompt went through generate(): our split prefill belongs to it
+        # stats as if the whole prompt went through the decoding loop: our split prefill belongs to it
         run.stats.ttft_s += pre_s
         run.stats.prefill_s += pre_s
-        self._finish(reply, run, opened, len(new), time.perf_counter() - t0)
-        return self._result(run, reply, len(new))
+        self._finish(reply, run, prompt.opened, prefilled, time.perf_counter() - t0)
+        return self._result(run, reply, prefilled, grammar)
 
-    def _result(self, run: TextRun, reply: ChatMessage, prefilled: int) -> TurnResult:
+    def _placeholder(self) -> ChatMessage:
+        """The reply's message, stored empty first so that a killed process still keeps what was streamed."""
+        conv_id = self._ensure_conversation()
+        reply = ChatMessage("assistant", "")
+        reply.id = self.store.add_message(conv_id, "assistant", "")
+        self.messages.append(reply)
+        self.thought_tokens = 0
+        return reply
+
+    def _stream(self, run: Run, reply: ChatMessage, opened: str, on_piece: Callable[[str], None] | None) -> None:
+        """Hand the run's pieces to `on_piece`, keeping the reply's message, its store row (every
+        `SAVE_INTERVAL_S`) and the count of reasoning tokens up to date."""
+        saved_at = time.perf_counter()
+        answering = False
+        for piece in run.pieces():
+            self._take(reply, run, opened)
+            if isinstance(piece, Reasoning):
+                if not answering:
+                    self.thought_tokens = run.generated
+            elif not answering:
+                answering = True
+                # the token that began the answer is not reasoning
+                self.thought_tokens = run.generated - 1 if run.reasoning else 0
+            if on_piece is not None:
+                on_piece(piece)
+            if time.perf_counter() - saved_at >= SAVE_INTERVAL_S:
+                self.store.update_message(reply.id, content=run.text, reasoning=reply.reasoning,
+                                          raw_content=reply.raw_content)
+                saved_at = time.perf_counter()
+
+    def _result(self, run: Run, reply: ChatMessage, prefilled: int, grammar: Grammar | None) -> TurnResult:
         calls = [(entry["id"], call) for entry, call in zip(reply.tool_calls or [], run.tool_calls, strict=True)]
         incomplete = None
-        if run.incomplete and run.stats.finish_reason != "interrupted" and run.constraint is not None:
-            incomplete = run.constraint.grammar.label
+        if run.incomplete and run.stats.finish_reason != "interrupted" and grammar is not None:
+            incomplete = grammar.label
         return TurnResult(run.text, run.stats, prefilled, run.reasoning, self.thought_tokens, calls,
                           [u.error for u in run.tool_errors], incomplete)
 
     @staticmethod
-    def _take(reply: ChatMessage, run: TextRun, opened: str) -> None:
+    def _take(reply: ChatMessage, run: Run, opened: str) -> None:
         """The reply so far into its message: the answer, the reasoning, and the text the template gets back."""
         reply.content = run.text
         reply.reasoning = run.reasoning or None
         raw = opened + run.raw
         reply.raw_content = raw if raw != run.text else None
 
-    def _finish(self, reply: ChatMessage, run: TextRun, opened: str, prefilled: int, seconds: float) -> None:
+    def _finish(self, reply: ChatMessage, run: Run, opened: str, prefilled: int, seconds: float) -> None:
         stats = run.stats
         stats.prompt_tokens = prefilled
         self._take(reply, run, opened)
         if run.reasoning and self.thought_tokens == 0:  # never reached its answer: all of it was reasoning
-            self.thought_tokens = len(run.tokens)
+            self.thought_tokens = run.generated
         reply.finish_reason = stats.finish_reason
         if run.tool_calls:
             # ids made here: each tool message names the call it answers
@@ -493,14 +495,6 @@ class ChatSession:
 
     def _reset_cache(self) -> None:
         self.prefix.reset()
-
-
-def _opened_block(prompt: str) -> str:
-    """The `<think>` text a generation prompt ends with (e.g. "<think>\\n"), which the model's reply continues;
-    "" when the prompt opens no block. It is part of the reply as the template must get it back."""
-    if not opened_by_prompt(prompt):
-        return ""
-    return prompt[prompt.rfind(OPEN):]
 
 
 def _call_block(entries: Sequence[dict[str, Any]]) -> str:

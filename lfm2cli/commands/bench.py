@@ -1,4 +1,5 @@
-"""`lfm2 bench`: measure prefill and decode speed (see lfm2cli/bench.py for what is measured and how)."""
+"""`lfm2 bench`: measure prefill and decode speed (see lfm2cli/benchmark.py for what is measured and how), and
+show the decode plan the model ran with."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def bench(
         # before torch is imported: a model that is nowhere is said at once, and a download comes first
         model = str(resolve_model(model, offline=offline, pull=pull, confirm=confirm_download()))
 
-    from lfm2cli.benchmark import COLUMNS, rows, summary
+    from lfm2cli.benchmark import COLUMNS, plan_report, rows, summary
     from lfm2cli.benchmark import bench as run_bench
     from lfm2cli.terminal.load_progress import StatusLine
     from lfm2cli.terminal.render import print_report
@@ -82,3 +83,4 @@ def bench(
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print_report(summary(result), COLUMNS, rows(result), plain=not sys.stdout.isatty())
+        print("\n".join(["", *plan_report(result)]))

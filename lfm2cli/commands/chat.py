@@ -97,7 +97,7 @@ def chat(
     """
     from rich.console import Console
 
-    from lfm2cli.errors import GenerationError, HistoryError, UsageError
+    from lfm2cli.chat.input import replace_undecodable
     from lfm2cli.store.conversations import HistoryStore
 
     params = o.sampling_params(temperature, top_k, top_p, min_p, repetition_penalty, seed, presence_penalty,
@@ -105,26 +105,8 @@ def chat(
     o.local_only(endpoint, think_budget=think_budget is not None, quantize=quantize != "none", compile=compile,
                  device=device != "auto", dtype=dtype != "auto", offline=offline, pull=pull, force=force,
                  keep_thinking=keep_thinking)
-    if cont and resume:
-        raise UsageError("use either --continue or --resume ID, not both")
-    if yes_tools and functions is None:
-        raise UsageError("--yes-tools runs the calls of --functions FILE.py; give the file too")
-    function_set = None
-    if functions is not None:
-        from lfm2cli.reply.functions import load_functions
-
-        function_set = load_functions(functions)  # before the model loads: a bad file fails fast
-    tools = function_set.tools if function_set is not None else None
-    if tools is not None and tool_choice == "auto" and (schema is not None or fmt == "json"):
-        # a JSON answer can never hold a call block: the tools would be offered and never called
-        raise UsageError("--functions offers tools, but --schema/--format json makes every answer JSON, so the "
-                         "model could never call one: drop one")
-    # the first reply to a message may be forced to call; every other reply is only held to --schema/--format
-    call_grammar = o.output_grammar(schema, fmt, tools, tool_choice)
-    grammar = call_grammar if tool_choice == "auto" else None
-    call_grammar = call_grammar if tool_choice != "auto" else None
-    from lfm2cli.chat.input import replace_undecodable
-
+    function_set, grammar, call_grammar = _tools_and_grammars(cont, resume, yes_tools, functions, schema, fmt,
+                                                              tool_choice)
     # arguments that were not UTF-8: replacement characters, as for piped input
     system = replace_undecodable(system) if system is not None else None
     resume = replace_undecodable(resume) if resume is not None else None
@@ -141,9 +123,10 @@ def chat(
         # before anything imports torch: a model that is nowhere is said at once
         located = o.find_local(model, offline=offline, pull=pull) if endpoint is None else None
 
-        from lfm2cli.chat.repl import ChatLoop, ChatUI
+        from lfm2cli.chat.repl import ChatUI
 
         ui = ChatUI(Console(), err, plain=plain or not (tty_in and sys.stdout.isatty()))
+        tools = function_set.tools if function_set is not None else None
         if endpoint is not None:
             session = _remote_session(endpoint, api_key, remote_model or model, store, params, max_tokens, system,
                                       tools, tool_choice, schema, fmt, grammar)
@@ -153,36 +136,76 @@ def chat(
                                      compile=compile, force=force, offline=offline, pull=pull, path=located)
         session.on_notice = ui.warn  # a saved setting that is skipped on resume is said before the banner
         if saved is not None:
-            session.load(saved.id)
-            # what was typed on this command line wins over what was saved, and is saved in turn
-            given = {name: ctx.params[name] for name in _SAMPLING if _given(ctx, name)}
-            if "logit_bias" in given:
-                given["logit_bias"] = params.logit_bias  # the option's values merged into one
-            if given:
-                session.apply_options(given)
-                store.update_conversation(saved.id, options=session.options())
-            if _given(ctx, "system"):
-                session.set_system(system)
-            used = sorted({m.name for m in session.messages if m.role == "tool" and m.name})
-            if used and function_set is None:
-                ui.warn(f"note: this conversation called tools ({', '.join(used)}); without --functions the model "
-                        "is offered none now, and sees its past calls without their list")
+            _resume(ctx, session, saved.id, params, system, function_set is not None, ui.warn)
+        _converse(session, ui, tty_in, saved is not None, think, function_set, yes_tools, store.path)
 
-        confirm = _ask if tty_in else None
-        loop = ChatLoop(session, _reader(tty_in, ui.note), ui, think=think, functions=function_set,
-                        confirm=confirm, yes_tools=yes_tools)
-        ui.note(banner(session))
-        if saved is not None:
-            loop.recap()
-        loop.run()
-        # a script learns from the exit status that a message got no reply or was not saved
-        if not tty_in and loop.failed_turns:
-            n = loop.failed_turns
-            raise GenerationError(f"{n} of {loop.turns} message{'s' if loop.turns != 1 else ''} failed; "
-                                  "see the errors above")
-        if not tty_in and loop.unsaved:
-            raise HistoryError(f"the conversation was not completely saved to {store.path}; "
-                               "see the errors above")
+
+def _tools_and_grammars(cont: bool, resume: str | None, yes_tools: bool, functions: str | None,
+                        schema: str | None, fmt: str, tool_choice: str) -> tuple[Any, Any, Any]:
+    """The checks on the command line that need no model: the --functions file loaded, and the grammars of every
+    reply (`grammar`) and of the first reply to a message (`call_grammar`, a forced tool call)."""
+    from lfm2cli.errors import UsageError
+
+    if cont and resume:
+        raise UsageError("use either --continue or --resume ID, not both")
+    if yes_tools and functions is None:
+        raise UsageError("--yes-tools runs the calls of --functions FILE.py; give the file too")
+    function_set = None
+    if functions is not None:
+        from lfm2cli.reply.functions import load_functions
+
+        function_set = load_functions(functions)  # before the model loads: a bad file fails fast
+    tools = function_set.tools if function_set is not None else None
+    if tools is not None and tool_choice == "auto" and (schema is not None or fmt == "json"):
+        # a JSON answer can never hold a call block: the tools would be offered and never called
+        raise UsageError("--functions offers tools, but --schema/--format json makes every answer JSON, so the "
+                         "model could never call one: drop one")
+    # the first reply to a message may be forced to call; every other reply is only held to --schema/--format
+    chosen = o.output_grammar(schema, fmt, tools, tool_choice)
+    if tool_choice == "auto":
+        return function_set, chosen, None
+    return function_set, None, chosen
+
+
+def _resume(ctx: typer.Context, session: Any, conv_id: str, params: Any, system: str | None, functions: bool,
+            warn: Callable[[str], None]) -> None:
+    """Continue a saved conversation: what was typed on this command line wins over what was saved, and is saved
+    in turn."""
+    session.load(conv_id)
+    given = {name: ctx.params[name] for name in _SAMPLING if _given(ctx, name)}
+    if "logit_bias" in given:
+        given["logit_bias"] = params.logit_bias  # the option's values merged into one
+    if given:
+        session.apply_options(given)
+        session.store.update_conversation(conv_id, options=session.options())
+    if _given(ctx, "system"):
+        session.set_system(system)
+    used = sorted({m.name for m in session.messages if m.role == "tool" and m.name})
+    if used and not functions:
+        warn(f"note: this conversation called tools ({', '.join(used)}); without --functions the model is offered "
+             "none now, and sees its past calls without their list")
+
+
+def _converse(session: Any, ui: Any, tty_in: bool, resumed: bool, think: str, function_set: Any,
+              yes_tools: bool, store_path: Any) -> None:
+    """The conversation itself, until Ctrl-D or /exit; a script learns from the exit status that a message got
+    no reply or was not saved."""
+    from lfm2cli.chat.repl import ChatLoop
+    from lfm2cli.errors import GenerationError, HistoryError
+
+    confirm = _ask if tty_in else None
+    loop = ChatLoop(session, _reader(tty_in, ui.note), ui, think=think, functions=function_set, confirm=confirm,
+                    yes_tools=yes_tools)
+    ui.note(banner(session))
+    if resumed:
+        loop.recap()
+    loop.run()
+    if not tty_in and loop.failed_turns:
+        n = loop.failed_turns
+        raise GenerationError(f"{n} of {loop.turns} message{'s' if loop.turns != 1 else ''} failed; "
+                              "see the errors above")
+    if not tty_in and loop.unsaved:
+        raise HistoryError(f"the conversation was not completely saved to {store_path}; see the errors above")
 
 
 def _local_session(model: str | None, store: Any, params: Any, max_tokens: int, system: str | None,

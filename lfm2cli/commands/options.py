@@ -297,7 +297,7 @@ def sampling_params(temperature: float, top_k: int, top_p: float, min_p: float, 
 
     return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
-                          frequency_penalty=frequency_penalty, logit_bias=logit_bias(bias)).validate()
+                          frequency_penalty=frequency_penalty, logit_bias=logit_bias(bias))
 
 
 def find_local(model: str | None, *, offline: bool, pull: bool):  # -> Path | None

@@ -169,7 +169,11 @@ def serve(
                                  help="Largest request body in bytes (K and M suffixes work); larger ones get 413. "
                                       "Default: 64 bytes per context token, 1M to 64M."),
     queue: int = typer.Option(16, "--queue", min=0, metavar="N",
-                              help="Requests that may wait while one generates; more are refused with 429."),
+                              help="Requests that may wait while --parallel ones generate; more are refused with 429."),
+    parallel: int = typer.Option(None, "--parallel", min=1, max=64, metavar="N", show_default=False,
+                                 help="Requests that generate at once, decoded together in one batch each step (1: "
+                                      "one at a time). Default: as many as half the memory left after loading holds "
+                                      "at 8192 tokens of cache each, at most 8."),
     max_tokens: int = typer.Option(4096, "--max-tokens", "-n", min=1, metavar="N", rich_help_panel=o.SAMPLING_PANEL,
                                    help="Reply length for requests that set no max_tokens."),
     think_budget: int = o.THINK_BUDGET,
@@ -192,14 +196,7 @@ def serve(
     """
     from lfm2cli.errors import UsageError
 
-    if not (0 <= port <= 65535):
-        raise UsageError(f"--port {port}: expected 0 to 65535")
-    _check_names(names)
-    if api_key is not None and not api_key.strip():
-        raise UsageError("--api-key is empty; give the key clients must send")
-    if api_key is not None and (api_key != api_key.strip() or not all(" " <= c <= "~" for c in api_key)):
-        raise UsageError("--api-key: use printable ASCII only (letters, digits, punctuation) and no spaces around "
-                         "it; clients send the key in an HTTP header, where other characters do not arrive intact")
+    _check_options(port, names, api_key)
     body_limit = None if max_body is None else _size("--max-body", max_body)
     access = _access(allow_origin, allow_host, host)
     if not _is_loopback(host) and api_key is None:
@@ -209,23 +206,41 @@ def serve(
     try:
         _run(sock, model, names, host, api_key, queue, max_tokens, think_budget, quiet, device=device, dtype=dtype,
              quantize=quantize, compile=compile, force=force, offline=offline, pull=pull, max_body=body_limit,
-             access=access)
+             access=access, parallel=parallel)
     finally:
         sock.close()
 
 
+def _check_options(port: int, names: list[str] | None, api_key: str | None) -> None:
+    """UsageError for a port out of range, a bad --name, or an API key a client could not send as typed."""
+    from lfm2cli.errors import UsageError
+
+    if not (0 <= port <= 65535):
+        raise UsageError(f"--port {port}: expected 0 to 65535")
+    _check_names(names)
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty; give the key clients must send")
+    if api_key is not None and (api_key != api_key.strip() or not all(" " <= c <= "~" for c in api_key)):
+        raise UsageError("--api-key: use printable ASCII only (letters, digits, punctuation) and no spaces around "
+                         "it; clients send the key in an HTTP header, where other characters do not arrive intact")
+
+
 def _run(sock: socket.socket, model: str | None, names: list[str] | None, host: str, api_key: str | None,
          queue: int, max_tokens: int, think_budget: int | None, quiet: bool, *, max_body: int | None = None,
-         access: Any = None, **load_options: object) -> None:
+         access: Any = None, parallel: int | None = None, **load_options: object) -> None:
     path, lm = o.load_local(model, **load_options)
 
     import uvicorn
 
     from lfm2cli.serve.app import create_app, default_max_body
-    from lfm2cli.serve.engine import Engine
+    from lfm2cli.serve.engine import Engine, default_parallel
+    from lfm2cli.system.memory import available_memory
     from lfm2cli.text import template_worker
 
-    engine = Engine(lm, queue_size=queue, default_max_tokens=max_tokens, think_budget=think_budget)
+    if parallel is None:
+        parallel = default_parallel(lm, available_memory(lm.device))
+    engine = Engine(lm, queue_size=queue, default_max_tokens=max_tokens, think_budget=think_budget,
+                    parallel=parallel)
     model_id, listed, aliases = _model_names(model, path, names)
     app = create_app(engine, model_id, aliases=aliases, listed=listed, api_key=api_key, access=access,
                      max_body=max_body or default_max_body(engine.context),
@@ -246,7 +261,7 @@ def _run(sock: socket.socket, model: str | None, names: list[str] | None, host: 
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     _stderr_line(f"lfm2 serve · {model_id} · {lm.device.type} {str(lm.dtype).removeprefix('torch.')} · context "
-                 f"{engine.context} tokens · listening on http://{shown}:{bound_port}/v1"
+                 f"{engine.context} tokens · {parallel} at once · listening on http://{shown}:{bound_port}/v1"
                  f"{' (API key required)' if api_key else ''} · Ctrl-C stops")
     try:
         server.run(sockets=[sock])

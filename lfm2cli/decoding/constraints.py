@@ -286,7 +286,7 @@ def _pythonic(name: str, props: Mapping[str, Any]) -> bool:
         isinstance(p, str) and p.isidentifier() and not keyword.iskeyword(p) for p in props)
 
 
-def _call_rule(fn: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
+def _call_rule(fn: Mapping[str, Any], index: int, label: str) -> tuple[str, list[str]]:
     """Lark rules for one pythonic call `name(a=..., b=...)`: required arguments first in the schema's order,
     then each optional one, in order, if wanted. Every value is JSON for its own schema, which the tool-call
     parser reads (true/false/null included)."""
@@ -299,7 +299,7 @@ def _call_rule(fn: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
         args = {"additionalProperties": False, **params, "type": "object"}
         call = {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": args},
                 "required": ["name", "arguments"], "additionalProperties": False, "x-guidance": _JSON_STYLE}
-        call = prepared_schema(call, f"--tool-choice: tool {fn['name']}")
+        call = prepared_schema(call, f"{label}: tool {fn['name']}")
         return rule, [f"{rule}: %json {json.dumps(call)}"]
     required = [p for p in params.get("required", []) if p in props]
     optional = [p for p in props if p not in required]
@@ -308,7 +308,7 @@ def _call_rule(fn: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
     for n, name in enumerate(required + optional):
         value = f"{rule}_v{n}"
         # each value is its own schema here: "#" in it names the parameter's schema
-        schema = prepared_schema({**props[name], "x-guidance": _JSON_STYLE}, f"--tool-choice: {fn['name']}({name}=...)")
+        schema = prepared_schema({**props[name], "x-guidance": _JSON_STYLE}, f"{label}: {fn['name']}({name}=...)")
         lines.append(f"{value}: %json {json.dumps(schema)}")
         arg = f"{json.dumps(name + '=')} {value}"
         if n > 0:
@@ -324,50 +324,69 @@ def _call_rule(fn: Mapping[str, Any], index: int) -> tuple[str, list[str]]:
     return rule, lines
 
 
-def tool_call_grammar(tools: Sequence[Mapping[str, Any]], parallel: bool = True) -> Grammar:
+def tool_call_grammar(tools: Sequence[Mapping[str, Any]], parallel: bool = True,
+                      label: str = "--tool-choice") -> Grammar:
     """A tool-call block as LFM2 writes it, `<|tool_call_start|>[f(a=1), g()]<|tool_call_end|>`, calling only the
     listed functions with arguments that fit their schemas (`--tool-choice required`); without `parallel`, exactly
-    one call (OpenAI's `parallel_tool_calls: false`)."""
+    one call (OpenAI's `parallel_tool_calls: false`). `label` names the option in messages."""
     fns = [t.get("function", t) for t in tools]
     if not fns:
-        raise UsageError("--tool-choice required needs at least one tool")
+        raise UsageError(f"{label} required needs at least one tool")
     rules, lines = [], []
     for i, fn in enumerate(fns):
-        rule, body = _call_rule(fn, i)
+        rule, body = _call_rule(fn, i, label)
         rules.append(rule)
         lines += body
     more = ' (", " call)*' if parallel else ""
     start = f'start: {TOOL_CALL_START} "[" call{more} "]" {TOOL_CALL_END}'
     grammar = "\n".join([start, "call: " + " | ".join(rules), *lines])
-    return _checked(_grammar_from("lark", grammar, "--tool-choice"), "--tool-choice")
+    return _checked(_grammar_from("lark", grammar, label), label)
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """How the requests for a grammar are named in its messages: the command line's options (`CLI`) or the fields
+    of an OpenAI request (`API`)."""
+
+    schema: str
+    json: str
+    tool_choice: str
+    tools: str
+    either_json: str  # both ways to ask for JSON, for the message that refuses them with a forced call
+
+
+CLI = Spelling("--schema", "--format json", "--tool-choice", "--tools (or --functions in chat)",
+               "--schema or --format json")
+API = Spelling("response_format", "response_format", "tool_choice", "tools", "response_format")
 
 
 def choose_grammar(schema: Mapping[str, Any] | None, fmt: str = "text",
-                   tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str = "auto") -> Grammar | None:
-    """The grammar for `--schema`, `--format` and `--tool-choice` together; None when nothing is constrained.
-    Conflicting requests are one UsageError saying which to drop."""
+                   tools: Sequence[Mapping[str, Any]] | None = None, tool_choice: str = "auto",
+                   parallel: bool = True, names: Spelling = CLI) -> Grammar | None:
+    """The grammar for a JSON schema, a JSON format (`fmt` "json") and a tool choice together; None when nothing is
+    constrained. `parallel`: a forced call may be several calls. Conflicting requests are one UsageError saying
+    which to drop, naming them as `names` spells them."""
     if fmt not in ("text", "json"):
         raise UsageError(f"--format {fmt}: expected text or json (for a JSON schema, use --schema)")
     forced = tool_choice != "auto"
     if forced and tools is None:
-        raise UsageError(f"--tool-choice {tool_choice} needs --tools (or --functions in chat): there is nothing "
-                         "to call")
+        raise UsageError(f"{names.tool_choice} {tool_choice} needs {names.tools}: there is nothing to call")
     if forced and (schema is not None or fmt == "json"):
-        raise UsageError(f"--tool-choice {tool_choice} makes the answer a tool call; it cannot also be JSON by "
-                         "--schema or --format json: drop one")
+        raise UsageError(f"{names.tool_choice} {tool_choice} makes the answer a tool call; it cannot also be JSON "
+                         f"by {names.either_json}: drop one")
     if forced:
         if tool_choice != "required":
             named = [t for t in tools or [] if t.get("function", t).get("name") == tool_choice]
             if not named:
-                names = ", ".join(t.get("function", t).get("name") for t in tools or [])
-                raise UsageError(f"--tool-choice {tool_choice}: no such tool; expected auto, required or one of: "
-                                 f"{names}")
-            return tool_call_grammar(named)
-        return tool_call_grammar(tools or [])
+                listed = ", ".join(t.get("function", t).get("name") for t in tools or [])
+                raise UsageError(f"{names.tool_choice} {tool_choice}: no such tool; expected auto, required or one "
+                                 f"of: {listed}")
+            return tool_call_grammar(named, parallel, names.tool_choice)
+        return tool_call_grammar(tools or [], parallel, names.tool_choice)
     if schema is not None:
-        return json_grammar(schema, "--schema")
+        return json_grammar(schema, names.schema)
     if fmt == "json":
-        return json_grammar(None, "--format json")
+        return json_grammar(None, names.json)
     return None
 
 

@@ -25,7 +25,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     peak_memory_bytes: int = 0
-    finish_reason: str | None = None  # stop, length, interrupted, or tool_calls (set by textgen.TextRun)
+    finish_reason: str | None = None  # stop, length, interrupted, or tool_calls (set by runs.local.TextRun)
     # with finish_reason "length", what ended the reply: "max_tokens" (the caller's cap) or "context" (the
     # model's context was full first); the two need different advice
     length_limit: str | None = None
@@ -69,7 +69,7 @@ def _check_finite(logits: torch.Tensor, index: int) -> None:
         )
 
 
-def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Callable[..., int], max_tokens: int,
+def decode_tokens(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Callable[..., int], max_tokens: int,
              eos_ids: Iterable[int] = (), cache: HybridCache | None = None,
              context_ids: Sequence[int] | None = None, stats: GenerationStats | None = None,
              prefill_chunk: int = PREFILL_CHUNK) -> Iterator[int]:
@@ -97,8 +97,13 @@ def generate(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler: Call
     cache.reserve(cache.pos + len(prompt_ids) + max_tokens)
     stats.prompt_tokens = len(prompt_ids)
     t0 = time.perf_counter()
-    logits = prefill(model, prompt_ids, cache, prefill_chunk)
+    # all of the prompt but its last token, which runs through the one-token step as every later token does:
+    # serve and chat feed a prompt that way, so generate gives the same numbers (prefill rounds otherwise)
+    if len(prompt_ids) > 1:
+        prefill(model, prompt_ids[:-1], cache, prefill_chunk)
     step = torch.empty(1, 1, dtype=torch.long, device=model.device)
+    step[0, 0] = int(prompt_ids[-1])
+    logits = model(step, cache)
     t_decode = t0
     try:
         for i in range(max_tokens):

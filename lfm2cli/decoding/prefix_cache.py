@@ -9,11 +9,15 @@ the one below it and feeds the few ids in between again.
 
 No model code runs here except `extend`, the chunked prefill that keeps a snapshot per chunk (so a prefill cut
 short is still reusable).
+
+`CachedReply` is how a reply uses the cache (`lfm2 chat` and `lfm2 serve` alike): sync, prefill all but the last
+prompt id, snapshot, then commit what the generation loop fed, or go back to a safe state when it failed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from lfm2cli.decoding.loop import PREFILL_CHUNK, prefill
@@ -127,3 +131,54 @@ class PrefixCache:
         self.cache.reset()
         self.ids = []
         self._snapshots = [self.cache.snapshot()]  # the empty cache, so position 0 is always a rewind target
+
+
+class CachedReply:
+    """One reply generated on a `PrefixCache`: `ids` (the whole prompt) synced; `prefill()` feeds `new` but its last
+    id, which the generation loop feeds itself (`last`) for fresh logits. Run the generation inside `generating()`,
+    which records what the loop fed and puts the cache right when it failed. With `snapshot_every`, `after_token`
+    takes a snapshot after the first generated token (the whole prompt cached: where a resent conversation diverges
+    most often) and every that many tokens."""
+
+    def __init__(self, prefix: PrefixCache, ids: Sequence[int], snapshot_every: int | None = None) -> None:
+        self.prefix = prefix
+        self.ids = list(ids)
+        self.new = prefix.sync(self.ids)  # the ids the cache did not hold: what this reply prefills
+        self.snapshot_every = snapshot_every
+
+    @property
+    def last(self) -> list[int]:
+        return self.new[-1:]
+
+    def prefill(self, model: Any, stop: Callable[[], bool] | None = None, marks: Sequence[int] = ()) -> None:
+        """All of the prompt but its last id, then a snapshot: where a retry and a failed reply come back to."""
+        self.prefix.extend(model, self.new[:-1], stop=stop, marks=marks)
+        self.prefix.snapshot()
+
+    def after_token(self, tokens: Sequence[int]) -> None:
+        """Called with the reply's tokens after each one, before the model runs the next (see `TextRun`)."""
+        n = len(tokens)
+        if self.snapshot_every and (n == 1 or n % self.snapshot_every == 0):
+            self._commit(tokens)
+            self.prefix.snapshot()
+
+    @contextmanager
+    def generating(self, tokens: Sequence[int], between_tokens: tuple[type[BaseException], ...] = ()
+                   ) -> Iterator[None]:
+        """Around the generation loop, which appends to `tokens`. On success the cache records the reply (after EOS
+        or the length cap the last token is not fed back; the next `sync` sees that). An exception of
+        `between_tokens` was raised between two tokens, so the cache is consistent and keeps the reply so far;
+        any other may have stopped a forward pass half-way: back to the last snapshot that is safe."""
+        try:
+            yield
+        except between_tokens:
+            self._commit(tokens)
+            raise
+        except BaseException:
+            self.prefix.recover()
+            raise
+        self._commit(tokens)
+        self.prefix.snapshot()
+
+    def _commit(self, tokens: Sequence[int]) -> None:
+        self.prefix.commit(self.ids + list(tokens))

@@ -165,6 +165,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
+    def __post_init__(self) -> None:
+        # checked once, where settings become a SamplingParams: whoever holds one (a session, a Sampler) need not
+        self.validate()
+
     def validate(self) -> SamplingParams:
         """Check every field by the rules of `validate_setting` (messages name the command-line flags)."""
         for f in fields(self):
@@ -189,7 +193,7 @@ class Sampler:
     def __init__(self, params: SamplingParams, prompt_len: int | None = None) -> None:
         """`prompt_len`: how many of the ids each call gets are the prompt (the rest is the reply, which presence
         and frequency penalties count); None: as many as the first call gets."""
-        self.params = params.validate()
+        self.params = params
         self.prompt_len = prompt_len
         self._generators: dict[torch.device, torch.Generator] = {}
         self._bias: torch.Tensor | None = None
@@ -286,3 +290,33 @@ class Sampler:
             scores = torch.nan_to_num(self.penalised(logits, generated), nan=float("-inf"))
             return int(scores.argmax())
         return token
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model's own distribution at its step, and the `top` most
+    likely tokens there with theirs (most likely first)."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def model_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """The log-softmax of the raw logits: temperature 1, before any bias, penalty, truncation or grammar mask,
+    so a token's logprob says how likely the model found it whatever the request's settings (vLLM's default)."""
+    import torch
+
+    return torch.log_softmax(logits.float(), -1)
+
+
+def read_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s entry from `model_logprobs`, with the `top` most likely tokens (one read from the device)."""
+    import torch
+
+    if top <= 0:
+        return TokenLogprob(token, float(logprobs[token]))
+    values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+    # the chosen token's value rides along with the top ones: one copy to the host for all of them
+    flat = torch.cat([logprobs[token:token + 1], values]).tolist()
+    return TokenLogprob(token, flat[0], list(zip(ids.tolist(), flat[1:], strict=True)))

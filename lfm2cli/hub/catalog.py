@@ -1,5 +1,5 @@
 """What can run here (`lfm2 list --available`): the published models whose shape lfm2 knows (`hub/known.py`),
-what each takes to run at bf16, int8 and int4 by the memory guard's own estimate (`checkpoint.memory_needed`),
+what each takes to run at bf16, int8 and int4 by the memory guard's own estimate (`loading.fit.memory_needed`),
 whether that fits the memory available now, and whether the model is downloaded. No network, no torch."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 from lfm2cli.hub import local
 from lfm2cli.hub.known import KNOWN_CONFIGS
 from lfm2cli.hub.names import PUBLISHED
-from lfm2cli.loading.checkpoint import memory_needed, parameter_counts
+from lfm2cli.loading.checkpoint import parameter_counts
+from lfm2cli.loading.fit import memory_needed
 
 PRECISIONS = ("bf16", "int8", "int4")  # largest first: `fits` names the first that fits
 _QUANTIZE = {"bf16": None, "int8": "int8", "int4": "int4"}  # bf16: the model unquantized, two bytes a weight

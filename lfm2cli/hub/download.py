@@ -225,33 +225,7 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
         return PullResult(in_hf, plan.commit, 0, plan.total, "hf cache")
 
     with _explained(repo_id, revision, resumable=True, cache_dir=cache_dir):
-        snap.mkdir(parents=True, exist_ok=True)
-        have = {f.name: _on_disk(snap / f.name) for f in plan.files}
-        needed = plan.total - sum(have.values())
-        free = shutil.disk_usage(snap).free
-        if needed > free:
-            raise HubError(f"not enough disk space for {repo_id}: {human_bytes(needed)} to download, "
-                           f"{human_bytes(free)} free in {snap.parent}; free some space or "
-                           f"{_elsewhere(cache_dir)}")
-        from huggingface_hub.utils import build_hf_headers
-
-        headers = build_hf_headers(library_name="lfm2", library_version=__version__)
-        headers["Accept-Encoding"] = "identity"  # sizes must match the listing byte for byte
-        progress = progress or make_progress()
-        progress.start(repo_id, plan.total, sum(have.values()))
-        ok = False
-        try:
-            for f in plan.files:
-                dest = snap / f.name
-                if not (dest.is_file() and dest.stat().st_size == f.size):
-                    progress.file(f.name, f.size)
-                    url = f"{endpoint()}/{repo_id}/resolve/{plan.commit}/{quote(f.name)}"
-                    _download(url, dest, f.size, headers, progress)
-                if f.name == "config.json":
-                    _check_architecture(repo_id, dest)
-            ok = True
-        finally:
-            progress.finish(ok)
+        needed = _fetch_files(repo_id, plan, snap, cache_dir, progress or make_progress())
 
     _verify(repo_id, snap)
     with _explained(repo_id, revision, resumable=True, cache_dir=cache_dir):
@@ -259,6 +233,37 @@ def pull_model(repo_id: str, *, revision: str | None = None, cache_dir: str | Pa
         local.write_ref(repo_id, ref, plan.commit, cache_dir)
     local.prune(repo_id, cache_dir)
     return PullResult(snap, plan.commit, needed, plan.total, "downloaded")
+
+
+def _fetch_files(repo_id: str, plan: Plan, snap: Path, cache_dir: str | Path | None, progress: Progress) -> int:
+    """Download `plan`'s files that `snap` lacks or holds in part; returns the bytes there were to download."""
+    snap.mkdir(parents=True, exist_ok=True)
+    have = {f.name: _on_disk(snap / f.name) for f in plan.files}
+    needed = plan.total - sum(have.values())
+    free = shutil.disk_usage(snap).free
+    if needed > free:
+        raise HubError(f"not enough disk space for {repo_id}: {human_bytes(needed)} to download, "
+                       f"{human_bytes(free)} free in {snap.parent}; free some space or "
+                       f"{_elsewhere(cache_dir)}")
+    from huggingface_hub.utils import build_hf_headers
+
+    headers = build_hf_headers(library_name="lfm2", library_version=__version__)
+    headers["Accept-Encoding"] = "identity"  # sizes must match the listing byte for byte
+    progress.start(repo_id, plan.total, sum(have.values()))
+    ok = False
+    try:
+        for f in plan.files:
+            dest = snap / f.name
+            if not (dest.is_file() and dest.stat().st_size == f.size):
+                progress.file(f.name, f.size)
+                url = f"{endpoint()}/{repo_id}/resolve/{plan.commit}/{quote(f.name)}"
+                _download(url, dest, f.size, headers, progress)
+            if f.name == "config.json":
+                _check_architecture(repo_id, dest)
+        ok = True
+    finally:
+        progress.finish(ok)
+    return needed
 
 
 def cached_copy(repo_id: str, revision: str | None = None,

@@ -56,7 +56,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     # and 2.3B active parameters confirm. UNCERTAIN: which layers attend (see _ATTN_24B_A2B).
     "LiquidAI/LFM2-24B-A2B": _moe(40, _ATTN_24B_A2B, experts=64, expert_ff=1536),
     # LFM2.5-8B-A1B: the 8B-A1B shape with the 128K-entry tokenizer and rope theta 5e6 (read from its
-    # checkpoint). UNCERTAIN: the special token ids of the new tokenizer (1/7/0 kept here).
+    # checkpoint). UNCERTAIN: the special token ids of the 128K tokenizer (1/7/0 kept here).
     "LiquidAI/LFM2.5-8B-A1B": _moe(24, _ATTN_8B_A1B, experts=32, expert_ff=1792, vocab_size=128000,
                                    rope_theta=5000000.0),
     # LFM2.5-350M: LFM2-350M's shape, retrained.

@@ -2,32 +2,31 @@
 
 Batch-1 decode on CPU is bound by reading weights; in eager mode each projection is a oneDNN call on prepacked
 weights plus ~25 small ops per layer around it. Compiled, every projection becomes an inductor-generated pass
-over the blocked weights (see `lfm2cli.model.linear`), and the norms, RoPE, conv step and residuals fuse around
-them. Prefill stays eager.
+over the blocked weights (`BlockedProj` in `lfm2cli.kernels.proj`, made at load by the decode plan), and the
+norms, RoPE, conv step and residuals fuse around them. Prefill stays eager.
 
 Shapes: the weights are static; the number of cached positions L and the cache capacity are marked dynamic,
 so one compilation serves every position and every cache size. The new position's key/value and the conv
 states are written into the cache tensors in place by the graph. Compiled code is kept in inductor's on-disk
 cache, so only the first run on a machine pays the compile (about 30 s for LFM2-350M on 2 cores).
 
-On CUDA (`CudaGraphDecoder`, UNTESTED: no GPU was available when it was written) the same step runs over the
-whole cache capacity with a mask (static shapes), is captured once as a CUDA graph and replayed per token;
-weights stay plain for cuBLAS. Nothing on the CPU path depends on it.
+On CUDA (`CudaGraphDecoder`, not run on a GPU by the tests: they run its arithmetic on CPU) the same step runs
+over the whole cache capacity with a mask (static shapes), is captured once as a CUDA graph and replayed per
+token; weights stay plain for cuBLAS. Nothing on the CPU path depends on it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from lfm2cli.kernels.proj import Proj
 from lfm2cli.model.cache import HybridCache
+from lfm2cli.model.config import Lfm2Config
 from lfm2cli.model.layers import DecoderLayer, apply_rope
-from lfm2cli.model.lfm2 import Lfm2ForCausalLM
 
 
-def compile_supported(model: torch.nn.Module) -> str | None:
+def compile_supported(cfg: Lfm2Config) -> str | None:
     """None when the compiled step can run this model, else why not."""
-    if model.config.is_moe:
+    if cfg.is_moe:
         return "the compiled decode step covers dense models; MoE routing runs eagerly"
     try:
         import torch._inductor  # noqa: F401
@@ -37,24 +36,13 @@ def compile_supported(model: torch.nn.Module) -> str | None:
 
 
 class CompiledDecoder:
-    """Callable as `decoder(ids [1, 1], cache) -> float32 logits [1, V]`; advances the cache by one."""
+    """Callable as `decoder(ids [1, 1], cache) -> float32 logits [1, V]`; advances the cache by one. The model's
+    projections are in the blocked form already (the decode plan made them so at load)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        for m in model.modules():
-            if isinstance(m, Proj) and m.can_block():
-                m.block()
         self._positions = torch.arange(model.config.max_position_embeddings, device=model.device)
         self._fn = torch.compile(self._step, fullgraph=True, dynamic=False)
-        self.head_logits = torch.compile(self._logits, fullgraph=True, dynamic=False)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The LM head for one position [1, 1, h] -> [1, 1, V]; compiled as `head_logits` (the model's `logits`
-        uses it after prefill): in eager mode a blocked head would first be copied back to the plain layout."""
-        return Lfm2ForCausalLM.logits(self.model, x)
-
-    def _final(self, x: torch.Tensor) -> torch.Tensor:
-        return self._logits(self.model.model.embedding_norm(x))
 
     def __call__(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         length = cache.pos + 1
@@ -74,11 +62,11 @@ class CompiledDecoder:
               ks: list[torch.Tensor], vs: list[torch.Tensor], convs: list[torch.Tensor]) -> torch.Tensor:
         pos = valid[-1:]  # the new token's position, as a tensor: no host sync, no recompilation
         x = decode_layers(self.model, ids, pos, valid.shape[0], None, cos_table, sin_table, ks, vs, convs)
-        return self._final(x)[:, -1]
+        return self.model.logits(self.model.model.embedding_norm(x))[:, -1]
 
 
 class CudaGraphDecoder:
-    """UNTESTED on a GPU. Static-shape decode step captured as a CUDA graph: inputs (token id, position) and
+    """Not run on a GPU by the tests. Static-shape decode step captured as a CUDA graph: inputs (token id, position) and
     output live in fixed tensors; the graph is captured again whenever the cache storage is reallocated."""
 
     def __init__(self, model: torch.nn.Module) -> None:

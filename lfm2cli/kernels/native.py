@@ -26,6 +26,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,17 +36,15 @@ from lfm2cli.system import cpu
 SOURCES = Path(__file__).with_name("csrc")
 ROWS = 64  # output channels per tile in the kernels: packed weights are padded to a multiple of this
 COMMON_FLAGS = ["-O3", "-mtune=native", "-fopenmp", "-shared", "-fPIC"]
-LEVEL_FLAGS = {"avx512": ["-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"], "avx2": ["-march=x86-64-v3"],
-               "bf16": ["-march=armv8.2-a+dotprod+bf16"], "dotprod": ["-march=armv8.2-a+dotprod"],
-               "neon": ["-march=armv8-a"]}
-# lfm2_native_isa() in csrc/common.h
-LEVEL_IDS = {0: None, 1: "avx2", 2: "avx512", 10: "neon", 11: "dotprod", 12: "bf16"}
+# Each level's flags and C id (lfm2_native_isa(); 0: a build without a level), from cpu.NATIVE_LEVELS.
+LEVEL_FLAGS = {level.name: cpu.level_flags(level.name) for level in cpu.NATIVE_LEVELS}
+LEVEL_IDS: dict[int, str | None] = {0: None, **{level.id: level.name for level in cpu.NATIVE_LEVELS}}
 
 _lib: ctypes.CDLL | None = None  # the loaded library
 _level: str | None = None  # its kernel level; models use the library only when it has one
 _why_not: str | None = "not loaded"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {
+_SIGNATURES = {  # argument types; the functions return nothing (those of _RESULTS return what it says)
     "lfm2_linear": [_P, _P, _P, _I, _I, _I, ctypes.c_int, ctypes.c_int],
     "lfm2_linear_group": [_I, _P, _P, _P, _I, _I, ctypes.c_int, ctypes.c_int],
     "lfm2_pack": [_P, _P, _I, _I, _I, ctypes.c_int],
@@ -58,18 +57,25 @@ _SIGNATURES = {
     "lfm2_conv_step": [_P, _P, _P, _P, _P, _I, _I],
     "lfm2_attention_step": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _F, _P, ctypes.c_int],
     "lfm2_decode_step": [_P, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _P, _P, _F, ctypes.c_int],
+    "lfm2_decode_batch": [_P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F, ctypes.c_int],
+    "lfm2_native_isa": [],
+    "lfm2_layer_size": [],
+    "lfm2_format_bytes": [ctypes.c_int, _P],
 }
+_RESULTS = {"lfm2_native_isa": ctypes.c_int, "lfm2_layer_size": _I, "lfm2_format_bytes": _I}
 
 
 class Layer(ctypes.Structure):
-    """One layer of `lfm2_decode_step` (csrc/step.c's lfm2_layer): pointers to its weights and caches."""
+    """One layer of `lfm2_decode_step` (csrc/step.c's lfm2_layer): pointers to its weights and caches. Loading
+    checks its size against the C struct's (lfm2_layer_size), so a field added on one side only is a clear
+    refusal, not a crash."""
 
     _fields_ = [("attention", _I), ("op_norm", _P), ("ffn_norm", _P), ("in_w", _P), ("in_rows", _I),
                 ("out_w", _P), ("w13", _P), ("w2", _P), ("ff", _I),
                 ("conv_w", _P), ("conv_b", _P), ("state", _P), ("q_norm", _P), ("k_norm", _P), ("k_cache", _P),
                 ("v_cache", _P), ("experts", _I), ("top_k", _I), ("norm_topk", _I), ("scaling", _F), ("gate", _P),
                 ("expert_bias", _P), ("e_w13", _P), ("e_w2", _P), ("e_ff", _I),
-                # each weight's format (BF16, INT8, INT4), the experts' per kind
+                # each weight's format id (FORMATS), the experts' per kind
                 ("in_f", _I), ("out_f", _I), ("w13_f", _I), ("w2_f", _I), ("e_w13_f", _I), ("e_w2_f", _I)]
 
 
@@ -81,7 +87,9 @@ def _compiler() -> str | None:
 
 
 def _source_text() -> str:
-    return "\0".join(f"{p.name}\0{p.read_text()}" for p in sorted(SOURCES.iterdir()) if p.suffix in (".c", ".h"))
+    """Every C source under csrc/, subfolders included, with its path: the build's cache key."""
+    files = sorted(p for p in SOURCES.rglob("*") if p.suffix in (".c", ".h") and p.is_file())
+    return "\0".join(f"{p.relative_to(SOURCES).as_posix()}\0{p.read_text()}" for p in files)
 
 
 def macos_openmp() -> list[str]:
@@ -141,13 +149,45 @@ def load(directory: Path) -> str | None:
         _why_not = reason
         return _why_not
     try:
-        lib = ctypes.CDLL(str(build(directory, level)))
+        path = build(directory, level)
     except (OSError, subprocess.SubprocessError) as e:
         _why_not = f"could not be built: {e}"
         return _why_not
+    return attach(path, level)
+
+
+def _mismatch(lib: ctypes.CDLL) -> str | None:
+    """Why the library's C side does not match this Python side (a missing function, another struct or format
+    table), or None."""
+    missing = [name for name in _SIGNATURES if not hasattr(lib, name)]
+    if missing:
+        return f"lacks {', '.join(missing)}"
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, _RESULTS.get(name)
+    if lib.lfm2_layer_size() != ctypes.sizeof(Layer):
+        return (f"has a {lib.lfm2_layer_size()}-byte lfm2_layer, native.Layer is {ctypes.sizeof(Layer)} bytes "
+                "(csrc/step.c and native.py disagree)")
+    group = ctypes.c_int64()
+    for fmt in FORMATS.values():
+        if (lib.lfm2_format_bytes(fmt.id, ctypes.byref(group)), group.value) != (fmt.block_bytes, fmt.group):
+            return f"lays out {fmt.name} otherwise than native.FORMATS (csrc/common.h and native.py disagree)"
+    return None
+
+
+def attach(path: Path, level: str) -> str | None:
+    """Load the library at `path`, built for `level`, and bind its functions. Returns None when models can use
+    it, else why not (also kept for `why_not`)."""
+    global _lib, _level, _why_not
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _why_not = f"could not be loaded: {e}"
+        return _why_not
+    mismatch = _mismatch(lib)
+    if mismatch is not None:
+        _why_not = f"does not match this lfm2: its library {mismatch}"
+        return _why_not
     _lib, _level = lib, LEVEL_IDS.get(lib.lfm2_native_isa())
     _why_not = None if _level == level else f"built without its {level} kernel"
     return _why_not
@@ -175,9 +215,23 @@ def why_not() -> str | None:
     return _why_not
 
 
-BF16, INT8, INT4 = 0, 1, 2  # the weight formats lfm2_linear takes (LFM2_BF16, LFM2_INT8, LFM2_INT4 in common.h)
-GROUP = 32  # inputs per int8 / int4 scale (lfm2cli.kernels.quantize.GROUP)
-GROUP_BYTES = {INT8: 544, INT4: 288}  # one 16-row block's group: 16 bf16 scales, then 16 x 32 values
+@dataclass(frozen=True)
+class Format:
+    """A weight format lfm2_linear takes (csrc/common.h's lfm2_format and FORMATS, checked at load): packed in
+    16-row blocks, `group` inputs at a time, each block's group `block_bytes` bytes."""
+
+    name: str
+    id: int
+    group: int
+    block_bytes: int
+
+
+FORMATS = {f.name: f for f in (Format("bf16", 0, 2, 64),  # pairs of inputs: 16 rows x 2 bf16
+                               Format("int8", 1, 32, 544),  # 16 fp16 scales, then 16 rows x 32 int8
+                               Format("int4", 2, 32, 288))}  # 16 bf16 scales, then 16 rows x 32 nibbles
+BF16, INT8, INT4 = (FORMATS[name].id for name in ("bf16", "int8", "int4"))
+GROUP = FORMATS["int8"].group  # inputs per int8 / int4 scale (lfm2cli.kernels.quantize.GROUP)
+GROUP_BYTES = {f.id: f.block_bytes for f in FORMATS.values() if f.id != BF16}  # one 16-row block's group
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -227,7 +281,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pack_grouped(q: torch.Tensor, scales: torch.Tensor, fmt: int) -> torch.Tensor:
     """int8 or int4 weights from `lfm2cli.kernels.quantize` (int8 q [out, in] with fp16 scales, or int4 nibbles
-    [out, in/2] with bf16 scales; scales [out, in/32]) -> the layout of csrc/linear_grouped.c: uint8
+    [out, in/2] with bf16 scales; scales [out, in/32]) -> the layout of csrc/pack.c: uint8
     [out'/16, in/32, GROUP_BYTES[fmt]] with out' = out rounded up to 64 (zero scales in the padding): each 16-row
     block's groups one after another, each group's scales before its values, so a decode product reads the
     weights once, in memory order."""
@@ -235,8 +289,8 @@ def pack_grouped(q: torch.Tensor, scales: torch.Tensor, fmt: int) -> torch.Tenso
     padded = -(-out // ROWS) * ROWS
     src, sc = q.contiguous(), scales.contiguous()
     dst = torch.empty(padded // 16, inn // GROUP, GROUP_BYTES[fmt], dtype=torch.uint8)
-    _lib.lfm2_pack_grouped(src.data_ptr(), sc.data_ptr(), dst.data_ptr(), out, padded, inn,
-                           4 if fmt == INT4 else 8, torch.get_num_threads())
+    _lib.lfm2_pack_grouped(src.data_ptr(), sc.data_ptr(), dst.data_ptr(), out, padded, inn, fmt,
+                           torch.get_num_threads())
     return dst
 
 
@@ -317,4 +371,18 @@ def decode_step(layers: ctypes.Array, x: torch.Tensor, final_norm: torch.Tensor,
     _lib.lfm2_decode_step(layers, len(layers), x.data_ptr(), final_norm.data_ptr(), out.data_ptr(), x.numel(),
                           heads, kv_heads, head_dim, conv_width, pos, cap, cos.data_ptr(), sin.data_ptr(), eps,
                           torch.get_num_threads())
+    return out
+
+
+def decode_batch(layers: ctypes.Array, x: torch.Tensor, final_norm: torch.Tensor, pos: torch.Tensor,
+                 cap: torch.Tensor, caches: ctypes.Array, heads: int, kv_heads: int, head_dim: int, conv_width: int,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
+    """Every layer for one token of each of B sequences (x: their embeddings [B, hidden], updated in place): row r
+    at position pos[r] (int64) in caches of capacity cap[r], its caches caches[r * 2 * layers ..] (per layer the
+    k and v caches of an attention layer, the conv state and None of a conv layer), its RoPE cos[r], sin[r]
+    [B, head_dim]. Returns the final norm's output [B, hidden]: each row the bits `decode_step` gives it."""
+    out = torch.empty_like(x)
+    _lib.lfm2_decode_batch(layers, len(layers), x.shape[0], x.data_ptr(), final_norm.data_ptr(), out.data_ptr(),
+                           x.shape[1], heads, kv_heads, head_dim, conv_width, pos.data_ptr(), cap.data_ptr(), caches,
+                           cos.data_ptr(), sin.data_ptr(), eps, torch.get_num_threads())
     return out

@@ -6,7 +6,9 @@ allocation. Here each sublayer's small ops are one native call, and the products
 (`Proj` in its native form), so the step costs little more than reading the weights. The numbers are those of
 the eager path: every op rounds to bf16 where the torch code does (tests/test_native.py). Models run the
 whole step in one native call (`lfm2_decode_step`), routing and the routed experts of MoE layers included;
-the per-op loop here (routing in torch) serves models with biased projections.
+the per-op loop here (routing in torch) serves models with biased projections. `NativeDecoder.batch` steps
+several sequences (each its own cache) in one call that reads each weight once for all of them, a sequence's
+numbers the same bits as alone (`lfm2cli.decoding.batch`, `lfm2 serve`'s continuous batching).
 Prefill stays in torch, where these costs are shared by every token of the chunk.
 """
 
@@ -34,7 +36,8 @@ def _weights(proj: Proj) -> tuple[int, int]:
 
 
 class NativeDecoder:
-    """Callable as `decoder(ids [1, 1], cache) -> float32 logits [1, V]`; advances the cache by one."""
+    """Callable as `decoder(ids [1, 1], cache) -> float32 logits [1, V]`; advances the cache by one. `batch`
+    steps several sequences at once with the same numbers."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -104,6 +107,36 @@ class NativeDecoder:
                                cfg.num_key_value_heads, cfg.head_dim, cfg.conv_L_cache, cos, sin, final.eps)
         cache.advance(1)
         return model.logits(h.view(1, 1, -1))[:, -1]
+
+    def batch(self, tokens: list[int], caches: list[HybridCache]) -> torch.Tensor:
+        """One token for each of B sequences, each in its own cache, in one native call that reads each weight
+        once for all B: float32 logits [B, V], each row the bits `self(ids, cache)` gives it alone. Each cache
+        advances by one. Models with biased projections (no whole step) run the rows one by one."""
+        if self.layers is None:
+            return torch.cat([self(torch.tensor([[t]]), c) for t, c in zip(tokens, caches, strict=True)])
+        model, cfg = self.model, self.model.config
+        for cache in caches:
+            if cache.pos + 1 > cache.max_len:
+                raise ValueError(f"cache holds at most {cache.max_len} positions; {cache.pos + 1} requested")
+            cache.reserve(cache.pos + 1)  # before the pointers are read: growing reallocates the KV storage
+        pos = torch.tensor([c.pos for c in caches], dtype=torch.int64)
+        cap = torch.tensor([c.capacity for c in caches], dtype=torch.int64)
+        cos, sin = model.rope(0, int(pos.max()) + 1, model.dtype)
+        cos, sin = cos[pos].contiguous(), sin[pos].contiguous()
+        ptrs = (ctypes.c_void_p * (2 * len(self.layers) * len(caches)))()
+        j = 0
+        for cache in caches:
+            for i, entry in enumerate(self.layers):
+                pair = cache.kv_buffers(i) if entry.attention else (cache.conv_state(i), None)
+                ptrs[j], ptrs[j + 1] = _ptr(pair[0]), _ptr(pair[1])
+                j += 2
+        x = model.model.embed_tokens(torch.tensor(tokens, dtype=torch.long))
+        final = model.model.embedding_norm
+        h = native.decode_batch(self.layers, x, final.weight, pos, cap, ptrs, cfg.num_attention_heads,
+                                cfg.num_key_value_heads, cfg.head_dim, cfg.conv_L_cache, cos, sin, final.eps)
+        for cache in caches:
+            cache.advance(1)
+        return model.logits(h.view(len(caches), 1, -1))[:, -1]
 
     def __call__(self, ids: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         model, pos = self.model, cache.pos

@@ -1,9 +1,9 @@
-"""`Proj`: the linear layer `lfm2cli.kernels.accelerate` swaps in for the model's `nn.Linear` layers. It holds one
-weight in the fastest form for the device: plain (any device), packed for lfm2's own CPU kernels
-(`lfm2cli.kernels.native`: bf16, int8 or int4), prepacked for oneDNN (CPU, eager, where the native kernel cannot
-run), weight-only int8 or int4 (see `lfm2cli.kernels.quantize`; outside the native kernels they run torch's slow
-fallback), or blocked for the compiled decode step (plain or int8). Batch-1 decode is bound by reading weights,
-so the form decides its speed.
+"""The projections `lfm2cli.kernels` swaps in for the model's `nn.Linear` layers, one class per weight form: plain
+(any device), prepacked for oneDNN (CPU, eager, where the native kernel cannot run), weight-only int8 or int4 (see
+`lfm2cli.kernels.quantize`; outside the native kernels they run torch's slow fallback), packed for lfm2's own CPU
+kernels (`lfm2cli.kernels.native`: bf16, int8 or int4), or blocked for the compiled decode step (plain or int8).
+Batch-1 decode is bound by reading weights, so the form decides its speed. A conversion returns a new module and
+leaves the old one empty (its weight may have been rewritten in place); the caller puts the new one in its place.
 
 The blocked form stores [out, in] as [out / BLOCK, in, BLOCK]: a decode product then walks the weights in memory
 order with BLOCK output channels side by side in one vector, no horizontal sums; inductor compiles
@@ -16,21 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm2cli.kernels import native
-from lfm2cli.kernels.quantize import GROUP
+from lfm2cli.kernels import GROUP, native
 from lfm2cli.system import cpu
 
 BLOCK = 32  # output channels per block in the blocked form (16 and 64 measured slower in the compiled step)
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see Proj._unblocked_t
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}  # see BlockedProj._unblocked_t
+
+
+def prepack_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """oneDNN prepacking pays on CPU: torch's plain bf16 `linear` reorders the weight on every call. For bf16 it
+    needs a CPU that computes bf16 (elsewhere oneDNN raises or crawls): `lfm2cli.system.cpu` decides that."""
+    if dtype == torch.bfloat16 and not cpu.onednn_bf16():
+        return False
+    return (device.type == "cpu" and dtype in (torch.bfloat16, torch.float32)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def can_prepack(weight: torch.Tensor) -> bool:
-    """oneDNN prepacking pays on CPU: torch's plain bf16 `linear` reorders the weight on every call. For bf16 it
-    needs a CPU that computes bf16 (elsewhere oneDNN raises or crawls): `lfm2cli.system.cpu` decides that."""
-    if weight.dtype == torch.bfloat16 and not cpu.onednn_bf16():
-        return False
-    return (weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float32)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return prepack_supported(weight.dtype, weight.device)
 
 
 def _adjacent(weights: list[torch.Tensor]) -> torch.Tensor | None:
@@ -47,24 +50,39 @@ def _adjacent(weights: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 class Proj(nn.Module):
-    """y = x W^T (+ b). `weight` stays the plain [out, in] tensor unless it was packed or quantised."""
+    """y = x W^T (+ b), W [out, in] in one of the forms below."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    kind = ""  # the form, as `lfm2 bench` and the tests name it
+    quant: str | None = None  # "int8" or "int4" for quantised weights
+
+    def __init__(self, out_features: int, in_features: int, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.weight: torch.Tensor | None = weight
+        self.out_features, self.in_features = out_features, in_features
         self.bias = bias
-        self.packed: torch.Tensor | None = None  # oneDNN's blocked layout (an opaque tensor)
-        self.quant: str | None = None  # "int8" or "int4" once quantised
-        self.qweight: torch.Tensor | None = None  # int8 [out, in]; int4: nibbles uint8 [out, in / 2]
-        self.scales: torch.Tensor | None = None  # [out, in / 32]: int8 fp16, int4 bf16
-        self.blocked: torch.Tensor | None = None  # [out / BLOCK, in, BLOCK]: plain or int8 values
-        self.blocked_scales: torch.Tensor | None = None  # int8 blocked: float32 [out / BLOCK, in / 32, BLOCK]
-        self.native: torch.Tensor | None = None  # the native kernel's layout: bf16, or int8 / int4 with scales
         self.keep_precision = False  # never quantised (the MoE router: tiny, and it picks the experts)
 
+    def _successor(self, new: Proj) -> Proj:
+        """`new` as this projection's replacement: same bias and precision rule; this one is left empty."""
+        new.keep_precision = self.keep_precision
+        self.bias = None
+        return new
+
+    def nbytes(self) -> int:
+        """Bytes read to apply this layer once (what batch-1 decode costs)."""
+        raise NotImplementedError
+
+
+class PlainProj(Proj):
+    """The weight as loaded: torch's `linear` (cuBLAS on GPU)."""
+
+    kind = "plain"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__(weight.shape[0], weight.shape[1], bias)
+        self.weight: torch.Tensor | None = weight
+
     @classmethod
-    def fuse(cls, layers: list[nn.Linear]) -> Proj:
+    def fuse(cls, layers: list[nn.Linear]) -> PlainProj:
         """One matrix for several projections of the same input (q/k/v, w1/w3): one weight read per token."""
         if len(layers) == 1:
             return cls.from_linear(layers[0])
@@ -77,65 +95,187 @@ class Proj(nn.Module):
         return cls(weight, bias)
 
     @classmethod
-    def from_linear(cls, layer: nn.Linear) -> Proj:
+    def from_linear(cls, layer: nn.Linear) -> PlainProj:
         return cls(layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
 
-    def prepack(self) -> None:
-        """Switch to oneDNN's packed layout. Done at load time, not at first use: packed and plain weights
-        sum in different orders, and a model must answer the same before and after its first decode step."""
-        assert self.weight is not None
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 1)
-        self.weight = None  # the packed copy replaces it: no second copy in memory
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.dtype.itemsize
 
-    def quantize(self, mode: str) -> None:
-        """Weight-only int8 or int4 (`kernels/quantize.py`): made by the native code where it runs (the same bytes as
-        the torch definition, far faster at load time). Both group 32 inputs; a weight whose input width is not
-        a multiple of 32 keeps its precision (none in the LFM2 checkpoints: their widths are multiples of 256)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _take(self) -> torch.Tensor:
+        w, self.weight = self.weight, None
+        assert w is not None, "this projection was converted already"
+        return w
+
+    def prepacked(self) -> PackedProj:
+        """oneDNN's packed layout. Made at load time, not at first use: packed and plain weights sum in different
+        orders, and a model must answer the same before and after its first decode step."""
+        packed = torch.ops.mkldnn._reorder_linear_weight(self._take(), 1)
+        return self._successor(PackedProj(packed, self.out_features, self.in_features, self.bias))
+
+    def quantized(self, mode: str) -> Proj:
+        """Weight-only int8 or int4 (`kernels/quantize.py`): made by the native code where it runs (the same bytes
+        as the torch definition, far faster at load time). Both group 32 inputs; a weight whose input width is not
+        a multiple of 32 keeps its precision: this projection itself is returned (none in the LFM2 checkpoints:
+        their widths are multiples of 256)."""
         from lfm2cli.kernels import quantize
 
+        assert mode in ("int8", "int4")
+        if self.in_features % GROUP:
+            return self
         w = self.weight
-        assert w is not None and mode in ("int8", "int4")
-        if self.in_features % quantize.GROUP:
-            return
         fast = native.ready() and w.dtype == torch.bfloat16 and w.device.type == "cpu"
-        make = getattr(native if fast else quantize, f"quantize_{mode}")
-        self.qweight, self.scales = make(w)
-        self.weight = None
-        self.quant = mode
+        q, scales = getattr(native if fast else quantize, f"quantize_{mode}")(self._take())
+        return self._successor(QuantProj(q, scales, mode, self.out_features, self.in_features, self.bias))
 
     def can_native(self) -> bool:
-        if self.quant is not None:
-            return self.qweight is not None and native.can_pack_grouped(self.in_features)
         return self.weight is not None and native.can_pack(self.weight)
 
-    @property
-    def native_format(self) -> int:
-        """The native form's weight format: native.BF16, INT8 or INT4."""
-        return {"int8": native.INT8, "int4": native.INT4}.get(self.quant or "", native.BF16)
-
-    def to_native(self, in_place: bool = False) -> None:
-        """Switch to the native kernel's layout (bf16, int8 or int4 weights; see native.c). Replaces the plain copy;
-        `in_place` rewrites the weight's own memory (only when nothing else uses that tensor)."""
+    def to_native(self, in_place: bool = False) -> NativeProj:
+        """The native kernel's bf16 layout; `in_place` rewrites the weight's own memory (only when nothing else
+        uses that tensor)."""
         assert self.can_native()
-        if self.quant is not None:  # the scales travel inside the packed layout
-            self.native = native.pack_grouped(self.qweight, self.scales, self.native_format)
-            self.scales = None
-        else:
-            self.native = native.pack(self.weight, in_place=in_place)
-        self.weight = self.qweight = None
+        packed = native.pack(self._take(), in_place=in_place)
+        return self._successor(NativeProj(packed, native.BF16, None, self.out_features, self.in_features, self.bias))
 
     def can_block(self) -> bool:
-        return self.packed is None and self.quant != "int4" and self.out_features % BLOCK == 0
+        return self.out_features % BLOCK == 0
 
-    def block(self) -> None:
-        """Switch to the blocked form (plain or int8) used by the compiled decode step."""
-        w = self.qweight if self.qweight is not None else self.weight
-        assert w is not None and self.can_block()
+    def blocked(self) -> BlockedProj:
+        """The blocked form the compiled decode step reads."""
+        assert self.can_block()
         nb = self.out_features // BLOCK
-        self.blocked = w.view(nb, BLOCK, self.in_features).transpose(1, 2).contiguous()
-        if self.scales is not None:  # int8: [out, in / 32] -> [out / BLOCK, in / 32, BLOCK], as the values
-            self.blocked_scales = self.scales.float().view(nb, BLOCK, -1).transpose(1, 2).contiguous()
-        self.weight = self.qweight = None
+        w = self._take().view(nb, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        return self._successor(BlockedProj(w, None, None, self.bias))
+
+
+class PackedProj(Proj):
+    """oneDNN's prepacked layout (an opaque tensor)."""
+
+    kind = "packed"
+
+    def __init__(self, packed: torch.Tensor, out_features: int, in_features: int, bias: torch.Tensor | None
+                 ) -> None:
+        super().__init__(out_features, in_features, bias)
+        self.packed = packed
+
+    def nbytes(self) -> int:
+        return self.out_features * self.in_features * self.packed.dtype.itemsize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+class QuantProj(Proj):
+    """Weight-only int8 or int4 in groups of 32 inputs, run by torch's fallback (`grouped_linear`: dequantised per
+    call; it saves memory, not time)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mode: str, out_features: int, in_features: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__(out_features, in_features, bias)
+        self.qweight: torch.Tensor | None = qweight  # int8 [out, in]; int4: nibbles uint8 [out, in / 2]
+        self.scales: torch.Tensor | None = scales  # [out, in / 32]: int8 fp16, int4 bf16
+        self.quant = self.kind = mode
+
+    def nbytes(self) -> int:
+        n = self.out_features * self.in_features  # a byte (int4: half) per weight, a 16-bit scale per 32
+        return (n // 2 if self.quant == "int4" else n) + 2 * (n // GROUP)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lfm2cli.kernels.quantize import grouped_linear
+
+        y = grouped_linear(x, self.qweight, self.scales, self.quant)
+        return y if self.bias is None else y + self.bias
+
+    def _take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        q, s = self.qweight, self.scales
+        assert q is not None and s is not None, "this projection was converted already"
+        self.qweight = self.scales = None
+        return q, s
+
+    def can_native(self) -> bool:
+        return self.qweight is not None and native.can_pack_grouped(self.in_features)
+
+    def to_native(self, in_place: bool = False) -> NativeProj:
+        """The native kernel's grouped layout (the scales travel inside it)."""
+        assert self.can_native()
+        fmt = native.INT4 if self.quant == "int4" else native.INT8
+        packed = native.pack_grouped(*self._take(), fmt)
+        return self._successor(NativeProj(packed, fmt, self.quant, self.out_features, self.in_features, self.bias))
+
+    def can_block(self) -> bool:
+        return self.quant == "int8" and self.out_features % BLOCK == 0
+
+    def blocked(self) -> BlockedProj:
+        """int8 in the blocked form: values and scales [out, in / 32] both as [out / BLOCK, in..., BLOCK]."""
+        assert self.can_block()
+        q, scales = self._take()
+        nb = self.out_features // BLOCK
+        values = q.view(nb, BLOCK, self.in_features).transpose(1, 2).contiguous()
+        blocked_scales = scales.float().view(nb, BLOCK, -1).transpose(1, 2).contiguous()
+        return self._successor(BlockedProj(values, blocked_scales, scales, self.bias))
+
+
+class NativeProj(Proj):
+    """Packed for lfm2's native CPU kernels: bf16 (`native.pack`), or int8 / int4 with their scales
+    (`native.pack_grouped`). bf16 models on CPU only."""
+
+    def __init__(self, packed: torch.Tensor, fmt: int, quant: str | None, out_features: int, in_features: int,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__(out_features, in_features, bias)
+        self.native = packed
+        self.native_format = fmt  # native.BF16, INT8 or INT4
+        self.quant = quant
+        self.kind = f"{quant}-native" if quant else "native"
+
+    def nbytes(self) -> int:
+        n = self.out_features * self.in_features
+        if self.quant is not None:
+            return (n // 2 if self.quant == "int4" else n) + 2 * (n // GROUP)
+        return n * self.native.dtype.itemsize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = native.linear(x, self.native, self.out_features, self.native_format)
+        return y if self.bias is None else y + self.bias
+
+
+class BlockedProj(Proj):
+    """The blocked form (plain or int8) of the compiled decode step: inside it, a one-token product is one fused
+    pass; outside (prefill), the weight is unblocked into a scratch buffer and multiplied there."""
+
+    def __init__(self, blocked: torch.Tensor, blocked_scales: torch.Tensor | None, scales: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> None:
+        nb, inn, _ = blocked.shape
+        super().__init__(nb * BLOCK, inn, bias)
+        self.blocked = blocked  # [out / BLOCK, in, BLOCK]
+        self.blocked_scales = blocked_scales  # int8: float32 [out / BLOCK, in / 32, BLOCK]
+        self.scales = scales  # int8: the plain [out, in / 32] scales, for prefill
+        self.quant = None if scales is None else "int8"
+        self.kind = "int8-blocked" if scales is not None else "blocked"
+
+    def nbytes(self) -> int:
+        n = self.out_features * self.in_features
+        return n + 2 * (n // GROUP) if self.quant else n * self.blocked.dtype.itemsize
+
+    def one_token(self, x: torch.Tensor) -> torch.Tensor:
+        """The product for one token, in the fused form inductor compiles."""
+        if self.blocked_scales is None:
+            y = (self.blocked.float() * x.reshape(1, -1, 1).float()).sum(1).reshape(-1)
+        else:  # int8: each group's sums times its scale, then the groups added up
+            nb, groups = self.blocked.shape[0], self.in_features // GROUP
+            part = (self.blocked.view(nb, groups, GROUP, BLOCK).float()
+                    * x.reshape(1, groups, GROUP, 1).float()).sum(2)
+            y = (part * self.blocked_scales).sum(1).reshape(-1)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and x.numel() == self.in_features:
+            return self.one_token(x)
+        y = torch.matmul(x, self._unblocked_t(x.dtype))
+        return y if self.bias is None else y + self.bias
 
     def _unblocked_t(self, dtype: torch.dtype) -> torch.Tensor:
         """The transposed plain matrix [in, out] (dequantised) from the blocked form, for prefill. Transposed
@@ -152,46 +292,17 @@ class Proj(nn.Module):
             w.view(-1, GROUP, self.out_features).mul_(self.scales.t().to(dtype)[:, None, :])
         return w
 
-    @property
-    def kind(self) -> str:
-        quant = self.quant or ""
-        form = ("blocked" if self.blocked is not None else "packed" if self.packed is not None
-                else "native" if self.native is not None else "")
-        return "-".join(p for p in (quant, form) if p) or "plain"
 
-    def nbytes(self) -> int:
-        """Bytes read to apply this layer once (what batch-1 decode costs)."""
-        n = self.out_features * self.in_features
-        if self.quant is not None:  # a byte (int4: half) per weight, a bf16 scale per 32
-            return (n // 2 if self.quant == "int4" else n) + 2 * (n // GROUP)
-        for t in (self.packed, self.blocked, self.native, self.weight):
-            if t is not None:
-                return n * t.dtype.itemsize
-        return 0
+class BlockedHead(BlockedProj):
+    """The LM head in the blocked form: its one-position product outside the compiled step (the last prompt
+    position, after prefill) is compiled too; eagerly the whole head would first be copied to the plain layout."""
+
+    def __init__(self, head: BlockedProj) -> None:
+        super().__init__(head.blocked, head.blocked_scales, head.scales, head.bias)
+        self.keep_precision = head.keep_precision
+        self._one_token = torch.compile(self.one_token, fullgraph=True, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native is not None:  # bf16 models only (see prepare_for_inference)
-            y = native.linear(x, self.native, self.out_features, self.native_format)
-            return y if self.bias is None else y + self.bias
-        if self.blocked is not None:
-            if torch.compiler.is_compiling() and x.numel() == self.in_features:
-                # batch-1 decode inside the compiled step: one fused pass over the blocked weights
-                if self.blocked_scales is None:
-                    y = (self.blocked.float() * x.reshape(1, -1, 1).float()).sum(1).reshape(-1)
-                else:  # int8: each group's sums times its scale, then the groups added up
-                    nb, groups = self.blocked.shape[0], self.in_features // GROUP
-                    part = (self.blocked.view(nb, groups, GROUP, BLOCK).float()
-                            * x.reshape(1, groups, GROUP, 1).float()).sum(2)
-                    y = (part * self.blocked_scales).sum(1).reshape(-1)
-                y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-            else:
-                y = torch.matmul(x, self._unblocked_t(x.dtype))
-            return y if self.bias is None else y + self.bias
-        if self.qweight is not None:
-            from lfm2cli.kernels.quantize import grouped_linear
-
-            y = grouped_linear(x, self.qweight, self.scales, self.quant)
-            return y if self.bias is None else y + self.bias
-        if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        if x.numel() == self.in_features and not torch.compiler.is_compiling():
+            return self._one_token(x)
+        return super().forward(x)

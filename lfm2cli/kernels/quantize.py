@@ -25,7 +25,7 @@ kernels' int8 activations (measured 4-7 %, MoE 5-17 %); int4 within 60 % (random
 the model to lean on, the worst case for 4 bits). Against llama.cpp on the same weights: the same weight error as
 Q8_0 and Q4_0 (docs/performance.md).
 
-The native kernels (lfm2cli/kernels/csrc/linear_grouped.c) run both for bf16 models on x86-64; they also round
+The native kernels (csrc/quantize.c and csrc/arch/*/quant.c) run both for bf16 models on x86-64; they also round
 each token to int8 per group of 32, as llama.cpp's Q8_0 activations (each activation moves by at most max|x of
 its group| / 254). `grouped_linear` is the torch fallback elsewhere (dequantises per call, in slices of rows:
 correct, not fast: it saves memory, not time); inside a compiled decode step int8 runs from the blocked form
@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import torch
 
+from lfm2cli.kernels import GROUP  # inputs per scale, int8 and int4
+
 QUANT_MODES = ("none", "int8", "int4")
-GROUP = 32  # inputs per scale, int8 and int4
 
 
 def check_mode(mode: str | None) -> str | None:

@@ -29,7 +29,7 @@ from lfm2cli.model.lfm2 import Lfm2ForCausalLM
 from lfm2cli.system import cpu
 
 if TYPE_CHECKING:
-    from lfm2cli.kernels import Plan
+    from lfm2cli.kernels.plan import Plan
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
           "float32": torch.float32, "fp32": torch.float32}
@@ -47,6 +47,7 @@ class LoadedModel:
     tokenizer: Any = None  # lfm2cli.text.tokenizer.Tokenizer when the checkpoint has tokenizer files
     quantize: str | None = None  # "int8" or "int4" when weights were quantised at load time
     skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
+    plan: Plan | None = None  # which code runs each part of the model on this machine
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -77,7 +78,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         # bf16 weights where the CPU computes bf16 or lfm2's native kernels run (they read bf16 and compute in
         # float32 where the CPU has no bf16 arithmetic): half of float32's bytes. Elsewhere float32.
-        from lfm2cli.kernels import native_available
+        from lfm2cli.kernels.plan import native_available
 
         native = native_available(device, torch.bfloat16) is None
         return torch.bfloat16 if cpu.bf16_compute() or native else torch.float32
@@ -172,7 +173,7 @@ def _read_all(file: Path, infos: list[TensorInfo], data_start: int, direct: dict
 
 
 def fused_slots(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One buffer per group of projections that prepare_for_inference() fuses (q/k/v, w1/w3), and for each
+    """One buffer per group of projections that the fast form fuses (q/k/v, w1/w3), and for each
     checkpoint tensor of a group its rows in that buffer: loaded there, the fused matrix needs no copy."""
     slots: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
@@ -215,24 +216,25 @@ def configure_threads(device: torch.device) -> None:
 
 def plan_fast_form(model: Lfm2ForCausalLM, device: torch.device, dtype: torch.dtype, *, quantize: str | None,
                    compile: bool, fast: bool, native: bool) -> Plan:
-    """What `lfm2cli.kernels` will make of the model (see `kernels.plan`), decided before any weight is read."""
-    from lfm2cli import kernels
+    """What `lfm2cli.kernels` will make of the model (the decode plan, `kernels.plan.plan`), decided before any
+    weight is read."""
+    from lfm2cli.kernels.plan import plan
 
     configure_threads(device)
-    return kernels.plan(model, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
+    return plan(model.config, device, dtype, quantize=quantize, compile=compile, fast=fast, native=native)
 
 
 class UnitTracker:
-    """Turns each part of the model (`kernels.units`: an attention, a conv, an MLP or expert, a router) into its
+    """Turns each part of the model (`kernels.plan.units`: an attention, a conv, an MLP or expert, a router) into its
     fast form as soon as its last tensor is in place, so that a quantised model never exists in full precision:
     peak memory is the converted parts plus the few being read."""
 
     def __init__(self, model: Lfm2ForCausalLM, plan: Plan, names: list[str], slots: dict[str, torch.Tensor]
                  ) -> None:
-        from lfm2cli import kernels
+        from lfm2cli.kernels.plan import units
 
         self.model, self.plan, self.slots = model, plan, slots
-        units = kernels.units(model) if plan.accelerate else {}
+        units = units(model) if plan.accelerate else {}
         self.unit_of: dict[str, str] = {}
         self.names: dict[str, list[str]] = {}  # each unit's tensors
         for name in names:
@@ -244,27 +246,26 @@ class UnitTracker:
         self.left = {unit: len(tensors) for unit, tensors in self.names.items()}
 
     def placed(self, name: str) -> None:
-        from lfm2cli import kernels
+        from lfm2cli.kernels.plan import accelerate_unit
 
         unit = self.unit_of.get(name)
         if unit is None:
             return
         self.left[unit] -= 1
         if not self.left[unit]:
-            kernels.accelerate_unit(self.model, unit, self.plan)
+            accelerate_unit(self.model, unit, self.plan)
             for n in self.names[unit]:
                 self.slots.pop(n, None)  # the fused buffer goes once its unit has its own form
 
 
 def finish_model(model: Lfm2ForCausalLM, device: torch.device, plan: Plan) -> Lfm2ForCausalLM:
-    """Runtime tensors, then the rest of the fast form (`lfm2cli.kernels.apply`). What the plan skipped, and why,
-    is left in `model.skipped_options` for the caller to tell the user."""
-    from lfm2cli import kernels
+    """Runtime tensors, then the rest of the fast form (`lfm2cli.kernels.plan.apply`), which leaves the plan in
+    `model.decode_plan`: what it skipped, and why, is there for the caller to tell the user."""
+    from lfm2cli.kernels.plan import apply
 
     model.eval()
     model.setup_runtime(device)
-    kernels.apply(model, plan)
-    model.skipped_options = plan.skipped
+    apply(model, plan)
     configure_allocator(32 << 20)
     return model
 
@@ -380,10 +381,10 @@ def load(path: str | Path, device: str = "auto", dtype: str = "auto", tokenizer:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if not force:
-        from lfm2cli.system.memory import check_fits
+        from lfm2cli.loading.fit import check_fits
 
         check_fits(cfg, quantize, dt, dev)
     model = load_model(root, cfg, dev, dt, quantize=quantize, compile=compile, headers=found.headers,
                        progress=progress)
     return LoadedModel(model=model, config=cfg, path=root, device=dev, dtype=dt, tokenizer=found.tokenizer,
-                       quantize=quantize, skipped=model.skipped_options)
+                       quantize=quantize, skipped=model.decode_plan.skipped, plan=model.decode_plan)

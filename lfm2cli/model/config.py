@@ -245,56 +245,18 @@ def parse_config(raw: dict[str, Any], source: str = "config.json",
     heads = r.whole("num_attention_heads", "num_heads", required=True)
     kv_heads = r.whole("num_key_value_heads", default=heads, null_ok=True)
     layer_types = _layer_types(r, layers, model_type)
-
-    rope = r.mapping("rope_parameters")
-    scaling = r.mapping("rope_scaling")
-    rope_theta = r.number("rope_theta", default=1_000_000.0)
-    if rope.get("rope_theta") is not None:  # the newer spelling wins
-        rope_theta = _Reader({"rope_parameters.rope_theta": rope["rope_theta"]}, source).number(
-            "rope_parameters.rope_theta", default=rope_theta)
-    rope_type = rope.get("rope_type", scaling.get("rope_type", "default"))
-    if rope_type not in ("default", None):
-        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
-
+    rope_theta = _rope_theta(r)
     # block_ff_dim wins over intermediate_size, as in the reference implementation
     inter = r.whole("block_ff_dim", "intermediate_size", required=True)
     tie = r.flag("tie_embedding", "tie_word_embeddings", default=True)
-
-    moe: dict[str, Any] = {}
-    if model_type == "lfm2_moe":
-        experts = r.whole("num_experts", required=True, maximum=MAX_EXPERTS)
-        top_k = r.whole("num_experts_per_tok", required=True)
-        if top_k > experts:
-            raise r.fail("num_experts_per_tok", top_k, f"a whole number from 1 to num_experts ({experts})")
-        dense_layers = r.whole("num_dense_layers", default=2, minimum=0)
-        if dense_layers > layers:
-            raise r.fail("num_dense_layers", dense_layers, f"a whole number from 0 to num_hidden_layers ({layers})")
-        _check_scale(source, layers, layers - dense_layers, experts)
-        moe = dict(
-            num_experts=experts,
-            num_experts_per_tok=top_k,
-            moe_intermediate_size=r.whole("moe_intermediate_size", required=True),
-            num_dense_layers=dense_layers,
-            use_expert_bias=r.flag("use_expert_bias", default=True),
-            norm_topk_prob=r.flag("norm_topk_prob", default=True),
-            routed_scaling_factor=r.number("routed_scaling_factor", default=1.0),
-        )
+    moe = _moe_fields(r, layers) if model_type == "lfm2_moe" else {}
     dense_ff = inter if model_type == "lfm2_moe" else _dense_ff_dim(r, inter)
-
     eos = r.token_ids("eos_token_id") or ()
     if generation_config:
         gen_eos = _Reader(generation_config, generation_source).token_ids("eos_token_id")
         if gen_eos is not None:
             eos = gen_eos
-    if heads % kv_heads:
-        raise ConfigError(f"{source}: 'num_attention_heads' ({heads}) is not a multiple of 'num_key_value_heads' "
-                          f"({kv_heads}); expected a whole multiple")
-    head_dim = r.whole("head_dim", default=None, null_ok=True)
-    if head_dim is None:
-        head_dim = hidden // heads
-        if head_dim < 1:
-            raise ConfigError(f"{source}: 'hidden_size' ({hidden}) is smaller than 'num_attention_heads' ({heads}); "
-                              "expected at least one dimension per head")
+    head_dim = _head_dim(r, hidden, heads, kv_heads)
     torch_dtype = raw.get("dtype") or raw.get("torch_dtype")
     if torch_dtype is not None and not isinstance(torch_dtype, str):
         raise r.fail("torch_dtype" if raw.get("dtype") is None else "dtype", torch_dtype,
@@ -322,6 +284,55 @@ def parse_config(raw: dict[str, Any], source: str = "config.json",
         torch_dtype=torch_dtype,
         **moe,
     )
+
+
+def _rope_theta(r: _Reader) -> float:
+    """RoPE's base, from `rope_parameters` or the top level; any rope type but the default is refused."""
+    rope = r.mapping("rope_parameters")
+    scaling = r.mapping("rope_scaling")
+    rope_theta = r.number("rope_theta", default=1_000_000.0)
+    if rope.get("rope_theta") is not None:  # the newer spelling wins
+        rope_theta = _Reader({"rope_parameters.rope_theta": rope["rope_theta"]}, r.source).number(
+            "rope_parameters.rope_theta", default=rope_theta)
+    rope_type = rope.get("rope_type", scaling.get("rope_type", "default"))
+    if rope_type not in ("default", None):
+        raise ConfigError(f"{r.source}: rope type {rope_type!r} is not supported (only 'default')")
+    return rope_theta
+
+
+def _moe_fields(r: _Reader, layers: int) -> dict[str, Any]:
+    """An LFM2-MoE config's expert fields, as `Lfm2Config` names them."""
+    experts = r.whole("num_experts", required=True, maximum=MAX_EXPERTS)
+    top_k = r.whole("num_experts_per_tok", required=True)
+    if top_k > experts:
+        raise r.fail("num_experts_per_tok", top_k, f"a whole number from 1 to num_experts ({experts})")
+    dense_layers = r.whole("num_dense_layers", default=2, minimum=0)
+    if dense_layers > layers:
+        raise r.fail("num_dense_layers", dense_layers, f"a whole number from 0 to num_hidden_layers ({layers})")
+    _check_scale(r.source, layers, layers - dense_layers, experts)
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=r.whole("moe_intermediate_size", required=True),
+        num_dense_layers=dense_layers,
+        use_expert_bias=r.flag("use_expert_bias", default=True),
+        norm_topk_prob=r.flag("norm_topk_prob", default=True),
+        routed_scaling_factor=r.number("routed_scaling_factor", default=1.0),
+    )
+
+
+def _head_dim(r: _Reader, hidden: int, heads: int, kv_heads: int) -> int:
+    """Each attention head's width: `head_dim`, else the hidden size shared by the heads."""
+    if heads % kv_heads:
+        raise ConfigError(f"{r.source}: 'num_attention_heads' ({heads}) is not a multiple of "
+                          f"'num_key_value_heads' ({kv_heads}); expected a whole multiple")
+    head_dim = r.whole("head_dim", default=None, null_ok=True)
+    if head_dim is None:
+        head_dim = hidden // heads
+        if head_dim < 1:
+            raise ConfigError(f"{r.source}: 'hidden_size' ({hidden}) is smaller than 'num_attention_heads' "
+                              f"({heads}); expected at least one dimension per head")
+    return head_dim
 
 
 def _bounded_int(text: str) -> int:

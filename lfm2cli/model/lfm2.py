@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -39,6 +41,10 @@ class Lfm2ForCausalLM(nn.Module):
         self.tied = not own_head
         self.inv_freq: torch.Tensor | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos/sin per position, model dtype
+        # a faster one-token decode step, (ids [1, 1], cache) -> float32 logits [1, V] advancing the cache, and
+        # the plan it belongs to: attached at load by lfm2cli.kernels.plan (None: every step runs `forward`)
+        self.decode_step: Callable[[torch.Tensor, HybridCache], torch.Tensor] | None = None
+        self.decode_plan: object | None = None
 
     def setup_runtime(self, device: torch.device) -> None:
         """Create the tensors that are not in the checkpoint (RoPE frequencies) on the target device."""
@@ -81,9 +87,12 @@ class Lfm2ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
                 all_logits: bool = False) -> torch.Tensor:
         """input_ids [1, T] -> float32 logits for the last position [1, V] (or [1, T, V] with all_logits).
-        With a cache, positions continue from `cache.pos` and the cache advances by T."""
+        With a cache, positions continue from `cache.pos` and the cache advances by T; a one-token step with a
+        cache runs the attached `decode_step` when there is one."""
         if self.inv_freq is None:
             self.setup_runtime(self.device)
+        if self.decode_step is not None and cache is not None and input_ids.shape[1] == 1 and not all_logits:
+            return self.decode_step(input_ids, cache)
         t = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
         x = self.model.embed_tokens(input_ids)

@@ -138,7 +138,8 @@ class ThinkingSplitter:
                     continue
                 if OPEN.startswith(body) and not final:
                     return out  # only whitespace or the start of `<think>` so far
-                # No block: the reply is all answer, leading whitespace included, as it was before this split.
+                # No block: the reply is all answer, leading whitespace included (a reply without reasoning is
+                # the model's text unchanged).
                 self._state, self._trim = "answer", False
                 continue
             if self._trim:
@@ -192,6 +193,14 @@ def opened_by_prompt(prompt_text: str) -> bool:
     turn = prompt_text.rsplit("<|im_start|>", 1)[-1]
     start = turn.rfind(OPEN)
     return start >= 0 and turn.find(CLOSE, start) < 0
+
+
+def opened_block(prompt_text: str) -> str:
+    """The `<think>` text a rendered prompt ends with (e.g. "<think>\\n"), which the model's reply continues; ""
+    when the prompt opens no block (see `opened_by_prompt`). A chat's history keeps it as part of the reply."""
+    if not opened_by_prompt(prompt_text):
+        return ""
+    return prompt_text[prompt_text.rfind(OPEN):]
 
 
 class ThinkingBudget:

@@ -242,63 +242,72 @@ def _repaired(text: str) -> tuple[str, dict[str, str]]:
     while i < len(text):
         ch = text[i]
         if quote:
-            if ch == "\\" and i + 1 < len(text):
-                if text[i + 1] == "\0":
-                    out.append("\\\\\\x00")  # backslash, NUL
-                elif not raw and not _escape_ok(text, i):
-                    out.append("\\\\")  # `C:\Users` is a path, not a broken \U escape: keep the backslash
-                    i += 1
-                    continue
-                else:
-                    out.append(text[i:i + 2])
-                i += 2
-                continue
-            if text.startswith(quote, i):
-                out.append(quote)
-                i += len(quote)
-                quote = ""
-                continue
-            if ch == "\0":
-                out.append("\\x00")
-            elif ch in "\n\r" and len(quote) == 1:
-                out.append("\\n" if ch == "\n" else "\\r")
-            else:
-                out.append(ch)
-            i += 1
+            piece, i, closed = _string_piece(text, i, quote, raw)
+            out.append(piece)
+            quote = "" if closed else quote
             continue
         prev = text[i - 1] if i else " "  # a space: "" would be "in" every string
+        starts_token = not (prev.isalnum() or prev in "_.")
         if ch in "'\"":
             quote = ch * 3 if text.startswith(ch * 3, i) else ch
             raw = "r" in _prefix(text, i).lower()
             out.append(quote)
             i += len(quote)
-            continue
-        if ch.isdigit() and not (prev.isalnum() or prev in "_."):
-            j = i
-            while j < len(text) and text[j].isdigit():
-                j += 1
-            digits = text[i:j]
-            if len(digits) > 1 and digits[0] == "0" and (j == len(text) or text[j] not in ".eEjJxXoObB_"):
-                digits = digits.lstrip("0") or "0"
+        elif ch.isdigit() and starts_token:
+            digits, i = _number_at(text, i)
             out.append(digits)
-            i = j
-            continue
-        if (ch.isalpha() or ch == "_") and not (prev.isalnum() or prev in "_."):
-            j = i
-            while j < len(text) and (text[j].isalnum() or text[j] == "_"):
-                j += 1
-            word = text[i:j]
-            rest = text[j:j + 64].lstrip(" \t")
-            if keyword.iskeyword(word) and rest.startswith("=") and not rest.startswith("=="):
-                placeholder = _placeholder(word, text, renamed)
-                renamed[placeholder] = word
-                word = placeholder
+        elif (ch.isalpha() or ch == "_") and starts_token:
+            word, i = _name_at(text, i, renamed)
             out.append(word)
-            i = j
-            continue
-        out.append(ch)
-        i += 1
+        else:
+            out.append(ch)
+            i += 1
     return "".join(out), renamed
+
+
+def _string_piece(text: str, i: int, quote: str, raw: bool) -> tuple[str, int, bool]:
+    """The repaired text of what begins at `i` inside a string opened by `quote`, where it ends, and whether it
+    closed the string."""
+    ch = text[i]
+    if ch == "\\" and i + 1 < len(text):
+        if text[i + 1] == "\0":
+            return "\\\\\\x00", i + 2, False  # backslash, NUL
+        if not raw and not _escape_ok(text, i):
+            return "\\\\", i + 1, False  # `C:\Users` is a path, not a broken \U escape: keep the backslash
+        return text[i:i + 2], i + 2, False
+    if text.startswith(quote, i):
+        return quote, i + len(quote), True
+    if ch == "\0":
+        return "\\x00", i + 1, False
+    if ch in "\n\r" and len(quote) == 1:
+        return ("\\n" if ch == "\n" else "\\r"), i + 1, False
+    return ch, i + 1, False
+
+
+def _number_at(text: str, i: int) -> tuple[str, int]:
+    """The digits that begin at `i`, leading zeros dropped from an integer (`07` is 7), and where they end."""
+    j = i
+    while j < len(text) and text[j].isdigit():
+        j += 1
+    digits = text[i:j]
+    if len(digits) > 1 and digits[0] == "0" and (j == len(text) or text[j] not in ".eEjJxXoObB_"):
+        digits = digits.lstrip("0") or "0"
+    return digits, j
+
+
+def _name_at(text: str, i: int, renamed: dict[str, str]) -> tuple[str, int]:
+    """The name that begins at `i` (a keyword used as a parameter name replaced by its placeholder, recorded in
+    `renamed`), and where it ends."""
+    j = i
+    while j < len(text) and (text[j].isalnum() or text[j] == "_"):
+        j += 1
+    word = text[i:j]
+    rest = text[j:j + 64].lstrip(" \t")
+    if keyword.iskeyword(word) and rest.startswith("=") and not rest.startswith("=="):
+        placeholder = _placeholder(word, text, renamed)
+        renamed[placeholder] = word
+        word = placeholder
+    return word, j
 
 
 _ESCAPE_DIGITS = {"x": 2, "u": 4, "U": 8}

@@ -137,7 +137,8 @@ def response_format(schema: Mapping[str, Any] | None, fmt: str) -> dict[str, Any
 
 @dataclass
 class RemoteRun:
-    """A TextRun's counterpart on a server: iterate `pieces()`; `text`, `reasoning`, `tool_calls`, `stats` fill in.
+    """A TextRun's counterpart on a server (a `runs.base.Run`): iterate `pieces()`; `text`, `reasoning`,
+    `tool_calls`, `stats` fill in.
 
     `messages` go to /v1/chat/completions; `prompt` (a str, for `--raw`) to /v1/completions. Reasoning comes from
     the server's `reasoning_content` where it separates it (vLLM and SGLang with a reasoning parser, lfm2 serve),
@@ -155,12 +156,13 @@ class RemoteRun:
     text: str = ""
     reasoning: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
-    tool_errors: list[Any] = field(default_factory=list)  # the server parses calls; none fail here
+    tool_errors: list[Unparsed] = field(default_factory=list)  # call blocks sent as content that did not parse
     stats: GenerationStats = field(default_factory=GenerationStats)
-    incomplete: bool = False  # kept for TextRun's interface: the server enforces its own response_format
-    constraint: None = None  # likewise: no grammar runs here
-    tokens: list[int] = field(default_factory=list)  # one entry (-1) per streamed chunk: servers send ~1 token each
+    # the server enforces response_format, but a reply cut at max_tokens still broke its promise
+    incomplete: bool = field(default=False, init=False)
+    generated: int = field(default=0, init=False)  # streamed choices: servers send about one token each
     _stream: ToolCallStream | None = field(default=None, init=False, repr=False)
+    _server_reasoning: bool = field(default=False, init=False, repr=False)  # it sends reasoning apart
 
     def _request(self) -> tuple[str, dict[str, Any]]:
         fields = request_fields(self.params, self.max_tokens)  # stop strings are applied here, to the answer only
@@ -187,7 +189,6 @@ class RemoteRun:
         calls: dict[int, dict[str, Any]] = {}
         t0 = time.perf_counter()
         first: float | None = None
-        server_reasoning = False
         received = 0
         try:
             for chunk in self.endpoint.stream(kind, **request):
@@ -195,9 +196,9 @@ class RemoteRun:
                     self.stats.prompt_tokens = chunk.usage.prompt_tokens or 0
                     self.stats.generated_tokens = chunk.usage.completion_tokens or 0
                 for choice in chunk.choices or ():
-                    self.tokens.append(-1)
+                    self.generated += 1
                     received += _chunk_chars(choice)
-                    if len(self.tokens) > self.max_tokens + SPARE_CHUNKS or received > self.max_tokens * TOKEN_CHARS:
+                    if self.generated > self.max_tokens + SPARE_CHUNKS or received > self.max_tokens * TOKEN_CHARS:
                         self.stats.finish_reason = "length"  # more than was asked for: stop reading, hang up
                         return
                     if first is None:
@@ -205,46 +206,57 @@ class RemoteRun:
                         self.stats.ttft_s = self.stats.prefill_s = first - t0
                     if choice.finish_reason:
                         self.stats.finish_reason = choice.finish_reason
-                    if kind == "text":
-                        pieces = [Answer(choice.text or "")]
-                    else:
-                        delta = choice.delta
-                        pieces = []
-                        extra = getattr(delta, "model_extra", None) or {}
-                        thought = getattr(delta, "reasoning_content", None) or extra.get("reasoning_content") \
-                            or extra.get("reasoning")
-                        if thought:
-                            server_reasoning = True
-                            pieces.append(Reasoning(thought))
-                        if delta.content:
-                            # a server that does not separate reasoning sends the <think> block as content
-                            pieces += [Answer(delta.content)] if server_reasoning else splitter.feed(delta.content)
-                        for tc in delta.tool_calls or ():
-                            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
-                            if tc.function is not None:
-                                entry["name"] += tc.function.name or ""
-                                entry["arguments"] += tc.function.arguments or ""
-                    for piece in pieces:
+                    for piece in self._choice_pieces(kind, choice, splitter, calls):
                         yield from self._sorted(piece, matcher)
                         if matcher.stopped:  # closing the stream ends the server's generation too
                             self.stats.finish_reason = "stop"
                             return
-            for piece in splitter.close() if not server_reasoning else ():
-                yield from self._sorted(piece, matcher)
-            if self._stream is not None:
-                yield from self._answer(self._stream.close(), matcher)
-            # the server enforces response_format, but a reply cut at max_tokens still broke its promise
-            self.incomplete = self.response_format is not None and self.stats.finish_reason == "length"
-            out = matcher.flush()
-            if out:
-                self.text += out
-                yield Answer(out)
+            yield from self._end(splitter, matcher)
         except KeyboardInterrupt:
             self.stats.finish_reason = "interrupted"
             raise
         finally:
             if first is not None:
                 self.stats.decode_s = time.perf_counter() - first
+        self._take_calls(calls)
+
+    def _choice_pieces(self, kind: str, choice: Any, splitter: ThinkingSplitter,
+                       calls: dict[int, dict[str, Any]]) -> list[Reasoning | Answer]:
+        """One streamed choice as reasoning and answer pieces; the tool-call pieces it carries go to `calls`."""
+        if kind == "text":
+            return [Answer(choice.text or "")]
+        delta = choice.delta
+        pieces: list[Reasoning | Answer] = []
+        extra = getattr(delta, "model_extra", None) or {}
+        thought = getattr(delta, "reasoning_content", None) or extra.get("reasoning_content") \
+            or extra.get("reasoning")
+        if thought:
+            self._server_reasoning = True
+            pieces.append(Reasoning(thought))
+        if delta.content:
+            # a server that does not separate reasoning sends the <think> block as content
+            pieces += [Answer(delta.content)] if self._server_reasoning else splitter.feed(delta.content)
+        for tc in delta.tool_calls or ():
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            if tc.function is not None:
+                entry["name"] += tc.function.name or ""
+                entry["arguments"] += tc.function.arguments or ""
+        return pieces
+
+    def _end(self, splitter: ThinkingSplitter, matcher: StopMatcher) -> Iterator[Reasoning | Answer]:
+        """The stream ended: what the splitter, the call parser and the stop matcher held back."""
+        for piece in splitter.close() if not self._server_reasoning else ():
+            yield from self._sorted(piece, matcher)
+        if self._stream is not None:
+            yield from self._answer(self._stream.close(), matcher)
+        self.incomplete = self.response_format is not None and self.stats.finish_reason == "length"
+        out = matcher.flush()
+        if out:
+            self.text += out
+            yield Answer(out)
+
+    def _take_calls(self, calls: dict[int, dict[str, Any]]) -> None:
+        """The server's streamed tool calls, their arguments read as JSON."""
         for entry in calls.values():
             try:
                 args = loads_json(entry["arguments"] or "{}")  # bounded nesting, finite numbers

@@ -9,6 +9,7 @@ reports each request in one line to `on_request`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import math
@@ -33,7 +34,10 @@ from lfm2cli.serve.errors import APIError, bad_request, server_error
 from lfm2cli.serve.metrics import CONTENT_TYPE, ServeMetrics
 from lfm2cli.serve.protocol import (
     Envelope,
+    TextOffsets,
+    chat_logprobs,
     check_tree,
+    completion_logprobs,
     json_kind,
     new_id,
     parse_chat,
@@ -41,6 +45,7 @@ from lfm2cli.serve.protocol import (
     tool_call_entries,
     usage,
 )
+from lfm2cli.serve.responses import ResponseEvents, ResponseShape, parse_responses
 from lfm2cli.terminal.safetext import visible, visible_line
 
 MAX_BODY_BYTES = 8 << 20  # a full 128k-token conversation is ~1 MB of JSON; this leaves room and stops abuse
@@ -111,6 +116,12 @@ async def _disconnected(request: Request) -> None:
 
 def _sse(data: Any) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _named_sse(data: Any) -> bytes:
+    """An event with its type named in an `event:` line, as the Responses API sends them."""
+    kind = data.get("type", "error") if isinstance(data, dict) else "error"
+    return f"event: {kind}\n".encode() + _sse(data)
 
 
 class _EventStream(StreamingResponse):
@@ -287,95 +298,116 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), li
     `listed`: further ids /v1/models lists after `model_id`, from serve --name). The engine's worker starts and
     stops with the app. `on_request` gets one line per request, `on_error` the details of unexpected failures.
     `access`: which Host names and web pages are answered (default: this machine's)."""
-    defaults = default_params or SamplingParams()
-    listed = [model_id, *(n for n in dict.fromkeys(listed) if n != model_id)]
-    names = {*listed, *aliases}
-    created = int(time.time())
-
-    big_bodies = ThreadPoolExecutor(BIG_BODY_WORKERS, thread_name_prefix="lfm2-big-body")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        try:
-            yield
-        finally:
-            big_bodies.shutdown(wait=False, cancel_futures=True)
-            await run_in_threadpool(engine.close)
-
-    async def prepared(request: Request, parse: Callable[[Any, SamplingParams], Any],
-                       build: Callable[[Any], Job]) -> tuple[Any, Job]:
-        """The request read, parsed, checked and made a job, off the event loop (big bodies on their own threads).
-        The body is dropped here: a reply that takes minutes does not hold it."""
-        raw = await _read_body(request, max_body)
-
-        def work() -> tuple[Any, Job]:
-            req = parse(_decode(raw), defaults)
-            check_model(req.model)
-            return req, build(req)
-
-        if len(raw) > BIG_BODY:
-            return await asyncio.get_running_loop().run_in_executor(big_bodies, work)
-        return await run_in_threadpool(work)
-
+    server = _Endpoints(engine, model_id, aliases=aliases, listed=listed, max_body=max_body,
+                        defaults=default_params or SamplingParams())
     # no redirect_slashes: its Location would be built from the Host header, which the client chose
-    app = FastAPI(title="lfm2", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+    app = FastAPI(title="lfm2", lifespan=server.lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   redirect_slashes=False)
     app.add_middleware(_Boundary, api_key=api_key, access=access or Access.build(), on_request=on_request,
                        on_error=on_error, debug=debug, metrics=engine.metrics)
+    app.exception_handler(APIError)(_api_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.get("/health")(server.health)
+    app.get("/v1/models")(server.models)
+    app.get("/v1/models/{name:path}")(server.model)
+    app.get("/metrics")(server.metrics)
+    app.post("/tokenize")(server.tokenize)
+    app.post("/detokenize")(server.detokenize)
+    app.post("/v1/chat/completions")(server.chat_completions)
+    app.post("/v1/completions")(server.completions)
+    app.post("/v1/responses")(server.responses)
+    return app
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        path = request.url.path
-        bare = path.rstrip("/")
-        hint = f" (did you mean {bare}?)" if bare != path and any(getattr(r, "path", None) == bare
-                                                                  for r in request.app.routes) else ""
-        message = {404: f"no such endpoint: {request.method} {path}{hint}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
-        return _error_response(APIError(exc.status_code, str(message)))
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error_response(exc)
 
-    def model_entry(name: str = model_id) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "lfm2"}
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name not in names:
-            raise APIError(404, f"the model {name!r} does not exist here; this server runs {model_id!r} "
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own 404 and 405 as OpenAI's error JSON, a 404 for a trailing slash naming the route meant."""
+    path = request.url.path
+    bare = path.rstrip("/")
+    hint = f" (did you mean {bare}?)" if bare != path and any(getattr(r, "path", None) == bare
+                                                              for r in request.app.routes) else ""
+    message = {404: f"no such endpoint: {request.method} {path}{hint}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
+    return _error_response(APIError(exc.status_code, str(message)))
+
+
+def _record(request: Request, result: Result) -> None:
+    """A finished job's token counts, for the request's log line."""
+    request.scope.setdefault("lfm2", {}).update(prompt_tokens=result.prompt_tokens,
+                                                 cached_tokens=result.cached_tokens,
+                                                 completion_tokens=result.completion_tokens)
+
+
+def _failure(error: BaseException) -> BaseException:
+    """What a failed job becomes for its client: a known error keeps its message; anything else is raised
+    as it was, so the boundary logs it and answers with a generic 500."""
+    if isinstance(error, Cancelled):
+        return APIError(503, f"the request was not completed: {error}", type="server_error", code="cancelled")
+    if isinstance(error, Lfm2Error):
+        return APIError(500, str(error), type="server_error", code="generation_failed")
+    if isinstance(error, MemoryError):
+        return APIError(500, "the server ran out of memory for this request", type="server_error")
+    return error
+
+
+class _Endpoints:
+    """The routes' handlers and what they share: one engine, its model's names, the body limit and the sampling
+    defaults."""
+
+    def __init__(self, engine: Engine, model_id: str, *, aliases: Sequence[str], listed: Sequence[str],
+                 max_body: int, defaults: SamplingParams) -> None:
+        self.engine, self.model_id, self.max_body, self.defaults = engine, model_id, max_body, defaults
+        self.listed = [model_id, *(n for n in dict.fromkeys(listed) if n != model_id)]
+        self.names = {*self.listed, *aliases}
+        self.created = int(time.time())
+        self.big_bodies = ThreadPoolExecutor(BIG_BODY_WORKERS, thread_name_prefix="lfm2-big-body")
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        self.engine.start()
+        try:
+            yield
+        finally:
+            self.big_bodies.shutdown(wait=False, cancel_futures=True)
+            await run_in_threadpool(self.engine.close)
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.names:
+            raise APIError(404, f"the model {name!r} does not exist here; this server runs {self.model_id!r} "
                                 "(GET /v1/models)", param="model", code="model_not_found")
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, **engine.status()}
+    def model_entry(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "lfm2"}
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry(name) for name in listed]}
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_id, **self.engine.status()}
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str) -> dict[str, Any]:
-        check_model(name)
-        return model_entry(name if name in listed else model_id)
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_entry(name) for name in self.listed]}
 
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(engine.metrics.render(engine.status()), media_type=CONTENT_TYPE)
+    async def model(self, name: str) -> dict[str, Any]:
+        self.check_model(name)
+        return self.model_entry(name if name in self.listed else self.model_id)
 
-    async def small_body(request: Request) -> dict[str, Any]:
-        raw = await _read_body(request, max_body)
+    async def metrics(self) -> Response:
+        return Response(self.engine.metrics.render(self.engine.status()), media_type=CONTENT_TYPE)
+
+    async def small_body(self, request: Request) -> dict[str, Any]:
+        """A small request's body: a JSON object, decoded off the event loop."""
+        raw = await _read_body(request, self.max_body)
         body = await run_in_threadpool(_decode, raw)
         if not isinstance(body, dict):
             raise bad_request(f"the request body must be a JSON object, not {json_kind(body)}")
         check_tree(body)
         return body
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> dict[str, Any]:
+    async def tokenize(self, request: Request) -> dict[str, Any]:
         """llama-server's {"content": ...} (no BOS unless add_special) and vLLM's {"prompt": ...} (BOS unless
         add_special_tokens is false) -> {"tokens": [...]}."""
-        body = await small_body(request)
+        body = await self.small_body(request)
         key = "content" if "content" in body else "prompt"
         text = body.get(key)
         if not isinstance(text, str):
@@ -387,172 +419,265 @@ def create_app(engine: Engine, model_id: str, *, aliases: Sequence[str] = (), li
             raise bad_request(f"{flag}: expected a boolean, got {json_kind(special)}", flag)
         if body.get("with_pieces"):
             raise bad_request("with_pieces: not supported by this server", "with_pieces")
-        ids = await run_in_threadpool(engine.encode_text, text, key, special)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.context}
+        ids = await run_in_threadpool(self.engine.encode_text, text, key, special)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.context}
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> dict[str, Any]:
+    async def detokenize(self, request: Request) -> dict[str, Any]:
         """{"tokens": [...]} -> {"content": text} (llama-server's name) and {"prompt": text} (vLLM's)."""
-        body = await small_body(request)
+        body = await self.small_body(request)
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
             raise bad_request("tokens: expected a list of token ids", "tokens")
-        text = await run_in_threadpool(engine.decode_ids, ids)
+        text = await run_in_threadpool(self.engine.decode_ids, ids)
         return {"content": text, "prompt": text}
 
-    def record(request: Request, result: Result) -> None:
-        request.scope.setdefault("lfm2", {}).update(prompt_tokens=result.prompt_tokens,
-                                                     cached_tokens=result.cached_tokens,
-                                                     completion_tokens=result.completion_tokens)
+    async def prepared(self, request: Request, parse: Callable[[Any, SamplingParams], Any],
+                       build: Callable[[Any], Job]) -> tuple[Any, Job]:
+        """The request read, parsed, checked and made a job, off the event loop (big bodies on their own threads).
+        The body is dropped here: a reply that takes minutes does not hold it."""
+        raw = await _read_body(request, self.max_body)
 
-    def failure(error: BaseException) -> BaseException:
-        """What a failed job becomes for its client: a known error keeps its message; anything else is raised
-        as it was, so the boundary logs it and answers with a generic 500."""
-        if isinstance(error, Cancelled):
-            return APIError(503, f"the request was not completed: {error}", type="server_error", code="cancelled")
-        if isinstance(error, Lfm2Error):
-            return APIError(500, str(error), type="server_error", code="generation_failed")
-        if isinstance(error, MemoryError):
-            return APIError(500, "the server ran out of memory for this request", type="server_error")
-        return error
+        def work() -> tuple[Any, Job]:
+            req = parse(_decode(raw), self.defaults)
+            self.check_model(req.model)
+            job = build(req)
+            job.logprobs = req.gen.logprobs
+            return req, job
 
-    async def complete(request: Request, job: Job) -> Result | None:
+        if len(raw) > BIG_BODY:
+            return await asyncio.get_running_loop().run_in_executor(self.big_bodies, work)
+        return await run_in_threadpool(work)
+
+    async def complete(self, request: Request, job: Job) -> Result | None:
         """Run `job` to its end; None when the client went away first (the job is then cancelled)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
+        results = await self.complete_all(request, [job])
+        return None if results is None else results[0]
 
-        def finish(event: Any) -> None:
+    async def complete_all(self, request: Request, jobs: list[Job]) -> list[Result] | None:
+        """Run `jobs` (a request's choices) to their ends; None when the client went away first (they are then
+        cancelled)."""
+        loop = asyncio.get_running_loop()
+        dones: list[asyncio.Future[Any]] = [loop.create_future() for _ in jobs]
+
+        def finish(done: asyncio.Future[Any], event: Any) -> None:
             if not done.done():
                 done.set_result(event)
 
-        def sink(event: Any) -> None:
-            if isinstance(event, (Finished, Failed)):
-                try:
-                    loop.call_soon_threadsafe(finish, event)
-                except RuntimeError:  # the loop is closed: the server stopped, nobody is waiting
-                    pass
+        def sink_for(done: asyncio.Future[Any]) -> Callable[[Any], None]:
+            def sink(event: Any) -> None:
+                if isinstance(event, (Finished, Failed)):
+                    try:
+                        loop.call_soon_threadsafe(finish, done, event)
+                    except RuntimeError:  # the loop is closed: the server stopped, nobody is waiting
+                        pass
+            return sink
 
-        job.sink = sink
-        engine.submit(job)
+        for job, done in zip(jobs, dones, strict=True):
+            job.sink = sink_for(done)
+        self.engine.submit_all(jobs)
         gone = asyncio.ensure_future(_disconnected(request))
+        every = asyncio.gather(*dones)
         try:
-            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({every, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-        if not done.done():
-            engine.cancel(job)
+        if not every.done():
+            every.cancel()
+            for job in jobs:
+                self.engine.cancel(job)
             request.scope["lfm2"]["cancelled"] = True
             return None
-        event = done.result()
-        if isinstance(event, Failed):
-            raise failure(event.error)
-        record(request, event.result)
-        return event.result
+        events = every.result()
+        failed = next((e for e in events if isinstance(e, Failed)), None)
+        if failed is not None:
+            raise _failure(failed.error)
+        results = [e.result for e in events]
+        _record(request, results[0] if len(results) == 1 else _merged(results))
+        return results
 
-    def stream(request: Request, job: Job, render: Callable[[Any], list[Any]], head: list[Any]) -> Response:
-        """Stream `job` as server-sent events: `head` first, then `render(event)` for each of its events."""
+    def stream(self, request: Request, job: Job, render: Callable[[Any], list[Any]], head: list[Any],
+               sse: Callable[[Any], bytes] = _sse, done: bytes = b"data: [DONE]\n\n") -> Response:
+        """Stream `job` as server-sent events: `head` first, then `render(event)` for each of its events, written
+        by `sse`; `done` ends the stream (chat's and completions' `[DONE]`)."""
+        return self.stream_all(request, [job], [render], head, sse, done)
+
+    def stream_all(self, request: Request, jobs: list[Job], renders: list[Callable[[Any], list[Any]]],
+                   head: list[Any], sse: Callable[[Any], bytes] = _sse, done: bytes = b"data: [DONE]\n\n"
+                   ) -> Response:
+        """`stream` for a request's choices: job i's chunks carry choice index i, and its usage-only chunk is held
+        back for one with every choice's tokens, once all have finished."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        ended = False
+        running = set(range(len(jobs)))
 
-        def sink(event: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:
-                pass
+        def sink_for(i: int) -> Callable[[Any], None]:
+            def sink(event: Any) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, event))
+                except RuntimeError:
+                    pass
+            return sink
 
         def gone() -> None:
-            if not ended:
+            if running:
                 request.scope["lfm2"]["cancelled"] = True
-                engine.cancel(job)
+                for job in jobs:
+                    self.engine.cancel(job)
 
         async def events() -> AsyncIterator[bytes]:
-            nonlocal ended
             for data in head:
-                yield _sse(data)
-            while True:
-                event = await queue.get()
+                yield sse(data)
+            results: list[Result] = []
+            usage_chunk = None
+            while running:
+                i, event = await queue.get()
+                if isinstance(event, (Failed, Finished)):
+                    running.discard(i)
                 if isinstance(event, Failed):
-                    ended = True
-                    if request.scope["lfm2"].get("cancelled"):
-                        return
-                    error = failure(event.error)
-                    if not isinstance(error, APIError):
-                        # raised outside the boundary's reach once the stream has started: log it the same way
-                        request.scope["lfm2"]["error"] = error
-                        error = server_error()
-                    yield _sse(error.body())
-                    yield b"data: [DONE]\n\n"
+                    running.clear()
+                    for job in jobs:
+                        self.engine.cancel(job)
+                    for data in _failed_events(request, event, sse, done):
+                        yield data
                     return
                 if isinstance(event, Finished):
-                    ended = True
-                    record(request, event.result)
-                for data in render(event):
-                    yield _sse(data)
-                if isinstance(event, Finished):
-                    yield b"data: [DONE]\n\n"
-                    return
+                    results.append(event.result)
+                for data in renders[i](event):
+                    if len(jobs) > 1 and data.get("choices") == [] and "usage" in data:
+                        usage_chunk = data
+                        continue
+                    yield sse(_indexed(data, i) if len(jobs) > 1 else data)
+            _record(request, results[0] if len(results) == 1 else _merged(results))
+            if usage_chunk is not None:
+                yield sse({**usage_chunk, "usage": _usage(_merged(results))})
+            if done:
+                yield done
 
-        job.sink = sink
-        engine.submit(job)
+        for i, job in enumerate(jobs):
+            job.sink = sink_for(i)
+        self.engine.submit_all(jobs)
         return _EventStream(events(), gone)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        req, job = await prepared(request, parse_chat, engine.chat_job)
-        env = Envelope(new_id("chatcmpl"), model_id)
+    async def chat_completions(self, request: Request) -> Response:
+        req, job = await self.prepared(request, parse_chat, self.engine.chat_job)
+        env = Envelope(new_id("chatcmpl"), self.model_id)
         with_usage = req.gen.include_usage
+        jobs = self.engine.choices(job, req.gen.n)
         if req.gen.stream:
-            def render(event: Any) -> list[Any]:
-                if isinstance(event, Reasoning):
-                    return [env.chat_chunk({"reasoning_content": str(event)}, with_usage=with_usage)]
-                if isinstance(event, str):
-                    return [env.chat_chunk({"content": str(event)}, with_usage=with_usage)]
-                r = event.result
-                out = []
-                if r.tool_calls:
-                    out.append(env.chat_chunk({"tool_calls": tool_call_entries(r.tool_calls, streamed=True)},
-                                              with_usage=with_usage))
-                out.append(env.chat_chunk({}, r.finish_reason, with_usage=with_usage))
-                if with_usage:
-                    out.append(env.chat_chunk(None, use=_usage(r), with_usage=True))
-                return out
+            head = [_indexed(env.chat_chunk({"role": "assistant", "content": ""}, with_usage=with_usage), i)
+                    for i in range(len(jobs))]
+            return self.stream_all(request, jobs, [_chat_chunks(env, with_usage) for _ in jobs], head)
+        results = await self.complete_all(request, jobs)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(_choices([env.chat(_chat_message(r), r.finish_reason, _usage(r),
+                                               chat_logprobs(r.logprobs)) for r in results], results))
 
-            head = [env.chat_chunk({"role": "assistant", "content": ""}, with_usage=with_usage)]
-            return stream(request, job, render, head)
-        result = await complete(request, job)
+    async def completions(self, request: Request) -> Response:
+        req, job = await self.prepared(request, parse_completion, self.engine.completion_job)
+        env = Envelope(new_id("cmpl"), self.model_id)
+        jobs = self.engine.choices(job, req.gen.n)
+        if req.gen.stream:
+            return self.stream_all(request, jobs, [_completion_chunks(env, req.gen.include_usage) for _ in jobs], [])
+        results = await self.complete_all(request, jobs)
+        if results is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(_choices([env.completion(r.text, r.finish_reason, _usage(r),
+                                                     logprobs=completion_logprobs(r.logprobs)) for r in results],
+                                     results))
+
+    async def responses(self, request: Request) -> Response:
+        """The Responses API: the chat job its request amounts to, its result as output items."""
+        req, job = await self.prepared(request, parse_responses, lambda r: self.engine.chat_job(r.chat))
+        shape = ResponseShape(req, self.model_id)
+        if req.gen.stream:
+            events = ResponseEvents(shape)
+            return self.stream(request, job, events.render, events.head(), sse=_named_sse, done=b"")
+        result = await self.complete(request, job)
         if result is None:
             return Response(status_code=CLIENT_GONE)
-        message: dict[str, Any] = {"role": "assistant",
-                                   "content": result.text if result.text or not result.tool_calls else None}
-        if result.reasoning:
-            message["reasoning_content"] = result.reasoning
-        if result.tool_calls:
-            message["tool_calls"] = tool_call_entries(result.tool_calls)
-        return JSONResponse(env.chat(message, result.finish_reason, _usage(result)))
+        return JSONResponse(shape.finished(result))
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        req, job = await prepared(request, parse_completion, engine.completion_job)
-        env = Envelope(new_id("cmpl"), model_id)
-        with_usage = req.gen.include_usage
-        if req.gen.stream:
-            def render(event: Any) -> list[Any]:
-                if isinstance(event, str):
-                    return [env.completion(str(event), None, with_usage=with_usage)]
-                r = event.result
-                out = [env.completion("", r.finish_reason, with_usage=with_usage)]
-                if with_usage:
-                    out.append(env.completion(None, None, _usage(r)))
-                return out
 
-            return stream(request, job, render, [])
-        result = await complete(request, job)
-        if result is None:
-            return Response(status_code=CLIENT_GONE)
-        return JSONResponse(env.completion(result.text, result.finish_reason, _usage(result)))
+def _failed_events(request: Request, event: Failed, sse: Callable[[Any], bytes] = _sse,
+                   done: bytes = b"data: [DONE]\n\n") -> list[bytes]:
+    """The end of a stream whose job failed: an error event and `done`, or nothing when the client went away."""
+    if request.scope["lfm2"].get("cancelled"):
+        return []
+    error = _failure(event.error)
+    if not isinstance(error, APIError):
+        # raised outside the boundary's reach once the stream has started: log it the same way
+        request.scope["lfm2"]["error"] = error
+        error = server_error()
+    return [sse(error.body()), *([done] if done else [])]
 
-    return app
+
+def _chat_message(result: Result) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant",
+                               "content": result.text if result.text or not result.tool_calls else None}
+    if result.reasoning:
+        message["reasoning_content"] = result.reasoning
+    if result.tool_calls:
+        message["tool_calls"] = tool_call_entries(result.tool_calls)
+    return message
+
+
+def _chat_chunks(env: Envelope, with_usage: bool) -> Callable[[Any], list[Any]]:
+    """What a chat stream sends for each of its job's events."""
+    def render(event: Any) -> list[Any]:
+        if isinstance(event, Reasoning):
+            return [env.chat_chunk({"reasoning_content": str(event)}, with_usage=with_usage)]
+        if isinstance(event, str):
+            scores = getattr(event, "scores", None)  # a ScoredAnswer's, when logprobs were asked for
+            return [env.chat_chunk({"content": str(event)}, with_usage=with_usage, logprobs=chat_logprobs(scores))]
+        r = event.result
+        out = []
+        if r.tool_calls:
+            out.append(env.chat_chunk({"tool_calls": tool_call_entries(r.tool_calls, streamed=True)},
+                                      with_usage=with_usage))
+        out.append(env.chat_chunk({}, r.finish_reason, with_usage=with_usage))
+        if with_usage:
+            out.append(env.chat_chunk(None, use=_usage(r), with_usage=True))
+        return out
+
+    return render
+
+
+def _completion_chunks(env: Envelope, with_usage: bool) -> Callable[[Any], list[Any]]:
+    """What a completion stream sends for each of its job's events."""
+    offsets = TextOffsets()  # text_offset goes on from chunk to chunk
+
+    def render(event: Any) -> list[Any]:
+        if isinstance(event, str):
+            logprobs = completion_logprobs(getattr(event, "scores", None), offsets)
+            return [env.completion(str(event), None, with_usage=with_usage, logprobs=logprobs)]
+        r = event.result
+        out = [env.completion("", r.finish_reason, with_usage=with_usage)]
+        if with_usage:
+            out.append(env.completion(None, None, _usage(r)))
+        return out
+
+    return render
+
+
+def _indexed(data: dict[str, Any], i: int) -> dict[str, Any]:
+    """A chunk of choice `i` (the envelope writes index 0)."""
+    return {**data, "choices": [{**c, "index": i} for c in data["choices"]]} if i else data
+
+
+def _merged(results: list[Result]) -> Result:
+    """The token counts of a request's choices together: the prompt once, every choice's completion."""
+    first = results[0]
+    return dataclasses.replace(first, completion_tokens=sum(r.completion_tokens for r in results),
+                               reasoning_tokens=sum(r.reasoning_tokens for r in results))
+
+
+def _choices(replies: list[dict[str, Any]], results: list[Result]) -> dict[str, Any]:
+    """One response of a request's choices: each reply's choice, indexed, and the usage of them all."""
+    if len(replies) == 1:
+        return replies[0]
+    return {**replies[0], "choices": [_indexed(r, i)["choices"][0] for i, r in enumerate(replies)],
+            "usage": _usage(_merged(results))}
 
 
 def _usage(result: Result) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class ServeMetrics:
                 self.decode_tps = decode_tps
 
     def render(self, queue: dict[str, Any]) -> str:
-        """The exposition text; `queue` is the engine's `status()` (queued, running, queue_size)."""
+        """The exposition text; `queue` is the engine's `status()` (queued, running, queue_size, parallel, batch)."""
         lines: list[str] = []
 
         def metric(name: str, kind: str, help: str, samples: list[tuple[str, float]]) -> None:
@@ -70,6 +70,12 @@ class ServeMetrics:
                    [("", float(self.decode_tps))])
         metric("lfm2_queue_length", "gauge", "Requests waiting for the model.", [("", queue["queued"])])
         metric("lfm2_queue_size", "gauge", "Most requests that may wait (--queue).", [("", queue["queue_size"])])
-        metric("lfm2_requests_running", "gauge", "Requests generating now.", [("", queue["running"])])
-        metric("lfm2_batch_size", "gauge", "Sequences decoded together in one step.", [("", queue["running"])])
+        metric("lfm2_requests_running", "gauge", "Requests generating now (one per choice of a request).",
+               [("", queue["running"])])
+        metric("lfm2_sequences_running", "gauge", "Sequences generating now, each on its own cache slot.",
+               [("", queue["running"])])
+        metric("lfm2_parallel", "gauge", "Most sequences that generate at once (--parallel).",
+               [("", queue.get("parallel", 1))])
+        metric("lfm2_batch_size", "gauge", "Sequences the latest model step decoded together (0: idle).",
+               [("", queue.get("batch", queue["running"]))])
         return "\n".join(lines) + "\n"

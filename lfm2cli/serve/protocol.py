@@ -8,22 +8,29 @@ expected, and so the sampling values follow the one set of rules the command lin
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lfm2cli.decoding.sampling import SamplingParams, validate_setting
 from lfm2cli.errors import UsageError
+from lfm2cli.reply.tool_specs import check_tools
 from lfm2cli.reply.toolcalls import ParseError, ToolCall, format_calls
-from lfm2cli.runs.local import check_tools
 from lfm2cli.serve.errors import APIError, bad_request
+
+if TYPE_CHECKING:  # the request checks run without torch, which runs.local brings
+    from lfm2cli.runs.local import TokenScore
 
 MAX_STOPS = 16
 MAX_TOOLS = 128  # OpenAI's own limit; more only makes the template and the prompt huge
+MAX_CHOICES = 8  # n: each choice is a sequence of its own, and eight fill the default --parallel
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, OpenAI's limit
+MAX_LEGACY_LOGPROBS = 5  # completions' logprobs, OpenAI's limit
 MAX_DEPTH = 64  # nesting of a body (and of tool-call arguments); OpenAI allows 5 levels in a schema
 ROLES = ("system", "developer", "user", "assistant", "tool")
 SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "presence_penalty",
@@ -40,7 +47,6 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "modalities": ((["text"],), 'only ["text"] is supported: this server runs a text model'),
     "verbosity": ((), "not supported by this server"),
     "web_search_options": ((), "not supported: this server has no web search"),
-    "top_logprobs": ((0,), "not supported by this server"),
     "min_tokens": ((0,), "not supported by this server"),
     "ignore_eos": ((False,), "not supported by this server"),
     "typical_p": ((1, 1.0), "not supported by this server"),
@@ -150,6 +156,8 @@ class Generation:
     stops: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    logprobs: int | None = None  # the reply's logprobs with this many most likely tokens each; None: not asked
+    n: int = 1  # choices: each generated as a sequence of its own
 
 
 @dataclass
@@ -206,9 +214,9 @@ def _generation(body: Mapping[str, Any], default_params: SamplingParams) -> Gene
     if options is not None:
         include_usage = bool(_opt(options, "include_usage", bool, "a boolean"))
     n = _opt(body, "n", int, "an integer")
-    if n is not None and n != 1:
-        raise bad_request("n: only 1 choice per request is supported", "n")
-    return Generation(params, max_tokens, stops, stream, include_usage)
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n: expected 1 to {MAX_CHOICES} choices per request", "n")
+    return Generation(params, max_tokens, stops, stream, include_usage, n=n or 1)
 
 
 def _refuse_unsupported(body: Mapping[str, Any], names: tuple[str, ...] | None = None) -> None:
@@ -324,6 +332,23 @@ def _response_format(value: Any) -> tuple[str, dict[str, Any] | None]:
                       "response_format")
 
 
+def _count(body: Mapping[str, Any], name: str, most: int) -> int | None:
+    value = _opt(body, name, int, f"a whole number from 0 to {most}")
+    if value is not None and not 0 <= value <= most:
+        raise bad_request(f"{name}: expected a whole number from 0 to {most}, got {value}", name)
+    return value
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """logprobs (a boolean) and top_logprobs (0 to 20, only with logprobs) -> how many top tokens, or None."""
+    top = _count(body, "top_logprobs", MAX_TOP_LOGPROBS)
+    if not _opt(body, "logprobs", bool, "a boolean"):
+        if top:
+            raise bad_request("top_logprobs: needs logprobs: true", "top_logprobs")
+        return None
+    return top or 0
+
+
 def parse_chat(body: Any, default_params: SamplingParams) -> ChatRequest:
     """A chat completions body -> ChatRequest; APIError (400) naming the first field that is wrong."""
     if not isinstance(body, dict):
@@ -336,10 +361,9 @@ def parse_chat(body: Any, default_params: SamplingParams) -> ChatRequest:
             raise bad_request("messages: required (a list of {\"role\": ..., \"content\": ...})", "messages")
         raise _wrong("messages", "a non-empty list of messages", messages)
     msgs = [_message(m, i) for i, m in enumerate(messages)]
-    if _opt(body, "logprobs", bool, "a boolean"):
-        raise bad_request("logprobs: not supported by this server", "logprobs")
     _refuse_unsupported(body)
     gen = _generation(body, default_params)
+    gen.logprobs = _chat_logprobs(body)
     tools = body.get("tools")
     if isinstance(tools, list) and len(tools) > MAX_TOOLS:
         raise bad_request(f"tools: {len(tools)} tools are too many; this server takes at most {MAX_TOOLS} a "
@@ -384,15 +408,16 @@ def parse_completion(body: Any, default_params: SamplingParams) -> CompletionReq
         raise bad_request("prompt: empty", "prompt")
     if _opt(body, "echo", bool, "a boolean"):
         raise bad_request("echo: not supported by this server", "echo")
-    for name in ("suffix", "logprobs"):
-        if body.get(name) is not None:
-            raise bad_request(f"{name}: not supported by this server", name)
+    if body.get("suffix") is not None:
+        raise bad_request("suffix: not supported by this server", "suffix")
     best_of = _opt(body, "best_of", int, "an integer")
     if best_of is not None and best_of != 1:
         raise bad_request("best_of: only 1 is supported", "best_of")
     _refuse_unsupported(body, ("min_tokens", "ignore_eos", "typical_p", "use_beam_search", "guided_json",
                                "guided_regex", "guided_choice", "guided_grammar", "grammar", "json_schema"))
-    return CompletionRequest(model, prompt, _generation(body, default_params))
+    gen = _generation(body, default_params)
+    gen.logprobs = _count(body, "logprobs", MAX_LEGACY_LOGPROBS)
+    return CompletionRequest(model, prompt, gen)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,6 +445,43 @@ def tool_call_entries(calls: list[ToolCall], streamed: bool = False) -> list[dic
     return entries
 
 
+def _scored(s: TokenScore) -> dict[str, Any]:
+    return {"token": s.text, "logprob": s.logprob, "bytes": list(s.bytes)}
+
+
+def chat_logprobs(scores: list[TokenScore] | None) -> dict[str, Any] | None:
+    """A chat choice's `logprobs`: one entry per token of the content; None when they were not asked for."""
+    if scores is None:
+        return None
+    return {"content": [{**_scored(s), "top_logprobs": [_scored(t) for t in s.top]} for s in scores],
+            "refusal": None}
+
+
+class TextOffsets:
+    """Where each token's text starts in a completion, in characters: the tokens' bytes decoded as they come, so
+    a character split over tokens counts once. One per completion (a stream's chunks go on where the last ended)."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.offset = 0
+
+    def __call__(self, s: TokenScore) -> int:
+        start = self.offset
+        self.offset += len(self.decoder.decode(s.bytes))
+        return start
+
+
+def completion_logprobs(scores: list[TokenScore] | None, offsets: TextOffsets | None = None
+                        ) -> dict[str, Any] | None:
+    """A completion choice's legacy `logprobs`. `top_logprobs` also holds the chosen token, as OpenAI's did."""
+    if scores is None:
+        return None
+    offsets = offsets or TextOffsets()
+    return {"tokens": [s.text for s in scores], "token_logprobs": [s.logprob for s in scores],
+            "top_logprobs": [{t.text: t.logprob for t in [*s.top, s]} for s in scores],
+            "text_offset": [offsets(s) for s in scores]}
+
+
 @dataclass
 class Envelope:
     """What every response and chunk of one request shares."""
@@ -428,27 +490,29 @@ class Envelope:
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def chat(self, message: dict[str, Any], finish_reason: str | None, use: dict[str, Any]) -> dict[str, Any]:
+    def chat(self, message: dict[str, Any], finish_reason: str | None, use: dict[str, Any],
+             logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}],
                 "usage": use}
 
     def chat_chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None,
-                   use: dict[str, Any] | None = None, with_usage: bool = False) -> dict[str, Any]:
+                   use: dict[str, Any] | None = None, with_usage: bool = False,
+                   logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         """One chunk; `delta` None makes the usage-only chunk (no choices) that ends an include_usage stream."""
         chunk: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                  "model": self.model}
-        chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+        chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                       "finish_reason": finish_reason}]
         if with_usage:
             chunk["usage"] = use
         return chunk
 
     def completion(self, text: str | None, finish_reason: str | None, use: dict[str, Any] | None = None,
-                   with_usage: bool = True) -> dict[str, Any]:
+                   with_usage: bool = True, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "object": "text_completion", "created": self.created,
                                "model": self.model}
-        out["choices"] = [] if text is None else [{"index": 0, "text": text, "logprobs": None,
+        out["choices"] = [] if text is None else [{"index": 0, "text": text, "logprobs": logprobs,
                                                    "finish_reason": finish_reason}]
         if with_usage:
             out["usage"] = use

@@ -17,20 +17,53 @@ import functools
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-# The native kernel levels, best first, with the flags each needs (as /proc/cpuinfo spells them).
-LEVELS: dict[str, tuple[str, ...]] = {
-    "avx512": ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni"),
-    "avx2": ("avx2", "fma", "f16c"),
-}
-# The ARM64 levels (csrc/linear_neon.c, linear_grouped_neon.c): `bf16` BFDOT for bf16 weights and SDOT for int8 /
-# int4, `dotprod` SDOT with NEON FMAs for bf16, `neon` plain ARMv8.0 (NEON is part of every ARM64 CPU).
-ARM_LEVELS: dict[str, tuple[str, ...]] = {
-    "bf16": ("asimd", "asimddp", "bf16"),
-    "dotprod": ("asimd", "asimddp"),
-    "neon": ("asimd",),
-}
+
+@dataclass(frozen=True)
+class Level:
+    """A native kernel level: the CPU flags it needs (as /proc/cpuinfo spells them), the compiler flags that build
+    it, and its kernel file under lfm2cli/kernels/csrc (the C side's LFM2_LEVEL_SOURCE). Its C id is its place in
+    NATIVE_LEVELS, counted from 1 (0: a build without a level)."""
+
+    name: str
+    machine: str  # platform.machine()'s name of its architecture
+    needs: tuple[str, ...]
+    march: tuple[str, ...]
+    source: str
+
+    @property
+    def id(self) -> int:
+        return NATIVE_LEVELS.index(self) + 1
+
+
+_X86_BASE = ("avx2", "fma", "f16c")
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni")
+# Every native kernel level, each architecture's best first: adding one is a row here and its kernel file.
+# ARM64: `bf16` BFDOT for bf16 weights and SDOT for int8 / int4, `dotprod` SDOT with NEON FMAs for bf16, `neon` plain
+# ARMv8.0 (NEON is part of every ARM64 CPU); the three share arch/arm/neon.c, which follows the -march features.
+NATIVE_LEVELS: tuple[Level, ...] = (
+    Level("avx512", "x86_64", (*_X86_BASE, *_AVX512), ("-march=x86-64-v4", "-mavx512bf16", "-mavx512vnni"),
+          "arch/x86/avx512.c"),
+    Level("avx2", "x86_64", _X86_BASE, ("-march=x86-64-v3",), "arch/x86/avx2.c"),
+    Level("bf16", "aarch64", ("asimd", "asimddp", "bf16"), ("-march=armv8.2-a+dotprod+bf16",), "arch/arm/neon.c"),
+    Level("dotprod", "aarch64", ("asimd", "asimddp"), ("-march=armv8.2-a+dotprod",), "arch/arm/neon.c"),
+    Level("neon", "aarch64", ("asimd",), ("-march=armv8-a",), "arch/arm/neon.c"),
+)
+# Each architecture's levels, best first, with the flags each needs.
+LEVELS: dict[str, tuple[str, ...]] = {lv.name: lv.needs for lv in NATIVE_LEVELS if lv.machine == "x86_64"}
+ARM_LEVELS: dict[str, tuple[str, ...]] = {lv.name: lv.needs for lv in NATIVE_LEVELS if lv.machine == "aarch64"}
+
+
+def level_flags(name: str) -> list[str]:
+    """The compiler flags that build level `name`: its -march flags and the defines that give the C side its id,
+    name and kernel file."""
+    level = next(lv for lv in NATIVE_LEVELS if lv.name == name)
+    return [*level.march, f"-DLFM2_LEVEL={level.id}", f'-DLFM2_LEVEL_NAME="{level.name}"',
+            f'-DLFM2_LEVEL_SOURCE="{level.source}"']
+
+
 # macOS's names for the same features (sysctl hw.optional.*), as Linux names them.
 SYSCTL_FEATURES = {"hw.optional.AdvSIMD": "asimd", "hw.optional.arm.FEAT_DotProd": "asimddp",
                    "hw.optional.arm.FEAT_BF16": "bf16", "hw.optional.arm.FEAT_I8MM": "i8mm"}
@@ -125,11 +158,8 @@ def level_table(machine: str | None = None) -> dict[str, tuple[str, ...]]:
     """The native kernel levels of an architecture (platform.machine()'s name; this one by default), best first,
     each with the flags it needs ({} where there are no kernels)."""
     m = (machine or platform.machine()).lower()
-    if m in ("x86_64", "amd64"):
-        return LEVELS
-    if m in ("arm64", "aarch64"):
-        return ARM_LEVELS
-    return {}
+    m = {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+    return {lv.name: lv.needs for lv in NATIVE_LEVELS if lv.machine == m}
 
 
 def levels_for(machine: str, found: frozenset[str] | set[str]) -> list[str]:

@@ -1,5 +1,6 @@
 """Memory as the process and the machine see it: this process's high-water mark (what `bench` and generation
-stats report), read the same way everywhere, and the guard that refuses a load that cannot fit."""
+stats report), read the same way everywhere, and what a new model could take now (`loading.fit` weighs a
+model against it)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,6 @@ import resource
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-from lfm2cli.errors import MemoryLimitError
-from lfm2cli.loading.checkpoint import memory_needed
-from lfm2cli.model.config import Lfm2Config
-from lfm2cli.terminal.formatting import human_bytes
 
 if TYPE_CHECKING:  # torch is imported where it is used, so `lfm2 list --available` asks psutil alone
     import torch
@@ -70,30 +66,3 @@ def system_available_memory() -> int:
     except (OSError, ValueError):
         pass
     return free
-
-
-def fits_advice(cfg: Lfm2Config, quantize: str | None, dtype_bytes: int, available: int) -> str | None:
-    """None when the model fits in `available` bytes; else one line saying what it needs and which precision
-    would fit (the largest one that does)."""
-    needed = memory_needed(cfg, quantize, dtype_bytes)
-    if needed <= available:
-        return None
-    what = quantize or {4: "float32", 2: "bf16"}.get(dtype_bytes, f"{dtype_bytes * 8}-bit")
-    line = f"this model needs ~{human_bytes(needed)} in {what} and ~{human_bytes(available)} is available"
-    options = [(q, memory_needed(cfg, q, 2)) for q in (None, "int8", "int4")]
-    fitting = [(q, n) for q, n in options if n <= available and n < needed]
-    if fitting:
-        q, n = fitting[0]
-        hint = "--dtype bfloat16" if q is None else f"--quantize {q}"
-        return f"{line}; {hint} needs ~{human_bytes(n)} (or pass --force to load it anyway)"
-    smallest = "" if quantize == "int4" else f"; even --quantize int4 needs ~{human_bytes(options[-1][1])}"
-    return f"{line}{smallest}: close other programs or pick a smaller model (or pass --force to load it anyway)"
-
-
-def check_fits(cfg: Lfm2Config, quantize: str | None, dtype: torch.dtype, device: torch.device) -> None:
-    """Refuse, before anything is read, a load that the system could only answer by killing the process."""
-    if device.type not in ("cpu", "cuda"):
-        return  # MPS shares memory with the system in ways psutil does not show: leave it to the OS
-    advice = fits_advice(cfg, quantize, dtype.itemsize, available_memory(device))
-    if advice is not None:
-        raise MemoryLimitError(advice)

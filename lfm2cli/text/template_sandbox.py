@@ -363,12 +363,30 @@ def _make_dict(*args: Any, **kwargs: Any) -> dict:
 
 @lru_cache(maxsize=1)
 def environment() -> Any:
-    import jinja2
+    """The one sandboxed environment every template renders in (jinja2 is imported on first use)."""
+    import jinja2.ext
+
+    env = _environment_class()(trim_blocks=True, lstrip_blocks=True,
+                               extensions=[_generation_block(), jinja2.ext.loopcontrols])
+    for attr, helper in _HELPERS.items():
+        setattr(env, attr, helper)
+    env.filters.update({name: _budgeted_filter(name, f) for name, f in env.filters.items()})
+    env.filters["tojson"] = _budgeted_filter("tojson", tojson)
+    env.globals["range"] = _range
+    env.globals["lipsum"] = _lipsum
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _make_dict
+    env.globals["namespace"] = _safe_namespace()
+    return env
+
+
+# The classes below derive from jinja2's, which is imported only when a template is first rendered: each is made
+# by a function that `environment` calls once.
+
+def _generation_block() -> type:
     import jinja2.ext
     import jinja2.nodes
-    import jinja2.runtime
-    import jinja2.visitor
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class GenerationBlock(jinja2.ext.Extension):
         """Accept `{% generation %}...{% endgeneration %}` (used by training templates to mark assistant
@@ -383,6 +401,13 @@ def environment() -> Any:
 
         def _body(self, caller: Any) -> str:
             return caller()
+
+    return GenerationBlock
+
+
+def _safe_namespace() -> type:
+    import jinja2.exceptions
+    import jinja2.utils
 
     class SafeNamespace(jinja2.utils.Namespace):
         """`namespace()` that refuses underscore attributes, which could reach Python internals."""
@@ -402,6 +427,13 @@ def environment() -> Any:
         def _check(key: Any) -> None:
             if isinstance(key, str) and key.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"namespace attribute {key!r} is not allowed")
+
+    return SafeNamespace
+
+
+def _budgeted_transformer() -> type:
+    import jinja2.nodes
+    import jinja2.visitor
 
     class Budgeted(jinja2.visitor.NodeTransformer):
         """Routes every loop, `~` and output of a parsed template through the budget's helpers. The helpers
@@ -425,13 +457,22 @@ def environment() -> Any:
             node.nodes = [self._helper("lfm2_output", [child]).set_lineno(child.lineno) for child in node.nodes]
             return node
 
+    return Budgeted
+
+
+def _environment_class() -> type:
+    import jinja2.runtime
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    budgeted = _budgeted_transformer()
+
     class Environment(ImmutableSandboxedEnvironment):
         """The sandbox of Hugging Face's templates, with every step of a rendering charged to its budget."""
 
         intercepted_binops = frozenset({"*", "**", "+", "%"})
 
         def _parse(self, source: str, name: str | None, filename: str | None) -> Any:
-            return Budgeted().visit(super()._parse(source, name, filename))
+            return budgeted().visit(super()._parse(source, name, filename))
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             b = BUDGET.get()
@@ -459,15 +500,4 @@ def environment() -> Any:
             b.size(_length(result))
             return result
 
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, jinja2.ext.loopcontrols])
-    for attr, helper in _HELPERS.items():
-        setattr(env, attr, helper)
-    env.filters.update({name: _budgeted_filter(name, f) for name, f in env.filters.items()})
-    env.filters["tojson"] = _budgeted_filter("tojson", tojson)
-    env.globals["range"] = _range
-    env.globals["lipsum"] = _lipsum
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _make_dict
-    env.globals["namespace"] = SafeNamespace
-    return env
+    return Environment

@@ -89,8 +89,9 @@ class Tokenizer:
     def token_to_id(self, token: str | None) -> int | None:
         return None if token is None else self._tok.token_to_id(token)
 
-    def id_to_token(self, i: int) -> str | None:
-        return self._tok.id_to_token(int(i))
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary's entry for an id (a byte-level BPE writes bytes as printable stand-ins)."""
+        return self._tok.id_to_token(token_id)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids for `text`. Rendered chats already begin with BOS, so they use the default (False);
@@ -169,12 +170,6 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt, tools=tools, template_source=self.template_source,
             **template_kwargs,
         )
-
-    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-                    tools: list | None = None, **template_kwargs: Any) -> list[int]:
-        """Render and encode a chat (the template writes BOS itself, so none is added here)."""
-        text = self.apply_chat_template(messages, add_generation_prompt, tools, **template_kwargs)
-        return self.encode(text, add_special_tokens=False)
 
 
 def _read_backend(file: Path) -> tuple[Any, int]:

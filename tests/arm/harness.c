@@ -1,6 +1,6 @@
 /* Checks every kernel of lfm2's native code (lfm2cli/kernels/csrc, included whole) at the level this build's
- * -march flags select against plain-C references on seeded random inputs: bf16 products within the error of a
- * float sum rounded to bf16, int8 / int4 products and the quantizers bit-exact against a scalar version of the
+ * flags select (native.LEVEL_FLAGS; none: the scalar reference kernels) against plain-C references on seeded
+ * random inputs: bf16 products within the error of a float sum rounded to bf16, int8 / int4 products and the quantizers bit-exact against a scalar version of the
  * same integer math, the decode step's small ops and a whole decode step (dense and MoE layers, every weight
  * format) within bf16 tolerances. Built for AArch64 and run under qemu-user by tests/test_arm.py at each level,
  * and natively on x86 so that both families meet the same reference; the digest of every exact output is
@@ -27,16 +27,8 @@ static float gauss(void) { return (uniform() + uniform() + uniform()) * 1.2f; }
 static void fill(bf16_t *p, int64_t n, float scale) { for (int64_t i = 0; i < n; i++) p[i] = bf(gauss() * scale); }
 static void *alloc(size_t n) { void *p = calloc(n ? n : 1, 1); if (!p) abort(); return p; }
 
-static const char *level_name(int isa) {
-    switch (isa) {
-    case 1: return "avx2";
-    case 2: return "avx512";
-    case 10: return "neon";
-    case 11: return "dotprod";
-    case 12: return "bf16";
-    default: return "none";
-    }
-}
+/* The weight format of the reference's bit width (8 or 4). */
+static int fmt_of(int bits) { return bits == 8 ? LFM2_INT8 : LFM2_INT4; }
 
 /* ---- references */
 
@@ -171,7 +163,15 @@ static void check_bf16(int64_t out, int64_t in, int64_t T, int threads) {
     }
     CHECK(!bad, "bf16 product %ldx%ld, %ld tokens, %d threads: %d of %ld outputs off", (long)out, (long)in, (long)T,
           threads, bad, (long)(T * out));
-    free(w); free(x); free(y); free(e); free(m); free(p);
+    bf16_t *y1 = alloc(sizeof(bf16_t) * (size_t)out);
+    int apart = 0; /* a token's row is summed in the same order alone (decode) as among others (a batch) */
+    for (int64_t t = 0; t < T && T > 1; t++) {
+        lfm2_linear(p, x + t * in, y1, 1, out, in, LFM2_BF16, threads);
+        apart += memcmp(y1, y + t * out, sizeof(bf16_t) * (size_t)out) != 0;
+    }
+    CHECK(!apart, "bf16 product %ldx%ld, %ld tokens: %d tokens differ from the token alone", (long)out, (long)in,
+          (long)T, apart);
+    free(w); free(x); free(y); free(e); free(m); free(p); free(y1);
 }
 
 static void check_bf16_group(int threads) { /* the MoE experts' group: bit-equal to one product at a time */
@@ -218,8 +218,8 @@ static void *quantized(const bf16_t *w, int64_t out, int64_t in, int bits, int8_
             if (((kq[i / 2] >> (4 * (i % 2))) & 15) != q[i] + 8) { same = 0; break; }
     CHECK(same, "lfm2_quantize_int%d %ldx%ld differs from the reference", bits, (long)out, (long)in);
     mix(kq, (size_t)(bits == 8 ? out * in : out * in / 2)), mix(ks, sizeof(uint16_t) * (size_t)(out * groups));
-    uint8_t *p = alloc((size_t)((padded / 16) * groups * gq_bytes(bits)));
-    lfm2_pack_grouped(kq, ks, p, out, padded, in, bits, 2);
+    uint8_t *p = alloc((size_t)((padded / 16) * block_bytes(fmt_of(bits), in)));
+    lfm2_pack_grouped(kq, ks, p, out, padded, in, fmt_of(bits), 2);
     free(ks); free(kq);
     return p;
 }
@@ -232,7 +232,7 @@ static void check_grouped(int64_t out, int64_t in, int64_t T, int bits, int thre
     fill(w, out * in, 0.05f), fill(x, T * in, 1.0f);
     for (int64_t i = 0; i < T * in; i += 37) x[i] = bf(f32(x[i]) * 40.0f); /* outliers: small scales elsewhere */
     void *p = quantized(w, out, in, bits, q, s);
-    lfm2_linear(p, x, y, T, out, in, bits == 8 ? LFM2_INT8 : LFM2_INT4, threads);
+    lfm2_linear(p, x, y, T, out, in, fmt_of(bits), threads);
     ref_grouped(q, s, bits, x, r, T, out, in);
     int64_t bad = 0;
     for (int64_t i = 0; i < T * out; i++) bad += y[i] != r[i];
@@ -254,9 +254,9 @@ static void check_grouped_group(int bits, int threads) {
         fill(w, out * in, 0.05f), p[i] = quantized(w, out, in, bits, q, s), yg[i] = alloc(sizeof(bf16_t) * out);
     }
     const uint16_t *xs[3] = {x, x + in, x};
-    lfm2_linear_group(n, (const void *const *)p, xs, yg, out, in, bits == 8 ? LFM2_INT8 : LFM2_INT4, threads);
+    lfm2_linear_group(n, (const void *const *)p, xs, yg, out, in, fmt_of(bits), threads);
     for (int i = 0; i < n; i++) {
-        lfm2_linear(p[i], xs[i], y1, 1, out, in, bits == 8 ? LFM2_INT8 : LFM2_INT4, threads);
+        lfm2_linear(p[i], xs[i], y1, 1, out, in, fmt_of(bits), threads);
         CHECK(!memcmp(y1, yg[i], sizeof(bf16_t) * out), "int%d group product %d differs from the single product",
               bits, i);
         mix(yg[i], sizeof(bf16_t) * out);
@@ -425,12 +425,28 @@ static void check_decode_step(int fmt_a, int fmt_b, int threads) {
     bf16_t cs[HDIM], sn[HDIM], x[HID], xr[HID], out[HID], outr[HID];
     bf16_t h[HID], a[4 * FF], b[4 * FF], yv[HID], t2[TOPK * HID];
     double worst = 0, size = 0;
-    int bad = 0;
+    int bad = 0, apart = 0;
+    /* the same sequence as row 0 of a batched step of BR sequences, each with its own states and caches */
+    enum { BR = 3 };
+    bf16_t *bstate = alloc(sizeof(bf16_t) * BR * NL * HID * (WIDTH - 1));
+    bf16_t *bk = alloc(sizeof(bf16_t) * BR * KVH * CAPY * HDIM), *bv = alloc(sizeof(bf16_t) * BR * KVH * CAPY * HDIM);
+    bf16_t *bcaches[BR * 2 * NL], xb[BR * HID], ob[BR * HID], cb[BR * HDIM], sb[BR * HDIM];
+    const int64_t bpos_cap[BR] = {CAPY, CAPY, CAPY};
+    for (int r = 0; r < BR; r++)
+        for (int i = 0; i < NL; i++) {
+            bcaches[(r * NL + i) * 2] = L[i].attention ? bk + r * KVH * CAPY * HDIM : bstate + (r * NL + i) * HID * (WIDTH - 1);
+            bcaches[(r * NL + i) * 2 + 1] = L[i].attention ? bv + r * KVH * CAPY * HDIM : 0;
+        }
     for (int pos = 0; pos < 4; pos++) {
         for (int i = 0; i < HDIM; i++)
             cs[i] = bf(cosf((float)pos * 0.3f * (float)(i % 8))), sn[i] = bf(sinf((float)pos * 0.3f * (float)(i % 8)));
         fill(x, HID, 1.0f);
         memcpy(xr, x, sizeof x);
+        memcpy(xb, x, sizeof x), fill(xb + HID, (BR - 1) * HID, 1.0f);
+        const int64_t bpos[BR] = {pos, pos, pos};
+        for (int r = 0; r < BR; r++) memcpy(cb + r * HDIM, cs, sizeof cs), memcpy(sb + r * HDIM, sn, sizeof sn);
+        lfm2_decode_batch(L, NL, BR, xb, norms + 2 * NL * HID, ob, HID, NHEADS, KVH, HDIM, WIDTH, bpos, bpos_cap,
+                          bcaches, cb, sb, 1e-5f, threads);
         lfm2_decode_step(L, NL, x, norms + 2 * NL * HID, out, HID, NHEADS, KVH, HDIM, WIDTH, pos, CAPY, cs, sn, 1e-5f,
                          threads);
         /* the reference: the same sequence with reference products, its own caches and states */
@@ -466,6 +482,7 @@ static void check_decode_step(int fmt_a, int fmt_b, int threads) {
             lfm2_add_rmsnorm(xr, yv, i + 1 < NL ? L[i + 1].op_norm : norms + 2 * NL * HID, i + 1 < NL ? h : outr,
                              HID, 1e-5f);
         }
+        apart += memcmp(ob, out, sizeof out) != 0;
         for (int k = 0; k < HID; k++) {
             const double e = fabs(f32(out[k]) - f32(outr[k])) / (0.03 * fabs(f32(outr[k])) + 0.03);
             worst = e > worst ? e : worst, size = fabs(f32(outr[k])) > size ? fabs(f32(outr[k])) : size;
@@ -477,17 +494,19 @@ static void check_decode_step(int fmt_a, int fmt_b, int threads) {
            names[fmt_a], names[fmt_b], size, worst);
     CHECK(size > 0.1, "lfm2_decode_step with %s/%s weights: outputs near zero", names[fmt_a], names[fmt_b]);
     CHECK(!bad, "lfm2_decode_step with %s/%s weights: %d values off", names[fmt_a], names[fmt_b], bad);
+    CHECK(!apart, "lfm2_decode_batch with %s/%s weights: row 0 differs from the single step at %d positions",
+          names[fmt_a], names[fmt_b], apart);
     weight *all[] = {in_w, out_w, w13, w2, ew13, ew2};
     for (int k = 0; k < 6; k++)
         for (int i = 0; i < (k >= 4 ? EXPERTS : NL); i++) free(all[k][i].w), free(all[k][i].packed), free(all[k][i].q), free(all[k][i].s);
     free(gate.w); free(gate.packed);
     free(norms); free(conv); free(qn); free(kn); free(state); free(kcache); free(vcache);
+    free(bstate); free(bk); free(bv);
 }
 
 int main(int argc, char **argv) {
     const int threads = argc > 1 ? atoi(argv[1]) : 2;
-    printf("level %s (LFM2_ISA %d), %d threads\n", level_name(lfm2_native_isa()), lfm2_native_isa(), threads);
-    if (lfm2_native_isa() == 0) { printf("FAIL no matrix kernel in this build\n"); return 1; }
+    printf("level %s (LFM2_LEVEL %d), %d threads\n", LFM2_LEVEL_NAME, lfm2_native_isa(), threads);
 
     static const int64_t bshapes[][2] = {{64, 64}, {70, 38}, {8, 2}, {200, 130}, {136, 1040}};
     static const int64_t tokens[] = {1, 2, 3, 4, 5, 7, 9};

@@ -1,44 +1,39 @@
-/* Shared by every part of lfm2's native CPU code: the bf16 helpers and the ISA level this build targets.
- * LFM2_ISA: 2 = AVX512-BF16 + AVX512-VNNI, 1 = x86-64-v3 (AVX2 + FMA + F16C); on AArch64 12 = dotprod + bf16
- * (BFDOT), 11 = dotprod (sdot), 10 = NEON alone (ARMv8.0); 0 = no matrix kernel (the small ops still build).
- * LFM2_X86 / LFM2_ARM say which family's kernel files compile. native.py picks the level and passes the matching
- * -march flags. */
+/* Shared by every part of lfm2's native CPU code: the level this build is for, the weight formats, and the bf16
+ * helpers.
+ *
+ * The level comes from the build (lfm2cli/system/cpu.py's NATIVE_LEVELS makes the flags): LFM2_LEVEL its id,
+ * LFM2_LEVEL_NAME its name, LFM2_LEVEL_SOURCE its kernel file under arch/. A build without them is level 0: the
+ * scalar reference kernels (reference.c), every function still exported. Inside a kernel file, what a level's
+ * -march flags add (AVX512-VNNI, dotprod, BF16) is read from the compiler's own feature macros. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) \
-    && defined(__AVX512VNNI__)
-#include <immintrin.h>
-#define LFM2_ISA 2
-#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#include <immintrin.h>
-#define LFM2_ISA 1
-#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD) && defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
-#include <arm_neon.h>
-#define LFM2_ISA 12
-#elif defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
-#include <arm_neon.h>
-#define LFM2_ISA 11
-#elif defined(__aarch64__)
-#include <arm_neon.h>
-#define LFM2_ISA 10
-#else
-#define LFM2_ISA 0
+#ifndef LFM2_LEVEL
+#define LFM2_LEVEL 0
+#define LFM2_LEVEL_NAME "none"
 #endif
-#define LFM2_X86 (LFM2_ISA == 1 || LFM2_ISA == 2)
-#define LFM2_ARM (LFM2_ISA >= 10)
-
-int lfm2_native_isa(void) { return LFM2_ISA; }
-
-/* The weight formats lfm2_linear takes: bf16 pairs (linear_avx512.c / linear_avx2.c), int8 and int4 in groups
- * of 32 with their scales inside the packed weights (linear_grouped.c). */
-#define LFM2_BF16 0
-#define LFM2_INT8 1
-#define LFM2_INT4 2
 
 typedef uint16_t bf16_t;
+
+/* The weight formats lfm2_linear takes. A format is read in 16-row blocks, `group` inputs at a time: a group of
+ * a block is `block_bytes` bytes, so a block of `in` inputs is in / group * block_bytes (pack.c lays them out).
+ * A format with another block layout (a super-block of several groups) is a new entry and its kernels. */
+typedef enum { LFM2_BF16, LFM2_INT8, LFM2_INT4, LFM2_FORMATS } lfm2_format;
+
+typedef struct { int group; int block_bytes; } lfm2_format_info;
+
+static const lfm2_format_info FORMATS[LFM2_FORMATS] = {
+    [LFM2_BF16] = {2, 64},   /* pairs of inputs: 16 rows x 2 bf16 */
+    [LFM2_INT8] = {32, 544}, /* 16 fp16 scales (32 bytes), then 16 rows x 32 int8 */
+    [LFM2_INT4] = {32, 288}, /* 16 bf16 scales (32 bytes), then 16 rows x 32 nibbles */
+};
+
+/* Bytes of one 16-row block of `in` inputs in format `fmt`. */
+static inline int64_t block_bytes(int fmt, int64_t in) { return in / FORMATS[fmt].group * FORMATS[fmt].block_bytes; }
+
+#define GQ_G 32              /* inputs per int8 / int4 group */
 
 static inline float f32(bf16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
@@ -60,15 +55,14 @@ static inline float exp_f(float x) { /* expf to ~2 ulp, branch-free so loops ove
     return p * e.f;
 }
 
-/* The distinct inputs of n products (a MoE layer's w13 products all read one token): u[i] = which distinct input
- * x[i] is, first[k] = the first product with input k. Returns how many there are. */
-static inline int64_t distinct_inputs(int64_t n, const uint16_t *const *x, int64_t *u, int64_t *first) {
-    int64_t nu = 0;
-    for (int64_t i = 0; i < n; i++) {
-        int64_t j = 0;
-        while (j < nu && x[first[j]] != x[i]) j++;
-        if (j == nu) first[nu++] = i;
-        u[i] = j;
-    }
-    return nu;
+/* One token's int8 activations, group by group (the int8 / int4 kernels' input): q [in], scale d [in / 32],
+ * c = 8 * sum q [in / 32]. Stored one token after another, gq_act_bytes apart. */
+typedef struct { const int8_t *q; const float *d; const int32_t *c; } gq_act;
+
+static inline size_t gq_act_bytes(int64_t in) { return ((size_t)in + 8 * (size_t)(in / GQ_G) + 63) / 64 * 64; }
+
+static inline gq_act gq_view(const void *p, int64_t in) {
+    const gq_act a = {(const int8_t *)p, (const float *)((const char *)p + in),
+                      (const int32_t *)((const char *)p + in + 4 * (in / GQ_G))};
+    return a;
 }

@@ -67,7 +67,7 @@ static void rope_head(bf16_t *x, const bf16_t *cos, const bf16_t *sin, int64_t d
     }
 }
 
-/* dot_bf16(a, b, d), the attention's dot product, comes from the ISA level's linear_*.c. */
+/* dot_bf16(a, b, d), the attention's dot product, is the level's (level.h). */
 
 /* Grouped-query attention for one new token at position `pos`: qkv = the fused projection's output, q and k
  * normed per head and rotated, k and v written into the caches kc/vc [kv_heads][cap][d], then each query head

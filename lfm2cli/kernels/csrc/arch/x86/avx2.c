@@ -1,9 +1,13 @@
-/* The bf16 matrix kernel for x86-64-v3 (AVX2 + FMA + F16C): LFM2_ISA 1. It reads the layout of
- * linear_avx512.c (bf16 pairs [out/16][in/2][16][2], rows padded to 64), so a model packed once runs at either
- * level. A 64-byte chunk of a 16-row block is two 256-bit vectors of 8
- * rows each. Without vdpbf16ps, a 32-bit lane (one row's two bf16 inputs) becomes two floats: the even input
- * by a left shift, the odd one by masking off the low half; both are exact. */
-#if LFM2_ISA == 1
+/* The avx2 level, x86-64-v3 (AVX2 + FMA + F16C): the bf16 kernels here, the int8 / int4 ones in quant.c.
+ *
+ * bf16 weights in the pairs layout (pack.c): a 64-byte chunk of a 16-row block is two 256-bit vectors of 8 rows
+ * each. Without vdpbf16ps, a 32-bit lane (one row's two bf16 inputs) becomes two floats: the even input by a left
+ * shift, the odd one by masking off the low half; both are exact. */
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "the avx2 level needs AVX2, FMA and F16C (-march=x86-64-v3)"
+#endif
+#include "simd256.h"
+#include "quant.c"
 
 #define HI16 (-65536)        /* 0xFFFF0000: keeps a lane's upper bf16, the odd input of a pair, as a float */
 
@@ -47,21 +51,26 @@ static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
 #define KC 768               /* at most this many inputs per chunk: a panel's chunk of weights stays in L2 */
 #define AHEAD 4096           /* bytes of a weight stream prefetched ahead into L2 where memory-bound */
 
-/* bf16 [n] -> float [n]; vectorised by the compiler (a zero extend and a shift). */
-static void to_f32(const uint16_t *x, float *xf, int64_t n) {
-    for (int64_t i = 0; i < n; i++) xf[i] = f32(x[i]);
+/* Inputs per chunk of a row's sum: `in` cut in equal chunks of at most KC (a multiple of 4: whole pairs, the
+ * last chunk shorter). Decode and prefill both sum in these chunks, so a row's bits do not depend on the tokens. */
+static inline int64_t bf16_chunk(int64_t in) {
+    const int64_t chunks = (in + KC - 1) / KC;
+    return chunks > 1 ? ((in + chunks - 1) / chunks + 3) / 4 * 4 : in;
 }
 
 /* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four
  * forward streams of weights, one per block. On a 2-core Zen 3 that read ~15 % faster than one stream per
  * thread (more DRAM requests in flight), and faster than 2 or 8. x is float already, broadcast from memory; a
- * pair's two FMAs go to one accumulator, 8 chains of two cover the FMA latency when the tile is in cache. */
+ * pair's two FMAs go to one accumulator, 8 chains of two cover the FMA latency when the tile is in cache. `in`
+ * is summed in prefill's chunks (bf16_chunk), each chunk's sum added to the earlier ones' as tile_bf16_n does:
+ * a row gets the same bits alone or among many tokens. */
 static void tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const float *xf, uint16_t *y, int64_t n) {
     const __m256i hi = _mm256_set1_epi32(HI16);
+    const int64_t kp = bf16_chunk(2 * pairs) / 2;
     __m256 tot[4][2];
     _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) tot[k][0] = tot[k][1] = _mm256_setzero_ps();
-    for (int64_t p0 = 0; p0 < pairs; p0 += KC / 2) { /* chunk sums added up: shorter float chains, as prefill */
-        const int64_t p1 = pairs - p0 < KC / 2 ? pairs : p0 + KC / 2;
+    for (int64_t p0 = 0; p0 < pairs; p0 += kp) {
+        const int64_t p1 = pairs - p0 < kp ? pairs : p0 + kp;
         __m256 a[4][2];
         _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
         for (int64_t p = p0; p < p1; p++) {
@@ -73,9 +82,9 @@ static void tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const float 
                 a[k][1] = _mm256_fmadd_ps(odd_f32(v1, hi), x1, _mm256_fmadd_ps(even_f32(v1), x0, a[k][1]));
             }
         }
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
-            tot[k][0] = _mm256_add_ps(tot[k][0], a[k][0]);
-            tot[k][1] = _mm256_add_ps(tot[k][1], a[k][1]);
+        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) { /* the first chunk's sum as it is (a -0 stays) */
+            tot[k][0] = p0 ? _mm256_add_ps(a[k][0], tot[k][0]) : a[k][0];
+            tot[k][1] = p0 ? _mm256_add_ps(a[k][1], tot[k][1]) : a[k][1];
         }
     }
     _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) store16x2(y + 16 * k, tot[k][0], tot[k][1], n - 16 * k);
@@ -151,57 +160,26 @@ static void tile_bf16(const uint16_t *w, int64_t pairs, const float *xf, int64_t
 #undef LFM2_TILE
 }
 
-/* ---- One token (decode): lfm2_linear with T = 1 and lfm2_linear_group (a MoE layer's routed experts, n
- * products of one shape): y[i] = x[i] W[i]^T, in one parallel region (one fork and join). Each distinct token is
- * converted to float once (a MoE layer's w13 products all read the same one); the 64-row tiles of all n
- * matrices are taken dynamically. */
-static void linear_group_packed(int64_t n, const void *const *w, const uint16_t *const *x, uint16_t *const *y,
-                                int64_t out, int64_t in, int threads) {
-    if (n <= 0 || out <= 0) return;
-    int64_t *u = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n)), *first = u + n;
-    const int64_t nu = distinct_inputs(n, x, u, first);
-    float *xf = (float *)malloc(sizeof(float) * (size_t)(nu * in));
-    const int64_t tiles = (out + 63) / 64;
-    #pragma omp parallel num_threads(threads)
-    {
-        #pragma omp for schedule(static)
-        for (int64_t k = 0; k < nu; k++) to_f32(x[first[k]], xf + k * in, in);
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t g = 0; g < n * tiles; g++) {
-            const int64_t i = g / tiles, t = g % tiles;
-            tile_gemv((const uint16_t *)w[i] + t * 64 * in, 16 * in, in / 2, xf + u[i] * in, y[i] + 64 * t,
-                      out - 64 * t);
-        }
-    }
-    free(xf); free(u);
-}
-#define LFM2_HAVE_GROUP 1
-
-/* lfm2_linear (step.c) for bf16 weights packed by lfm2_pack (rows padded to a multiple of 64); x [T, in] bf16,
- * y [T, out] bf16; `in` even. One token is a group of one. Otherwise panels of rows are shared among `threads`
- * threads dynamically: a core slowed by other work does not hold up the rest. */
-static void linear_packed(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
-                          int threads) {
+/* Several tokens (prefill) against bf16 weights packed by lfm2_pack: x [T, in] bf16, y [T, out] bf16, `in`
+ * even. Panels of rows are shared among `threads` threads dynamically: a core slowed by other work does not hold
+ * up the rest. */
+static void linear_bf16_tokens(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
+                               int threads) {
     const int64_t blocks = (out + 15) / 16, bs = 16 * in;
     if (T <= 0 || out <= 0) return;
-    if (T == 1) {
-        linear_group_packed(1, &w, &x, &y, out, in, threads);
-        return;
-    }
     /* Many tokens (prefill), blocked as a GEMM: a thread takes a panel of up to PANEL blocks and walks `in` in
      * chunks of at most KC inputs; per chunk, each group of TT tokens meets every block of the panel, so the
      * group's chunk of x stays in L1 and the panel's chunk of weights in L2. Sums carry from chunk to chunk in
      * `part`. x is converted to float once for all threads. */
     int64_t pb = PANEL;
     while (pb > 1 && blocks < 2 * pb * threads) pb /= 2; /* enough panels to share */
-    const int64_t panels = (blocks + pb - 1) / pb, chunks = (in + KC - 1) / KC;
-    const int64_t kc = ((in + chunks - 1) / chunks + 3) / 4 * 4; /* a multiple of 4: whole pairs */
+    const int64_t panels = (blocks + pb - 1) / pb, kc = bf16_chunk(in), chunks = (in + kc - 1) / kc;
     const int ahead = T <= 2 * TT;
     float *xf = (float *)malloc(sizeof(float) * (size_t)(T * in));
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; t++) to_f32(x + t * in, xf + t * in, in);
+        for (int64_t t = 0; t < T; t++) bf16_to_f32(x + t * in, xf + t * in, in);
         float *part = chunks > 1 ? (float *)malloc(sizeof(float) * (size_t)(pb * T * 16)) : 0;
         #pragma omp for schedule(dynamic, 1)
         for (int64_t pn = 0; pn < panels; pn++) {
@@ -223,4 +201,17 @@ static void linear_packed(const void *w, const uint16_t *x, uint16_t *y, int64_t
     }
     free(xf);
 }
-#endif /* LFM2_ISA == 1 */
+
+/* group_kernel.unit: tile t (64 rows) of matrix i against its token, in floats. */
+static void gemv_unit(const group_job *J, int64_t i, int64_t t) {
+    tile_gemv((const uint16_t *)J->w[i] + t * 64 * J->in, 16 * J->in, J->in / 2, (const float *)J->act[i],
+              J->y[i] + 64 * t, J->out - 64 * t);
+}
+
+/* One token per matrix: each token converted to float once (a MoE layer's w13 products share theirs), the 64-row
+ * tiles taken one at a time. */
+static const group_kernel GROUP_KERNELS[LFM2_FORMATS] = {
+    [LFM2_BF16] = {f32_act_bytes, f32_act, 64, gemv_unit, 0, 1},
+    [LFM2_INT8] = GQ_GROUP_KERNEL,
+    [LFM2_INT4] = GQ_GROUP_KERNEL,
+};

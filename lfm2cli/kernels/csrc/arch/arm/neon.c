@@ -1,14 +1,23 @@
-/* The bf16 matrix kernel for AArch64 (LFM2_ISA 10-12). It reads the x86 layout (bf16 pairs [out/16][in/2][16][2],
- * rows padded to 64, linear_avx512.c), so pack.c and the Python side are the same on every CPU: a 128-bit vector
- * is 4 rows' pair of inputs, a 16-row block's pair four vectors.
- *   NEON (10) and dotprod (11): each 32-bit lane becomes two floats, the even input by a left shift and the odd
- *   one by masking off the low half (both exact), each multiplied by x's input (x converted to float once, taken
- *   by lane) with FMA, as the AVX2 level does.
- *   bf16 (12, FEAT_BF16): one BFDOT per vector does a lane's two products and adds them, against x's bf16 pair
- *   taken by lane: a quarter of the instructions. (BFMMLA needs 4 consecutive inputs per row, another layout.)
+/* The AArch64 levels (bf16, dotprod, neon: one file, the -march flags decide): the bf16 kernels here, the int8 /
+ * int4 ones in quant.c. The pairs layout (pack.c) suits 128-bit vectors as it is: a vector is 4 rows' pair of
+ * inputs, a 16-row block's pair four vectors.
+ *   neon and dotprod: each 32-bit lane becomes two floats, the even input by a left shift and the odd one by
+ *   masking off the low half (both exact), each multiplied by x's input (x converted to float once, taken by
+ *   lane) with FMA, as the AVX2 level does.
+ *   bf16 (FEAT_BF16): one BFDOT per vector does a lane's two products and adds them, against x's bf16 pair taken
+ *   by lane: a quarter of the instructions. (BFMMLA needs 4 consecutive inputs per row, another layout.)
  * Decode walks a 64-row tile as four forward streams; prefill meets each 16-row block, chunk by chunk in L1,
  * with NP_TT tokens at a time. */
-#if LFM2_ARM
+#if !defined(__aarch64__)
+#error "the AArch64 levels need an AArch64 compiler"
+#endif
+#include <arm_neon.h>
+
+#if defined(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC)
+#define NP_BFDOT 1           /* the bf16 level: BFDOT on the bf16 token */
+#else
+#define NP_BFDOT 0
+#endif
 
 #define NP_TT 4              /* tokens per prefill tile: 4 x 4 float accumulators of the 32 vector registers */
 #define NP_KC 512            /* inputs per prefill chunk: a block's chunk (16 KB) stays in L1 for all tokens */
@@ -18,7 +27,7 @@ static inline float32x4_t np_odd(uint32x4_t v) {
     return vreinterpretq_f32_u32(vandq_u32(v, vdupq_n_u32(0xFFFF0000u)));
 }
 static inline uint32x4_t np_load(const uint16_t *p) { return vld1q_u32((const uint32_t *)p); }
-#if LFM2_ISA >= 12
+#if NP_BFDOT
 static inline bfloat16x8_t np_bf(const uint16_t *p) { return vreinterpretq_bf16_u16(vld1q_u16(p)); }
 #endif
 
@@ -43,7 +52,7 @@ static inline void np_store16(uint16_t *y, const float32x4_t *a, int64_t n) {
 static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
     float32x4_t s0 = vdupq_n_f32(0.0f), s1 = s0, s2 = s0, s3 = s0;
     int64_t i = 0;
-#if LFM2_ISA >= 12
+#if NP_BFDOT
     for (; i + 16 <= d; i += 16) {
         s0 = vbfdotq_f32(s0, np_bf(a + i), np_bf(b + i));
         s1 = vbfdotq_f32(s1, np_bf(a + i + 8), np_bf(b + i + 8));
@@ -66,11 +75,6 @@ static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
     return s;
 }
 
-/* bf16 [n] -> float [n] (vectorised by the compiler). */
-static void np_to_f32(const uint16_t *x, float *xf, int64_t n) {
-    for (int64_t i = 0; i < n; i++) xf[i] = f32(x[i]);
-}
-
 /* One token against the 4 blocks of a 64-row tile (`bs` elements apart): 16 accumulators, one per 4 rows. x is
  * bf16 at the bf16 level, else its float copy xf. */
 static void np_tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const uint16_t *x, const float *xf,
@@ -79,7 +83,7 @@ static void np_tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const uin
     for (int k = 0; k < 4; k++)
         for (int j = 0; j < 4; j++) a[k][j] = vdupq_n_f32(0.0f);
     int64_t p = 0;
-#if LFM2_ISA >= 12
+#if NP_BFDOT
     (void)xf;
     for (; p + 4 <= pairs; p += 4) {
         const bfloat16x8_t xb = np_bf(x + 2 * p);
@@ -127,31 +131,6 @@ static void np_tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const uin
     for (int k = 0; k < 4; k++) np_store16(y + 16 * k, a[k], n - 16 * k);
 }
 
-/* One token per matrix, n matrices of one shape (decode; a MoE layer's routed experts): y[i] = x[i] W[i]^T in one
- * parallel region, the 64-row tiles of all n taken dynamically; each distinct token is converted once. */
-static void linear_group_packed(int64_t n, const void *const *w, const uint16_t *const *x, uint16_t *const *y,
-                                int64_t out, int64_t in, int threads) {
-    if (n <= 0 || out <= 0) return;
-    int64_t *u = (int64_t *)malloc(sizeof(int64_t) * (size_t)(2 * n)), *first = u + n;
-    const int64_t nu = distinct_inputs(n, x, u, first), tiles = (out + 63) / 64;
-    float *xf = LFM2_ISA >= 12 ? 0 : (float *)malloc(sizeof(float) * (size_t)(nu * in));
-    #pragma omp parallel num_threads(threads)
-    {
-        if (xf) {
-            #pragma omp for schedule(static)
-            for (int64_t k = 0; k < nu; k++) np_to_f32(x[first[k]], xf + k * in, in);
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t g = 0; g < n * tiles; g++) {
-            const int64_t i = g / tiles, t = g % tiles;
-            np_tile_gemv((const uint16_t *)w[i] + t * 64 * in, 16 * in, in / 2, x[i], xf ? xf + u[i] * in : 0,
-                         y[i] + 64 * t, out - 64 * t);
-        }
-    }
-    free(xf); free(u);
-}
-#define LFM2_HAVE_GROUP 1
-
 /* NT tokens (rows of x / xf, `in` apart) against one 16-row block over `pairs` pairs from the chunk's start:
  * acc[t] (4 vectors of 4 rows) += their products. NT is a constant in each call. */
 static inline __attribute__((always_inline)) void np_tile_n(const uint16_t *w, int64_t pairs, const uint16_t *x,
@@ -160,7 +139,7 @@ static inline __attribute__((always_inline)) void np_tile_n(const uint16_t *w, i
     _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++)
         for (int j = 0; j < 4; j++) a[t][j] = vld1q_f32(part + 16 * t + 4 * j);
     int64_t p = 0;
-#if LFM2_ISA >= 12
+#if NP_BFDOT
     (void)xf;
     for (; p + 4 <= pairs; p += 4) {
         bfloat16x8_t xb[NP_TT];
@@ -207,23 +186,19 @@ static void np_tile(const uint16_t *w, int64_t pairs, const uint16_t *x, const f
     }
 }
 
-/* lfm2_linear (step.c) for bf16 weights packed by lfm2_pack; x [T, in] bf16, y [T, out] bf16, `in` even. One
- * token is a group of one; several take the 16-row blocks dynamically, each block walked in chunks of NP_KC
- * inputs that every token meets while the chunk is in L1 (sums wait in `part`, 16 floats per token). */
-static void linear_packed(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
-                          int threads) {
+/* Several tokens (prefill) against bf16 weights packed by lfm2_pack: x [T, in] bf16, y [T, out] bf16, `in` even.
+ * The 16-row blocks are taken dynamically, each walked in chunks of NP_KC inputs that every token meets while the
+ * chunk is in L1 (sums wait in `part`, 16 floats per token). */
+static void linear_bf16_tokens(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
+                               int threads) {
     if (T <= 0 || out <= 0) return;
-    if (T == 1) {
-        linear_group_packed(1, &w, &x, &y, out, in, threads);
-        return;
-    }
     const int64_t blocks = (out + 15) / 16, bs = 16 * in;
-    float *xf = LFM2_ISA >= 12 ? 0 : (float *)malloc(sizeof(float) * (size_t)(T * in));
+    float *xf = NP_BFDOT ? 0 : (float *)malloc(sizeof(float) * (size_t)(T * in));
     #pragma omp parallel num_threads(threads)
     {
         if (xf) {
             #pragma omp for schedule(static)
-            for (int64_t t = 0; t < T; t++) np_to_f32(x + t * in, xf + t * in, in);
+            for (int64_t t = 0; t < T; t++) bf16_to_f32(x + t * in, xf + t * in, in);
         }
         float *part = (float *)malloc(sizeof(float) * 16 * (size_t)T);
         #pragma omp for schedule(dynamic, 1)
@@ -245,4 +220,19 @@ static void linear_packed(const void *w, const uint16_t *x, uint16_t *y, int64_t
     }
     free(xf);
 }
-#endif /* LFM2_ARM */
+
+/* group_kernel.unit: tile t (64 rows) of matrix i against its token (bf16 at the bf16 level, else floats). */
+static void gemv_unit(const group_job *J, int64_t i, int64_t t) {
+    np_tile_gemv((const uint16_t *)J->w[i] + t * 64 * J->in, 16 * J->in, J->in / 2, (const uint16_t *)J->act[i],
+                 (const float *)J->act[i], J->y[i] + 64 * t, J->out - 64 * t);
+}
+
+#include "quant.c"
+
+/* One token per matrix: each distinct token converted once (not at the bf16 level, whose BFDOT takes it as it
+ * is), the 64-row tiles taken one at a time; int8 / int4 blocks two at a time. */
+static const group_kernel GROUP_KERNELS[LFM2_FORMATS] = {
+    [LFM2_BF16] = {NP_BFDOT ? 0 : f32_act_bytes, NP_BFDOT ? 0 : f32_act, 64, gemv_unit, 0, 1},
+    [LFM2_INT8] = {gq_act_bytes, gq_prepare_act, 16, gq_block_unit, 0, 2},
+    [LFM2_INT4] = {gq_act_bytes, gq_prepare_act, 16, gq_block_unit, 0, 2},
+};

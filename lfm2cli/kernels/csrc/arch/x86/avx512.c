@@ -1,11 +1,12 @@
-/* The bf16 matrix kernel for AVX512-BF16 (LFM2_ISA 2; every CPU with AVX512-BF16 also has AVX512-VNNI, which
- * linear_grouped.c uses for int8 weights).
- *
- * Layout ("pairs"): W [out, in] is stored as [out/16][in/2][16][2]: 16 output channels side by side, each with
- * two consecutive inputs, so one 64-byte load feeds one vdpbf16ps against a broadcast pair of x. Rows are padded
- * with zeros to a multiple of 64 (4 blocks per tile); `in` must be even. The AVX2 level reads the same layout
- * (linear_avx2.c), so a packed model does not depend on the level. */
-#if LFM2_ISA == 2
+/* The avx512 level (AVX512-BF16 and AVX512-VNNI: Zen 4 and later, Sapphire Rapids and later): the bf16
+ * kernels here, vdpbf16ps on the pairs layout (pack.c), one 64-byte load of a 16-row block against a broadcast
+ * pair of x; the int8 / int4 kernels are quant.c's, with VNNI's vpdpbusd. */
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512BF16__) \
+    || !defined(__AVX512VNNI__)
+#error "the avx512 level needs AVX512-BF16 and AVX512-VNNI (-march=x86-64-v4 -mavx512bf16 -mavx512vnni)"
+#endif
+#include "simd256.h"
+#include "quant.c"
 
 /* a . b over d bf16 values, in pairs and 16 lanes (the order a bf16 matmul sums in). A plain loop is a float
  * reduction the compiler may not reorder: one multiply-add per cycle, which at 2048 cached positions cost
@@ -19,7 +20,6 @@ static inline float dot_bf16(const bf16_t *a, const bf16_t *b, int64_t d) {
     for (; i < d; i++) s += f32(a[i]) * f32(b[i]);
     return s;
 }
-
 
 #define NB 4                 /* 16-channel blocks per tile: 64 outputs */
 #define TT 6                 /* tokens per bf16 tile: NB * TT = 24 accumulators of the 32 registers */
@@ -58,44 +58,44 @@ static void tile_bf16(const uint16_t *w, int64_t bs, int64_t pairs, const uint16
 }
 
 /* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four forward
- * streams of weights, two accumulators each. On a 2-core Xeon (AVX512-BF16, AMX) this read 29 GB/s against one
- * stream per thread's 21 (1.39x; benchmarks of the products alone, 2026-12-02); on a Zen 5 one stream had measured
- * ~8 % faster than a tile's four, but that tile kernel also made each token's sums in another order. */
+ * streams of weights, one accumulator each, summed pair by pair as tile_bf16 sums every token: a row gets the
+ * same bits alone or among many tokens. Several streams per thread keep more memory requests in flight: on a
+ * 2-core Xeon (AVX512-BF16) 29 GB/s against one stream's 21. */
 static void tile4_bf16(const uint16_t *w, int64_t bs, int64_t pairs, const uint16_t *x, uint16_t *y, int64_t n) {
     const uint32_t *xp = (const uint32_t *)x;
-    __m512 a[NB][2];
-    for (int k = 0; k < NB; k++) a[k][0] = a[k][1] = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + 2 <= pairs; p += 2) {
-        const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[p]), x1 = (__m512bh)_mm512_set1_epi32((int)xp[p + 1]);
-        _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++) {
-            a[k][0] = _mm512_dpbf16_ps(a[k][0], load_bf16(w + k * bs + p * 32), x0);
-            a[k][1] = _mm512_dpbf16_ps(a[k][1], load_bf16(w + k * bs + p * 32 + 32), x1);
-        }
+    __m512 a[NB];
+    for (int k = 0; k < NB; k++) a[k] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < pairs; p++) {
+        const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xp[p]);
+        _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++)
+            a[k] = _mm512_dpbf16_ps(a[k], load_bf16(w + k * bs + p * 32), xv);
     }
-    for (; p < pairs; p++) {
-        const __m512bh x0 = (__m512bh)_mm512_set1_epi32((int)xp[p]);
-        for (int k = 0; k < NB; k++) a[k][0] = _mm512_dpbf16_ps(a[k][0], load_bf16(w + k * bs + p * 32), x0);
-    }
-    for (int k = 0; k < NB; k++) store16(y + 16 * k, _mm512_add_ps(a[k][0], a[k][1]), n - 16 * k);
+    for (int k = 0; k < NB; k++) store16(y + 16 * k, a[k], n - 16 * k);
 }
 
-/* lfm2_linear (step.c) for bf16 weights packed by lfm2_pack (rows padded to a multiple of 64); x [T, in] bf16,
- * y [T, out] bf16; `in` even. Blocks or tiles of 64 outputs are shared among `threads` threads, dynamically: a
- * core slowed by other work does not hold up the rest. */
-static void linear_packed(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
-                          int threads) {
+/* Several tokens (prefill) against bf16 weights packed by lfm2_pack: x [T, in] bf16, y [T, out] bf16, `in`
+ * even. Tiles of 64 outputs are shared among `threads` threads, dynamically: a core slowed by other work does
+ * not hold up the rest. */
+static void linear_bf16_tokens(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
+                               int threads) {
     const int64_t tiles = (out + 16 * NB - 1) / (16 * NB), bs = 16 * in, pairs = in / 2;
-    if (T == 1) {
-        #pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
-        for (int64_t g = 0; g < tiles; g++)
-            tile4_bf16((const uint16_t *)w + g * NB * bs, bs, pairs, x, y + 16 * NB * g, out - 16 * NB * g);
-        return;
-    }
     #pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
     for (int64_t g = 0; g < tiles; g++)
         for (int64_t t0 = 0; t0 < T; t0 += TT)
             tile_bf16((const uint16_t *)w + g * NB * bs, bs, pairs, x + t0 * in, in, T - t0 < TT ? T - t0 : TT,
                       y + t0 * out, out, g * 16 * NB);
 }
-#endif /* LFM2_ISA == 2 */
+
+/* group_kernel.unit: tile t (64 rows) of matrix i against its bf16 token. */
+static void tile4_unit(const group_job *J, int64_t i, int64_t t) {
+    const int64_t bs = 16 * J->in;
+    tile4_bf16((const uint16_t *)J->w[i] + t * NB * bs, bs, J->in / 2, (const uint16_t *)J->act[i],
+               J->y[i] + 16 * NB * t, J->out - 16 * NB * t);
+}
+
+/* One token per matrix: the token as it is (vdpbf16ps takes bf16), the 64-row tiles taken two at a time. */
+static const group_kernel GROUP_KERNELS[LFM2_FORMATS] = {
+    [LFM2_BF16] = {0, 0, 16 * NB, tile4_unit, 0, 2},
+    [LFM2_INT8] = GQ_GROUP_KERNEL,
+    [LFM2_INT4] = GQ_GROUP_KERNEL,
+};

@@ -1,6 +1,6 @@
-/* 256-bit helpers shared by the AVX2 level's bf16 kernel and the int8/int4 kernels of both levels (x86-64-v3 and
- * up). */
-#if LFM2_X86
+/* 256-bit helpers of both x86 levels (x86-64-v3 and up): the AVX2 level's bf16 kernel and the int8 / int4
+ * kernels of quant.c. */
+#include <immintrin.h>
 
 /* 8 floats -> bf16 (round to nearest even, NaN kept quiet, as bf() in common.h), one per 32-bit lane. */
 static inline __m256i bf16x8(__m256 v) {
@@ -25,4 +25,8 @@ static inline void store16x2(uint16_t *y, __m256 lo, __m256 hi, int64_t n) {
         memcpy(y, tmp, (size_t)n * 2);
     }
 }
-#endif /* LFM2_X86 */
+
+/* 8 bf16 values -> 8 floats (exact). */
+static inline __m256 f32x8(const void *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}

@@ -1,0 +1,203 @@
+"""Continuous batching for `lfm2 serve --parallel N`: one thread runs the model for every running sequence.
+
+Each running job gets a `Seat`, a stand-in for the model (`seat(ids, cache)`, with `.device`) that the unchanged
+generation code calls. A one-token call posts (token, cache) and waits; the model thread gathers the one-token
+calls of all seats (until every open seat has posted, or none has for `GATHER_S`) and runs them as one batch
+(`decode_batch`), handing each its row of logits. A longer call (a prompt's prefill) is cut into `PREFILL_SLICE`
+tokens; the model thread runs at most one slice between two decode batches, so running streams keep flowing while
+a new prompt is read, and the new stream's first token is not held back behind every other stream's reply.
+
+Seats join and leave between steps: the batch is whatever was posted. A failed batch fails every call in it (each
+job puts its own cache right, see `CachedReply.generating`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Tokens of a prompt run between two decode steps. A 64-token slice costs the 350M model on a laptop CPU about as
+# much as a few decode steps, so running streams slow by that much while a prompt is read, and bigger slices gain
+# little throughput on a CPU (the matrix products are already wide enough to run at full speed).
+PREFILL_SLICE = 64
+# How long the model thread waits for the next seat's token once one has posted: long enough for the other
+# streams' per-token Python work (sampling, detokenizing; one at a time under the GIL), short against a step.
+GATHER_S = 0.002
+
+
+def _decode_batch() -> Callable[[Any, list[int], list[Any]], torch.Tensor]:
+    """The batched one-token step (decoding/batch.py), or one call per sequence where it is not there: the same
+    logits either way, the batched step only faster."""
+    try:
+        from lfm2cli.decoding.batch import decode_batch
+    except ImportError:
+        def decode_batch(model: Any, tokens: list[int], caches: list[Any]) -> torch.Tensor:
+            step = torch.empty(1, 1, dtype=torch.long, device=model.device)
+            rows = []
+            for token, cache in zip(tokens, caches, strict=True):
+                step[0, 0] = token
+                rows.append(model(step, cache))
+            return torch.cat(rows)
+    return decode_batch
+
+
+class Stopped(Exception):
+    """The batcher is closed: no more model calls."""
+
+
+@dataclass(eq=False)
+class _Call:
+    seat: Seat
+    ids: torch.Tensor  # [1, T]
+    cache: Any
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+
+
+class Seat:
+    """One running sequence's view of the model: call it like the model (`ids` [1, T], a cache); it blocks until
+    the model thread has run the call. `check()` is called before each prefill slice but the first: it raises
+    to stop a job reading its prompt (the caller's cache code puts the cache back to its last snapshot)."""
+
+    def __init__(self, batcher: Batcher, check: Callable[[], None] | None = None) -> None:
+        self.batcher, self.check = batcher, check
+        self.device = batcher.model.device
+
+    def __call__(self, input_ids: torch.Tensor, cache: Any = None, all_logits: bool = False) -> torch.Tensor:
+        if cache is None or all_logits:
+            raise ValueError("a seat runs cached steps only")
+        logits = None
+        for start in range(0, input_ids.shape[1], PREFILL_SLICE):
+            if start and self.check is not None:
+                self.check()
+            logits = self.batcher.run(_Call(self, input_ids[:, start:start + PREFILL_SLICE], cache))
+        assert logits is not None
+        return logits
+
+    def close(self) -> None:
+        self.batcher.leave(self)
+
+    def __enter__(self) -> Seat:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Batcher:
+    """The model thread. `seat()` opens a seat for a job (close it when the job ends); `close()` fails every call
+    waiting and ends the thread. `last_batch`: sequences in the latest decode step (0 when none runs)."""
+
+    def __init__(self, model: Any, gather_s: float = GATHER_S) -> None:
+        self.model, self.gather_s = model, gather_s
+        self.last_batch = 0
+        self.steps = 0  # decode steps run, for tests and metrics
+        self._step = _decode_batch()
+        self._seats: set[Seat] = set()
+        self._decodes: dict[Seat, _Call] = {}
+        self._prefills: deque[_Call] = deque()
+        self._posted_at = 0.0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="lfm2-model", daemon=True)
+        self._thread.start()
+
+    def seat(self, check: Callable[[], None] | None = None) -> Seat:
+        seat = Seat(self, check)
+        with self._cond:
+            self._seats.add(seat)
+        return seat
+
+    def leave(self, seat: Seat) -> None:
+        with self._cond:
+            self._seats.discard(seat)
+            self._cond.notify_all()  # the others need not wait for it
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def run(self, call: _Call) -> torch.Tensor:
+        with self._cond:
+            if self._closed:
+                raise Stopped("the model is stopping")
+            if call.ids.shape[1] == 1:
+                self._decodes[call.seat] = call
+            else:
+                self._prefills.append(call)
+            self._posted_at = time.perf_counter()
+            self._cond.notify_all()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        assert call.logits is not None
+        return call.logits
+
+    # ------------------------------------------------------------------ the model thread
+
+    def _loop(self) -> None:
+        while True:
+            decodes, prefill = self._gather()
+            if decodes is None:
+                return
+            if decodes:
+                self._run(decodes)
+            if prefill is not None:
+                self._run([prefill])
+
+    def _gather(self) -> tuple[list[_Call] | None, _Call | None]:
+        """The next decode batch and at most one prefill slice; (None, None) once closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    self._fail_waiting()
+                    return None, None
+                posted = len(self._decodes) + len(self._prefills)  # a seat waits for its call: one each
+                if posted:
+                    idle = time.perf_counter() - self._posted_at
+                    if posted >= len(self._seats) or idle >= self.gather_s:
+                        break
+                    self._cond.wait(self.gather_s - idle)
+                else:
+                    self.last_batch = 0
+                    self._cond.wait()
+            decodes = list(self._decodes.values())
+            self._decodes.clear()
+            prefill = self._prefills.popleft() if self._prefills else None
+            self.last_batch = len(decodes)
+            if decodes:
+                self.steps += 1
+            return decodes, prefill
+
+    def _run(self, calls: Sequence[_Call]) -> None:
+        """One decode step of every call in `calls`, or the one prefill slice `calls` holds."""
+        try:
+            if calls[0].ids.shape[1] > 1:
+                logits = self.model(calls[0].ids, calls[0].cache)
+            else:
+                logits = self._step(self.model, [int(c.ids[0, 0]) for c in calls], [c.cache for c in calls])
+        except BaseException as e:  # the model thread outlives every failed step; each caller gets the error
+            for call in calls:
+                call.error = e
+                call.done.set()
+            return
+        for i, call in enumerate(calls):
+            call.logits = logits[i:i + 1]
+            call.done.set()
+
+    def _fail_waiting(self) -> None:
+        for call in [*self._decodes.values(), *self._prefills]:
+            call.error = Stopped("the model is stopping")
+            call.done.set()
+        self._decodes.clear()
+        self._prefills.clear()
