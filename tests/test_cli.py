@@ -151,7 +151,9 @@ def _lfm2(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 
 @pytest.mark.slow
 def test_shell_completion(tmp_path: Path) -> None:
-    script = _lfm2("--show-completion", "bash")
+    # the shell named outright: typer otherwise detects it from the parent processes, and a suite run in the
+    # background (its shell gone) has none
+    script = _lfm2("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert script.returncode == 0 and "_LFM2_COMPLETE=complete_bash" in script.stdout
 
     def complete(words: str) -> list[str]:

@@ -355,7 +355,7 @@ def world(chat_ckpt: Path, tmp_path_factory: pytest.TempPathFactory):
         pulled = run(["bash", "-c", 'for r in "$@"; do lfm2 pull "$r" || exit 1; done', "pull", *repos], env, root)
         assert pulled.returncode == 0, pulled.stderr
         # lfm2's CPU code, compiled once here (into the cache) rather than in every block's copy
-        built = run([sys.executable, "-c", "from lfm2cli.kernels import native; from lfm2cli import paths; "
+        built = run([sys.executable, "-c", "from lfm2cli.kernels import native; from lfm2cli.system import paths; "
                      "native.load(paths.cache_dir() / 'kernels')"], env, root)
         assert built.returncode == 0, built.stderr
         write_inputs(base / "work", chat_ckpt)

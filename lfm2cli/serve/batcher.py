@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from lfm2cli.decoding.batch import decode_batch
+
 # Tokens of a prompt run between two decode steps. A 64-token slice costs the 350M model on a laptop CPU about as
 # much as a few decode steps, so running streams slow by that much while a prompt is read, and bigger slices gain
 # little throughput on a CPU (the matrix products are already wide enough to run at full speed).
@@ -29,22 +31,6 @@ PREFILL_SLICE = 64
 # How long the model thread waits for the next seat's token once one has posted: long enough for the other
 # streams' per-token Python work (sampling, detokenizing; one at a time under the GIL), short against a step.
 GATHER_S = 0.002
-
-
-def _decode_batch() -> Callable[[Any, list[int], list[Any]], torch.Tensor]:
-    """The batched one-token step (decoding/batch.py), or one call per sequence where it is not there: the same
-    logits either way, the batched step only faster."""
-    try:
-        from lfm2cli.decoding.batch import decode_batch
-    except ImportError:
-        def decode_batch(model: Any, tokens: list[int], caches: list[Any]) -> torch.Tensor:
-            step = torch.empty(1, 1, dtype=torch.long, device=model.device)
-            rows = []
-            for token, cache in zip(tokens, caches, strict=True):
-                step[0, 0] = token
-                rows.append(model(step, cache))
-            return torch.cat(rows)
-    return decode_batch
 
 
 class Stopped(Exception):
@@ -99,7 +85,7 @@ class Batcher:
         self.model, self.gather_s = model, gather_s
         self.last_batch = 0
         self.steps = 0  # decode steps run, for tests and metrics
-        self._step = _decode_batch()
+        self._step = decode_batch
         self._seats: set[Seat] = set()
         self._decodes: dict[Seat, _Call] = {}
         self._prefills: deque[_Call] = deque()
