@@ -1,5 +1,6 @@
 /* int8 and int4 weights in groups of 32 (the layouts of pack.c) on both x86 levels, in 256-bit code: AVX2 +
- * FMA, and where the level's flags have AVX512-VNNI (the avx512 level), its 256-bit vpdpbusd.
+ * FMA, and where the level's flags have AVX512-VNNI (the avx512 level), its 256-bit vpdpbusd; several tokens at
+ * the avx512 level run in 512-bit code (below).
  *
  * Each token is rounded per group of 32 to int8, q = round(x * 127 / m), with the float scale m / 127 (m = max|x|
  * of the group), as llama.cpp's Q8_0 activations. int8 weights: vpmaddubsw takes |x| (unsigned) times the weight
@@ -171,6 +172,76 @@ static void gq_span(const group_job *J, int64_t g0, int64_t g1) {
     for (int64_t r = g0 + GQ_STREAMS * len; r < g1; r++) gq_blocks(J, &r, 1);
 }
 
+#if defined(__AVX512F__)
+/* ---- Several tokens (decode of a few, and prefill), 512-bit: a 64-byte step of a block (16 rows x 4 inputs of
+ * int8, 16 x 8 of int4) is one zmm with row r in lane r, loaded (int4: unpacked) once and met by NT tokens, each
+ * with one vpdpbusd per 4 inputs against its broadcast bytes. vpdpbusd takes unsigned weights: int8's w + 128
+ * (the sign bit flipped) times signed x adds 128 * sum x per group, int4's nibbles q + 8 add 8 * sum x (c);
+ * the int32 sums start at minus that, so each group's sum is the exact integer of the 256-bit code and takes the
+ * same single FMA with the two scales, in group order: the same bits as one token alone. NT = 8 keeps 8 integer
+ * and 8 float sums, the weights and the constants in the 32 registers; an int8 token costs 8 vpdpbusd per
+ * block and group where the 256-bit code takes 16 and 16 vpsignb. */
+#define GQ_NT 8
+
+static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16], const uint8_t *w,
+        const gq_act *a, const int FMT, const int NT, int64_t g0, int64_t g1) {
+    const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    const int64_t GB = FORMATS[FMT].block_bytes;
+    const int32_t K = FMT == LFM2_INT8 ? 16 : 1; /* c = 8 * sum x: int8's offset is 16 c, int4's c */
+    __m512 f[GQ_NT];
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) f[t] = _mm512_loadu_ps(part[t]);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *p = w + g * GB;
+        __m512i s[GQ_NT];
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) s[t] = _mm512_set1_epi32(-K * a[t].c[g]);
+        for (int st = 0; st < (FMT == LFM2_INT4 ? 4 : 8); st++) {
+            const __m512i v = _mm512_loadu_si512(p + 32 + 64 * st);
+            if (FMT == LFM2_INT4) {
+                const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+                    const int8_t *xq = a[t].q + g * GQ_G + 8 * st;
+                    int32_t x0, x1;
+                    memcpy(&x0, xq, 4), memcpy(&x1, xq + 4, 4);
+                    s[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s[t], lo, _mm512_set1_epi32(x0)), hi,
+                                               _mm512_set1_epi32(x1));
+                }
+            } else {
+                const __m512i u = _mm512_xor_si512(v, flip);
+                _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) {
+                    int32_t x0;
+                    memcpy(&x0, a[t].q + g * GQ_G + 4 * st, 4);
+                    s[t] = _mm512_dpbusd_epi32(s[t], u, _mm512_set1_epi32(x0));
+                }
+            }
+        }
+        const __m512 dw = FMT == LFM2_INT8
+            ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p))
+            : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+        _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++)
+            f[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[t]), _mm512_mul_ps(dw, _mm512_set1_ps(a[t].d[g])), f[t]);
+    }
+    _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) _mm512_storeu_ps(part[t], f[t]);
+}
+
+/* T tokens over groups [g0, g1), in passes of at most GQ_NT of about equal size (10 tokens: 5 and 5). */
+static inline __attribute__((always_inline)) void gq_chunk(float (*part)[16], const uint8_t *w, const gq_act *a,
+                                                           const int FMT, int64_t T, int64_t g0, int64_t g1) {
+    for (int64_t t = 0; t < T;) {
+        const int64_t left = (T - t + GQ_NT - 1) / GQ_NT, n = (T - t + left - 1) / left;
+        switch (n) {
+        case 1: gq_tokens_n(part + t, w, a + t, FMT, 1, g0, g1); break;
+        case 2: gq_tokens_n(part + t, w, a + t, FMT, 2, g0, g1); break;
+        case 3: gq_tokens_n(part + t, w, a + t, FMT, 3, g0, g1); break;
+        case 4: gq_tokens_n(part + t, w, a + t, FMT, 4, g0, g1); break;
+        case 5: gq_tokens_n(part + t, w, a + t, FMT, 5, g0, g1); break;
+        case 6: gq_tokens_n(part + t, w, a + t, FMT, 6, g0, g1); break;
+        case 7: gq_tokens_n(part + t, w, a + t, FMT, 7, g0, g1); break;
+        default: gq_tokens_n(part + t, w, a + t, FMT, 8, g0, g1); break;
+        }
+        t += n;
+    }
+}
+#else
 /* ---- Several tokens (decode of a few, and prefill): each block chunk by chunk, met by the tokens NT at a time
  * while the chunk is in cache. Each 32-byte piece is loaded (int4: unpacked) once for NT tokens (NT = 4: 8
  * integer sums, the pieces, broadcasts and a constant fill the 16 registers). The float sums wait in part[t]
@@ -229,6 +300,8 @@ static inline __attribute__((always_inline)) void gq_chunk(float (*part)[16], co
         default: gq_tokens_n(part + t, w, a + t, FMT, 4, g0, g1); break;
         }
 }
+
+#endif
 
 static void gq_block_tokens(const uint8_t *w, int64_t groups, int fmt, const gq_act *a, int64_t T, void *scratch,
                             uint16_t *y, int64_t out, int64_t n) {
