@@ -30,11 +30,13 @@ ENV = "LFM2_TUNING"
 OFF = ("off", "0", "defaults", "none")
 FIELDS = ("streams", "ahead", "part_kb")
 STREAMS = (1, 2, 4)
-AHEADS = (0, 512, 2048)
-PARTS_KB = (128, 512, 2048)
+AHEADS = (0, 1024)
+PARTS_KB = (128, 512, 2048, 8192)
 REPEATS = 6  # timed passes per candidate, taken in turns so that a noisy moment hurts them all alike
+BUDGET_S = 0.5  # past this, each format's measurement stops after its current pass (at least two of each)
 KEEP_DEFAULT = 0.02  # the compiled default stays unless a candidate beats it by more than this fraction
-IN_FEATURES = 1024  # inputs of the synthetic matrix (LFM2-350M's hidden size)
+IN_FEATURES = 1024  # inputs of the synthetic matrices (LFM2-350M's hidden size)
+MATRIX_BYTES = 16 << 20  # weights of one synthetic matrix: a large projection of LFM2-350M (1-14 MB)
 VERSION = 1  # of the cache file's layout and the candidates: another value is measured again
 
 
@@ -81,8 +83,9 @@ def parse(text: str) -> dict[str, int] | None:
 
 
 class _Bench:
-    """One synthetic product y = W x at one token, W about `matrix_bytes` of packed weights of format `fmt`,
-    timed through the library as a model's decode calls it."""
+    """One-token products y = W x through the library, as a model's decode calls them: weights of format `fmt`,
+    about `nbytes` in all (more than the caches hold, so they stream from memory), cut in matrices of about
+    MATRIX_BYTES (a layer's projection), one call each."""
 
     def __init__(self, fmt_name: str, nbytes: int) -> None:
         fmt = native.FORMATS[fmt_name].id
@@ -90,9 +93,11 @@ class _Bench:
         group = 2 if fmt == native.BF16 else native.GROUP
         row_bytes = IN_FEATURES // group * block // 16
         self.fmt, self.fmt_name = fmt, fmt_name
-        self.out = max(native.ROWS, nbytes // row_bytes // native.ROWS * native.ROWS)
+        self.out = max(native.ROWS, min(nbytes, MATRIX_BYTES) // row_bytes // native.ROWS * native.ROWS)
+        self.count = max(1, nbytes // (self.out * row_bytes))
+        self.stride = self.out * row_bytes
         # any bytes do for timing; filled, so that every page is really there (untouched pages all read one page)
-        self.w = torch.full((self.out * row_bytes,), 1, dtype=torch.uint8)
+        self.w = torch.full((self.count * self.stride,), 1, dtype=torch.uint8)
         if fmt != native.BF16:  # finite scales: fp16 / bf16 1.0 (0x3C00, 0x3F80) in every 2-byte word
             self.w.view(torch.int16).fill_(0x3C00 if fmt == native.INT8 else 0x3F80)
         self.x = torch.full((IN_FEATURES,), 0.5, dtype=torch.bfloat16)
@@ -100,23 +105,27 @@ class _Bench:
         self.threads = torch.get_num_threads()
 
     def time(self) -> float:
+        w, x, y, linear = self.w.data_ptr(), self.x.data_ptr(), self.y.data_ptr(), native._lib.lfm2_linear
         start = time.perf_counter()
-        native._lib.lfm2_linear(self.w.data_ptr(), self.x.data_ptr(), self.y.data_ptr(), 1, self.out, IN_FEATURES,
-                                self.fmt, self.threads)
+        for i in range(self.count):
+            linear(w + i * self.stride, x, y, 1, self.out, IN_FEATURES, self.fmt, self.threads)
         return time.perf_counter() - start
 
 
-def _best(bench: _Bench, candidates: list[dict[str, int]], default: dict[str, int], results: dict[str, float]
-          ) -> dict[str, int]:
-    """The fastest of `candidates` by its best pass (REPEATS passes each, taken in turns, in two rounds); the
-    default unless the winner beats it by more than KEEP_DEFAULT in both rounds, so that a pass slowed by other
-    work on a busy machine does not decide. Each candidate's GB/s (best pass) goes to `results`."""
+def _best(bench: _Bench, candidates: list[dict[str, int]], default: dict[str, int], results: dict[str, float],
+          deadline: float = float("inf")) -> dict[str, int]:
+    """The fastest of `candidates` by its best pass (REPEATS passes each, taken in turns, in two rounds; fewer
+    once past `deadline`, at least one a round); the default unless the winner beats it by more than KEEP_DEFAULT
+    in both rounds, so that a pass slowed by other work on a busy machine does not decide. Each candidate's GB/s
+    (best pass) goes to `results`."""
     if default not in candidates:
         candidates = [default, *candidates]
     rounds = [[float("inf")] * len(candidates) for _ in range(2)]
     native.set_tuning(default)
     bench.time()  # warm: the weights' pages, the thread pool
     for r in range(REPEATS):
+        if r >= 2 and time.perf_counter() > deadline:  # a busy machine: what was measured decides
+            break
         times = rounds[r % 2]
         for i, candidate in enumerate(candidates):
             native.set_tuning(candidate)
@@ -134,14 +143,14 @@ def measure() -> tuple[dict[str, int], dict[str, float]]:
     """Time the candidates on this machine with the loaded library: bf16's streams and prefetch distance
     together, then the int8 parts with those. Returns the choice and each candidate's GB/s."""
     defaults = native.set_tuning(None)
-    results: dict[str, float] = {}
+    start, results = time.perf_counter(), {}
     nbytes = matrix_bytes()
     bf16 = _Bench("bf16", nbytes)
     grid = [{**defaults, "streams": s, "ahead": a} for s in STREAMS for a in AHEADS]
-    choice = _best(bf16, grid, defaults, results)
+    choice = _best(bf16, grid, defaults, results, start + 0.6 * BUDGET_S)
     del bf16
     int8 = _Bench("int8", nbytes)
-    choice = _best(int8, [{**choice, "part_kb": p} for p in PARTS_KB], choice, results)
+    choice = _best(int8, [{**choice, "part_kb": p} for p in PARTS_KB], choice, results, start + BUDGET_S)
     return choice, results
 
 
