@@ -56,10 +56,25 @@ class Engine:
 
 # ---- the two engines ----
 
-def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = False, native: bool = True) -> Engine:
+def lfm2_engine(name: str, cfg, quantize: str | None = None, compile: bool = False, native: bool = True,
+                compiled_tuning: bool = False) -> Engine:
+    """`compiled_tuning`: its runs use the native kernels' compiled defaults, not the tuning chosen at load."""
     model = loader.random_model(cfg, CPU, torch.bfloat16, quantize=quantize, compile=compile, native=native)
 
     def run(prompt: list[int], new: int) -> GenerationStats:
+        if compiled_tuning:
+            from lfm2cli.kernels import native as lib
+            from lfm2cli.kernels import tuning
+
+            chosen = lib.tuning_info()
+            lib.set_tuning(None)
+            try:
+                return generate(prompt, new)
+            finally:
+                lib.set_tuning({k: chosen[k] for k in tuning.FIELDS}, str(chosen["source"]))
+        return generate(prompt, new)
+
+    def generate(prompt: list[int], new: int) -> GenerationStats:
         stats = GenerationStats()
         cache = model.new_cache(capacity=len(prompt) + new)
         for _ in decode_tokens(model, prompt, sampler=lambda logits, _seen: int(logits.argmax()), max_tokens=new,
@@ -306,6 +321,8 @@ def main() -> None:
     ap.add_argument("--llama-cpp", type=Path, metavar="DIR",
                     help="also run llama.cpp: the folder benchmarks/peers/setup wrote (venv/ and MODEL-KIND.gguf)")
     ap.add_argument("--llama-kinds", default="bf16,q8_0", help="which GGUFs of --llama-cpp to run")
+    ap.add_argument("--compiled-tuning", action="store_true",
+                    help="add each native variant with the kernels' compiled defaults, not the tuned choice")
     ap.add_argument("--native-isa", choices=["avx512", "avx2"], help="lfm2's native kernels at this level")
     ap.add_argument("--write", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
@@ -335,6 +352,9 @@ def main() -> None:
                              {"quantize": "int8", "compile": True, "native": False}))
     if not args.no_int4:
         variants.append(("lfm2 int4", {"quantize": "int4"}))
+    if args.compiled_tuning:
+        variants += [(f"{n}, compiled tuning", {**kw, "compiled_tuning": True}) for n, kw in variants
+                     if kw.get("native", True)]
     builders: list[Callable[[], Engine]] = [lambda n=n, kw=kw: lfm2_engine(n, cfg, **kw) for n, kw in variants]
     if not args.no_transformers:
         builders.insert(0, lambda: transformers_engine(repo))
@@ -360,7 +380,9 @@ def main() -> None:
         bandwidths = run_all(engines, lengths, args.gen_tokens, args.repeat, cfg.vocab_size)
     bandwidth = med(bandwidths)
     base = engines[0] if not args.no_transformers else None
-    from lfm2cli.kernels import native
+    from lfm2cli.kernels import native, tuning
+
+    print(f"native decode tuning: {tuning.describe(native.tuning_info())}", file=sys.stderr)
     from lfm2cli.system import cpu
 
     lines = [f"### {repo.split('/')[1]} shape, bf16 weights (random), batch 1: {cpu.describe()} CPU, lfm2's "

@@ -74,6 +74,8 @@ class BenchResult:
     runs: list[BenchRun] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # options asked for and not applied: the reasons
     plan: list[dict[str, str]] = field(default_factory=list)  # the decode plan: which code runs each part
+    # the native decode kernels' tuning (lfm2cli.kernels.tuning) and its source; None when they did not run
+    tuning: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -302,8 +304,15 @@ def bench(name: str | None, *, random_weights: bool = False, prompt_lengths: Seq
         memory_bandwidth_range_gbs=(round(min(samples) / 1e9, 2), round(max(samples) / 1e9, 2)),
         decode_bytes_per_token=per_token, decode_ceiling_tps=round(bandwidth / per_token, 2),
         peak_memory_bytes=peak_memory(dev), runs=runs, skipped=model.decode_plan.skipped,
-        plan=model.decode_plan.table(),
+        plan=model.decode_plan.table(), tuning=_tuning(kernel),
     )
+
+
+def _tuning(kernels: str) -> dict[str, Any] | None:
+    """The native kernels' tuning when the model ran on them."""
+    from lfm2cli.kernels import native
+
+    return native.tuning_info() if kernels.startswith("native") else None
 
 
 # ---- output ----
@@ -336,6 +345,7 @@ def plan_report(result: BenchResult) -> list[str]:
 
 
 def summary(result: BenchResult) -> list[str]:
+    from lfm2cli.kernels import tuning
     from lfm2cli.terminal.formatting import human_bytes, human_count
 
     params = human_count(result.parameters)
@@ -351,6 +361,7 @@ def summary(result: BenchResult) -> list[str]:
         f"a decode step reads {human_bytes(result.decode_bytes_per_token)}; "
         f"ceiling {result.decode_ceiling_tps:.1f} tok/s",
         f"peak memory {human_bytes(result.peak_memory_bytes)}",
+        *([f"native decode tuning: {tuning.describe(result.tuning)}"] if result.tuning else []),
         f"{result.runs[0].gen_tokens} tokens generated per run, {result.runs[0].repeat} runs each; "
         "median (min-max)" if result.runs else "",
     ]

@@ -20,11 +20,13 @@ if TYPE_CHECKING:
 @pytest.fixture(scope="session", autouse=True)
 def own_user_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """The tests never write to the user's cache or history (the model cache, the native kernel's build,
-    chat history); tests that need their own folders set these again. Subprocesses inherit them."""
+    chat history); tests that need their own folders set these again. Subprocesses inherit them. The native
+    kernels keep their compiled tuning (no measuring at each load): tests/test_tuning.py turns the tuner on."""
     patch = pytest.MonkeyPatch()
     base = tmp_path_factory.mktemp("user")
     patch.setenv("LFM2_CACHE", str(base / "cache"))
     patch.setenv("LFM2_HOME", str(base / "home"))
+    patch.setenv("LFM2_TUNING", "off")
     yield
     patch.undo()
 

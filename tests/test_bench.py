@@ -38,6 +38,7 @@ def test_bench_random_json(dense_ckpt: Path) -> None:
     assert TOP_FIELDS <= set(data)
     assert data["random_weights"] is True and data["dtype"] == "float32" and data["quantize"] == "none"
     assert data["kernels"] == "torch"  # the native code is for bf16
+    assert data["tuning"] is None  # nor is there a tuning of it to show
     head = next(row for row in data["plan"] if row["part"] == "LM head")
     assert head["format"] == "fp32" and head["why_not"] == "native code used for bf16 on CPU only"
     assert [run["prompt_tokens"] for run in data["runs"]] == [8, 16]
@@ -65,6 +66,8 @@ def test_bench_real_checkpoint_plain_output(moe_ckpt: Path) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("prompt"))
     assert "decode tok/s" in lines[header] and lines[header + 1].split()[0] == "6"
     assert "\x1b[" not in r.stdout  # piped: no terminal codes
+    if "native" in lines[1]:  # the suite keeps the compiled tuning (LFM2_TUNING=off in tests/conftest.py)
+        assert "native decode tuning: streams=4, ahead=0, part_kb=512 (compiled defaults (LFM2_TUNING))" in lines
     plan = lines[lines.index("decode plan (which code runs each part of the model here):") + 1:]
     assert plan[0].split()[:3] == ["part", "implementation", "format"]
     parts = [line.split("  ")[0] for line in plan[1:]]
@@ -94,6 +97,9 @@ def test_bench_in_process_repeated_prompt_options(dense_ckpt: Path) -> None:
     out = StringIO()
     print_report(summary(result), COLUMNS, rows(result), plain=True, out=out)
     assert "median (min-max)" in out.getvalue()
+    if result.kernels.startswith("native"):
+        assert result.tuning == {"streams": 4, "ahead": 0, "part_kb": 512, "source": "compiled defaults (LFM2_TUNING)"}
+        assert "native decode tuning: streams=4, ahead=0, part_kb=512" in out.getvalue()
     with pytest.raises(UsageError):
         bench(str(dense_ckpt), gen_tokens=1)
 

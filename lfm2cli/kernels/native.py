@@ -61,8 +61,12 @@ _SIGNATURES = {  # argument types; the functions return nothing (those of _RESUL
     "lfm2_native_isa": [],
     "lfm2_layer_size": [],
     "lfm2_format_bytes": [ctypes.c_int, _P],
+    "lfm2_set_tuning": [_P],
+    "lfm2_get_tuning": [_P],
+    "lfm2_tuning_size": [],
 }
-_RESULTS = {"lfm2_native_isa": ctypes.c_int, "lfm2_layer_size": _I, "lfm2_format_bytes": _I}
+_RESULTS = {"lfm2_native_isa": ctypes.c_int, "lfm2_layer_size": _I, "lfm2_format_bytes": _I,
+            "lfm2_set_tuning": ctypes.c_int, "lfm2_tuning_size": _I}
 
 
 class Layer(ctypes.Structure):
@@ -77,6 +81,16 @@ class Layer(ctypes.Structure):
                 ("expert_bias", _P), ("e_w13", _P), ("e_w2", _P), ("e_ff", _I),
                 # each weight's format id (FORMATS), the experts' per kind
                 ("in_f", _I), ("out_f", _I), ("w13_f", _I), ("w2_f", _I), ("e_w13_f", _I), ("e_w2_f", _I)]
+
+
+class Tuning(ctypes.Structure):
+    """The decode kernels' CPU-dependent choices (csrc/common.h's lfm2_tuning), set at load by
+    `lfm2cli.kernels.tuning`; none changes a result's bits. Checked against the C struct's size at load."""
+
+    _fields_ = [("streams", ctypes.c_int32), ("ahead", ctypes.c_int32), ("part_kb", ctypes.c_int32)]
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name, _ in self._fields_}
 
 
 def _compiler() -> str | None:
@@ -153,7 +167,11 @@ def load(directory: Path) -> str | None:
     except (OSError, subprocess.SubprocessError) as e:
         _why_not = f"could not be built: {e}"
         return _why_not
-    return attach(path, level)
+    if attach(path, level) is None:
+        from lfm2cli.kernels import tuning
+
+        tuning.apply(path, level)
+    return _why_not
 
 
 def _mismatch(lib: ctypes.CDLL) -> str | None:
@@ -165,6 +183,8 @@ def _mismatch(lib: ctypes.CDLL) -> str | None:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, _RESULTS.get(name)
+    if lib.lfm2_tuning_size() != ctypes.sizeof(Tuning):
+        return "has another lfm2_tuning than native.Tuning (csrc/common.h and native.py disagree)"
     if lib.lfm2_layer_size() != ctypes.sizeof(Layer):
         return (f"has a {lib.lfm2_layer_size()}-byte lfm2_layer, native.Layer is {ctypes.sizeof(Layer)} bytes "
                 "(csrc/step.c and native.py disagree)")
@@ -196,8 +216,36 @@ def attach(path: Path, level: str) -> str | None:
 def reset() -> None:
     """Forget the loaded library, so that the next `load` picks the level again (models packed before keep
     working: every level reads the same layouts)."""
-    global _lib, _level, _why_not
-    _lib, _level, _why_not = None, None, "not loaded"
+    global _lib, _level, _why_not, _tuning_source
+    _lib, _level, _why_not, _tuning_source = None, None, "not loaded", "compiled defaults"
+
+
+_tuning_source = "compiled defaults"  # where the setting in use came from (`tuning_info`)
+
+
+def set_tuning(values: dict[str, int] | None, source: str = "compiled defaults") -> dict[str, int]:
+    """Set the decode kernels' tuning (fields of `Tuning`; those not given keep the compiled defaults; None: the
+    defaults) and return the setting now in use. Raises ValueError for a value out of range."""
+    global _tuning_source
+    _lib.lfm2_set_tuning(None)
+    if values:
+        want = Tuning(**{**_current().as_dict(), **values})
+        if not _lib.lfm2_set_tuning(ctypes.byref(want)):
+            raise ValueError(f"tuning out of range: {want.as_dict()}")
+    _tuning_source = source
+    return _current().as_dict()
+
+
+def tuning_info() -> dict[str, object] | None:
+    """The decode kernels' tuning in use and where it came from (measured, cached, LFM2_TUNING, the compiled
+    defaults), or None without the native code."""
+    return None if _lib is None else {**_current().as_dict(), "source": _tuning_source}
+
+
+def _current() -> Tuning:
+    now = Tuning()
+    _lib.lfm2_get_tuning(ctypes.byref(now))
+    return now
 
 
 def level() -> str | None:

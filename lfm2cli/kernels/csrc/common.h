@@ -35,6 +35,19 @@ static inline int64_t block_bytes(int fmt, int64_t in) { return in / FORMATS[fmt
 
 #define GQ_G 32              /* inputs per int8 / int4 group */
 
+/* The decode kernels' choices that depend on the CPU more than on the level, set once at load (lfm2_set_tuning,
+ * measured by lfm2cli/kernels/tuning.py). None changes a result's bits: they pick which rows a thread reads side
+ * by side, how far ahead it prefetches and how the work is cut, never the order of a row's sum. A level reads
+ * the fields it has a use for (the ARM levels and the reference: part_kb only). */
+typedef struct {
+    int32_t streams; /* 16-row blocks of a 64-row bf16 tile a thread reads side by side: 1, 2 or 4 */
+    int32_t ahead;   /* bytes each bf16 decode stream prefetches ahead (a multiple of 64; 0: none) */
+    int32_t part_kb; /* KB of weights per part the threads take in turn, for kernels that ask by size */
+} lfm2_tuning;
+
+#define LFM2_TUNING_DEFAULT {4, 0, 512}
+static lfm2_tuning TUNING = LFM2_TUNING_DEFAULT;
+
 static inline float f32(bf16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 static inline bf16_t bf(float f) { /* round to nearest even, as torch converts */

@@ -12,6 +12,26 @@ int64_t lfm2_format_bytes(int fmt, int64_t *group) {
     return FORMATS[fmt].block_bytes;
 }
 
+/* The decode kernels' tuning (common.h's lfm2_tuning): set from `t` when every field is in range (returns 1),
+ * else left as it is (returns 0); `t` NULL restores the compiled defaults. Set once at load, before any product
+ * runs: the kernels read it unguarded. */
+int lfm2_set_tuning(const lfm2_tuning *t) {
+    static const lfm2_tuning defaults = LFM2_TUNING_DEFAULT;
+    if (!t) {
+        TUNING = defaults;
+        return 1;
+    }
+    if ((t->streams != 1 && t->streams != 2 && t->streams != 4) || t->ahead < 0 || t->ahead > (1 << 16)
+        || t->ahead % 64 || t->part_kb < 16 || t->part_kb > (1 << 16)) return 0;
+    TUNING = *t;
+    return 1;
+}
+
+void lfm2_get_tuning(lfm2_tuning *now) { *now = TUNING; }
+
+/* Bytes of lfm2_tuning, so that the Python side checks its struct against this one. */
+int64_t lfm2_tuning_size(void) { return (int64_t)sizeof(lfm2_tuning); }
+
 /* y[T, out] = x[T, in] W^T, W packed in format `fmt` (lfm2_pack, lfm2_pack_grouped): one token runs as a group of
  * one, several as the level's many-token kernels. */
 void lfm2_linear(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in, int fmt,

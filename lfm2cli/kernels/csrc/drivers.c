@@ -2,7 +2,8 @@
  * the level's file. Threads: torch's own OpenMP runtime (one pool); without OpenMP the pragmas are ignored and
  * everything runs on one thread. */
 
-#define GROUP_PART_BYTES (1 << 19) /* weights per part the threads take in turn, for kernels that ask by size */
+/* weights per part the threads take in turn, for kernels that ask by size (TUNING: 512 KB unless tuned) */
+#define GROUP_PART_BYTES ((int64_t)TUNING.part_kb << 10)
 #define GROUP_STACK 64             /* products a call keeps its bookkeeping for on the stack (LFM2_MAX_TOPK) */
 
 /* The distinct inputs of n products (a MoE layer's w13 products all read one token): u[i] = which distinct input

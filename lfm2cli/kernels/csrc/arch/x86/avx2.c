@@ -58,36 +58,54 @@ static inline int64_t bf16_chunk(int64_t in) {
     return chunks > 1 ? ((in + chunks - 1) / chunks + 3) / 4 * 4 : in;
 }
 
-/* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four
- * forward streams of weights, one per block. On a 2-core Zen 3 that read ~15 % faster than one stream per
- * thread (more DRAM requests in flight), and faster than 2 or 8. x is float already, broadcast from memory; a
- * pair's two FMAs go to one accumulator, 8 chains of two cover the FMA latency when the tile is in cache. `in`
- * is summed in prefill's chunks (bf16_chunk), each chunk's sum added to the earlier ones' as tile_bf16_n does:
- * a row gets the same bits alone or among many tokens. */
-static void tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const float *xf, uint16_t *y, int64_t n) {
+/* One token (decode) against NS blocks side by side (w: the first, blocks `bs` elements apart): NS forward
+ * streams of weights, prefetched `ahead` bytes ahead when PF. x is float already, broadcast from memory; a pair's
+ * two FMAs go to one accumulator, 2 NS chains of two. `in` is summed in prefill's chunks (bf16_chunk), each
+ * chunk's sum added to the earlier ones' as tile_bf16_n does: a row gets the same bits alone or among many
+ * tokens. NS and PF are constants in each call (tile_gemv), so the arrays stay in registers. */
+static inline __attribute__((always_inline)) void gemv_blocks_n(const uint16_t *w, int64_t bs, int64_t pairs,
+        const float *xf, uint16_t *y, int64_t n, const int NS, const int PF, int64_t ahead) {
     const __m256i hi = _mm256_set1_epi32(HI16);
     const int64_t kp = bf16_chunk(2 * pairs) / 2;
     __m256 tot[4][2];
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) tot[k][0] = tot[k][1] = _mm256_setzero_ps();
+    _Pragma("GCC unroll 4") for (int k = 0; k < NS; k++) tot[k][0] = tot[k][1] = _mm256_setzero_ps();
     for (int64_t p0 = 0; p0 < pairs; p0 += kp) {
         const int64_t p1 = pairs - p0 < kp ? pairs : p0 + kp;
         __m256 a[4][2];
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
+        _Pragma("GCC unroll 4") for (int k = 0; k < NS; k++) a[k][0] = a[k][1] = _mm256_setzero_ps();
         for (int64_t p = p0; p < p1; p++) {
             const __m256 x0 = _mm256_broadcast_ss(xf + 2 * p), x1 = _mm256_broadcast_ss(xf + 2 * p + 1);
-            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+            _Pragma("GCC unroll 4") for (int k = 0; k < NS; k++) {
+                if (PF) _mm_prefetch((const char *)(w + k * bs + p * 32) + ahead, _MM_HINT_T0);
                 const __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + k * bs + p * 32));
                 const __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + k * bs + p * 32 + 16));
                 a[k][0] = _mm256_fmadd_ps(odd_f32(v0, hi), x1, _mm256_fmadd_ps(even_f32(v0), x0, a[k][0]));
                 a[k][1] = _mm256_fmadd_ps(odd_f32(v1, hi), x1, _mm256_fmadd_ps(even_f32(v1), x0, a[k][1]));
             }
         }
-        _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) { /* the first chunk's sum as it is (a -0 stays) */
+        _Pragma("GCC unroll 4") for (int k = 0; k < NS; k++) { /* the first chunk's sum as it is (a -0 stays) */
             tot[k][0] = p0 ? _mm256_add_ps(a[k][0], tot[k][0]) : a[k][0];
             tot[k][1] = p0 ? _mm256_add_ps(a[k][1], tot[k][1]) : a[k][1];
         }
     }
-    _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) store16x2(y + 16 * k, tot[k][0], tot[k][1], n - 16 * k);
+    _Pragma("GCC unroll 4") for (int k = 0; k < NS; k++) store16x2(y + 16 * k, tot[k][0], tot[k][1], n - 16 * k);
+}
+
+/* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist),
+ * TUNING.streams blocks side by side: on a 2-core Zen 3 four streams per thread read ~15 % faster than one (more
+ * DRAM requests in flight), and faster than 2 or 8. The tuning never changes a row's bits. */
+static void tile_gemv(const uint16_t *w, int64_t bs, int64_t pairs, const float *xf, uint16_t *y, int64_t n) {
+    const int ns = TUNING.streams, pf = TUNING.ahead > 0;
+    const int64_t ahead = TUNING.ahead;
+    for (int k0 = 0; k0 < 4; k0 += ns) {
+        const uint16_t *wk = w + k0 * bs;
+        uint16_t *yk = y + 16 * k0;
+#define LFM2_BLOCKS(NS, PF) gemv_blocks_n(wk, bs, pairs, xf, yk, n - 16 * k0, NS, PF, ahead)
+        if (ns == 4) { if (pf) LFM2_BLOCKS(4, 1); else LFM2_BLOCKS(4, 0); }
+        else if (ns == 2) { if (pf) LFM2_BLOCKS(2, 1); else LFM2_BLOCKS(2, 0); }
+        else { if (pf) LFM2_BLOCKS(1, 1); else LFM2_BLOCKS(1, 0); }
+#undef LFM2_BLOCKS
+    }
 }
 
 /* NT tokens (rows of xf, `in` floats apart) against one 16-row block of bf16 pairs, over `pairs` pairs: each

@@ -57,18 +57,37 @@ static void tile_bf16(const uint16_t *w, int64_t bs, int64_t pairs, const uint16
             store16(y + t * out + col + 16 * k, a[k][t], out - col - 16 * k);
 }
 
-/* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist): four forward
- * streams of weights, one accumulator each, summed pair by pair as tile_bf16 sums every token: a row gets the
- * same bits alone or among many tokens. Several streams per thread keep more memory requests in flight: on a
- * 2-core Xeon (AVX512-BF16) 29 GB/s against one stream's 21. */
-static void tile4_bf16(const uint16_t *w, int64_t bs, int64_t pairs, const uint16_t *x, uint16_t *y, int64_t n) {
-    const uint32_t *xp = (const uint32_t *)x;
-    __m512 a[NB];
-    for (int k = 0; k < NB; k++) a[k] = _mm512_setzero_ps();
+/* One token (decode) against NS blocks of a tile side by side (w: the first, blocks `bs` elements apart): NS
+ * forward streams of weights, one accumulator each, prefetched `ahead` bytes ahead when PF. NS and PF are
+ * constants in each call (tile4_bf16), so the accumulators stay in registers and the test leaves the loop. */
+static inline __attribute__((always_inline)) void blocks_bf16_n(const uint16_t *w, int64_t bs, int64_t pairs,
+        const uint32_t *xp, __m512 *a, const int NS, const int PF, int64_t ahead) {
     for (int64_t p = 0; p < pairs; p++) {
         const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xp[p]);
-        _Pragma("GCC unroll 4") for (int k = 0; k < NB; k++)
+        _Pragma("GCC unroll 4") for (int k = 0; k < NS; k++) {
+            if (PF) _mm_prefetch((const char *)(w + k * bs + p * 32) + ahead, _MM_HINT_T0);
             a[k] = _mm512_dpbf16_ps(a[k], load_bf16(w + k * bs + p * 32), xv);
+        }
+    }
+}
+
+/* One token (decode) against the 4 blocks of a 64-row tile (rows are padded to 64, so all 4 exist), TUNING.streams
+ * blocks side by side, one accumulator each, summed pair by pair as tile_bf16 sums every token: a row gets the
+ * same bits alone or among many tokens, whatever the tuning. Several streams per thread keep more memory
+ * requests in flight: on a 2-core Xeon (AVX512-BF16) 4 streams read 29 GB/s against one stream's 21. */
+static void tile4_bf16(const uint16_t *w, int64_t bs, int64_t pairs, const uint16_t *x, uint16_t *y, int64_t n) {
+    const uint32_t *xp = (const uint32_t *)x;
+    const int ns = TUNING.streams, pf = TUNING.ahead > 0;
+    const int64_t ahead = TUNING.ahead;
+    __m512 a[NB];
+    for (int k = 0; k < NB; k++) a[k] = _mm512_setzero_ps();
+    for (int k0 = 0; k0 < NB; k0 += ns) {
+        const uint16_t *wk = w + k0 * bs;
+#define LFM2_BLOCKS(NS, PF) blocks_bf16_n(wk, bs, pairs, xp, a + k0, NS, PF, ahead)
+        if (ns == 4) { if (pf) LFM2_BLOCKS(4, 1); else LFM2_BLOCKS(4, 0); }
+        else if (ns == 2) { if (pf) LFM2_BLOCKS(2, 1); else LFM2_BLOCKS(2, 0); }
+        else { if (pf) LFM2_BLOCKS(1, 1); else LFM2_BLOCKS(1, 0); }
+#undef LFM2_BLOCKS
     }
     for (int k = 0; k < NB; k++) store16(y + 16 * k, a[k], n - 16 * k);
 }
