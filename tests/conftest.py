@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.helpers import opening_template, thinking_copy
+from tests.helpers import Running, opening_template, serving, thinking_copy
 from tests.tiny import make_checkpoint
 
 if TYPE_CHECKING:
+    import openai
+
     from lfm2cli.loading.loader import LoadedModel
     from lfm2cli.store.conversations import HistoryStore
 
@@ -115,3 +117,17 @@ def store(home: Path) -> Iterator[HistoryStore]:
 
     with HistoryStore() as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def srv(chat_ckpt: Path) -> Iterator[Running]:
+    """`lfm2 serve` on the chat checkpoint with every option at its default, one per test module (a module
+    that needs other options defines its own `srv`)."""
+    with serving(chat_ckpt) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(srv: Running) -> openai.OpenAI:
+    """The official openai client, pointed at this module's `srv`."""
+    return srv.client()

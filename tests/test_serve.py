@@ -32,17 +32,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 NOW = {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}
 
 
-@pytest.fixture(scope="module")
-def srv(chat_ckpt: Path) -> Iterator[Running]:
-    with serving(chat_ckpt) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(srv: Running) -> openai.OpenAI:
-    return srv.client()
-
-
 def _expected(lm, messages: list[dict] | None = None, prompt: str | None = None, max_tokens: int = 64,
               params: dict | None = None, **run_options: Any):
     """What the library generates cold for this request: the reference the server must match."""

@@ -39,11 +39,6 @@ def srv(chat_ckpt: Path) -> Iterator[Running]:
         yield running
 
 
-@pytest.fixture(scope="module")
-def client(srv: Running) -> openai.OpenAI:
-    return srv.client()
-
-
 def _library(lm: Any, max_tokens: int, **params: Any) -> list[int]:
     """The tokens the library itself generates for HELLO with these settings: what the server must give."""
     from lfm2cli.runs.local import TextRun

@@ -5,7 +5,6 @@ the same tiny checkpoint); driven with the official `openai` client against a re
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +19,6 @@ pytestmark = pytest.mark.slow
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
-
-
-@pytest.fixture(scope="module")
-def srv(chat_ckpt: Path) -> Iterator[Running]:
-    with serving(chat_ckpt) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(srv: Running) -> openai.OpenAI:
-    return srv.client()
 
 
 def _direct(lm: Any, ids: list[int], steps: int) -> list[tuple[str, bytes, float, list[float]]]:

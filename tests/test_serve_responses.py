@@ -5,14 +5,13 @@ text.format, and the fields it cannot honour refused by name; driven with the of
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from tests.helpers import MODEL, Running, serving
+from tests.helpers import MODEL, serving
 
 pytestmark = pytest.mark.slow
 
@@ -24,17 +23,6 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
 SAMPLED: dict[str, Any] = {"temperature": 1, "max_output_tokens": 200, "parallel_tool_calls": False,
                            "extra_body": {"seed": 3}}
 CHAT_WEATHER = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
-
-
-@pytest.fixture(scope="module")
-def srv(chat_ckpt: Path) -> Iterator[Running]:
-    with serving(chat_ckpt) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(srv: Running) -> openai.OpenAI:
-    return srv.client()
 
 
 def _chat(client: openai.OpenAI, messages: list[dict[str, Any]], **fields: Any) -> Any:
