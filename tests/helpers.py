@@ -372,3 +372,11 @@ def wait_measured(pid: int, deadline: float) -> tuple[int, float]:
             os.waitpid(pid, 0)
             raise AssertionError("the command ran past its time")
         time.sleep(0.02)
+
+
+def functions_file(tmp_path: Path, source: str) -> Path:
+    """A `--functions` file in tmp_path from `source`, whose `{trace}` names a file the functions write to (so a
+    test can see they ran)."""
+    path = tmp_path / "tools.py"
+    path.write_text(source.format(trace=str(tmp_path / "trace.json")), encoding="utf-8")
+    return path

@@ -27,7 +27,7 @@ from lfm2cli.reply.functions import load_functions
 from lfm2cli.reply.toolcalls import TOOL_CALL_END, TOOL_CALL_START
 from lfm2cli.store.conversations import HistoryStore, to_json, to_markdown
 from lfm2cli.text.tokenizer import load_tokenizer
-from tests.helpers import SCHEMAS, Script, run_main
+from tests.helpers import SCHEMAS, Script, functions_file, run_main
 
 runner = CliRunner()
 GREEDY = SamplingParams(temperature=0, repetition_penalty=1.0)
@@ -68,9 +68,7 @@ def count() -> str:
 
 @pytest.fixture
 def tools_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tools.py"
-    path.write_text(FUNCTIONS.format(trace=str(tmp_path / "trace.json")), encoding="utf-8")
-    return path
+    return functions_file(tmp_path, FUNCTIONS)
 
 
 def trace(tools_file: Path) -> Path:

@@ -49,7 +49,7 @@ from lfm2cli.reply.toolcalls import (
     parse_calls,
     parse_output,
 )
-from tests.helpers import run_main, wait_measured
+from tests.helpers import functions_file, run_main, wait_measured
 
 S, E = TOOL_CALL_START, TOOL_CALL_END
 EOS = 7  # <|im_end|> in the test tokenizer
@@ -464,9 +464,7 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture
 def tools_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tools.py"
-    path.write_text(FUNCTIONS.format(trace=str(tmp_path / "trace.json")), encoding="utf-8")
-    return path
+    return functions_file(tmp_path, FUNCTIONS)
 
 
 def chat(args: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> tuple:
