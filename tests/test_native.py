@@ -355,3 +355,25 @@ def test_without_the_kernel_models_run_on_torch(dense_ckpt: Path, tmp_path: Path
         why, kinds = out.stdout.splitlines()
         assert reason in why
         assert "native" not in kinds
+
+
+def test_one_thread_here_sets_the_calling_threads_team_only(kernel: None) -> None:
+    """Serve's job threads run their small torch work on one thread each, the model thread keeps its cores."""
+    import threading
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+
+        def job() -> None:
+            native.one_thread_here()
+            seen.append(torch.get_num_threads())
+
+        t = threading.Thread(target=job)
+        t.start()
+        t.join()
+        assert seen == [1]
+        assert torch.get_num_threads() == 2  # this thread's count did not move
+    finally:
+        torch.set_num_threads(before)

@@ -64,6 +64,7 @@ _SIGNATURES = {  # argument types; the functions return nothing (those of _RESUL
     "lfm2_set_tuning": [_P],
     "lfm2_get_tuning": [_P],
     "lfm2_tuning_size": [],
+    "lfm2_set_thread_team": [ctypes.c_int],
 }
 _RESULTS = {"lfm2_native_isa": ctypes.c_int, "lfm2_layer_size": _I, "lfm2_format_bytes": _I,
             "lfm2_set_tuning": ctypes.c_int, "lfm2_tuning_size": _I}
@@ -280,6 +281,15 @@ FORMATS = {f.name: f for f in (Format("bf16", 0, 2, 64),  # pairs of inputs: 16 
 BF16, INT8, INT4 = (FORMATS[name].id for name in ("bf16", "int8", "int4"))
 GROUP = FORMATS["int8"].group  # inputs per int8 / int4 scale (lfm2cli.kernels.quantize.GROUP)
 GROUP_BYTES = {f.id: f.block_bytes for f in FORMATS.values() if f.id != BF16}  # one 16-row block's group
+
+
+def one_thread_here() -> None:
+    """Run the parallel regions the calling thread starts from now on (torch's too: one OpenMP runtime) on this
+    thread alone, leaving every other thread's count as it is (torch.set_num_threads would change them all). For
+    threads whose torch work is small and runs beside the model's own threads; nothing without the library."""
+    if _lib is not None:
+        torch.get_num_threads()  # torch sets a thread's count once, at its first use there: before ours
+        _lib.lfm2_set_thread_team(1)
 
 
 def can_pack(weight: torch.Tensor) -> bool:

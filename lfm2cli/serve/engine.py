@@ -37,7 +37,7 @@ from lfm2cli.reply.thinking import Answer
 from lfm2cli.reply.toolcalls import ToolCall
 from lfm2cli.runs.local import TextRun, TokenScore
 from lfm2cli.runs.prompt import Prompt, encode_prompt, require_tokenizer
-from lfm2cli.serve.batcher import Batcher, Stopped
+from lfm2cli.serve.batcher import Batcher, Stopped, worker_thread
 from lfm2cli.serve.errors import APIError, bad_request
 from lfm2cli.serve.metrics import ServeMetrics
 from lfm2cli.serve.protocol import ChatRequest, CompletionRequest, Generation
@@ -225,6 +225,8 @@ class Engine:
         job.sink(Failed(Cancelled(job.reason)))
 
     def _loop(self) -> None:
+        if self.batcher is not None:
+            worker_thread()
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:

@@ -29,6 +29,16 @@ int lfm2_set_tuning(const lfm2_tuning *t) {
 
 void lfm2_get_tuning(lfm2_tuning *now) { *now = TUNING; }
 
+/* The team size of the parallel regions the calling thread starts from now on, torch's included (one OpenMP
+ * runtime): OpenMP keeps it per thread, where torch.set_num_threads changes it for every thread. */
+void lfm2_set_thread_team(int n) {
+#ifdef _OPENMP
+    omp_set_num_threads(n > 0 ? n : 1);
+#else
+    (void)n;
+#endif
+}
+
 /* Bytes of lfm2_tuning, so that the Python side checks its struct against this one. */
 int64_t lfm2_tuning_size(void) { return (int64_t)sizeof(lfm2_tuning); }
 

@@ -82,11 +82,14 @@ static inline void gq_block_unit(const group_job *J, int64_t i, int64_t b) {
 #define GQ_TILE 32           /* tokens that meet each block in turn (many tokens): their int8 rows stay in L2 */
 
 /* Several tokens (decode of a few, and prefill) against int8 / int4 weights: x [T, in] bf16, y [T, out] bf16,
- * `in` a multiple of 32. The tokens are prepared in parallel, then the 16-row blocks are taken dynamically, met
- * by GQ_TILE tokens at a time. */
+ * `in` a multiple of 32. The tokens are prepared in parallel, then the 16-row blocks, met by GQ_TILE tokens at a
+ * time, are taken dynamically in runs of about GROUP_PART_BYTES (a multiple of `threads` of them), so a thread
+ * reads on through memory it is about to use, as the kernels' prefetch expects. */
 static void linear_quant_tokens(const void *w, const uint16_t *x, uint16_t *y, int64_t T, int64_t out, int64_t in,
                                 int fmt, int threads) {
     const int64_t groups = in / GQ_G, blocks = (out + 15) / 16, block = block_bytes(fmt, in);
+    const int64_t nt = threads > 1 ? threads : 1, per = GROUP_PART_BYTES / block > 1 ? GROUP_PART_BYTES / block : 1;
+    const int64_t parts = ((blocks + per - 1) / per + nt - 1) / nt * nt;
     const size_t stride = gq_act_bytes(in);
     char *prepared = (char *)malloc(stride * (size_t)T);
     gq_act *a = (gq_act *)malloc(sizeof(gq_act) * (size_t)T);
@@ -99,11 +102,12 @@ static void linear_quant_tokens(const void *w, const uint16_t *x, uint16_t *y, i
             a[t] = gq_view(prepared + stride * (size_t)t, in);
         }
         for (int64_t t0 = 0; t0 < T; t0 += GQ_TILE) { /* tiles are independent: no barrier between them */
-            const int64_t nt = T - t0 < GQ_TILE ? T - t0 : GQ_TILE;
+            const int64_t n = T - t0 < GQ_TILE ? T - t0 : GQ_TILE;
             #pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < blocks; b++)
-                gq_block_tokens((const uint8_t *)w + b * block, groups, fmt, a + t0, nt, part,
-                                y + t0 * out + 16 * b, out, out - 16 * b);
+            for (int64_t p = 0; p < parts; p++)
+                for (int64_t b = blocks * p / parts; b < blocks * (p + 1) / parts; b++)
+                    gq_block_tokens((const uint8_t *)w + b * block, groups, fmt, a + t0, n, part,
+                                    y + t0 * out + 16 * b, out, out - 16 * b);
         }
         free(part);
     }

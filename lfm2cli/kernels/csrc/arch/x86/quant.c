@@ -14,6 +14,11 @@
  * prefill on AVX2, which FMAs widened floats: vpmaddubsw does 32 multiply-adds per instruction, an FMA 8). */
 
 #define GQ_STREAMS 4         /* blocks walked side by side per thread in one-token decode */
+/* A few tokens (a batched decode step: up to 8 sequences) meet each block once, straight from memory, one block
+ * per thread at a time: the hardware prefetcher alone left the 350M int8 step at ~12 GB/s. Prefetching GQ_AHEAD
+ * bytes ahead took 8 sequences from 238-269 to 345 tok/s (2-core Zen 4; 1-4 KB ahead gained less, 16 KB 315). */
+#define GQ_FEW 8
+#define GQ_AHEAD 8192
 
 static inline __m256i gq_bcast4(const int8_t *p) { int32_t v; memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 
@@ -184,7 +189,7 @@ static void gq_span(const group_job *J, int64_t g0, int64_t g1) {
 #define GQ_NT 8
 
 static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16], const uint8_t *w,
-        const gq_act *a, const int FMT, const int NT, int64_t g0, int64_t g1) {
+        const gq_act *a, const int FMT, const int NT, const int PF, int64_t g0, int64_t g1) {
     const __m512i m4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
     const int64_t GB = FORMATS[FMT].block_bytes;
     const int32_t K = FMT == LFM2_INT8 ? 16 : 1; /* c = 8 * sum x: int8's offset is 16 c, int4's c */
@@ -195,6 +200,7 @@ static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16],
         __m512i s[GQ_NT];
         _Pragma("GCC unroll 8") for (int t = 0; t < NT; t++) s[t] = _mm512_set1_epi32(-K * a[t].c[g]);
         for (int st = 0; st < (FMT == LFM2_INT4 ? 4 : 8); st++) {
+            if (PF) _mm_prefetch((const char *)(p + 32 + 64 * st) + GQ_AHEAD, _MM_HINT_T1);
             const __m512i v = _mm512_loadu_si512(p + 32 + 64 * st);
             if (FMT == LFM2_INT4) {
                 const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -225,18 +231,19 @@ static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16],
 
 /* T tokens over groups [g0, g1), in passes of at most GQ_NT of about equal size (10 tokens: 5 and 5). */
 static inline __attribute__((always_inline)) void gq_chunk(float (*part)[16], const uint8_t *w, const gq_act *a,
-                                                           const int FMT, int64_t T, int64_t g0, int64_t g1) {
+                                                           const int FMT, const int PF, int64_t T, int64_t g0,
+                                                           int64_t g1) {
     for (int64_t t = 0; t < T;) {
         const int64_t left = (T - t + GQ_NT - 1) / GQ_NT, n = (T - t + left - 1) / left;
         switch (n) {
-        case 1: gq_tokens_n(part + t, w, a + t, FMT, 1, g0, g1); break;
-        case 2: gq_tokens_n(part + t, w, a + t, FMT, 2, g0, g1); break;
-        case 3: gq_tokens_n(part + t, w, a + t, FMT, 3, g0, g1); break;
-        case 4: gq_tokens_n(part + t, w, a + t, FMT, 4, g0, g1); break;
-        case 5: gq_tokens_n(part + t, w, a + t, FMT, 5, g0, g1); break;
-        case 6: gq_tokens_n(part + t, w, a + t, FMT, 6, g0, g1); break;
-        case 7: gq_tokens_n(part + t, w, a + t, FMT, 7, g0, g1); break;
-        default: gq_tokens_n(part + t, w, a + t, FMT, 8, g0, g1); break;
+        case 1: gq_tokens_n(part + t, w, a + t, FMT, 1, PF, g0, g1); break;
+        case 2: gq_tokens_n(part + t, w, a + t, FMT, 2, PF, g0, g1); break;
+        case 3: gq_tokens_n(part + t, w, a + t, FMT, 3, PF, g0, g1); break;
+        case 4: gq_tokens_n(part + t, w, a + t, FMT, 4, PF, g0, g1); break;
+        case 5: gq_tokens_n(part + t, w, a + t, FMT, 5, PF, g0, g1); break;
+        case 6: gq_tokens_n(part + t, w, a + t, FMT, 6, PF, g0, g1); break;
+        case 7: gq_tokens_n(part + t, w, a + t, FMT, 7, PF, g0, g1); break;
+        default: gq_tokens_n(part + t, w, a + t, FMT, 8, PF, g0, g1); break;
         }
         t += n;
     }
@@ -247,7 +254,7 @@ static inline __attribute__((always_inline)) void gq_chunk(float (*part)[16], co
  * integer sums, the pieces, broadcasts and a constant fill the 16 registers). The float sums wait in part[t]
  * (16 per token) and take each group in order, as gq_blocks_n does: the same bits as one token alone. */
 static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16], const uint8_t *w,
-        const gq_act *a, const int FMT, const int NT, int64_t g0, int64_t g1) {
+        const gq_act *a, const int FMT, const int NT, const int PF, int64_t g0, int64_t g1) {
     const __m256i m4 = _mm256_set1_epi8(0x0F);
     const int64_t GB = FORMATS[FMT].block_bytes;
     for (int64_t g = g0; g < g1; g++) {
@@ -255,6 +262,7 @@ static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16],
         __m256i s0[4], s1[4];
         _Pragma("GCC unroll 4") for (int t = 0; t < NT; t++) s0[t] = s1[t] = _mm256_setzero_si256();
         for (int st = 0; st < (FMT == LFM2_INT4 ? 4 : 8); st++) {
+            if (PF) _mm_prefetch((const char *)(p + 32 + 64 * st) + GQ_AHEAD, _MM_HINT_T1);
             const __m256i v0 = _mm256_loadu_si256((const __m256i *)(p + 32 + 64 * st));
             const __m256i v1 = _mm256_loadu_si256((const __m256i *)(p + 64 + 64 * st));
             if (FMT == LFM2_INT4) {
@@ -291,13 +299,14 @@ static inline __attribute__((always_inline)) void gq_tokens_n(float (*part)[16],
 }
 
 static inline __attribute__((always_inline)) void gq_chunk(float (*part)[16], const uint8_t *w, const gq_act *a,
-                                                           const int FMT, int64_t T, int64_t g0, int64_t g1) {
+                                                           const int FMT, const int PF, int64_t T, int64_t g0,
+                                                           int64_t g1) {
     for (int64_t t = 0; t < T; t += 4)
         switch (T - t) {
-        case 1: gq_tokens_n(part + t, w, a + t, FMT, 1, g0, g1); break;
-        case 2: gq_tokens_n(part + t, w, a + t, FMT, 2, g0, g1); break;
-        case 3: gq_tokens_n(part + t, w, a + t, FMT, 3, g0, g1); break;
-        default: gq_tokens_n(part + t, w, a + t, FMT, 4, g0, g1); break;
+        case 1: gq_tokens_n(part + t, w, a + t, FMT, 1, PF, g0, g1); break;
+        case 2: gq_tokens_n(part + t, w, a + t, FMT, 2, PF, g0, g1); break;
+        case 3: gq_tokens_n(part + t, w, a + t, FMT, 3, PF, g0, g1); break;
+        default: gq_tokens_n(part + t, w, a + t, FMT, 4, PF, g0, g1); break;
         }
 }
 
@@ -309,8 +318,13 @@ static void gq_block_tokens(const uint8_t *w, int64_t groups, int fmt, const gq_
     memset(part, 0, sizeof(float) * 16 * (size_t)T);
     for (int64_t g0 = 0; g0 < groups; g0 += GQ_CHUNK) {
         const int64_t g1 = groups - g0 < GQ_CHUNK ? groups : g0 + GQ_CHUNK;
-        if (fmt == LFM2_INT4) gq_chunk(part, w, a, LFM2_INT4, T, g0, g1);
-        else gq_chunk(part, w, a, LFM2_INT8, T, g0, g1);
+        if (T > GQ_FEW) { /* later passes over the chunk find it in cache */
+            if (fmt == LFM2_INT4) gq_chunk(part, w, a, LFM2_INT4, 0, T, g0, g1);
+            else gq_chunk(part, w, a, LFM2_INT8, 0, T, g0, g1);
+        } else {
+            if (fmt == LFM2_INT4) gq_chunk(part, w, a, LFM2_INT4, 1, T, g0, g1);
+            else gq_chunk(part, w, a, LFM2_INT8, 1, T, g0, g1);
+        }
     }
     for (int64_t t = 0; t < T; t++)
         store16x2(y + t * out, _mm256_loadu_ps(part[t]), _mm256_loadu_ps(part[t] + 8), n);
