@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lfm2cli.decoding.loop import GenerationStats, decode_tokens
+from lfm2cli.decoding.sampling import argmax
 from lfm2cli.errors import MemoryLimitError, UsageError
 from lfm2cli.kernels.proj import Proj
 from lfm2cli.loading.checkpoint import parameter_counts
@@ -164,7 +165,7 @@ def _out_of_memory(e: BaseException, label: str) -> BaseException:
 
 
 def greedy(logits: torch.Tensor, _seen: torch.Tensor | None = None) -> int:
-    return int(logits.argmax())
+    return argmax(logits)
 
 
 def _run_once(model: Lfm2ForCausalLM, prompt: list[int], gen_tokens: int) -> GenerationStats:

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lfm2cli.decoding.sampling import Sampler, SamplingParams, flag, parse_setting, validate_setting
+from lfm2cli.decoding.sampling import Sampler, SamplingParams, argmax, flag, parse_setting, validate_setting
 from lfm2cli.errors import UsageError
 
 V = 512
@@ -271,3 +271,22 @@ def test_logit_bias_is_read_from_text_json_and_saved_settings() -> None:
             parse_setting("logit_bias", text)
     with pytest.raises(UsageError, match="--presence-penalty must be a number from -2 to 2"):
         SamplingParams(presence_penalty=2.5).validate()
+
+
+@pytest.mark.parametrize("case", ["random", "ties", "nan", "inf", "strided", "bfloat16"])
+def test_argmax_is_torchs(case: str) -> None:
+    """The greedy pick (numpy's argmax on the CPU) is torch.argmax's: the first of equal maxima, NaN largest."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(65536, generator=g)
+    if case == "ties":
+        x = x.round()
+        x[[7, 900, 60000]] = x.max() + 1
+    elif case == "nan":
+        x[[123, 5000]] = float("nan")
+    elif case == "inf":
+        x[[40, 41]] = float("inf")
+    elif case == "strided":
+        x = torch.randn(2, 65536, generator=g).t()[:, 1]
+    elif case == "bfloat16":
+        x = x.to(torch.bfloat16)
+    assert argmax(x) == int(torch.argmax(x))

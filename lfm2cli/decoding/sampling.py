@@ -187,6 +187,17 @@ class SamplingParams:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def argmax(scores: torch.Tensor) -> int:
+    """The index of the largest of a row of scores, the first of equal ones, a NaN counting as largest: what
+    `torch.argmax` gives. On the CPU numpy's finds it: torch's took 75 us over a 65k vocabulary, numpy's 5 (2-core
+    Zen 4), which eight streams served together pay one after another every step."""
+    import torch
+
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 1:
+        return int(scores.detach().numpy().argmax())
+    return int(scores.argmax())
+
+
 class Sampler:
     """`sampler(logits, generated) -> token id`, stateful only through its random generator."""
 
@@ -274,7 +285,7 @@ class Sampler:
         import torch
 
         if self.params.temperature == 0:
-            return int(self.penalised(logits, generated).argmax())
+            return argmax(self.penalised(logits, generated))
         probs = self.filtered_logits(logits, generated).softmax(-1)
         # Inverse-CDF draw: one uniform number and a binary search, far cheaper than multinomial
         # over a 65k vocabulary. Zero-probability tokens have no width in the CDF, so never win.
@@ -288,7 +299,7 @@ class Sampler:
             # Only non-finite logits from the model itself get here (the settings cannot overflow): never let
             # NaN reach the draw, where searchsorted would return an id past the vocabulary.
             scores = torch.nan_to_num(self.penalised(logits, generated), nan=float("-inf"))
-            return int(scores.argmax())
+            return argmax(scores)
         return token
 
 
