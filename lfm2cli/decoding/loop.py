@@ -103,12 +103,18 @@ def decode_tokens(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler:
         prefill(model, prompt_ids[:-1], cache, prefill_chunk)
     step = torch.empty(1, 1, dtype=torch.long, device=model.device)
     step[0, 0] = int(prompt_ids[-1])
-    logits = model(step, cache)
+    # A model that runs many sequences (serve's seats) takes the choice of the token with the step, and makes it
+    # on its own thread right after the step: one after another, instead of every sequence's thread contending
+    # for the interpreter lock over a dozen small torch calls each.
+    step_and_pick = getattr(model, "step_and_pick", None)
     t_decode = t0
     try:
         for i in range(max_tokens):
-            _check_finite(logits[0], i)
-            tok = sampler(logits[0], seen[:n_seen])
+            def pick(logits: torch.Tensor, i: int = i, n_seen: int = n_seen) -> int:
+                _check_finite(logits[0], i)
+                return sampler(logits[0], seen[:n_seen])
+
+            tok = step_and_pick(step, cache, pick) if step_and_pick is not None else pick(model(step, cache))
             now = time.perf_counter()
             if i == 0:
                 stats.ttft_s = stats.prefill_s = now - t0
@@ -121,9 +127,7 @@ def decode_tokens(model: Lfm2ForCausalLM, prompt_ids: Sequence[int], *, sampler:
             n_seen += 1
             stats.decode_s = now - t_decode  # up to the latest token, so early stops report true rates
             yield tok
-            if i + 1 < max_tokens:
-                step[0, 0] = tok
-                logits = model(step, cache)
+            step[0, 0] = tok
         stats.finish_reason = "length"
         stats.length_limit = length_limit
     finally:

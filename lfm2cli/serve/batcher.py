@@ -1,11 +1,14 @@
 """Continuous batching for `lfm2 serve --parallel N`: one thread runs the model for every running sequence.
 
 Each running job gets a `Seat`, a stand-in for the model (`seat(ids, cache)`, with `.device`) that the unchanged
-generation code calls. A one-token call posts (token, cache) and waits; the model thread gathers the one-token
-calls of all seats (until every open seat has posted, or none has for `GATHER_S`) and runs them as one batch
-(`decode_batch`), handing each its row of logits. A longer call (a prompt's prefill) is cut into `PREFILL_SLICE`
-tokens; the model thread runs at most one slice between two decode batches, so running streams keep flowing while
-a new prompt is read, and the new stream's first token is not held back behind every other stream's reply.
+generation code calls. A one-token call (`step_and_pick`) posts (token, cache, how to pick the next token) and
+waits; the model thread gathers the one-token calls of all seats (until every open seat has posted, or none has
+for `GATHER_S`), runs them as one batch (`decode_batch`) and picks each sequence's next token from its row of
+logits, one sequence after another: picked in each job's own thread, the picks (a dozen small torch calls each,
+every one releasing and retaking the interpreter lock) kept 8 threads handing the lock around for 5-6 ms a step.
+A longer call (a prompt's prefill) is cut into `PREFILL_SLICE` tokens; the model thread runs at most one slice
+between two decode batches, so running streams keep flowing while a new prompt is read, and the new stream's
+first token is not held back behind every other stream's reply.
 
 Seats join and leave between steps: the batch is whatever was posted. A failed batch fails every call in it (each
 job puts its own cache right, see `CachedReply.generating`).
@@ -51,8 +54,10 @@ class _Call:
     seat: Seat
     ids: torch.Tensor  # [1, T]
     cache: Any
+    pick: Callable[[torch.Tensor], int] | None = None  # chooses the token from the logits, on the model thread
     done: threading.Event = field(default_factory=threading.Event)
     logits: torch.Tensor | None = None
+    token: int | None = None
     error: BaseException | None = None
 
 
@@ -72,9 +77,16 @@ class Seat:
         for start in range(0, input_ids.shape[1], PREFILL_SLICE):
             if start and self.check is not None:
                 self.check()
-            logits = self.batcher.run(_Call(self, input_ids[:, start:start + PREFILL_SLICE], cache))
+            logits = self.batcher.run(_Call(self, input_ids[:, start:start + PREFILL_SLICE], cache)).logits
         assert logits is not None
         return logits
+
+    def step_and_pick(self, input_ids: torch.Tensor, cache: Any, pick: Callable[[torch.Tensor], int]) -> int:
+        """One token's step (`input_ids` [1, 1]) and the next token, `pick(logits)`, which the model thread runs
+        right after the step (an exception it raises is raised here)."""
+        token = self.batcher.run(_Call(self, input_ids, cache, pick)).token
+        assert token is not None
+        return token
 
     def close(self) -> None:
         self.batcher.leave(self)
@@ -122,7 +134,7 @@ class Batcher:
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def run(self, call: _Call) -> torch.Tensor:
+    def run(self, call: _Call) -> _Call:
         with self._cond:
             if self._closed:
                 raise Stopped("the model is stopping")
@@ -135,8 +147,7 @@ class Batcher:
         call.done.wait()
         if call.error is not None:
             raise call.error
-        assert call.logits is not None
-        return call.logits
+        return call
 
     # ------------------------------------------------------------------ the model thread
 
@@ -188,6 +199,11 @@ class Batcher:
             return
         for i, call in enumerate(calls):
             call.logits = logits[i:i + 1]
+            if call.pick is not None:
+                try:
+                    call.token = call.pick(call.logits)
+                except BaseException as e:  # the job's own error (NaN logits, a grammar): raised in its thread
+                    call.error = e
             call.done.set()
 
     def _fail_waiting(self) -> None:
