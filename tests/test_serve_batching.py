@@ -220,3 +220,54 @@ def test_parallel_must_be_at_least_one(chat_ckpt: Path, monkeypatch: pytest.Monk
                                        capsys: pytest.CaptureFixture) -> None:
     code, out, err = run_main(["serve", str(chat_ckpt), "--parallel", "0"], monkeypatch, capsys)
     assert code == 2 and "--parallel" in err
+
+
+def test_seats_pick_on_the_model_thread_and_keep_their_own_errors(dense_ckpt: Path) -> None:
+    """Three jobs decode through seats of one batcher (the model thread steps them together and runs each job's
+    pick): each gets the tokens decode_tokens gives it alone, and a pick that fails fails only its own job, in the
+    job's own thread."""
+    from lfm2cli.decoding.loop import decode_tokens
+    from lfm2cli.errors import GenerationError
+    from lfm2cli.loading.loader import load
+    from lfm2cli.serve.batcher import Batcher
+
+    model = load(dense_ckpt, device="cpu", dtype="bfloat16", tokenizer=False).model
+    prompts = [[5, 9, 2], [7], [3, 3, 8, 1, 4]]
+
+    def greedy(logits: Any, _seen: Any) -> int:
+        return int(logits.argmax())
+
+    alone = [list(decode_tokens(model, p, sampler=greedy, max_tokens=12)) for p in prompts]
+    picked_on: set[str] = set()
+
+    def failing(logits: Any, seen: Any) -> int:
+        picked_on.add(threading.current_thread().name)
+        if len(seen) >= 3 + 4:  # the fifth generated token
+            raise GenerationError("no more")
+        return greedy(logits, seen)
+
+    batcher = Batcher(model)
+    results: dict[int, Any] = {}
+
+    def job(i: int) -> None:
+        with batcher.seat() as seat:
+            out: list[int] = []
+            try:
+                for tok in decode_tokens(seat, prompts[i], sampler=failing if i == 0 else greedy, max_tokens=12,
+                                         cache=model.new_cache()):
+                    out.append(tok)
+            except GenerationError as e:
+                results[i] = (out, str(e))
+                return
+            results[i] = out
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    batcher.close()
+    assert results[0] == (alone[0][:4], "no more")
+    assert results[1] == alone[1] and results[2] == alone[2]
+    assert picked_on == {"lfm2-model"}
+    assert batcher.steps < 3 * 12  # the sequences did share steps
