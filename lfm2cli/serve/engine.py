@@ -32,13 +32,12 @@ from lfm2cli.decoding.constraints import API, Grammar, choose_grammar
 from lfm2cli.decoding.prefix_cache import CachedReply, PrefixCache, common_prefix
 from lfm2cli.decoding.sampling import SEED_MAX, SamplingParams, check_bias_ids
 from lfm2cli.errors import CheckpointError, Lfm2Error, PromptTooLongError, UsageError
-from lfm2cli.kernels import native
 from lfm2cli.loading.loader import LoadedModel
 from lfm2cli.reply.thinking import Answer
 from lfm2cli.reply.toolcalls import ToolCall
 from lfm2cli.runs.local import TextRun, TokenScore
 from lfm2cli.runs.prompt import Prompt, encode_prompt, require_tokenizer
-from lfm2cli.serve.batcher import Batcher, Stopped
+from lfm2cli.serve.batcher import Batcher, Stopped, worker_thread
 from lfm2cli.serve.errors import APIError, bad_request
 from lfm2cli.serve.metrics import ServeMetrics
 from lfm2cli.serve.protocol import ChatRequest, CompletionRequest, Generation
@@ -227,10 +226,7 @@ class Engine:
 
     def _loop(self) -> None:
         if self.batcher is not None:
-            # A job's own torch work is one token's bookkeeping on 65k logits; split over the cores, each of 8 job
-            # threads started an OpenMP team of its own whose spinning took the cores from the model thread (8
-            # streams, 350M bf16 on a 2-core Zen 4: 126-135 tok/s, 165-183 with one thread each).
-            native.one_thread_here()
+            worker_thread()
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:
