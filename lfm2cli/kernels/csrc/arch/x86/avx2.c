@@ -156,18 +156,25 @@ static inline __attribute__((always_inline)) void tile_bf16_n(
 static void tile_bf16(const uint16_t *w, int64_t pairs, const float *xf, int64_t in, int64_t nt, int ahead,
                       float *part, int first, uint16_t *y, int64_t out, int64_t n) {
 #define LFM2_TILE(NT, A) tile_bf16_n(w, pairs, xf, in, NT, A, part, first, y, out, n)
-#define LFM2_TILES(A)                                                                                            \
-    switch (nt) {                                                                                                \
-    case 1: LFM2_TILE(1, A); break;                                                                              \
-    case 2: LFM2_TILE(2, A); break;                                                                              \
-    case 3: LFM2_TILE(3, A); break;                                                                              \
-    case 4: LFM2_TILE(4, A); break;                                                                              \
-    case 5: LFM2_TILE(5, A); break;                                                                              \
-    default: LFM2_TILE(6, A); break;                                                                             \
+    if (ahead) { /* few tokens: at most 2 TT */
+        switch (nt) {
+        case 1: LFM2_TILE(1, 1); break;
+        case 2: LFM2_TILE(2, 1); break;
+        case 3: LFM2_TILE(3, 1); break;
+        case 4: LFM2_TILE(4, 1); break;
+        case 5: LFM2_TILE(5, 1); break;
+        default: LFM2_TILE(6, 1); break;
+        }
+    } else {
+        switch (nt) {
+        case 1: LFM2_TILE(1, 0); break;
+        case 2: LFM2_TILE(2, 0); break;
+        case 3: LFM2_TILE(3, 0); break;
+        case 4: LFM2_TILE(4, 0); break;
+        case 5: LFM2_TILE(5, 0); break;
+        default: LFM2_TILE(6, 0); break;
+        }
     }
-    if (ahead) LFM2_TILES(1) /* few tokens: at most 2 TT */
-    else LFM2_TILES(0)
-#undef LFM2_TILES
 #undef LFM2_TILE
 }
 
